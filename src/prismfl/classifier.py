@@ -1,0 +1,62 @@
+"""Supervised training of the small CNNs prismfl builds for itself, with a progress bar."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class EvalCNN(nn.Module):
+    """The evaluation classifier: conv32-pool-conv64-pool-fc128-fc10; its 128-d layer is the embedding."""
+
+    def __init__(self, channels: int = 1, img_size: int = 28, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(128, num_classes)
+
+    def embed(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    desc: str = "training classifier",
+) -> nn.Module:
+    """Adam on cross-entropy with seeded shuffling; returns the net in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=gen)
+            for start in range(0, len(images), batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(net(images[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Class probabilities, (N, classes)."""
+    return torch.cat([net(images[i : i + batch]).softmax(1) for i in range(0, len(images), batch)])

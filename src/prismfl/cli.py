@@ -1,0 +1,131 @@
+"""The `prismfl` command. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prismfl.errors import PrismError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated generative models from binary masks (PRISM).")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"prismfl: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _load_model(path: Path):
+    """A PrismModel from a model file or a run directory (whose final state is exported on the fly)."""
+    from prismfl import modelfile, runio
+    from prismfl.fl import simulate
+
+    if path.is_dir():
+        if not (path / runio.CHECKPOINT).exists():
+            raise PrismError(f"{path} is not a prismfl run directory (no {runio.CHECKPOINT})")
+        state = runio.load_checkpoint(path)
+        cfg = simulate.load_run_config(path)
+        return simulate.export_model(cfg, state["global_scores"], state["round"])
+    return modelfile.load(path)
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run configuration")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set train.rounds=5")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+):
+    """Train a federation in one process and write metrics, checkpoints, grids and model.prism."""
+    from prismfl.config import load_config
+    from prismfl.fl.simulate import train as run_training
+
+    cfg = load_config(config, set_)
+    run_training(cfg, out, resume=resume, progress=not quiet)
+
+
+@app.command()
+def sample(
+    source: Annotated[Path, typer.Argument(help="run directory or .prism model file")],
+    n: Annotated[int, typer.Option("--n", help="number of images")] = 64,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write")] = Path("samples.png"),
+    seed: Annotated[int, typer.Option("--seed", help="noise seed; same seed, same images")] = 0,
+):
+    """Sample images from a run or a model file into a PNG grid."""
+    from prismfl import report
+
+    if n < 1:
+        raise PrismError(f"--n must be at least 1, got {n}")
+    report.sample_grid(_load_model(source), out, n=n, seed=seed)
+    typer.echo(f"wrote {n} samples to {out}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="model file to write")] = Path("model.prism"),
+):
+    """Export a run's final model: seed + architecture + packed mask, about N/8 bytes."""
+    from prismfl import modelfile
+
+    if not run.is_dir():
+        raise PrismError(f"{run} is not a run directory")
+    size = modelfile.save(_load_model(run), out)
+    typer.echo(f"wrote {out} ({size:,} bytes)")
+
+
+@app.command()
+def info(source: Annotated[Path, typer.Argument(help="run directory, .prism model file or TOML config")]):
+    """Layers, maskable-weight counts and provenance of a model, run or config."""
+    from prismfl.model import masked
+    from prismfl.model.generators import build_generator
+
+    if source.suffix == ".toml":
+        from prismfl.config import load_config
+        from prismfl.fl.task import arch_spec
+
+        spec, meta = arch_spec(load_config(source)), {}
+    else:
+        model = _load_model(source)
+        spec, meta = model.spec, model.info
+    net = build_generator(spec)
+    typer.echo(f"architecture {spec.name}: z_dim={spec.z_dim} width={spec.width} "
+               f"channels={spec.channels} size={spec.img_size} seed={spec.weight_seed}")  # fmt: skip
+    typer.echo(f"{'layer':<24} {'shape':<22} {'weights':>12}")
+    for name, shape in masked.layer_table(net):
+        typer.echo(f"{name:<24} {'x'.join(map(str, shape)):<22} {int(__import__('math').prod(shape)):>12,}")
+    n = masked.num_maskable(net)
+    typer.echo(f"{'total maskable':<47} {n:>12,}  ({(n + 7) // 8:,} bytes packed)")
+    if meta:
+        typer.echo("info: " + json.dumps(meta, sort_keys=True))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except PrismError as exc:
+        _fail(str(exc))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; resume with --resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

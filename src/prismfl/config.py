@@ -1,0 +1,201 @@
+"""Typed run configuration: TOML in, validated dataclasses out, errors that say what to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prismfl.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    root: str = ""  # empty: look in the usual places (Debian package, ~/.cache/prismfl, ./data)
+    resize: int = 0  # 0 keeps the native size; 32 for the paper's ResNet generator
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "shards"
+    num_clients: int = 10
+    shards_per_client: int = 2
+    alpha: float = 0.5
+    public_holdout: int = 5000  # training images kept from every client: the public feature-net data
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"
+    z_dim: int = 64
+    width: int = 512
+    estimator: str = "plain"
+
+
+@dataclass
+class LossConfig:
+    features: str = "public"
+    feature_width: int = 16
+    normalize: str = "layer"
+    tracker_lr: float = 0.0
+    vgg_weights: str = ""
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 20
+    local_steps: int = 50
+    batch_size: int = 64
+    lr: float = 0.1
+    client_fraction: float = 1.0
+    mada: bool = True
+    smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+    sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RunConfig:
+        from prismfl.data.partition import SCHEMES
+        from prismfl.data.sources import DATASETS
+        from prismfl.loss.features import FEATURE_NETS
+        from prismfl.loss.matching import NORMALIZATIONS
+        from prismfl.model.generators import ARCHITECTURES
+        from prismfl.model.masked import ESTIMATORS
+
+        _one_of("data.dataset", self.data.dataset, DATASETS)
+        _one_of("partition.scheme", self.partition.scheme, SCHEMES)
+        _one_of("model.arch", self.model.arch, ARCHITECTURES)
+        _one_of("model.estimator", self.model.estimator, ESTIMATORS)
+        _one_of("loss.features", self.loss.features, FEATURE_NETS)
+        _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
+        _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
+        _positive("partition.num_clients", self.partition.num_clients)
+        _positive("partition.shards_per_client", self.partition.shards_per_client)
+        _positive("model.z_dim", self.model.z_dim)
+        _positive("model.width", self.model.width)
+        _positive("loss.feature_width", self.loss.feature_width)
+        _positive("train.rounds", self.train.rounds)
+        _positive("train.local_steps", self.train.local_steps)
+        _positive("train.batch_size", self.train.batch_size)
+        if not self.partition.alpha > 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
+        if self.partition.public_holdout < 0:
+            raise ConfigError(f"partition.public_holdout must be >= 0, got {self.partition.public_holdout}")
+        if not self.train.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
+        if not 0 < self.train.client_fraction <= 1:
+            raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.train.client_fraction}")
+        if not 0 <= self.train.smoothing < 0.5:
+            raise ConfigError(f"train.smoothing must be in [0, 0.5), got {self.train.smoothing}")
+        if self.data.resize not in (0, 28, 32):
+            raise ConfigError(f"data.resize must be 0 (native), 28 or 32, got {self.data.resize}")
+        if self.loss.features == "vgg19bn" and not self.loss.vgg_weights:
+            raise ConfigError("loss.features = 'vgg19bn' needs loss.vgg_weights: the path of torchvision's vgg19_bn state_dict")
+        if self.loss.features == "public" and self.partition.public_holdout == 0:
+            raise ConfigError(
+                "loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0 "
+                "or use loss.features = 'random'"
+            )
+        return self
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{extra}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+# ---------------------------------------------------------------- building from TOML and --set
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, table: dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            extra = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{extra}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' must be a table ([{full}]), got {value!r}")
+            kwargs[key] = _build(annotation, value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(full, value, annotation)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.rounds=5' -> (['train', 'rounds'], 5); values are read as TOML, else as strings."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (for example train.rounds=5), got {item!r}")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def merge(table: dict[str, Any], path: list[str], value: Any) -> None:
+    node = table
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a table")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a TOML file (or start from defaults or `base`), apply --set overrides, validate."""
+    table: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        merge(table, *parse_override(item))
+    return _build(RunConfig, table).validate()
+
+
+def config_from_dict(table: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, table).validate()

@@ -1,0 +1,79 @@
+"""Client side of a PRISM round: global scores in, one sampled binary mask out.
+
+Only the client touches its images, and only through `MeanVarMatching`, which holds its feature
+statistics. What persists on a client across rounds (its Adam state and loss trackers) lives in
+`ClientState`; everything random comes from the generator it is handed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prismfl.loss.matching import MeanVarMatching, TrackerState
+from prismfl.model import masked
+
+
+@dataclass
+class LocalConfig:
+    steps: int = 50
+    batch_size: int = 64
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds."""
+
+    optimizer: dict | None = None
+    tracker: TrackerState = field(default_factory=TrackerState)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer, "tracker": self.tracker.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, tracker_lr: float, tracker_betas=(0.5, 0.999)) -> ClientState:
+        return cls(state["optimizer"], TrackerState.from_state_dict(state["tracker"], tracker_lr, tracker_betas))
+
+
+@dataclass
+class LocalResult:
+    mask: torch.Tensor  # bool, one entry per maskable weight
+    loss: float  # mean matching loss over the local steps
+    scores: torch.Tensor  # the client's trained scores (stay on the client; used by tests)
+
+
+def local_train(
+    model: nn.Module,
+    global_scores: torch.Tensor,
+    loss_fn: MeanVarMatching,
+    extract,
+    state: ClientState,
+    cfg: LocalConfig,
+    generator: torch.Generator,
+) -> LocalResult:
+    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask."""
+    device = global_scores.device
+    masked.set_scores(model, global_scores)
+    masked.set_fixed_mask(model, None)
+    masked.configure(model, rng=generator)
+    params = [m.scores for _, m in masked.masked_layers(model)]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+    if state.optimizer is not None:
+        opt.load_state_dict(state.optimizer)
+    model.train()
+    total = 0.0
+    for _ in range(cfg.steps):
+        z = torch.randn(cfg.batch_size, model.z_dim, generator=generator, device=device)
+        surrogate, value = loss_fn(extract(model(z)), state.tracker)
+        opt.zero_grad(set_to_none=True)
+        surrogate.backward()
+        opt.step()
+        total += value
+    state.optimizer = opt.state_dict()
+    scores = masked.get_scores(model)
+    mask = torch.rand(scores.shape, generator=generator, device=device) < torch.sigmoid(scores)
+    return LocalResult(mask=mask, loss=total / cfg.steps, scores=scores)

@@ -1,0 +1,180 @@
+"""The in-process simulator: every client and the server in one process, rounds in a loop.
+
+It only moves data: clients produce masks (fl.client), the codec packs them into the bytes that
+would travel, the server aggregates (fl.server). Every round is checkpointed atomically; a killed
+run resumed with --resume ends in the same state as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prismfl import report, runio
+from prismfl.config import RunConfig, config_from_dict
+from prismfl.data.partition import format_class_table
+from prismfl.errors import PrismError
+from prismfl.fl import codec, server, task
+from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.model import masked
+from prismfl.modelfile import PrismModel
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    loss: float
+    lam: float | None
+    upload_bytes: int
+    download_bytes: int
+    bits_per_param: float
+    seconds: float
+    client_seconds: float
+    clients: list[int]
+    mask_entropy: float
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["lambda"] = d.pop("lam")
+        return d
+
+
+def final_mask(cfg: RunConfig, scores: torch.Tensor) -> torch.Tensor:
+    """The exported model's mask: one Bernoulli(sigmoid(global scores)) draw from the run seed."""
+    return server.sample_mask(scores.cpu(), task.generator_for(cfg.seed, "final-mask"))
+
+
+def export_model(cfg: RunConfig, scores: torch.Tensor, rounds_done: int, extra: dict | None = None) -> PrismModel:
+    info = {
+        "dataset": cfg.data.dataset,
+        "rounds": rounds_done,
+        "clients": cfg.partition.num_clients,
+        "partition": cfg.partition.scheme,
+        "privacy": None,
+        **(extra or {}),
+    }
+    return PrismModel(task.arch_spec(cfg), final_mask(cfg, scores), info)
+
+
+def binary_entropy_bits(scores: torch.Tensor) -> float:
+    """Mean entropy (bits/weight) of Bernoulli(sigmoid(scores)): the floor for coding a sampled mask."""
+    p = torch.sigmoid(scores.double()).clamp(1e-12, 1 - 1e-12)
+    return float((-(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))).mean())
+
+
+def _prepare_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
+    ckpt_path = out / runio.CHECKPOINT
+    if resume:
+        if not ckpt_path.exists():
+            raise PrismError(f"--resume: no checkpoint in {out}; start a new run without --resume")
+        state = runio.load_checkpoint(out)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise PrismError(f"{ckpt_path} was written by another prismfl version; start a new run")
+        if state["config"] != cfg.to_dict():
+            raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
+        return state
+    if out.exists() and any(out.iterdir()):
+        raise PrismError(f"{out} is not empty; choose a new --out, or add --resume to continue that run")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True, log=print) -> Path:
+    """Run (or continue) a federated training job and write its run directory."""
+    out = Path(out)
+    state = _prepare_dir(out, cfg, resume)
+    device = task.resolve_device(cfg.train.device)
+    fed = task.prepare_federation(cfg)
+    if state is None:
+        runio.atomic_write_bytes(out / runio.CONFIG, report.config_toml(cfg.to_dict()).encode())
+        table = format_class_table(fed.table, fed.class_names)
+        runio.atomic_write_bytes(out / "partition.txt", (table + "\n").encode())
+        log(f"{cfg.partition.num_clients} clients, '{cfg.partition.scheme}' partition of {fed.train.source}:")
+        log(table)
+
+    extract_net, feature_meta = task.build_feature_net(cfg, fed, device, log)
+    extract = extract_net.extract
+    model = task.build_model(cfg, device)
+    n = masked.num_maskable(model)
+    losses = [
+        task.client_loss(cfg, extract, fed.client_images(k), device)
+        for k in tqdm(range(cfg.partition.num_clients), desc="client statistics", leave=False, disable=not progress)
+    ]
+    local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
+
+    if state is None:
+        scores = task.initial_scores(cfg, n)
+        clients = [ClientState() for _ in range(cfg.partition.num_clients)]
+        start = 1
+        runio.truncate_metrics(out, 0)
+    else:
+        scores = state["global_scores"]
+        clients = [ClientState.from_state_dict(s, cfg.loss.tracker_lr) for s in state["clients"]]
+        start = state["round"] + 1
+        runio.truncate_metrics(out, state["round"])
+        log(f"resuming {out} after round {state['round']}")
+    scores = scores.to(device)
+
+    log(f"model: {cfg.model.arch}, {n:,} maskable weights; upload {codec.packed_size(n):,} bytes per client per round")
+    bar = tqdm(range(start, cfg.train.rounds + 1), desc="rounds", unit="round", disable=not progress,
+               initial=start - 1, total=cfg.train.rounds)  # fmt: skip
+    for rnd in bar:
+        t_round = time.perf_counter()
+        chosen = task.select_clients(cfg, rnd)
+        uploads: list[bytes] = []
+        client_losses, client_seconds = [], 0.0
+        for k in tqdm(chosen, desc=f"round {rnd} clients", leave=False, disable=not progress):
+            t0 = time.perf_counter()
+            gen = task.generator_for(cfg.seed, "client", rnd, k, device=device)
+            result = local_train(model, scores, losses[k], extract, clients[k], local_cfg, gen)
+            uploads.append(codec.pack_mask(result.mask))
+            client_losses.append(result.loss)
+            client_seconds += time.perf_counter() - t0
+        masks = [codec.unpack_mask(p, n).to(device) for p in uploads]
+        aggregate = server.aggregate_masks(masks, cfg.train.smoothing)
+        if cfg.train.mada:
+            scores, lam = server.mada_update(scores, aggregate, task.generator_for(cfg.seed, "mada", rnd, device=device))
+        else:
+            scores, lam = aggregate, None
+        up = sum(len(p) for p in uploads)
+        record = RoundRecord(
+            round=rnd,
+            loss=float(np.mean(client_losses)),
+            lam=lam,
+            upload_bytes=up,
+            download_bytes=4 * n * len(chosen),  # float32 global scores to each chosen client
+            bits_per_param=8 * up / (n * len(chosen)),
+            seconds=time.perf_counter() - t_round,
+            client_seconds=client_seconds,
+            clients=chosen,
+            mask_entropy=binary_entropy_bits(scores),
+        )
+        runio.save_checkpoint(out, {
+            "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
+            "global_scores": scores.cpu(), "clients": [c.state_dict() for c in clients],
+        })  # fmt: skip
+        runio.append_metrics(out, record.to_dict())
+        bar.set_postfix(loss=f"{record.loss:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
+        if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
+            report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
+
+    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta})
+    from prismfl import modelfile
+
+    size = modelfile.save(final, out / runio.MODEL)
+    report.sample_grid(final, out / "samples.png")
+    report.curves(runio.read_metrics(out), out / "curves.png")
+    log(f"done: {out / runio.MODEL} ({size:,} bytes), samples in {out / 'samples.png'}, curves in {out / 'curves.png'}")
+    return out
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    state = runio.load_checkpoint(Path(run_dir))
+    return config_from_dict(state["config"])

@@ -1,0 +1,172 @@
+"""From a RunConfig to the pieces a federation needs: data per client, model, feature net, losses.
+
+Shared by the in-process simulator and the Flower apps, so both build exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from prismfl.config import RunConfig
+from prismfl.data.partition import class_table, partition
+from prismfl.data.sources import CLASS_NAMES, Split, load_split, to_float
+from prismfl.loss.matching import MeanVarMatching, feature_stats
+from prismfl.model import masked
+from prismfl.model.generators import ArchSpec, build_generator
+
+
+def derived_seed(*keys) -> int:
+    """A 63-bit seed from any tuple of keys: every random stream of a run is named, not shared."""
+    digest = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator_for(*keys, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(*keys))
+
+
+def arch_spec(cfg: RunConfig, channels: int = 1) -> ArchSpec:
+    size = cfg.data.resize or 28
+    m = cfg.model
+    return ArchSpec(m.arch, m.z_dim, m.width, channels, size, weight_seed=cfg.seed)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from prismfl.errors import ConfigError
+
+        raise ConfigError("train.device = 'cuda' but PyTorch sees no GPU; use 'auto' or 'cpu'")
+    return name
+
+
+@dataclass
+class Federation:
+    """The training split, who holds what, and the public hold-out no client holds."""
+
+    cfg: RunConfig
+    train: Split
+    public_idx: np.ndarray
+    parts: list[np.ndarray]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.labels.max()) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return CLASS_NAMES.get(self.cfg.data.dataset, [str(i) for i in range(self.num_classes)])
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        return class_table(self.train.labels, self.parts, self.num_classes)
+
+    def images(self, idx: np.ndarray) -> torch.Tensor:
+        return to_float(self.train.images[idx], self.cfg.data.resize or None)
+
+    def client_images(self, k: int) -> torch.Tensor:
+        return self.images(self.parts[k])
+
+
+def prepare_federation(cfg: RunConfig) -> Federation:
+    """Load the training split, hold out the public images, partition the rest among clients."""
+    train = load_split(cfg.data.dataset, "train", cfg.data.root or None)
+    holdout = cfg.partition.public_holdout if cfg.loss.features == "public" else 0
+    if holdout >= len(train):
+        from prismfl.errors import ConfigError
+
+        raise ConfigError(f"partition.public_holdout = {holdout} leaves no images for clients (have {len(train)})")
+    order = np.random.default_rng(derived_seed(cfg.seed, "public-holdout")).permutation(len(train))
+    public_idx, private_idx = np.sort(order[:holdout]), order[holdout:]
+    p = cfg.partition
+    local = partition(
+        train.labels[private_idx],
+        p.num_clients,
+        p.scheme,
+        seed=derived_seed(cfg.seed, "partition"),
+        shards_per_client=p.shards_per_client,
+        alpha=p.alpha,
+    )
+    return Federation(cfg, train, public_idx, [np.sort(private_idx[i]) for i in local])
+
+
+def build_model(cfg: RunConfig, device: str = "cpu") -> torch.nn.Module:
+    model = build_generator(arch_spec(cfg)).to(device)
+    masked.configure(model, estimator=cfg.model.estimator)
+    return model
+
+
+def initial_scores(cfg: RunConfig, n: int) -> torch.Tensor:
+    """Global scores of round 0: N(0, 1) from the run seed (METHOD.md §2)."""
+    return torch.randn(n, generator=generator_for(cfg.seed, "initial-scores"))
+
+
+def client_loss(cfg: RunConfig, extract, images: torch.Tensor, device: str = "cpu") -> MeanVarMatching:
+    """The client's loss: its private images enter only here, as feature statistics."""
+    with torch.no_grad():
+        stats = feature_stats(lambda x: extract(x.to(device)), images)
+    return MeanVarMatching(stats, normalize=cfg.loss.normalize, tracker_lr=cfg.loss.tracker_lr).to(device)
+
+
+def select_clients(cfg: RunConfig, round_: int) -> list[int]:
+    """Clients taking part in a round: all, or a seeded random fraction (at least one)."""
+    k = cfg.partition.num_clients
+    m = max(1, round(cfg.train.client_fraction * k))
+    if m == k:
+        return list(range(k))
+    rng = np.random.default_rng(derived_seed(cfg.seed, "select", round_))
+    return sorted(rng.choice(k, size=m, replace=False).tolist())
+
+
+PUBLIC_EPOCHS = 10
+
+
+def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
+    """The loss's feature network and a record of what it was trained on (never client data)."""
+    from prismfl.cache import cached_state_dict
+    from prismfl.classifier import train_classifier
+    from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
+
+    channels = fed.train.images.shape[1]
+    kind = cfg.loss.features
+    if kind == "random":
+        net = random_cnn(channels, cfg.loss.feature_width, derived_seed(cfg.seed, "random-features"))
+        meta = {"kind": "random", "trained_on": "nothing (seeded random weights)"}
+    elif kind == "vgg19bn":
+        net = load_vgg19bn(cfg.loss.vgg_weights)
+        meta = {"kind": "vgg19bn", "trained_on": f"user-supplied weights {cfg.loss.vgg_weights}"}
+    else:
+        holdout = hashlib.sha256(fed.public_idx.astype("<i8").tobytes()).hexdigest()
+        spec = {
+            "kind": "public-cnn", "version": 1, "dataset": cfg.data.dataset, "source": fed.train.source,
+            "resize": cfg.data.resize, "holdout_sha256": holdout, "width": cfg.loss.feature_width,
+            "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
+        }  # fmt: skip
+
+        def build():
+            log(f"training the public feature net on {len(fed.public_idx)} held-out images (cached afterwards)")
+            labels = torch.from_numpy(fed.train.labels[fed.public_idx])
+            trained = train_classifier(
+                SmallCNN(channels, cfg.loss.feature_width, fed.num_classes),
+                fed.images(fed.public_idx), labels, epochs=PUBLIC_EPOCHS, seed=cfg.seed,
+                desc="public feature net",
+            )  # fmt: skip
+            return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(fed.public_idx)}
+
+        state, meta = cached_state_dict("features", spec, build, log)
+        if meta.get("trained_on_indices_sha256") != holdout:
+            raise RuntimeError("the cached public feature net was trained on other images; delete the cache entry")
+        clients = np.concatenate(fed.parts)
+        if np.intersect1d(clients, fed.public_idx).size:
+            raise RuntimeError("public hold-out overlaps client data: refusing to train the loss on private images")
+        net = SmallCNN(channels, cfg.loss.feature_width, fed.num_classes)
+        net.load_state_dict(state)
+        meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
+                "sha256": meta["sha256"]}  # fmt: skip
+    return freeze(net).to(device), meta

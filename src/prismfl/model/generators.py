@@ -1,0 +1,146 @@
+"""Generator architectures built from masked layers (no biases, BatchNorm without affine terms)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prismfl.model.masked import (
+    MaskedConv2d,
+    MaskedConvTranspose2d,
+    MaskedLinear,
+    init_frozen_weights,
+)
+
+ARCHITECTURES = ("resnet", "dcgan", "mlp")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild a generator bit for bit: stored in checkpoints and model files."""
+
+    name: str = "dcgan"
+    z_dim: int = 64
+    width: int = 256
+    channels: int = 1
+    img_size: int = 28
+    weight_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _bn2d(c: int) -> nn.BatchNorm2d:
+    # Affine terms frozen at gamma=1, beta=0 (not part of the model); momentum=None gives
+    # the exact population average when statistics are recalibrated for a fixed mask.
+    return nn.BatchNorm2d(c, affine=False, momentum=None)
+
+
+class ResUpBlock(nn.Module):
+    """BN-ReLU-up-conv3-BN-ReLU-conv3, plus an upsampled 1x1-conv skip (the GFMN ResNet block)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.bn1, self.conv1 = _bn2d(cin), MaskedConv2d(cin, cout, 3, padding=1)
+        self.bn2, self.conv2 = _bn2d(cout), MaskedConv2d(cout, cout, 3, padding=1)
+        self.skip = MaskedConv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResNetGenerator(nn.Module):
+    """The paper's generator: ConvT 4x4 z->8w, three up-blocks 8w->4w->2w->w, BN-ReLU-conv3-tanh.
+
+    With z_dim=128, width=64, 32x32: 3,543,616 maskable weights for 1 channel, 3,544,768 for 3.
+    """
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        if spec.img_size != 32:
+            raise ValueError("the resnet generator makes 32x32 images; set data.resize = 32")
+        w = spec.width
+        self.z_dim = spec.z_dim
+        self.stem = MaskedConvTranspose2d(spec.z_dim, 8 * w, 4)
+        self.blocks = nn.Sequential(ResUpBlock(8 * w, 4 * w), ResUpBlock(4 * w, 2 * w), ResUpBlock(2 * w, w))
+        self.bn = _bn2d(w)
+        self.head = MaskedConv2d(w, spec.channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.blocks(self.stem(z.view(z.shape[0], -1, 1, 1)))
+        return torch.tanh(self.head(F.relu(self.bn(h))))
+
+
+class DCGANGenerator(nn.Module):
+    """Linear z -> 2w x s/4 x s/4, then two 4x4 stride-2 transposed convs: cheap on a CPU."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        if spec.img_size % 4:
+            raise ValueError(f"dcgan needs an image size divisible by 4, got {spec.img_size}")
+        w, self.s0 = spec.width, spec.img_size // 4
+        self.z_dim = spec.z_dim
+        self.fc = MaskedLinear(spec.z_dim, 2 * w * self.s0 * self.s0)
+        self.bn0 = nn.BatchNorm1d(2 * w * self.s0 * self.s0, affine=False, momentum=None)
+        self.up1 = MaskedConvTranspose2d(2 * w, w, 4, stride=2, padding=1)
+        self.bn1 = _bn2d(w)
+        self.up2 = MaskedConvTranspose2d(w, spec.channels, 4, stride=2, padding=1)
+
+    def forward(self, z):
+        h = F.relu(self.bn0(self.fc(z))).view(z.shape[0], -1, self.s0, self.s0)
+        return torch.tanh(self.up2(F.relu(self.bn1(self.up1(h)))))
+
+
+class MLPGenerator(nn.Module):
+    """z -> w -> 2w -> pixels, all fully connected."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        w = spec.width
+        self.z_dim = spec.z_dim
+        self.shape = (spec.channels, spec.img_size, spec.img_size)
+        self.fc1, self.bn1 = MaskedLinear(spec.z_dim, w), nn.BatchNorm1d(w, affine=False, momentum=None)
+        self.fc2, self.bn2 = MaskedLinear(w, 2 * w), nn.BatchNorm1d(2 * w, affine=False, momentum=None)
+        self.fc3 = MaskedLinear(2 * w, spec.channels * spec.img_size**2)
+
+    def forward(self, z):
+        h = F.relu(self.bn2(self.fc2(F.relu(self.bn1(self.fc1(z))))))
+        return torch.tanh(self.fc3(h)).view(z.shape[0], *self.shape)
+
+
+_BUILDERS = {"resnet": ResNetGenerator, "dcgan": DCGANGenerator, "mlp": MLPGenerator}
+
+
+def build_generator(spec: ArchSpec) -> nn.Module:
+    """A generator with its frozen weights regenerated from spec.weight_seed; scores are zero."""
+    if spec.name not in _BUILDERS:
+        raise ValueError(f"unknown architecture {spec.name!r}; expected one of {ARCHITECTURES}")
+    model = _BUILDERS[spec.name](spec)
+    init_frozen_weights(model, spec.weight_seed)
+    return model
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, seed: int, n: int = 2048, batch: int = 256) -> None:
+    """Recompute BatchNorm statistics for the model's current (fixed) mask from seeded noise.
+
+    The model file stores only seed + mask; these statistics are derived, so every loader
+    gets the same ones.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for bn in batchnorm_layers(model):
+        bn.reset_running_stats()
+    model.train()
+    for start in range(0, n, batch):
+        z = torch.randn(min(batch, n - start), model.z_dim, generator=gen)
+        model(z)
+    model.eval()

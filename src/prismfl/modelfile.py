@@ -1,0 +1,131 @@
+"""The exported model: a versioned header (architecture, seed, layer table) plus the packed mask.
+
+Layout (all integers little-endian):
+    b"PRISM\\x00" | u16 version | u32 header length | header (UTF-8 JSON) | packed mask | sha256
+The sha256 covers every byte before it. The frozen weights are regenerated from the seed and the
+BatchNorm statistics are recomputed from a seeded batch of noise, so the mask is the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prismfl.errors import ModelFileError
+from prismfl.fl.codec import pack_mask, unpack_mask
+from prismfl.model import masked
+from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm
+
+MAGIC = b"PRISM\x00"
+VERSION = 1
+_PREFIX = struct.Struct("<6sHI")
+BN_SAMPLES = 2048
+
+
+@dataclass
+class PrismModel:
+    spec: ArchSpec
+    mask: torch.Tensor  # bool, one entry per maskable weight
+    info: dict = field(default_factory=dict)  # provenance: dataset, rounds, privacy, ...
+
+    def layers(self) -> list[tuple[str, tuple[int, ...]]]:
+        return masked.layer_table(build_generator(self.spec))
+
+
+def to_bytes(model: PrismModel) -> bytes:
+    net = build_generator(model.spec)
+    table = masked.layer_table(net)
+    n = masked.num_maskable(net)
+    if model.mask.numel() != n:
+        raise ValueError(f"mask has {model.mask.numel()} entries, the architecture {n}")
+    payload = pack_mask(model.mask)
+    header = {
+        "format": "prismfl-model",
+        "arch": model.spec.to_dict(),
+        "num_weights": n,
+        "layers": [[name, list(shape)] for name, shape in table],
+        "mask_coding": "packed-bits-le",
+        "payload_bytes": len(payload),
+        "bn_calibration": {"seed": model.spec.weight_seed, "samples": BN_SAMPLES},
+        "info": model.info,
+    }
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
+    """Parse and check a model file; any defect is a ModelFileError naming what is wrong."""
+    if len(data) < _PREFIX.size + 32:
+        raise ModelFileError(f"{source} is not a prismfl model (too short: {len(data)} bytes)")
+    magic, version, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ModelFileError(f"{source} is not a prismfl model (wrong magic bytes)")
+    if version != VERSION:
+        raise ModelFileError(f"{source} has format version {version}; this prismfl reads version {VERSION}")
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise ModelFileError(f"{source} is corrupt or truncated (checksum mismatch)")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
+        spec = ArchSpec(**header["arch"])
+        n = int(header["num_weights"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{source} has an unreadable header: {exc}") from None
+    payload = data[_PREFIX.size + head_len : -32]
+    try:
+        net = build_generator(spec)
+    except ValueError as exc:
+        raise ModelFileError(f"{source} names an architecture this prismfl cannot build: {exc}") from None
+    table = [[name, list(shape)] for name, shape in masked.layer_table(net)]
+    if table != header.get("layers") or n != masked.num_maskable(net):
+        raise ModelFileError(f"{source}: its layer table does not match architecture {spec.name!r} in this prismfl")
+    try:
+        mask = unpack_mask(payload, n)
+    except ValueError as exc:
+        raise ModelFileError(f"{source}: {exc}") from None
+    return PrismModel(spec, mask, header.get("info", {}))
+
+
+def save(model: PrismModel, path: str | Path) -> int:
+    """Write atomically; return the number of bytes."""
+    from prismfl.runio import atomic_write_bytes
+
+    data = to_bytes(model)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def load(path: str | Path) -> PrismModel:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    return from_bytes(data, str(path))
+
+
+def materialize(model: PrismModel, device: str = "cpu") -> torch.nn.Module:
+    """A ready-to-sample generator: frozen weights from the seed, the mask, recalibrated BatchNorm."""
+    net = build_generator(model.spec)
+    masked.set_fixed_mask(net, model.mask)
+    calibrate_batchnorm(net, model.spec.weight_seed, n=BN_SAMPLES)
+    return net.to(device)
+
+
+@torch.no_grad()
+def sample(net: torch.nn.Module, n: int, seed: int = 0, batch: int = 500) -> torch.Tensor:
+    """n images in [-1, 1] from seeded noise; the same seed gives the same images."""
+    gen = torch.Generator().manual_seed(seed)
+    net.eval()
+    out = []
+    for start in range(0, n, batch):
+        z = torch.randn(min(batch, n - start), net.z_dim, generator=gen)
+        out.append(net(z.to(next(net.buffers()).device)).cpu())
+    return torch.cat(out) if out else torch.empty(0)
