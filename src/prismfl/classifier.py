@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from prismfl.progress import bar
 
 
 class EvalCNN(nn.Module):
@@ -43,7 +44,7 @@ def train_classifier(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
-    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+    with bar(total=steps, desc=desc, unit="step") as progress:
         for _ in range(epochs):
             order = torch.randperm(len(images), generator=gen)
             for start in range(0, len(images), batch_size):
@@ -52,7 +53,7 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                bar.update()
+                progress.update()
     return net.eval()
 
 

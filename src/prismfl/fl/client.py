@@ -43,6 +43,7 @@ class ClientState:
 class LocalResult:
     mask: torch.Tensor  # bool, one entry per maskable weight
     loss: float  # mean matching loss over the local steps
+    start_loss: float  # loss of the first step: the broadcast global model on this client's data
     scores: torch.Tensor  # the client's trained scores (stay on the client; used by tests)
 
 
@@ -65,7 +66,7 @@ def local_train(
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
     model.train()
-    total = 0.0
+    total, first = 0.0, None
     for _ in range(cfg.steps):
         z = torch.randn(cfg.batch_size, model.z_dim, generator=generator, device=device)
         surrogate, value = loss_fn(extract(model(z)), state.tracker)
@@ -73,7 +74,8 @@ def local_train(
         surrogate.backward()
         opt.step()
         total += value
+        first = value if first is None else first
     state.optimizer = opt.state_dict()
     scores = masked.get_scores(model)
     mask = torch.rand(scores.shape, generator=generator, device=device) < torch.sigmoid(scores)
-    return LocalResult(mask=mask, loss=total / cfg.steps, scores=scores)
+    return LocalResult(mask=mask, loss=total / cfg.steps, start_loss=first, scores=scores)

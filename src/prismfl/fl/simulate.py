@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from prismfl import report, runio
 from prismfl.config import RunConfig, config_from_dict
@@ -23,6 +22,7 @@ from prismfl.fl import codec, server, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.model import masked
 from prismfl.modelfile import PrismModel
+from prismfl.progress import bar as progress_bar
 
 CHECKPOINT_VERSION = 1
 
@@ -31,6 +31,7 @@ CHECKPOINT_VERSION = 1
 class RoundRecord:
     round: int
     loss: float
+    start_loss: float
     lam: float | None
     upload_bytes: int
     download_bytes: int
@@ -69,7 +70,8 @@ def binary_entropy_bits(scores: torch.Tensor) -> float:
     return float((-(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))).mean())
 
 
-def _prepare_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
+def _check_out_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh run; writes nothing."""
     ckpt_path = out / runio.CHECKPOINT
     if resume:
         if not ckpt_path.exists():
@@ -80,32 +82,31 @@ def _prepare_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
         if state["config"] != cfg.to_dict():
             raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
         return state
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrismError(f"{out} is not empty; choose a new --out, or add --resume to continue that run")
-    out.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True, log=print) -> Path:
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     """Run (or continue) a federated training job and write its run directory."""
     out = Path(out)
-    state = _prepare_dir(out, cfg, resume)
+    state = _check_out_dir(out, cfg, resume)
     device = task.resolve_device(cfg.train.device)
-    fed = task.prepare_federation(cfg)
+    fed = task.prepare_federation(cfg)  # bad data fails here, before anything is written
+    extract_net, feature_meta = task.build_feature_net(cfg, fed, device, log)
     if state is None:
+        out.mkdir(parents=True, exist_ok=True)
         runio.atomic_write_bytes(out / runio.CONFIG, report.config_toml(cfg.to_dict()).encode())
         table = format_class_table(fed.table, fed.class_names)
         runio.atomic_write_bytes(out / "partition.txt", (table + "\n").encode())
         log(f"{cfg.partition.num_clients} clients, '{cfg.partition.scheme}' partition of {fed.train.source}:")
         log(table)
-
-    extract_net, feature_meta = task.build_feature_net(cfg, fed, device, log)
     extract = extract_net.extract
     model = task.build_model(cfg, device)
     n = masked.num_maskable(model)
     losses = [
         task.client_loss(cfg, extract, fed.client_images(k), device)
-        for k in tqdm(range(cfg.partition.num_clients), desc="client statistics", leave=False, disable=not progress)
+        for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics")
     ]
     local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
 
@@ -123,30 +124,34 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     scores = scores.to(device)
 
     log(f"model: {cfg.model.arch}, {n:,} maskable weights; upload {codec.packed_size(n):,} bytes per client per round")
-    bar = tqdm(range(start, cfg.train.rounds + 1), desc="rounds", unit="round", disable=not progress,
-               initial=start - 1, total=cfg.train.rounds)  # fmt: skip
+    bar = progress_bar(range(start, cfg.train.rounds + 1), desc="rounds", unit="round", leave=True,
+                       initial=start - 1, total=cfg.train.rounds)  # fmt: skip
     for rnd in bar:
         t_round = time.perf_counter()
         chosen = task.select_clients(cfg, rnd)
         uploads: list[bytes] = []
-        client_losses, client_seconds = [], 0.0
-        for k in tqdm(chosen, desc=f"round {rnd} clients", leave=False, disable=not progress):
+        client_losses, start_losses, client_seconds = [], [], 0.0
+        for k in progress_bar(chosen, desc=f"round {rnd} clients"):
             t0 = time.perf_counter()
             gen = task.generator_for(cfg.seed, "client", rnd, k, device=device)
             result = local_train(model, scores, losses[k], extract, clients[k], local_cfg, gen)
             uploads.append(codec.pack_mask(result.mask))
             client_losses.append(result.loss)
+            start_losses.append(result.start_loss)
             client_seconds += time.perf_counter() - t0
         masks = [codec.unpack_mask(p, n).to(device) for p in uploads]
         aggregate = server.aggregate_masks(masks, cfg.train.smoothing)
         if cfg.train.mada:
-            scores, lam = server.mada_update(scores, aggregate, task.generator_for(cfg.seed, "mada", rnd, device=device))
+            scores, lam = server.mada_update(
+                scores, aggregate, task.generator_for(cfg.seed, "mada", rnd, device=device)
+            )
         else:
             scores, lam = aggregate, None
         up = sum(len(p) for p in uploads)
         record = RoundRecord(
             round=rnd,
             loss=float(np.mean(client_losses)),
+            start_loss=float(np.mean(start_losses)),
             lam=lam,
             upload_bytes=up,
             download_bytes=4 * n * len(chosen),  # float32 global scores to each chosen client
@@ -159,13 +164,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         runio.save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
             "global_scores": scores.cpu(), "clients": [c.state_dict() for c in clients],
+            "model_info": {"feature_net": feature_meta},
         })  # fmt: skip
         runio.append_metrics(out, record.to_dict())
         bar.set_postfix(loss=f"{record.loss:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
         if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
             report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
 
-    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta})
+    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta})  # as export_run gives
     from prismfl import modelfile
 
     size = modelfile.save(final, out / runio.MODEL)
@@ -175,6 +181,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     return out
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
+def export_run(run_dir: str | Path) -> PrismModel:
+    """The model of a run directory's latest checkpoint (the same bytes train() wrote at the end)."""
     state = runio.load_checkpoint(Path(run_dir))
-    return config_from_dict(state["config"])
+    cfg = config_from_dict(state["config"])
+    return export_model(cfg, state["global_scores"], state["round"], state.get("model_info"))

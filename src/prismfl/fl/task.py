@@ -77,6 +77,11 @@ class Federation:
 def prepare_federation(cfg: RunConfig) -> Federation:
     """Load the training split, hold out the public images, partition the rest among clients."""
     train = load_split(cfg.data.dataset, "train", cfg.data.root or None)
+    if cfg.data.subset and cfg.data.subset < len(train):
+        keep = np.sort(
+            np.random.default_rng(derived_seed(cfg.seed, "subset")).permutation(len(train))[: cfg.data.subset]
+        )
+        train = Split(train.images[keep], train.labels[keep], f"{train.source}, random subset of {cfg.data.subset:,}")
     holdout = cfg.partition.public_holdout if cfg.loss.features == "public" else 0
     if holdout >= len(train):
         from prismfl.errors import ConfigError

@@ -1,0 +1,43 @@
+"""The domain classifier every quality figure uses: trained by prismfl on a dataset's training split.
+
+It sees only the evaluation side (it is never part of training), is cached with a checksum, and
+its 128-d penultimate layer is the embedding for the domain FID and PRDC.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prismfl.cache import cached_state_dict
+from prismfl.classifier import EvalCNN, train_classifier
+from prismfl.data.sources import load_split, to_float
+
+EPOCHS = 2
+SEED = 0
+
+
+def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log=print) -> tuple[EvalCNN, dict]:
+    """(classifier in eval mode, metadata with its test accuracy and checksum)."""
+    train = load_split(dataset, "train", root)
+    channels = train.images.shape[1]
+    spec = {"kind": "eval-classifier", "version": 1, "dataset": dataset, "source": train.source,
+            "size": size, "epochs": EPOCHS, "seed": SEED, "n": len(train)}  # fmt: skip
+
+    def build():
+        log(f"training the {dataset} evaluation classifier on {len(train):,} training images (cached afterwards)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            net = EvalCNN(channels, size)
+        train_classifier(
+            net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED,
+            desc="evaluation classifier",
+        )  # fmt: skip
+        test = load_split(dataset, "test", root)
+        with torch.no_grad():
+            acc = float((net(to_float(test.images, size)).argmax(1) == torch.from_numpy(test.labels)).float().mean())
+        return net.state_dict(), {"test_accuracy": acc}
+
+    state, meta = cached_state_dict("classifier", spec, build, log)
+    net = EvalCNN(channels, size)
+    net.load_state_dict(state)
+    return net.eval(), meta

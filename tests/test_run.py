@@ -1,0 +1,111 @@
+"""End to end on real FashionMNIST with configs/smoke.toml: training, export, sampling, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl import modelfile, runio
+from prismfl.config import load_config
+from prismfl.fl import simulate
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+pytestmark = needs_fmnist
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    simulate.train(load_config(SMOKE), out, log=lambda *_: None)
+    return out
+
+
+def test_run_directory_contents(smoke_run):
+    for name in ["config.toml", "partition.txt", "metrics.jsonl", "checkpoint.pt", "model.prism",
+                 "samples.png", "curves.png", "samples/round-0002.png"]:  # fmt: skip
+        assert (smoke_run / name).is_file(), name
+    table = (smoke_run / "partition.txt").read_text().splitlines()
+    assert len(table) == 1 + 3
+    assert sum(int(line.split()[-1]) for line in table[1:]) == 3000  # random features: no public hold-out
+
+
+def test_metrics_and_loss_falls(smoke_run):
+    records = runio.read_metrics(smoke_run)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    cfg = load_config(SMOKE)
+    n = modelfile.load(smoke_run / "model.prism").mask.numel()
+    for r in records:
+        for key in ["round", "loss", "lambda", "upload_bytes", "bits_per_param", "seconds"]:
+            assert key in r
+        assert r["upload_bytes"] == cfg.partition.num_clients * math.ceil(n / 8)
+        assert r["bits_per_param"] == pytest.approx(8 * math.ceil(n / 8) / n)
+        assert 0 < r["lambda"] < 1
+    assert records[-1]["loss"] < records[0]["start_loss"]
+    assert records[-1]["start_loss"] < records[0]["start_loss"]
+
+
+def test_model_file_is_packed_mask_plus_small_header(smoke_run):
+    data = (smoke_run / "model.prism").read_bytes()
+    n = modelfile.load(smoke_run / "model.prism").mask.numel()
+    assert math.ceil(n / 8) < len(data) < math.ceil(n / 8) + 4096
+
+
+def test_resume_reaches_the_same_state(smoke_run, tmp_path, monkeypatch):
+    cfg = load_config(SMOKE)
+    out = tmp_path / "killed"
+    real_local_train = simulate.local_train
+    calls = {"n": 0}
+
+    def dying_local_train(*args, **kwargs):  # killed during round 3, after its first client
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:
+            raise KeyboardInterrupt
+        return real_local_train(*args, **kwargs)
+
+    monkeypatch.setattr(simulate, "local_train", dying_local_train)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.train(cfg, out, log=lambda *_: None)
+    assert runio.load_checkpoint(out)["round"] == 2
+    monkeypatch.setattr(simulate, "local_train", real_local_train)
+    simulate.train(cfg, out, resume=True, log=lambda *_: None)
+
+    a, b = runio.load_checkpoint(smoke_run), runio.load_checkpoint(out)
+    assert torch.equal(a["global_scores"], b["global_scores"])
+    for ca, cb in zip(a["clients"], b["clients"]):
+        for ka, kb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+            assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    assert (smoke_run / "model.prism").read_bytes() == (out / "model.prism").read_bytes()
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(runio.read_metrics(smoke_run)) == strip(runio.read_metrics(out))
+
+
+def test_same_seed_same_model_other_seed_differs(smoke_run, tmp_path):
+    cfg = load_config(SMOKE, ["seed=1", "train.rounds=1"])
+    simulate.train(cfg, tmp_path / "s1", log=lambda *_: None)
+    assert (tmp_path / "s1" / "model.prism").read_bytes() != (smoke_run / "model.prism").read_bytes()
+
+
+def test_refuses_to_overwrite_a_run(smoke_run):
+    from prismfl.errors import PrismError
+
+    with pytest.raises(PrismError, match="not empty"):
+        simulate.train(load_config(SMOKE), smoke_run, log=lambda *_: None)
+
+
+def test_cli_sample_same_from_run_and_file(smoke_run, tmp_path, run_cli):
+    assert run_cli("export", str(smoke_run), "--out", str(tmp_path / "m.prism"))[0] == 0
+    assert (tmp_path / "m.prism").read_bytes() == (smoke_run / "model.prism").read_bytes()
+    run_cli("sample", str(smoke_run), "--n", "16", "--seed", "3", "--out", str(tmp_path / "a.png"))
+    run_cli("sample", str(tmp_path / "m.prism"), "--n", "16", "--seed", "3", "--out", str(tmp_path / "b.png"))
+    run_cli("sample", str(tmp_path / "m.prism"), "--n", "16", "--seed", "4", "--out", str(tmp_path / "c.png"))
+    a, b, c = ((tmp_path / f"{x}.png").read_bytes() for x in "abc")
+    assert a == b and a != c
+
+
+def test_cli_info(smoke_run, run_cli):
+    code, out, _ = run_cli("info", str(smoke_run / "model.prism"))
+    assert code == 0 and "total maskable" in out and "fc1" in out
+    assert json.loads(out.split("info: ", 1)[1])["dataset"] == "fashion-mnist"
