@@ -40,8 +40,10 @@ def test_metrics_and_loss_falls(smoke_run):
     for r in records:
         for key in ["round", "loss", "lambda", "upload_bytes", "bits_per_param", "seconds"]:
             assert key in r
-        assert r["upload_bytes"] == cfg.partition.num_clients * math.ceil(n / 8)
-        assert r["bits_per_param"] == pytest.approx(8 * math.ceil(n / 8) / n)
+        # uploads are entropy-coded unless packing (32-byte header + ceil(N/8)) is smaller
+        assert 0 < r["upload_bytes"] <= cfg.partition.num_clients * (32 + math.ceil(n / 8))
+        assert r["bits_per_param"] == pytest.approx(8 * r["upload_bytes"] / (n * cfg.partition.num_clients))
+        assert r["entropy_bound_bits_per_param"] <= r["bits_per_param"] + 1e-9
         assert 0 < r["lambda"] < 1
     assert records[-1]["loss"] < records[0]["start_loss"]
     assert records[-1]["start_loss"] < records[0]["start_loss"]
@@ -80,6 +82,15 @@ def test_resume_reaches_the_same_state(smoke_run, tmp_path, monkeypatch):
     assert (smoke_run / "model.prism").read_bytes() == (out / "model.prism").read_bytes()
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
     assert strip(runio.read_metrics(smoke_run)) == strip(runio.read_metrics(out))
+
+
+def test_packed_uploads_cost_exactly_n_over_8(tmp_path):
+    cfg = load_config(SMOKE, ["train.rounds=1", "train.upload_coder=packed", "train.broadcast=float32"])
+    simulate.train(cfg, tmp_path / "p", log=lambda *_: None)
+    (r,) = runio.read_metrics(tmp_path / "p")
+    n = modelfile.load(tmp_path / "p" / "model.prism").mask.numel()
+    assert r["upload_bytes"] == 3 * (32 + math.ceil(n / 8))
+    assert r["download_bytes"] == 3 * (32 + 4 * n)
 
 
 def test_same_seed_same_model_other_seed_differs(smoke_run, tmp_path):

@@ -43,7 +43,10 @@ class LossConfig:
     features: str = "public"
     feature_width: int = 16
     normalize: str = "layer"
-    tracker_lr: float = 0.0
+    moment: str = "variance"  # match Var[f] (GFMN) or the raw second moment E[f^2] ("second")
+    tracker: str = "ema"  # smooth the gaps over steps: "ema", "adam" (GFMN/the authors') or "none"
+    tracker_beta: float = 0.9  # for "ema"
+    tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
 
 
@@ -56,6 +59,8 @@ class TrainConfig:
     client_fraction: float = 1.0
     mada: bool = True
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
+    upload_coder: str = "auto"  # "range" (entropy-coded vs global probabilities), "packed", or the smaller
+    broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
 
@@ -76,7 +81,7 @@ class RunConfig:
         from prismfl.data.partition import SCHEMES
         from prismfl.data.sources import DATASETS
         from prismfl.loss.features import FEATURE_NETS
-        from prismfl.loss.matching import NORMALIZATIONS
+        from prismfl.loss.matching import MOMENTS, NORMALIZATIONS, TRACKERS
         from prismfl.model.generators import ARCHITECTURES
         from prismfl.model.masked import ESTIMATORS
 
@@ -86,7 +91,13 @@ class RunConfig:
         _one_of("model.estimator", self.model.estimator, ESTIMATORS)
         _one_of("loss.features", self.loss.features, FEATURE_NETS)
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
+        _one_of("loss.moment", self.loss.moment, MOMENTS)
+        _one_of("loss.tracker", self.loss.tracker, TRACKERS)
+        if not 0 <= self.loss.tracker_beta < 1:
+            raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
+        _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "packed"))
+        _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _positive("partition.num_clients", self.partition.num_clients)
         _positive("partition.shards_per_client", self.partition.shards_per_client)
         _positive("model.z_dim", self.model.z_dim)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -16,25 +15,33 @@ CONFIG = "config.toml"
 MODEL = "model.prism"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+def atomic_write(path: Path, write, durable: bool = True) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it into place.
+
+    Readers, and a run killed at any moment, see either the old file or the new one, never half.
+    `durable` also flushes to disk before the rename (skipped for the large per-round checkpoint,
+    where an fsync costs more than the round's aggregation; a killed process is still safe).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+    atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(state, f), durable=False)
 
 
 def load_checkpoint(run_dir: Path) -> dict:

@@ -35,8 +35,8 @@ class ClientState:
         return {"optimizer": self.optimizer, "tracker": self.tracker.state_dict()}
 
     @classmethod
-    def from_state_dict(cls, state: dict, tracker_lr: float, tracker_betas=(0.5, 0.999)) -> ClientState:
-        return cls(state["optimizer"], TrackerState.from_state_dict(state["tracker"], tracker_lr, tracker_betas))
+    def from_state_dict(cls, state: dict, tracker_lr: float = 1e-5) -> ClientState:
+        return cls(state["optimizer"], TrackerState.from_state_dict(state["tracker"], tracker_lr))
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Server side of a PRISM round: masks in, global scores out. Plain functions over tensors."""
+"""Server side of a PRISM round: masks in, global scores out. Plain functions over CPU tensors.
+
+A round is: count how many uploads kept each weight (`count_masks`), turn the counts into
+smoothed logits (`aggregate_scores`), measure MADA's lambda (`mada_lambda`, the only random step,
+done by the server alone), and blend (`apply_round`). Clients that receive the counts and lambda
+call the same `apply_round` and hold the same global scores, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,32 @@ def logit(theta: torch.Tensor) -> torch.Tensor:
     return torch.log(theta) - torch.log1p(-theta)
 
 
-def aggregate_masks(masks: list[torch.Tensor], smoothing: float = 0.01) -> torch.Tensor:
-    """Mean of the uploaded masks with each bit counted as `smoothing` / 1-`smoothing`, as logits.
-
-    Smoothing keeps every probability inside [s, 1-s] so the logits stay finite and no weight
-    is switched off (or on) for good by one round.
-    """
+def count_masks(masks: list[torch.Tensor]) -> torch.Tensor:
+    """How many of the uploaded masks keep each weight (int32)."""
     if not masks:
-        raise ValueError("aggregate_masks needs at least one mask")
-    total = torch.zeros(masks[0].shape, dtype=torch.float64)
+        raise ValueError("a round needs at least one uploaded mask")
+    total = torch.zeros(masks[0].shape, dtype=torch.int32)
     for m in masks:
-        total += m.to(torch.float64)
-    theta = smoothing + (1.0 - 2.0 * smoothing) * (total / len(masks))
+        if m.shape != total.shape:
+            raise ValueError(f"mask of shape {tuple(m.shape)} does not match {tuple(total.shape)}")
+        total += m.to(torch.int32)
+    return total
+
+
+def aggregate_scores(counts: torch.Tensor, m: int, smoothing: float = 0.01) -> torch.Tensor:
+    """Logits of the mean mask, each bit counted as `smoothing` / 1-`smoothing` (METHOD.md §4).
+
+    Smoothing keeps every probability inside [s, 1-s], so logits stay finite and one round can
+    never switch a weight off (or on) for good.
+    """
+    theta = smoothing + (1.0 - 2.0 * smoothing) * (counts.to(torch.float64) / m)
     if smoothing == 0:
         theta = theta.clamp(1e-6, 1 - 1e-6)
     return logit(theta).to(torch.float32)
+
+
+def aggregate_masks(masks: list[torch.Tensor], smoothing: float = 0.01) -> torch.Tensor:
+    return aggregate_scores(count_masks(masks), len(masks), smoothing)
 
 
 def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -32,21 +49,34 @@ def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of positions where two binary masks differ."""
+    """Fraction of positions where two binary masks differ (each weight counted once)."""
     if a.shape != b.shape:
         raise ValueError(f"masks differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     return float((a != b).sum()) / a.numel()
 
 
-def mada_update(
-    global_scores: torch.Tensor, aggregate_scores: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, float]:
-    """MADA: blend old and new logits by lambda, the Hamming distance of masks drawn from each.
+def mada_lambda(global_scores: torch.Tensor, aggregate: torch.Tensor, generator: torch.Generator) -> float:
+    """MADA's lambda: the Hamming distance between masks drawn from the old and the new global state."""
+    return hamming_distance(sample_mask(global_scores, generator), sample_mask(aggregate, generator))
 
-    s_next = lambda * s_hat + (1 - lambda) * s_old (METHOD.md §4, logit space): when the new
-    aggregate barely changes the sampled network, the global model barely moves.
-    """
-    old = sample_mask(global_scores, generator)
-    new = sample_mask(aggregate_scores, generator)
-    lam = hamming_distance(old, new)
-    return lam * aggregate_scores + (1.0 - lam) * global_scores, lam
+
+def blend(global_scores: torch.Tensor, aggregate: torch.Tensor, lam: float | None) -> torch.Tensor:
+    """s_next = lambda * s_hat + (1 - lambda) * s_old (logit space); no MADA (lambda None): s_hat."""
+    if lam is None:
+        return aggregate
+    return lam * aggregate + (1.0 - lam) * global_scores
+
+
+def apply_round(
+    global_scores: torch.Tensor, counts: torch.Tensor, m: int, lam: float | None, smoothing: float
+) -> torch.Tensor:
+    """The new global scores from the round's counts and lambda: run by the server and by clients."""
+    return blend(global_scores, aggregate_scores(counts, m, smoothing), lam)
+
+
+def mada_update(
+    global_scores: torch.Tensor, aggregate: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, float]:
+    """MADA in one call: when the new aggregate barely changes the sampled network, barely move."""
+    lam = mada_lambda(global_scores, aggregate, generator)
+    return blend(global_scores, aggregate, lam), lam

@@ -18,7 +18,8 @@ from prismfl import report, runio
 from prismfl.config import RunConfig, config_from_dict
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
-from prismfl.fl import codec, server, task
+from prismfl.fl import codec, server, task, wire
+from prismfl.fl.protocol import catch_up_bytes, client_upload, server_round
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.model import masked
 from prismfl.modelfile import PrismModel
@@ -36,6 +37,8 @@ class RoundRecord:
     upload_bytes: int
     download_bytes: int
     bits_per_param: float
+    entropy_bound_bits_per_param: float
+    broadcast_bytes: int
     seconds: float
     client_seconds: float
     clients: list[int]
@@ -110,52 +113,63 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
     ]
     local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
 
+    table_hash = wire.layer_table_hash(masked.layer_table(model))
+    state_size = wire.HEADER.size + 4 * n  # a float32 broadcast of the full scores
     if state is None:
-        scores = task.initial_scores(cfg, n)
+        scores = task.initial_scores(cfg, n)  # every client derives round 0 from the run seed: 0 bytes
         clients = [ClientState() for _ in range(cfg.partition.num_clients)]
+        synced = [0] * cfg.partition.num_clients  # the last round whose global scores each client holds
+        delta_sizes: dict[int, int] = {}
         start = 1
         runio.truncate_metrics(out, 0)
     else:
         scores = state["global_scores"]
         clients = [ClientState.from_state_dict(s, cfg.loss.tracker_lr) for s in state["clients"]]
+        synced, delta_sizes = state["synced"], state["delta_sizes"]
         start = state["round"] + 1
         runio.truncate_metrics(out, state["round"])
         log(f"resuming {out} after round {state['round']}")
-    scores = scores.to(device)
 
-    log(f"model: {cfg.model.arch}, {n:,} maskable weights; upload {codec.packed_size(n):,} bytes per client per round")
+    log(f"model: {cfg.model.arch}, {n:,} maskable weights ({codec.packed_size(n):,} bytes as packed bits)")
     bar = progress_bar(range(start, cfg.train.rounds + 1), desc="rounds", unit="round", leave=True,
                        initial=start - 1, total=cfg.train.rounds)  # fmt: skip
     for rnd in bar:
         t_round = time.perf_counter()
         chosen = task.select_clients(cfg, rnd)
+        down = 0
+        for k in chosen:  # each client first catches up to the current global scores
+            down += catch_up_bytes(synced[k], rnd - 1, delta_sizes, state_size) if cfg.train.broadcast == "delta" \
+                else state_size  # fmt: skip
+            synced[k] = rnd - 1
         uploads: list[bytes] = []
         client_losses, start_losses, client_seconds = [], [], 0.0
+        on_device = scores.to(device)
         for k in progress_bar(chosen, desc=f"round {rnd} clients"):
             t0 = time.perf_counter()
             gen = task.generator_for(cfg.seed, "client", rnd, k, device=device)
-            result = local_train(model, scores, losses[k], extract, clients[k], local_cfg, gen)
-            uploads.append(codec.pack_mask(result.mask))
+            result = local_train(model, on_device, losses[k], extract, clients[k], local_cfg, gen)
+            uploads.append(client_upload(result.mask, scores, round_=rnd, table_hash=table_hash,
+                                         coder=cfg.train.upload_coder))  # fmt: skip
             client_losses.append(result.loss)
             start_losses.append(result.start_loss)
             client_seconds += time.perf_counter() - t0
-        masks = [codec.unpack_mask(p, n).to(device) for p in uploads]
-        aggregate = server.aggregate_masks(masks, cfg.train.smoothing)
-        if cfg.train.mada:
-            scores, lam = server.mada_update(
-                scores, aggregate, task.generator_for(cfg.seed, "mada", rnd, device=device)
-            )
-        else:
-            scores, lam = aggregate, None
-        up = sum(len(p) for p in uploads)
+        outcome = server_round(
+            scores, uploads, round_=rnd, table_hash=table_hash, smoothing=cfg.train.smoothing,
+            mada=cfg.train.mada, rng=task.generator_for(cfg.seed, "mada", rnd),
+        )  # fmt: skip
+        scores, lam = outcome.scores, outcome.lam
+        delta_sizes[rnd] = len(outcome.broadcast)
+        up = sum(len(u) for u in uploads)
         record = RoundRecord(
             round=rnd,
             loss=float(np.mean(client_losses)),
             start_loss=float(np.mean(start_losses)),
             lam=lam,
             upload_bytes=up,
-            download_bytes=4 * n * len(chosen),  # float32 global scores to each chosen client
+            download_bytes=down,
             bits_per_param=8 * up / (n * len(chosen)),
+            entropy_bound_bits_per_param=outcome.entropy_bound_bits / (n * len(chosen)),
+            broadcast_bytes=len(outcome.broadcast),
             seconds=time.perf_counter() - t_round,
             client_seconds=client_seconds,
             clients=chosen,
@@ -163,8 +177,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
         )
         runio.save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
-            "global_scores": scores.cpu(), "clients": [c.state_dict() for c in clients],
-            "model_info": {"feature_net": feature_meta},
+            "global_scores": scores, "clients": [c.state_dict() for c in clients],
+            "synced": synced, "delta_sizes": delta_sizes, "model_info": {"feature_net": feature_meta},
         })  # fmt: skip
         runio.append_metrics(out, record.to_dict())
         bar.set_postfix(loss=f"{record.loss:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")

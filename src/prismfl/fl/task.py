@@ -116,7 +116,10 @@ def client_loss(cfg: RunConfig, extract, images: torch.Tensor, device: str = "cp
     """The client's loss: its private images enter only here, as feature statistics."""
     with torch.no_grad():
         stats = feature_stats(lambda x: extract(x.to(device)), images)
-    return MeanVarMatching(stats, normalize=cfg.loss.normalize, tracker_lr=cfg.loss.tracker_lr).to(device)
+    loss = cfg.loss
+    return MeanVarMatching(stats, loss.normalize, loss.moment, loss.tracker, loss.tracker_beta, loss.tracker_lr).to(
+        device
+    )
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

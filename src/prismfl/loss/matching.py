@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 NORMALIZATIONS = ("none", "layer", "dim")
+MOMENTS = ("second", "variance")
 
 
 @dataclass
@@ -26,8 +27,13 @@ class FeatureStats:
     var: list[torch.Tensor]
     count: int
 
-    def targets(self) -> list[torch.Tensor]:
-        return [*self.mean, *self.var]
+    @property
+    def second(self) -> list[torch.Tensor]:
+        """Raw second moments E[f^2] = var + mean^2."""
+        return [v + m * m for m, v in zip(self.mean, self.var)]
+
+    def targets(self, moment: str = "variance") -> list[torch.Tensor]:
+        return [*self.mean, *(self.second if moment == "second" else self.var)]
 
 
 @torch.no_grad()
@@ -51,9 +57,16 @@ def feature_stats(extract, images: torch.Tensor, batch: int = 500) -> FeatureSta
     return FeatureStats([m.float() for m in mean], [v.float() for v in var], n)
 
 
+TRACKERS = ("none", "ema", "adam")
+
+
 @dataclass
 class TrackerState:
-    """GFMN moving-average trackers of the gaps, with their Adam state; persist per client."""
+    """Trackers of the per-statistic gaps (GFMN's "moving averages"); persist per client across rounds.
+
+    'ema': v <- beta v + (1 - beta) gap, started at the first gap. 'adam': GFMN's form, v fitted to
+    the gap by Adam on 1/2 ||v - gap||^2 (the optimizer is built lazily and kept here).
+    """
 
     vectors: list[torch.Tensor] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
@@ -63,16 +76,16 @@ class TrackerState:
         return {"vectors": [v.detach().clone() for v in self.vectors], "optimizer": opt}
 
     @classmethod
-    def from_state_dict(cls, state: dict, lr: float, betas) -> TrackerState:
-        tracker = cls([v.clone().requires_grad_(True) for v in state["vectors"]])
-        if tracker.vectors:
+    def from_state_dict(cls, state: dict, lr: float = 1e-5, betas=(0.5, 0.999)) -> TrackerState:
+        tracker = cls([v.clone() for v in state["vectors"]])
+        if state["optimizer"] is not None:
+            tracker.vectors = [v.requires_grad_(True) for v in tracker.vectors]
             tracker.optimizer = torch.optim.Adam(tracker.vectors, lr=lr, betas=betas)
-            if state["optimizer"] is not None:
-                tracker.optimizer.load_state_dict(state["optimizer"])
+            tracker.optimizer.load_state_dict(state["optimizer"])
         return tracker
 
 
-def layer_weights(real: FeatureStats, normalize: str) -> list[torch.Tensor]:
+def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance") -> list[torch.Tensor]:
     """Weight of each matched statistic, so that no layer drowns the others.
 
     'none': GFMN's raw squared error. 'layer': each layer's error relative to the size of its
@@ -83,8 +96,9 @@ def layer_weights(real: FeatureStats, normalize: str) -> list[torch.Tensor]:
     if normalize == "none":
         return [torch.ones(()) for _ in real.targets()]
     if normalize == "layer":
+        seconds = real.second if moment == "second" else real.var
         return [1.0 / v.sum().clamp_min(1e-12) for v in real.var] + [
-            1.0 / v.pow(2).sum().clamp_min(1e-12) for v in real.var
+            1.0 / s.pow(2).sum().clamp_min(1e-12) for s in seconds
         ]
     if normalize == "dim":
         floors = [v + 1e-3 * v.mean().clamp_min(1e-12) for v in real.var]
@@ -96,10 +110,24 @@ class MeanVarMatching:
     """L = 1/2 sum_l w_l ||mu_l - mu~_l||^2 + w'_l ||var_l - var~_l||^2 over all feature layers."""
 
     def __init__(
-        self, real: FeatureStats, normalize: str = "layer", tracker_lr: float = 0.0, tracker_betas=(0.5, 0.999)
+        self,
+        real: FeatureStats,
+        normalize: str = "layer",
+        moment: str = "variance",
+        tracker: str = "none",
+        tracker_beta: float = 0.9,
+        tracker_lr: float = 1e-5,
+        tracker_betas=(0.5, 0.999),
     ):
-        self.targets = real.targets()
-        self.weights = layer_weights(real, normalize)
+        if moment not in MOMENTS:
+            raise ValueError(f"unknown moment {moment!r}; expected one of {MOMENTS}")
+        if tracker not in TRACKERS:
+            raise ValueError(f"unknown tracker {tracker!r}; expected one of {TRACKERS}")
+        self.moment = moment
+        self.tracker = tracker
+        self.tracker_beta = tracker_beta
+        self.targets = real.targets(moment)
+        self.weights = layer_weights(real, normalize, moment)
         self.tracker_lr = tracker_lr
         self.tracker_betas = tracker_betas
 
@@ -109,15 +137,26 @@ class MeanVarMatching:
         return self
 
     def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None) -> tuple[torch.Tensor, float]:
-        fake_stats = [f.mean(0) for f in fake] + [f.var(0, unbiased=False) for f in fake]
+        fake_mean = [f.mean(0) for f in fake]
+        fake_second = [(f * f).mean(0) for f in fake]
+        if self.moment == "variance":  # E[x^2] - E[x]^2: one pass, several times faster than torch.var
+            fake_second = [s - m * m for s, m in zip(fake_second, fake_mean)]
+        fake_stats = fake_mean + fake_second
         gaps = [r - f.detach() for r, f in zip(self.targets, fake_stats)]
         value = 0.5 * sum(float((w * g * g).sum()) for w, g in zip(self.weights, gaps))
-        directions = gaps if tracker is None or self.tracker_lr <= 0 else self._track(gaps, tracker)
+        directions = gaps if tracker is None or self.tracker == "none" else self._track(gaps, tracker)
         # the gradient of -(w * dir . fake) is w * (fake - real) when dir is the exact gap
         surrogate = -sum((w * d * f).sum() for w, d, f in zip(self.weights, directions, fake_stats))
         return surrogate, value
 
     def _track(self, gaps: list[torch.Tensor], tracker: TrackerState) -> list[torch.Tensor]:
+        if self.tracker == "ema":
+            if not tracker.vectors:
+                tracker.vectors = [g.clone() for g in gaps]
+            else:
+                for v, g in zip(tracker.vectors, gaps):
+                    v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
+            return tracker.vectors
         if tracker.optimizer is None:
             tracker.vectors = [torch.zeros_like(g).requires_grad_(True) for g in gaps]
             tracker.optimizer = torch.optim.Adam(tracker.vectors, lr=self.tracker_lr, betas=self.tracker_betas)

@@ -1,0 +1,89 @@
+"""Which loss, estimator and sizes learn fastest? Centralised training curves, variant by variant.
+
+Each variant trains the demo's generator on all private FashionMNIST training images as one
+client (no federation, so only the local learning problem is compared) and is scored every
+`--every` steps: the domain FID of 2,000 samples from one sampled mask against 2,000 test images,
+and the share of samples the domain classifier labels with confidence.
+
+Run: .venv/bin/python benchmarks/ablation.py --steps 1500 --every 500 --out docs/benchmarks/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+
+import torch
+
+from prismfl import modelfile
+from prismfl.config import load_config
+from prismfl.eval.report import score_images
+from prismfl.fl import server, task
+from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.model import masked
+
+VARIANTS = {
+    "default": [],
+    "estimator=scaled": ["model.estimator=scaled"],
+    "features=random": ["loss.features=random"],
+    "normalize=none": ["loss.normalize=none"],
+    "normalize=dim": ["loss.normalize=dim"],
+    "tracker off": ["loss.tracker_lr=0.0"],
+    "lr=0.03": ["train.lr=0.03"],
+    "batch=32": ["train.batch_size=32"],
+    "width=256": ["model.width=256"],
+    "arch=dcgan": ["model.arch=dcgan", "model.width=64"],
+}
+
+
+def central_curve(overrides: list[str], steps: int, every: int, config: str) -> list[dict]:
+    cfg = load_config(config, overrides + ["partition.num_clients=1", "partition.scheme=iid"])
+    fed = task.prepare_federation(cfg)
+    net, _ = task.build_feature_net(cfg, fed)
+    model = task.build_model(cfg)
+    loss = task.client_loss(cfg, net.extract, fed.client_images(0))
+    scores = task.initial_scores(cfg, masked.num_maskable(model))
+    state, gen = ClientState(), task.generator_for(cfg.seed, "central")
+    local = LocalConfig(every, cfg.train.batch_size, cfg.train.lr)
+    curve, train_seconds = [], 0.0
+    for done in range(every, steps + 1, every):
+        t0 = time.perf_counter()
+        result = local_train(model, scores, loss, net.extract, state, local, gen)
+        train_seconds += time.perf_counter() - t0
+        scores = result.scores
+        mask = server.sample_mask(scores, task.generator_for(cfg.seed, "final-mask"))
+        images = modelfile.sample(modelfile.materialize(modelfile.PrismModel(task.arch_spec(cfg), mask)), 2000)
+        s = score_images(images, cfg.data.dataset, n_real=2000)
+        curve.append({"steps": done, "train_seconds": round(train_seconds, 1), "loss": result.loss,
+                      "domain_fid": s["domain_fid"], "confident_share": s["confident_share"],
+                      "class_histogram": s["class_histogram"]})  # fmt: skip
+        print(f"  {done:>5} steps  {train_seconds:6.0f}s  loss {result.loss:.4f}  "
+              f"domain FID {s['domain_fid']:7.1f}  confident {s['confident_share']:.2f}", flush=True)  # fmt: skip
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--every", type=int, default=500)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--config", default="configs/fmnist-noniid.toml")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    results = {}
+    for name in a.variants.split(","):
+        print(name, flush=True)
+        results[name] = central_curve(VARIANTS[name], a.steps, a.every, a.config)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"date": date.today().isoformat(), "command": "benchmarks/ablation.py " + " ".join(
+                    f"--{k} {v}" for k, v in vars(a).items() if k != "out"),
+                    "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                    "variants": {k: VARIANTS[k] for k in results}, "results": results}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The wire format: every byte prismfl sends between clients and server, and how it is checked.
+
+A message is a fixed 32-byte header followed by the payload:
+
+    offset size  field
+    0      4     magic b"PRFL"
+    4      1     version (1)
+    5      1     kind: 1 upload (a client's mask), 2 broadcast delta, 3 broadcast full state
+    6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32
+    7      1     reserved, 0
+    8      4     round (u32)
+    12     8     layer-table hash: first 8 bytes of sha256 of the architecture's layer table
+    20     4     number of weights N (u32)
+    24     4     payload length in bytes (u32)
+    28     4     CRC-32 of bytes 0..27 and of the payload
+
+All integers are little-endian. An upload's payload is the mask, either packed (ceil(N/8) bytes) or
+range-coded against the global probabilities both sides hold (about the cross-entropy of the mask
+under those probabilities). A broadcast delta carries, for every weight, how many of the m uploads
+kept it, range-coded against Binomial(m, global probability), plus m, MADA's lambda and the
+smoothing: from these a client that holds the previous global scores rebuilds the new ones bit for
+bit with the same function the server uses (`server.apply_round`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prismfl.errors import PrismError
+from prismfl.fl.codec import pack_mask, unpack_mask
+
+MAGIC = b"PRFL"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBxIQIII")
+assert HEADER.size == 32
+
+KIND_UPLOAD, KIND_DELTA, KIND_STATE = 1, 2, 3
+KINDS = {KIND_UPLOAD: "upload", KIND_DELTA: "broadcast delta", KIND_STATE: "broadcast state"}
+CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32 = 0, 1, 2, 3
+CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINOMIAL: "range-binomial",
+          CODER_FLOAT32: "float32"}  # fmt: skip
+_DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
+
+
+class WireError(PrismError):
+    """A message that must not be accepted; subclasses say why."""
+
+
+class TruncatedMessage(WireError):
+    pass
+
+
+class BadMagic(WireError):
+    pass
+
+
+class UnsupportedVersion(WireError):
+    pass
+
+
+class ChecksumMismatch(WireError):
+    pass
+
+
+class LengthMismatch(WireError):
+    pass
+
+
+class LayerTableMismatch(WireError):
+    pass
+
+
+class UnexpectedMessage(WireError):
+    """Well-formed, but not what the receiver asked for (kind, coder or round)."""
+
+
+def layer_table_hash(table: list[tuple[str, tuple[int, ...]]]) -> int:
+    blob = json.dumps([[name, list(shape)] for name, shape in table], separators=(",", ":")).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: int
+    coder: int
+    round: int
+    table_hash: int
+    num_weights: int
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        head = HEADER.pack(MAGIC, VERSION, self.kind, self.coder, self.round, self.table_hash,
+                           self.num_weights, len(self.payload), 0)[:28]  # fmt: skip
+        crc = zlib.crc32(self.payload, zlib.crc32(head))
+        return head + crc.to_bytes(4, "little") + self.payload
+
+
+def parse(data: bytes, *, table_hash: int, num_weights: int) -> Message:
+    """Check every field of a message against what the receiver expects; raise a WireError if any is off."""
+    if len(data) < HEADER.size:
+        raise TruncatedMessage(f"message of {len(data)} bytes is shorter than the {HEADER.size}-byte header")
+    magic, version, kind, coder, rnd, thash, n, length, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise BadMagic(f"not a prismfl message (magic {magic!r})")
+    if version != VERSION:
+        raise UnsupportedVersion(f"message format version {version}; this prismfl speaks version {VERSION}")
+    if len(data) < HEADER.size + length:
+        raise TruncatedMessage(f"payload cut short: header promises {length} bytes, {len(data) - HEADER.size} came")
+    if len(data) > HEADER.size + length:
+        raise LengthMismatch(f"{len(data) - HEADER.size - length} stray bytes after the payload")
+    payload = data[HEADER.size :]
+    if zlib.crc32(payload, zlib.crc32(data[:28])) != crc:
+        raise ChecksumMismatch("message checksum does not match: corrupted in transit")
+    if kind not in KINDS or coder not in CODERS:
+        raise UnexpectedMessage(f"unknown message kind {kind} or coder {coder}")
+    if thash != table_hash:
+        raise LayerTableMismatch("message was made for another architecture (layer-table hash differs)")
+    if n != num_weights:
+        raise LayerTableMismatch(f"message carries {n} weights, this model has {num_weights}")
+    return Message(kind, coder, rnd, thash, n, payload)
+
+
+# ---------------------------------------------------------------- coders
+
+
+def _probabilities(scores: torch.Tensor) -> np.ndarray:
+    """sigmoid(scores) in float64, computed identically on both sides from the same float32 scores."""
+    return torch.sigmoid(scores.detach().to("cpu", torch.float64)).numpy()
+
+
+def _bernoulli_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
+    import constriction
+
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(bits.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), p)
+    return enc.get_compressed().tobytes()
+
+
+def _bernoulli_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
+    import constriction
+
+    if len(payload) % 4:
+        raise LengthMismatch("range-coded payload is not a whole number of 32-bit words")
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    try:
+        dec = constriction.stream.queue.RangeDecoder(words)
+        bits = dec.decode(constriction.stream.model.Bernoulli(perfect=False), p)
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        raise ChecksumMismatch(f"range-coded payload does not decode: {exc}") from None
+    return np.asarray(bits)
+
+
+def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: int, table_hash: int,
+                  coder: str = "auto") -> bytes:  # fmt: skip
+    """A client's mask as a message; 'auto' range-codes it unless packing is smaller."""
+    n = mask.numel()
+    packed = pack_mask(mask)
+    if coder == "packed":
+        return Message(KIND_UPLOAD, CODER_PACKED, round_, table_hash, n, packed).to_bytes()
+    coded = _bernoulli_encode(mask.cpu().numpy().reshape(-1), _probabilities(global_scores))
+    if coder == "auto" and len(packed) <= len(coded):
+        return Message(KIND_UPLOAD, CODER_PACKED, round_, table_hash, n, packed).to_bytes()
+    return Message(KIND_UPLOAD, CODER_BERNOULLI, round_, table_hash, n, coded).to_bytes()
+
+
+def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int) -> torch.Tensor:
+    n = global_scores.numel()
+    msg = parse(data, table_hash=table_hash, num_weights=n)
+    if msg.kind != KIND_UPLOAD or msg.round != round_:
+        raise UnexpectedMessage(f"expected an upload for round {round_}, got a {KINDS[msg.kind]} for round {msg.round}")
+    if msg.coder == CODER_PACKED:
+        try:
+            return unpack_mask(msg.payload, n)
+        except ValueError as exc:
+            raise LengthMismatch(str(exc)) from None
+    if msg.coder == CODER_BERNOULLI:
+        return torch.from_numpy(_bernoulli_decode(msg.payload, _probabilities(global_scores)).astype(bool))
+    raise UnexpectedMessage(f"an upload cannot use coder {CODERS[msg.coder]}")
+
+
+def encode_delta(counts: torch.Tensor, m: int, lam: float | None, smoothing: float, global_scores: torch.Tensor,
+                 *, round_: int, table_hash: int) -> bytes:  # fmt: skip
+    """The round's outcome for clients that hold the previous global scores (see module doc)."""
+    import constriction
+
+    n = counts.numel()
+    prefix = _DELTA_PREFIX.pack(m, float("nan") if lam is None else lam, smoothing)
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(counts.cpu().numpy().astype(np.int32), constriction.stream.model.Binomial(),
+               np.full(n, m, np.int32), _probabilities(global_scores))  # fmt: skip
+    payload = prefix + enc.get_compressed().tobytes()
+    return Message(KIND_DELTA, CODER_BINOMIAL, round_, table_hash, n, payload).to_bytes()
+
+
+@dataclass
+class Delta:
+    counts: torch.Tensor  # int32, uploads that kept each weight
+    m: int
+    lam: float | None
+    smoothing: float
+
+
+def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int) -> Delta:
+    import constriction
+
+    n = global_scores.numel()
+    msg = parse(data, table_hash=table_hash, num_weights=n)
+    if msg.kind != KIND_DELTA or msg.round != round_:
+        raise UnexpectedMessage(f"expected the delta of round {round_}, got a {KINDS[msg.kind]} of round {msg.round}")
+    if len(msg.payload) < _DELTA_PREFIX.size or (len(msg.payload) - _DELTA_PREFIX.size) % 4:
+        raise LengthMismatch("broadcast delta payload has the wrong length")
+    m, lam, smoothing = _DELTA_PREFIX.unpack_from(msg.payload)
+    words = np.frombuffer(msg.payload[_DELTA_PREFIX.size :], dtype="<u4").astype(np.uint32)
+    try:
+        counts = constriction.stream.queue.RangeDecoder(words).decode(
+            constriction.stream.model.Binomial(), np.full(n, m, np.int32), _probabilities(global_scores)
+        )
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        raise ChecksumMismatch(f"broadcast delta does not decode: {exc}") from None
+    return Delta(torch.from_numpy(np.asarray(counts, dtype=np.int32)), m, None if np.isnan(lam) else lam, smoothing)
+
+
+def encode_state(scores: torch.Tensor, *, round_: int, table_hash: int) -> bytes:
+    """The full global scores as float32: what a client with no history downloads."""
+    payload = scores.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
+    return Message(KIND_STATE, CODER_FLOAT32, round_, table_hash, scores.numel(), payload).to_bytes()
+
+
+def decode_state(data: bytes, *, num_weights: int, table_hash: int) -> tuple[int, torch.Tensor]:
+    msg = parse(data, table_hash=table_hash, num_weights=num_weights)
+    if msg.kind != KIND_STATE:
+        raise UnexpectedMessage(f"expected a broadcast state, got a {KINDS[msg.kind]}")
+    if len(msg.payload) != 4 * num_weights:
+        raise LengthMismatch(f"state payload has {len(msg.payload)} bytes, expected {4 * num_weights}")
+    return msg.round, torch.from_numpy(np.frombuffer(msg.payload, dtype="<f4").copy())

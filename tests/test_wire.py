@@ -1,0 +1,179 @@
+import math
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prismfl.fl import server, wire
+
+TABLE = wire.layer_table_hash([("fc1", (4, 8)), ("fc2", (8, 8))])
+
+
+def _scores(n, seed=0, scale=3.0):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _cross_entropy_bits(mask, scores):
+    p = torch.sigmoid(scores.double()).numpy()
+    m = mask.numpy()
+    return float(-(np.log2(np.where(m, p, 1 - p))).sum())
+
+
+def test_header_layout_exact_bytes():
+    msg = wire.Message(wire.KIND_UPLOAD, wire.CODER_PACKED, 7, 0x0102030405060708, 10, b"\xab\x01").to_bytes()
+    assert msg[:4] == b"PRFL" and msg[4] == 1 and msg[5] == 1 and msg[6] == 0 and msg[7] == 0
+    assert struct.unpack_from("<IQII", msg, 8) == (7, 0x0102030405060708, 10, 2)
+    assert len(msg) == 32 + 2 and msg[32:] == b"\xab\x01"
+
+
+@pytest.mark.parametrize("coder", ["packed", "range", "auto"])
+@pytest.mark.parametrize("scale", [0.0, 1.0, 8.0, 30.0])
+def test_upload_round_trip(coder, scale):
+    n = 5000
+    scores = _scores(n, 1, scale)
+    mask = server.sample_mask(scores, torch.Generator().manual_seed(2))
+    data = wire.encode_upload(mask, scores, round_=3, table_hash=TABLE, coder=coder)
+    back = wire.decode_upload(data, scores, round_=3, table_hash=TABLE)
+    assert torch.equal(back, mask)
+    if coder == "packed":
+        assert len(data) == 32 + math.ceil(n / 8)
+
+
+def test_extreme_mask_against_opposite_probabilities_still_round_trips():
+    n = 2000
+    scores = torch.full((n,), 40.0)  # probability ~1 of keeping
+    mask = torch.zeros(n, dtype=torch.bool)  # and nothing kept
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
+    assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE), mask)
+    auto = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="auto")
+    assert len(auto) == 32 + n // 8  # auto falls back to packing when coding would cost more
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
+def test_range_coded_size_near_cross_entropy(scale):
+    n = 200_000
+    scores = _scores(n, 3, scale)
+    mask = server.sample_mask(scores, torch.Generator().manual_seed(4))
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
+    bound_bytes = _cross_entropy_bits(mask, scores) / 8
+    payload = len(data) - 32
+    assert payload <= bound_bytes * 1.01 + 16  # within 1% of the bound, plus the coder's final words
+    assert payload * 8 / n < 1.0
+
+
+def test_codec_speed_3_5m_weights():
+    n = 3_543_616
+    scores = _scores(n, 5, 3.0)
+    mask = server.sample_mask(scores, torch.Generator().manual_seed(6))
+    t0 = time.perf_counter()
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
+    back = wire.decode_upload(data, scores, round_=1, table_hash=TABLE)
+    elapsed = time.perf_counter() - t0
+    assert torch.equal(back, mask)
+    assert elapsed < 2.5  # documented figure (docs/performance.md) is well under 1 s on an idle machine
+
+
+def test_delta_rebuilds_global_state_bit_for_bit():
+    n, m = 20_000, 4
+    old = _scores(n, 7)
+    masks = [server.sample_mask(old + i, torch.Generator().manual_seed(i)) for i in range(m)]
+    counts = server.count_masks(masks)
+    lam = server.mada_lambda(old, server.aggregate_scores(counts, m), torch.Generator().manual_seed(9))
+    new_server = server.apply_round(old, counts, m, lam, 0.01)
+    data = wire.encode_delta(counts, m, lam, 0.01, old, round_=5, table_hash=TABLE)
+    delta = wire.decode_delta(data, old, round_=5, table_hash=TABLE)
+    assert torch.equal(delta.counts, counts) and delta.m == m and delta.lam == lam
+    new_client = server.apply_round(old, delta.counts, delta.m, delta.lam, delta.smoothing)
+    assert torch.equal(new_client, new_server)
+    assert len(data) < 4 * n / 4  # far below broadcasting float32 scores
+
+
+def test_delta_without_mada():
+    old = _scores(100, 1)
+    counts = torch.randint(0, 3, (100,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    delta = wire.decode_delta(wire.encode_delta(counts, 2, None, 0.01, old, round_=1, table_hash=TABLE), old,
+                              round_=1, table_hash=TABLE)  # fmt: skip
+    assert delta.lam is None
+
+
+def test_state_round_trip():
+    s = _scores(1000, 2)
+    rnd, back = wire.decode_state(wire.encode_state(s, round_=9, table_hash=TABLE), num_weights=1000, table_hash=TABLE)
+    assert rnd == 9 and torch.equal(back, s)
+
+
+def _upload(n=1000):
+    scores = _scores(n, 1)
+    mask = server.sample_mask(scores, torch.Generator().manual_seed(2))
+    return wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, coder="range"), scores
+
+
+@pytest.mark.parametrize(
+    "mutate,error",
+    [
+        (lambda d: d[:20], wire.TruncatedMessage),
+        (lambda d: d[:-3], wire.TruncatedMessage),
+        (lambda d: d + b"\x00", wire.LengthMismatch),
+        (lambda d: b"XXXX" + d[4:], wire.BadMagic),
+        (lambda d: d[:4] + b"\x09" + d[5:], wire.UnsupportedVersion),
+        (lambda d: d[:40] + bytes([d[40] ^ 0x10]) + d[41:], wire.ChecksumMismatch),
+        (lambda d: d[:8] + (3).to_bytes(4, "little") + d[12:], wire.ChecksumMismatch),  # round edited, CRC stale
+    ],
+)
+def test_corrupted_uploads_are_rejected(mutate, error):
+    data, scores = _upload()
+    with pytest.raises(error):
+        wire.decode_upload(mutate(data), scores, round_=2, table_hash=TABLE)
+
+
+def test_wrong_round_table_or_size_is_rejected():
+    data, scores = _upload()
+    with pytest.raises(wire.UnexpectedMessage, match="round 3"):
+        wire.decode_upload(data, scores, round_=3, table_hash=TABLE)
+    with pytest.raises(wire.LayerTableMismatch):
+        wire.decode_upload(data, scores, round_=2, table_hash=TABLE + 1)
+    with pytest.raises(wire.LayerTableMismatch, match="1000 weights"):
+        wire.decode_upload(data, _scores(999), round_=2, table_hash=TABLE)
+
+
+def test_message_of_the_wrong_kind_is_rejected():
+    s = _scores(1000)
+    state = wire.encode_state(s, round_=2, table_hash=TABLE)
+    with pytest.raises(wire.UnexpectedMessage, match="broadcast state"):
+        wire.decode_upload(state, s, round_=2, table_hash=TABLE)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes_never_crash(data):
+    scores = _scores(1000)
+    try:
+        wire.decode_upload(data, scores, round_=2, table_hash=TABLE)
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 255))
+def test_fuzz_single_byte_corruption_is_caught(pos_seed, value):
+    data, scores = _upload(800)
+    pos = pos_seed % len(data)
+    if data[pos] == value:
+        return
+    bad = data[:pos] + bytes([value]) + data[pos + 1 :]
+    with pytest.raises(wire.WireError):
+        wire.decode_upload(bad, scores, round_=2, table_hash=TABLE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=300), st.floats(-20, 20))
+def test_fuzz_round_trip(bits, shift):
+    mask = torch.tensor(bits)
+    scores = _scores(len(bits), 3) + shift
+    for coder in ("packed", "range", "auto"):
+        data = wire.encode_upload(mask, scores, round_=0, table_hash=TABLE, coder=coder)
+        assert torch.equal(wire.decode_upload(data, scores, round_=0, table_hash=TABLE), mask)
