@@ -19,8 +19,8 @@ from prismfl.config import RunConfig, config_from_dict
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
 from prismfl.fl import codec, server, task, wire
-from prismfl.fl.protocol import catch_up_bytes, client_upload, server_round
 from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.fl.protocol import catch_up_bytes, client_upload, server_round
 from prismfl.model import masked
 from prismfl.modelfile import PrismModel
 from prismfl.progress import bar as progress_bar
