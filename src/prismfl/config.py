@@ -66,6 +66,13 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    epsilon: float = float("inf")  # inf: no privacy; otherwise record-level (epsilon, delta)-DP per client
+    delta: float = 1e-5
+    clip: float = 1.0  # per-layer clip bound = clip x median feature norm on non-private reference images
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -73,6 +80,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +126,18 @@ class RunConfig:
             raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.train.client_fraction}")
         if not 0 <= self.train.smoothing < 0.5:
             raise ConfigError(f"train.smoothing must be in [0, 0.5), got {self.train.smoothing}")
+        if not self.privacy.epsilon > 0:
+            raise ConfigError(f"privacy.epsilon must be > 0 (inf turns privacy off), got {self.privacy.epsilon}")
+        if not 0 < self.privacy.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.privacy.delta}")
+        if not self.privacy.clip > 0:
+            raise ConfigError(f"privacy.clip must be > 0, got {self.privacy.clip}")
+        if self.privacy.epsilon != float("inf"):
+            from prismfl.privacy import noise_multiplier
+
+            noise_multiplier(
+                self.privacy.epsilon, self.privacy.delta
+            )  # a request the accountant cannot meet fails here
         if self.data.resize not in (0, 28, 32):
             raise ConfigError(f"data.resize must be 0 (native), 28 or 32, got {self.data.resize}")
         if self.loss.features == "vgg19bn" and not self.loss.vgg_weights:

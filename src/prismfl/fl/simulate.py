@@ -7,6 +7,7 @@ run resumed with --resume ends in the same state as one that was never interrupt
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class RoundRecord:
     client_seconds: float
     clients: list[int]
     mask_entropy: float
+    epsilon: float | None  # privacy spent per client (one release at the start); None without privacy
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -61,7 +63,6 @@ def export_model(cfg: RunConfig, scores: torch.Tensor, rounds_done: int, extra: 
         "rounds": rounds_done,
         "clients": cfg.partition.num_clients,
         "partition": cfg.partition.scheme,
-        "privacy": None,
         **(extra or {}),
     }
     return PrismModel(task.arch_spec(cfg), final_mask(cfg, scores), info)
@@ -97,20 +98,29 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
     device = task.resolve_device(cfg.train.device)
     fed = task.prepare_federation(cfg)  # bad data fails here, before anything is written
     extract_net, feature_meta = task.build_feature_net(cfg, fed, device, log)
-    if state is None:
+    extract = extract_net.extract
+    model = task.build_model(cfg, device)
+    n = masked.num_maskable(model)
+    if state is None:  # each client computes (and, with privacy on, privatises) its statistics once
+        clip = None if math.isinf(cfg.privacy.epsilon) else task.privacy_clip(cfg, fed, extract, device)
+        released = [
+            task.client_statistics(cfg, extract, fed.client_images(k), clip, device)
+            for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics")
+        ]
+    else:  # never recomputed: a private release is made once, and its noise is not reproducible
+        released = state["client_stats"]
+    losses = [task.client_loss(cfg, stats, device) for stats, _ in released]
+    privacy = released[0][1] and {k: v for k, v in released[0][1].items() if k != "clip"}
+    if privacy:
+        log(f"privacy: each client's statistics released once with epsilon={privacy['epsilon']:.3f}, "
+            f"delta={privacy['delta']:g} (noise std {privacy['noise_std']:.2f} in clipped units)")  # fmt: skip
+    if state is None:  # nothing is written before the data, feature net and privacy check out
         out.mkdir(parents=True, exist_ok=True)
         runio.atomic_write_bytes(out / runio.CONFIG, report.config_toml(cfg.to_dict()).encode())
         table = format_class_table(fed.table, fed.class_names)
         runio.atomic_write_bytes(out / "partition.txt", (table + "\n").encode())
         log(f"{cfg.partition.num_clients} clients, '{cfg.partition.scheme}' partition of {fed.train.source}:")
         log(table)
-    extract = extract_net.extract
-    model = task.build_model(cfg, device)
-    n = masked.num_maskable(model)
-    losses = [
-        task.client_loss(cfg, extract, fed.client_images(k), device)
-        for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics")
-    ]
     local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
 
     table_hash = wire.layer_table_hash(masked.layer_table(model))
@@ -174,18 +184,20 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
             client_seconds=client_seconds,
             clients=chosen,
             mask_entropy=binary_entropy_bits(scores),
+            epsilon=privacy["epsilon"] if privacy else None,
         )
         runio.save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
             "global_scores": scores, "clients": [c.state_dict() for c in clients],
-            "synced": synced, "delta_sizes": delta_sizes, "model_info": {"feature_net": feature_meta},
+            "synced": synced, "delta_sizes": delta_sizes, "client_stats": released,
+            "model_info": {"feature_net": feature_meta, "privacy": privacy},
         })  # fmt: skip
         runio.append_metrics(out, record.to_dict())
         bar.set_postfix(loss=f"{record.loss:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
         if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
             report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
 
-    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta})  # as export_run gives
+    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta, "privacy": privacy})
     from prismfl import modelfile
 
     size = modelfile.save(final, out / runio.MODEL)

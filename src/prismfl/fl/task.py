@@ -15,7 +15,7 @@ import torch
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import CLASS_NAMES, Split, load_split, to_float
-from prismfl.loss.matching import MeanVarMatching, feature_stats
+from prismfl.loss.matching import FeatureStats, MeanVarMatching, feature_stats
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
 
@@ -112,10 +112,39 @@ def initial_scores(cfg: RunConfig, n: int) -> torch.Tensor:
     return torch.randn(n, generator=generator_for(cfg.seed, "initial-scores"))
 
 
-def client_loss(cfg: RunConfig, extract, images: torch.Tensor, device: str = "cpu") -> MeanVarMatching:
-    """The client's loss: its private images enter only here, as feature statistics."""
-    with torch.no_grad():
-        stats = feature_stats(lambda x: extract(x.to(device)), images)
+def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") -> list[float]:
+    """Per-layer clip bounds from images that are not private: the public hold-out when there is
+    one, otherwise samples of the untrained generator (which depend on the seed alone)."""
+    from prismfl.privacy import clip_bounds
+
+    if len(fed.public_idx):
+        reference = fed.images(fed.public_idx[:1000])
+    else:
+        model = build_model(cfg)
+        masked.configure(model, rng=generator_for(cfg.seed, "clip-reference"))
+        masked.set_scores(model, initial_scores(cfg, masked.num_maskable(model)))
+        with torch.no_grad():
+            reference = model(torch.randn(1000, model.z_dim, generator=generator_for(cfg.seed, "clip-z")))
+    return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
+
+
+def client_statistics(
+    cfg: RunConfig, extract, images: torch.Tensor, clip: list[float] | None, device: str = "cpu", generator=None
+) -> tuple[FeatureStats, dict | None]:
+    """The only use of a client's images: its feature statistics, released privately when
+    privacy.epsilon is finite. Returns (statistics, privacy summary or None)."""
+    import math
+
+    feats = lambda x: extract(x.to(device))  # noqa: E731
+    if math.isinf(cfg.privacy.epsilon):
+        return feature_stats(feats, images), None
+    from prismfl.privacy import private_feature_stats
+
+    release = private_feature_stats(feats, images, clip, cfg.privacy.epsilon, cfg.privacy.delta, generator)
+    return release.stats, release.summary()
+
+
+def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu") -> MeanVarMatching:
     loss = cfg.loss
     return MeanVarMatching(stats, loss.normalize, loss.moment, loss.tracker, loss.tracker_beta, loss.tracker_lr).to(
         device
