@@ -91,6 +91,27 @@ def _check_out_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
     return None
 
 
+def start_run_dir(out: Path, cfg: RunConfig, fed, log=print) -> None:
+    """Create a run directory with its resolved config and the client x class table."""
+    out.mkdir(parents=True, exist_ok=True)
+    runio.atomic_write_bytes(out / runio.CONFIG, report.config_toml(cfg.to_dict()).encode())
+    table = format_class_table(fed.table, fed.class_names)
+    runio.atomic_write_bytes(out / "partition.txt", (table + "\n").encode())
+    log(f"{cfg.partition.num_clients} clients, '{cfg.partition.scheme}' partition of {fed.train.source}:")
+    log(table)
+
+
+def finish_run(out: Path, cfg: RunConfig, scores: torch.Tensor, model_info: dict, log=print) -> None:
+    """Export the final model and draw its samples and the training curves."""
+    from prismfl import modelfile
+
+    final = export_model(cfg, scores, cfg.train.rounds, model_info)
+    size = modelfile.save(final, out / runio.MODEL)
+    report.sample_grid(final, out / "samples.png")
+    report.curves(runio.read_metrics(out), out / "curves.png")
+    log(f"done: {out / runio.MODEL} ({size:,} bytes), samples in {out / 'samples.png'}, curves in {out / 'curves.png'}")
+
+
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     """Run (or continue) a federated training job and write its run directory."""
     out = Path(out)
@@ -115,12 +136,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
         log(f"privacy: each client's statistics released once with epsilon={privacy['epsilon']:.3f}, "
             f"delta={privacy['delta']:g} (noise std {privacy['noise_std']:.2f} in clipped units)")  # fmt: skip
     if state is None:  # nothing is written before the data, feature net and privacy check out
-        out.mkdir(parents=True, exist_ok=True)
-        runio.atomic_write_bytes(out / runio.CONFIG, report.config_toml(cfg.to_dict()).encode())
-        table = format_class_table(fed.table, fed.class_names)
-        runio.atomic_write_bytes(out / "partition.txt", (table + "\n").encode())
-        log(f"{cfg.partition.num_clients} clients, '{cfg.partition.scheme}' partition of {fed.train.source}:")
-        log(table)
+        start_run_dir(out, cfg, fed, log)
     local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
 
     table_hash = wire.layer_table_hash(masked.layer_table(model))
@@ -197,13 +213,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
         if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
             report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
 
-    final = export_model(cfg, scores, cfg.train.rounds, {"feature_net": feature_meta, "privacy": privacy})
-    from prismfl import modelfile
-
-    size = modelfile.save(final, out / runio.MODEL)
-    report.sample_grid(final, out / "samples.png")
-    report.curves(runio.read_metrics(out), out / "curves.png")
-    log(f"done: {out / runio.MODEL} ({size:,} bytes), samples in {out / 'samples.png'}, curves in {out / 'curves.png'}")
+    finish_run(out, cfg, scores, {"feature_net": feature_meta, "privacy": privacy}, log)
     return out
 
 
