@@ -93,7 +93,7 @@ class RunConfig:
         from prismfl.model.generators import ARCHITECTURES
         from prismfl.model.masked import ESTIMATORS
 
-        _one_of("data.dataset", self.data.dataset, DATASETS)
+        _one_of("data.dataset", self.data.dataset, tuple(DATASETS))
         _one_of("partition.scheme", self.partition.scheme, SCHEMES)
         _one_of("model.arch", self.model.arch, ARCHITECTURES)
         _one_of("model.estimator", self.model.estimator, ESTIMATORS)

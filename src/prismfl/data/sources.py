@@ -12,11 +12,27 @@ import numpy as np
 from prismfl.data.idx import read_idx
 from prismfl.errors import DataError
 
-DATASETS = ("fashion-mnist", "mnist")
-CLASS_NAMES = {
-    "fashion-mnist": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
-    "mnist": [str(i) for i in range(10)],
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    channels: int
+    size: int  # native image size (square)
+    class_names: tuple[str, ...]  # the labels the evaluation classifier predicts
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo(
+        1, 28, ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+    ),
+    "mnist": DatasetInfo(1, 28, tuple(str(i) for i in range(10))),
 }
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
 # Where Debian's dataset packages and common tools put the files.
 _SEARCH = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist", "~/.cache/prismfl/fashion-mnist", "data/fashion-mnist"],
@@ -102,8 +118,7 @@ def read_mnist5k(path: Path, split: str) -> Split:
 
 def load_split(dataset: str, split: str, root: str | None = None) -> Split:
     """Load 'train' or 'test' of a dataset, from data.root or the known locations."""
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    dataset_info(dataset)
     if split not in _IDX_STEMS:
         raise DataError(f"unknown split {split!r}; expected 'train' or 'test'")
     folder = _idx_folder(dataset, root or os.environ.get("PRISMFL_DATA_ROOT"))

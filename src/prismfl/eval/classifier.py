@@ -10,7 +10,7 @@ import torch
 
 from prismfl.cache import cached_state_dict
 from prismfl.classifier import EvalCNN, train_classifier
-from prismfl.data.sources import load_split, to_float
+from prismfl.data.sources import dataset_info, load_split, to_float
 
 EPOCHS = 2
 SEED = 0
@@ -19,7 +19,7 @@ SEED = 0
 def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log=print) -> tuple[EvalCNN, dict]:
     """(classifier in eval mode, metadata with its test accuracy and checksum)."""
     train = load_split(dataset, "train", root)
-    channels = train.images.shape[1]
+    channels, classes = train.images.shape[1], len(dataset_info(dataset).class_names)
     spec = {"kind": "eval-classifier", "version": 1, "dataset": dataset, "source": train.source,
             "size": size, "epochs": EPOCHS, "seed": SEED, "n": len(train)}  # fmt: skip
 
@@ -27,7 +27,7 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
         log(f"training the {dataset} evaluation classifier on {len(train):,} training images (cached afterwards)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
-            net = EvalCNN(channels, size)
+            net = EvalCNN(channels, size, classes)
         train_classifier(
             net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED,
             desc="evaluation classifier",
@@ -38,6 +38,6 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
         return net.state_dict(), {"test_accuracy": acc}
 
     state, meta = cached_state_dict("classifier", spec, build, log)
-    net = EvalCNN(channels, size)
+    net = EvalCNN(channels, size, classes)
     net.load_state_dict(state)
     return net.eval(), meta

@@ -10,19 +10,15 @@ import torch.nn.functional as F
 
 from prismfl import modelfile
 from prismfl.classifier import predict
-from prismfl.data.sources import CLASS_NAMES, load_split, to_float
+from prismfl.data.sources import dataset_info, load_split, to_float
 from prismfl.eval.classifier import domain_classifier
 from prismfl.eval.metrics import fid_from_features
 from prismfl.eval.quality import CONFIDENT, class_report
 
-NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28}
-
-
 @lru_cache(maxsize=4)
 def _reference(dataset: str, root: str | None, n: int):
     """Classifier, its metadata, and the embeddings of n held-out test images."""
-    size = NATIVE_SIZE.get(dataset, 28)
-    classifier, meta = domain_classifier(dataset, root, size)
+    classifier, meta = domain_classifier(dataset, root, dataset_info(dataset).size)
     test = load_split(dataset, "test", root)
     with torch.no_grad():
         ref = _embed(classifier, to_float(test.images[:n]))
@@ -37,10 +33,11 @@ def _embed(classifier, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
 def score_images(images: torch.Tensor, dataset: str, root: str | None = None, n_real: int = 10000) -> dict:
     """Domain FID against held-out test images, confident share and class histogram of `images`."""
     classifier, meta, ref, n_ref = _reference(dataset, root, n_real)
-    size = NATIVE_SIZE.get(dataset, images.shape[-1])
+    info = dataset_info(dataset)
+    size = info.size
     if images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    report = class_report(predict(classifier, images), len(CLASS_NAMES.get(dataset, range(10))))
+    report = class_report(predict(classifier, images), len(info.class_names))
     return {
         "domain_fid": fid_from_features(_embed(classifier, images), ref),
         **report,
@@ -61,4 +58,4 @@ def evaluate_model(model: modelfile.PrismModel, n: int = 10000, seed: int = 0, r
     result["protocol"]["model"] = "one fixed exported mask (the .prism file), not an ensemble of sampled masks"
     result["protocol"]["samples"] = n
     result["protocol"]["noise_seed"] = seed
-    return {"dataset": dataset, "class_names": CLASS_NAMES.get(dataset), **result}
+    return {"dataset": dataset, "class_names": list(dataset_info(dataset).class_names), **result}

@@ -14,7 +14,7 @@ import torch
 
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
-from prismfl.data.sources import CLASS_NAMES, Split, load_split, to_float
+from prismfl.data.sources import Split, dataset_info, load_split, to_float
 from prismfl.loss.matching import FeatureStats, MeanVarMatching, feature_stats
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
@@ -30,10 +30,10 @@ def generator_for(*keys, device: str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derived_seed(*keys))
 
 
-def arch_spec(cfg: RunConfig, channels: int = 1) -> ArchSpec:
-    size = cfg.data.resize or 28
+def arch_spec(cfg: RunConfig) -> ArchSpec:
+    info = dataset_info(cfg.data.dataset)
     m = cfg.model
-    return ArchSpec(m.arch, m.z_dim, m.width, channels, size, weight_seed=cfg.seed)
+    return ArchSpec(m.arch, m.z_dim, m.width, info.channels, cfg.data.resize or info.size, weight_seed=cfg.seed)
 
 
 def resolve_device(name: str) -> str:
@@ -61,7 +61,7 @@ class Federation:
 
     @property
     def class_names(self) -> list[str]:
-        return CLASS_NAMES.get(self.cfg.data.dataset, [str(i) for i in range(self.num_classes)])
+        return list(dataset_info(self.cfg.data.dataset).class_names)
 
     @cached_property
     def table(self) -> np.ndarray:
