@@ -13,7 +13,6 @@ from prismfl.data.idx import read_idx
 from prismfl.errors import DataError
 
 
-
 @dataclass(frozen=True)
 class DatasetInfo:
     channels: int
@@ -33,6 +32,8 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
 # Where Debian's dataset packages and common tools put the files.
 _SEARCH = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist", "~/.cache/prismfl/fashion-mnist", "data/fashion-mnist"],

@@ -15,6 +15,7 @@ from prismfl.eval.classifier import domain_classifier
 from prismfl.eval.metrics import fid_from_features
 from prismfl.eval.quality import CONFIDENT, class_report
 
+
 @lru_cache(maxsize=4)
 def _reference(dataset: str, root: str | None, n: int):
     """Classifier, its metadata, and the embeddings of n held-out test images."""
