@@ -31,7 +31,7 @@ data:
 demo: $(STAMP) data
 	rm -rf $(DEMO_OUT)
 	$(BIN)/prismfl train --config configs/fmnist-noniid.toml --out $(DEMO_OUT)
-	$(BIN)/prismfl evaluate $(DEMO_OUT)/model.prism --out $(DEMO_OUT)/quality.json
+	$(BIN)/prismfl evaluate $(DEMO_OUT) --out $(DEMO_OUT)/quality.json
 	@echo "demo done: see $(DEMO_OUT)/samples.png, $(DEMO_OUT)/curves.png, $(DEMO_OUT)/quality.json"
 
 test: $(STAMP) data

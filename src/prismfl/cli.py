@@ -39,6 +39,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set train.rounds=5")] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    method: Annotated[
+        str | None, typer.Option("--method", help="prism, prism-nomada, fedavg, local or central")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ):
     """Train a federation in one process and write metrics, checkpoints, grids and model.prism."""
@@ -47,7 +50,7 @@ def train(
     from prismfl.progress import set_enabled
 
     set_enabled(not quiet)
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_ + ([f'train.method="{method}"'] if method else []))
     run_training(cfg, out, resume=resume)
 
 
@@ -124,22 +127,31 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
 
 @app.command()
 def evaluate(
-    source: Annotated[Path, typer.Argument(help="run directory or .prism model file")],
+    source: Annotated[Path, typer.Argument(help="run directory, .prism model file, or a FedAvg model.pt")],
     n: Annotated[int, typer.Option("--n", help="number of generated samples")] = 10000,
     seed: Annotated[int, typer.Option("--seed", help="noise seed")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
     data_root: Annotated[str | None, typer.Option("--data-root", help="folder of the dataset's files")] = None,
+    inception: Annotated[
+        str | None, typer.Option("--inception", help="Inception weights (pytorch-fid pt_inception or torchvision)")
+    ] = None,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="a fresh mask per 500 images, as the authors evaluated (run dirs)")
+    ] = False,
 ):
-    """Judge one fixed exported model with the domain classifier: confident share, class histogram."""
-    from prismfl.eval.report import evaluate_model
+    """Domain FID, precision/recall/density/coverage and class coverage of a model, with its protocol."""
+    from prismfl.eval.report import evaluate as run_evaluation
+    from prismfl.eval.report import format_table
 
-    model = _load_model(source)
-    result = evaluate_model(model, n=n, seed=seed, root=data_root)
-    typer.echo(json.dumps(result, indent=1))
+    if n < 2:
+        raise PrismError(f"--n must be at least 2, got {n}")
+    result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
+    typer.echo(format_table(result))
     if out is not None:
         from prismfl.runio import atomic_write_bytes
 
         atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+        typer.echo(f"wrote {out}")
 
 
 def main() -> None:

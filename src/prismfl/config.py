@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -52,10 +53,12 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = "prism"  # prism, prism-nomada, or a baseline: fedavg, local, central (fl/baselines.py)
     rounds: int = 20
     local_steps: int = 50
     batch_size: int = 64
     lr: float = 0.1
+    dense_lr: float = 1e-3  # Adam learning rate of the fedavg baseline's float weights
     client_fraction: float = 1.0
     mada: bool = True
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
@@ -104,6 +107,11 @@ class RunConfig:
         if not 0 <= self.loss.tracker_beta < 1:
             raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
+        _one_of("train.method", self.train.method, ("prism", "prism-nomada", "fedavg", "local", "central"))
+        if not self.train.dense_lr > 0:
+            raise ConfigError(f"train.dense_lr must be > 0, got {self.train.dense_lr}")
+        if self.train.method != "prism" and not math.isinf(self.privacy.epsilon):
+            raise ConfigError(f"privacy is implemented for method 'prism' only, not {self.train.method!r}")
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _positive("partition.num_clients", self.partition.num_clients)

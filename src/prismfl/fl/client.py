@@ -41,10 +41,10 @@ class ClientState:
 
 @dataclass
 class LocalResult:
-    mask: torch.Tensor  # bool, one entry per maskable weight
+    mask: torch.Tensor | None  # bool, one entry per maskable weight (None for a dense model)
     loss: float  # mean matching loss over the local steps
     start_loss: float  # loss of the first step: the broadcast global model on this client's data
-    scores: torch.Tensor  # the client's trained scores (stay on the client; used by tests)
+    scores: torch.Tensor  # the client's trained scores, or float weights of a dense model
 
 
 def local_train(
@@ -56,12 +56,15 @@ def local_train(
     cfg: LocalConfig,
     generator: torch.Generator,
 ) -> LocalResult:
-    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask."""
+    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask.
+
+    For a dense model (the FedAvg baseline) the same loop trains float weights and returns them.
+    """
     device = global_scores.device
-    masked.set_scores(model, global_scores)
+    masked.set_trainable(model, global_scores)
     masked.set_fixed_mask(model, None)
     masked.configure(model, rng=generator)
-    params = [m.scores for _, m in masked.masked_layers(model)]
+    params = masked.trainable(model)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
@@ -76,6 +79,8 @@ def local_train(
         total += value
         first = value if first is None else first
     state.optimizer = opt.state_dict()
-    scores = masked.get_scores(model)
+    scores = masked.get_trainable(model)
+    if masked.is_dense(model):
+        return LocalResult(mask=None, loss=total / cfg.steps, start_loss=first, scores=scores)
     mask = torch.rand(scores.shape, generator=generator, device=device) < torch.sigmoid(scores)
     return LocalResult(mask=mask, loss=total / cfg.steps, start_loss=first, scores=scores)

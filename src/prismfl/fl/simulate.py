@@ -114,6 +114,11 @@ def finish_run(out: Path, cfg: RunConfig, scores: torch.Tensor, model_info: dict
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     """Run (or continue) a federated training job and write its run directory."""
+    if cfg.train.method in ("fedavg", "local", "central"):
+        from prismfl.fl.baselines import train_baseline
+
+        return train_baseline(cfg, out, resume=resume, log=log)
+    mada = cfg.train.mada and cfg.train.method == "prism"  # prism-nomada: the paper's PRISM-dagger
     out = Path(out)
     state = _check_out_dir(out, cfg, resume)
     device = task.resolve_device(cfg.train.device)
@@ -181,7 +186,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
             client_seconds += time.perf_counter() - t0
         outcome = server_round(
             scores, uploads, round_=rnd, table_hash=table_hash, smoothing=cfg.train.smoothing,
-            mada=cfg.train.mada, rng=task.generator_for(cfg.seed, "mada", rnd),
+            mada=mada, rng=task.generator_for(cfg.seed, "mada", rnd),
         )  # fmt: skip
         scores, lam = outcome.scores, outcome.lam
         delta_sizes[rnd] = len(outcome.broadcast)

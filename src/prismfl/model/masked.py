@@ -66,8 +66,11 @@ class MaskedLayer(nn.Module):
         self.estimator = "plain"
         self.rng: torch.Generator | None = None
         self.fixed_mask: torch.Tensor | None = None
+        self.dense: nn.Parameter | None = None  # set by make_dense: the FedAvg baseline's float weights
 
     def effective_weight(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
         if self.fixed_mask is not None:
             return self.weight * self.fixed_mask
         theta = torch.sigmoid(self.scores)
@@ -155,6 +158,42 @@ def _split(model: nn.Module, flat: torch.Tensor) -> Iterator[tuple[MaskedLayer, 
         n = m.weight.numel()
         yield m, flat[offset : offset + n].view_as(m.weight)
         offset += n
+
+
+def make_dense(model: nn.Module, seed: int) -> nn.Module:
+    """Turn the masked generator into an ordinary one with trainable float weights (He-normal init,
+    seeded per layer): the same architecture for the dense FedAvg / local / central baselines."""
+    for name, m in masked_layers(model):
+        gen = torch.Generator().manual_seed(_stream_seed(seed, "dense:" + name) >> 65)
+        w = torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / m.fan_in)
+        m.dense = nn.Parameter(w.to(m.weight.device))
+        m.scores.requires_grad_(False)
+    return model
+
+
+def is_dense(model: nn.Module) -> bool:
+    return any(m.dense is not None for _, m in masked_layers(model))
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """What local training updates: the float weights of a dense model, otherwise the scores."""
+    return [m.dense if m.dense is not None else m.scores for _, m in masked_layers(model)]
+
+
+def get_trainable(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model)])
+
+
+@torch.no_grad()
+def set_trainable(model: nn.Module, flat: torch.Tensor) -> None:
+    params = trainable(model)
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(f"expected {total} values for this architecture, got {flat.numel()}")
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def get_scores(model: nn.Module) -> torch.Tensor:
