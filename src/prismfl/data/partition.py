@@ -1,4 +1,5 @@
-"""Split a training set across clients: iid, label shards (the paper's), Dirichlet(alpha)."""
+"""Split a training set across clients: iid, label shards (the paper's), Dirichlet(alpha), and by a
+binary attribute (the paper's CelebA split: half the clients male-only, half female-only)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 
 from prismfl.errors import ConfigError
 
-SCHEMES = ("iid", "shards", "dirichlet")
+SCHEMES = ("iid", "shards", "dirichlet", "attribute")
 
 
 def partition(
@@ -31,6 +32,8 @@ def partition(
         parts = _shards(labels, num_clients, shards_per_client, rng)
     elif scheme == "dirichlet":
         parts = _dirichlet(labels, num_clients, alpha, rng)
+    elif scheme == "attribute":
+        parts = _attribute(labels, num_clients, rng)
     else:
         raise ConfigError(f"unknown partition scheme {scheme!r}; expected one of {SCHEMES}")
     return [np.sort(p).astype(np.int64) for p in parts]
@@ -65,6 +68,33 @@ def _dirichlet(labels, num_clients, alpha, rng, min_size: int = 1) -> list[np.nd
         if min(len(p) for p in out) >= min_size:
             return out
     raise ConfigError(f"Dirichlet(alpha={alpha}) keeps leaving a client empty; raise alpha or use fewer clients")
+
+
+def _attribute(labels, num_clients, rng) -> list[np.ndarray]:
+    """Binary labels (0/1): the first clients hold only label 0, the others only label 1, half and half.
+
+    With an odd number of clients the more numerous label gets the extra client. Within a label the
+    images are shuffled and dealt in near-equal parts.
+    """
+    values = np.unique(labels)
+    if not set(values.tolist()) <= {0, 1}:
+        raise ConfigError(
+            f"partition.scheme = 'attribute' needs a binary label (0/1, e.g. CelebA's Male attribute); "
+            f"these labels have {len(values)} classes: use 'iid', 'shards' or 'dirichlet'"
+        )
+    if num_clients < 2:
+        raise ConfigError("partition.scheme = 'attribute' needs at least 2 clients (one per attribute value)")
+    counts = np.bincount(labels, minlength=2)
+    ones = num_clients // 2 if counts[1] <= counts[0] else num_clients - num_clients // 2
+    parts: list[np.ndarray] = []
+    for value, k in ((0, num_clients - ones), (1, ones)):
+        if counts[value] < k:
+            raise ConfigError(
+                f"partition.scheme = 'attribute' gives {k} clients label {value}, but only {counts[value]} "
+                f"images have it; use fewer clients"
+            )
+        parts.extend(np.array_split(rng.permutation(np.flatnonzero(labels == value)), k))
+    return parts
 
 
 def class_table(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prismfl.data import celeba, cifar
 from prismfl.data.idx import read_idx
 from prismfl.errors import DataError
 
@@ -25,6 +26,8 @@ DATASETS: dict[str, DatasetInfo] = {
         1, 28, ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
     ),
     "mnist": DatasetInfo(1, 28, tuple(str(i) for i in range(10))),
+    "cifar10": DatasetInfo(3, 32, cifar.CLASS_NAMES),
+    "celeba": DatasetInfo(3, 32, celeba.CLASS_NAMES),  # CenterCrop 160 -> 32; the label is "Male"
 }
 
 
@@ -38,6 +41,8 @@ def dataset_info(name: str) -> DatasetInfo:
 _SEARCH = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist", "~/.cache/prismfl/fashion-mnist", "data/fashion-mnist"],
     "mnist": ["/usr/share/datasets/mnist", "~/.cache/prismfl/mnist", "data/mnist"],
+    "cifar10": ["~/.cache/prismfl/cifar10", "data/cifar10", "data", "/usr/share/datasets/cifar10"],
+    "celeba": ["~/.cache/prismfl/celeba", "data/celeba", "data", "/usr/share/datasets/celeba"],
 }
 _IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -122,6 +127,8 @@ def load_split(dataset: str, split: str, root: str | None = None) -> Split:
     dataset_info(dataset)
     if split not in _IDX_STEMS:
         raise DataError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if dataset in ("cifar10", "celeba"):
+        return _load_folder_dataset(dataset, split, root)
     folder = _idx_folder(dataset, root or os.environ.get("PRISMFL_DATA_ROOT"))
     if folder is not None:
         return _read_idx_split(folder, split, dataset)
@@ -131,6 +138,39 @@ def load_split(dataset: str, split: str, root: str | None = None) -> Split:
         "FashionMNIST not found: install it with 'apt-get install dataset-fashion-mnist' "
         "(files land in /usr/share/datasets/fashion-mnist) or set data.root to a folder of IDX files"
     )
+
+
+def _candidates(dataset: str, root: str | None) -> list[Path]:
+    if root:
+        return [Path(root).expanduser()]
+    env = os.environ.get("PRISMFL_DATA_ROOT")
+    extra = [Path(env).expanduser() / dataset, Path(env).expanduser()] if env else []
+    return extra + [Path(p).expanduser() for p in _SEARCH[dataset]]
+
+
+def _load_folder_dataset(dataset: str, split: str, root: str | None) -> Split:
+    """CIFAR-10 (python batches) or CelebA (aligned images + lists), from data.root or the known places."""
+    reader = cifar if dataset == "cifar10" else celeba
+    candidates = _candidates(dataset, root)
+    folder = reader.find_folder(candidates)
+    if folder is None:
+        where = f"in {root}" if root else "in " + ", ".join(str(c) for c in candidates)
+        expected = (
+            "cifar-10-batches-py/data_batch_1..5 and test_batch"
+            if dataset == "cifar10"
+            else "list_attr_celeba.txt, list_eval_partition.txt and img_align_celeba/"
+        )
+        raise DataError(
+            f"{dataset} not found {where} (expected {expected}); {reader.FETCH_HINT} "
+            f"(fix data.root, or leave it empty for auto-discovery)"
+        )
+    if dataset == "cifar10":
+        images, labels = cifar.read_split(folder, split)
+        names = cifar.class_names(folder)
+        note = "" if names == cifar.CLASS_NAMES else f", classes named {', '.join(names)} in batches.meta"
+        return Split(images, labels, f"CIFAR-10 python batches in {folder}{note}")
+    images, labels, source = celeba.read_split(folder, split)
+    return Split(images, labels, source)
 
 
 def to_float(images: np.ndarray, resize: int | None = None):
