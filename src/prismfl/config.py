@@ -66,6 +66,7 @@ class TrainConfig:
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
+    eval_every: int = 0  # record a quick domain FID (1,000 samples) every this many rounds (0: never)
 
 
 @dataclass

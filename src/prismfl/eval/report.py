@@ -1,8 +1,13 @@
-"""`prismfl evaluate`: one fixed exported model, judged in the domain classifier's feature space."""
+"""`prismfl evaluate`: one fixed exported model, judged in the domain classifier's feature space.
+
+Every number comes with its protocol: which classifier, how many generated and real images, which
+model (one fixed exported mask, not an ensemble of sampled masks, unless asked).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +16,7 @@ import torch.nn.functional as F
 from prismfl import modelfile
 from prismfl.classifier import predict
 from prismfl.data.sources import dataset_info, load_split, to_float
+from prismfl.errors import PrismError
 from prismfl.eval.classifier import domain_classifier
 from prismfl.eval.metrics import fid_from_features
 from prismfl.eval.quality import CONFIDENT, class_report
@@ -18,12 +24,13 @@ from prismfl.eval.quality import CONFIDENT, class_report
 
 @lru_cache(maxsize=4)
 def _reference(dataset: str, root: str | None, n: int):
-    """Classifier, its metadata, and the embeddings of n held-out test images."""
+    """Classifier, its metadata, the embeddings of n held-out test images and their class shares."""
     classifier, meta = domain_classifier(dataset, root, dataset_info(dataset).size)
     test = load_split(dataset, "test", root)
-    with torch.no_grad():
-        ref = _embed(classifier, to_float(test.images[:n]))
-    return classifier, meta, ref, min(n, len(test))
+    images = to_float(test.images[:n])
+    ref = _embed(classifier, images)
+    shares = np.bincount(test.labels[:n], minlength=len(dataset_info(dataset).class_names)) / min(n, len(test))
+    return classifier, meta, ref, min(n, len(test)), shares
 
 
 @torch.no_grad()
@@ -31,32 +38,140 @@ def _embed(classifier, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
     return torch.cat([classifier.embed(images[i : i + batch]) for i in range(0, len(images), batch)]).double().numpy()
 
 
+def class_kl(generated_hist: list[int], real_shares: np.ndarray) -> float:
+    """KL(generated class shares || real class shares), in nats; 0 when every class is hit in proportion."""
+    p = np.asarray(generated_hist, dtype=np.float64)
+    p /= p.sum()
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / real_shares[nz])).sum())
+
+
 def score_images(images: torch.Tensor, dataset: str, root: str | None = None, n_real: int = 10000) -> dict:
-    """Domain FID against held-out test images, confident share and class histogram of `images`."""
-    classifier, meta, ref, n_ref = _reference(dataset, root, n_real)
+    """Domain FID against held-out test images, PRDC, confident share and class coverage of `images`."""
+    from prismfl.eval.prdc import prdc
+
+    classifier, meta, ref, n_ref, shares = _reference(dataset, root, n_real)
     info = dataset_info(dataset)
-    size = info.size
-    if images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if images.shape[-1] != info.size:
+        images = F.interpolate(images, size=(info.size, info.size), mode="bilinear", antialias=True,
+                               align_corners=False)  # fmt: skip
     report = class_report(predict(classifier, images), len(info.class_names))
+    fake = _embed(classifier, images)
     return {
-        "domain_fid": fid_from_features(_embed(classifier, images), ref),
+        "domain_fid": fid_from_features(fake, ref),
+        **prdc(ref, fake, k=5),
         **report,
+        "class_kl": class_kl(report["class_histogram"], shares),
         "protocol": {
-            "domain_fid": f"Fréchet distance of the 128-d embedding of prismfl's {dataset} classifier, "
-            f"{len(images)} generated vs {n_ref} test images (not Inception FID)",
+            "domain_fid": f"Fréchet distance in the 128-d embedding of prismfl's {dataset} classifier, "
+            f"{len(images)} generated vs {n_ref} test images (a domain FID, not Inception FID)",
+            "prdc": "precision/recall/density/coverage, k=5, same embedding and images",
             "classifier": f"EvalCNN trained on the {dataset} training split, test accuracy "
             f"{meta['test_accuracy']:.4f}, sha256 {meta['sha256'][:12]}",
             "confident": f"max class probability > {CONFIDENT}",
+            "class_kl": "KL(generated class shares || test class shares), nats",
         },
     }
 
 
-def evaluate_model(model: modelfile.PrismModel, n: int = 10000, seed: int = 0, root: str | None = None) -> dict:
-    dataset = model.info.get("dataset", "fashion-mnist")
-    images = modelfile.sample(modelfile.materialize(model), n, seed)
+QUICK_SAMPLES = 1000
+
+
+def quick_fid(net: torch.nn.Module, dataset: str, root: str | None = None) -> float:
+    """Domain FID of 1,000 samples (noise seed 0) against 2,000 test images: the training curve's number."""
+    classifier, _, ref, _, _ = _reference(dataset, root, 2 * QUICK_SAMPLES)
+    images = modelfile.sample(net, QUICK_SAMPLES, 0)
+    size = dataset_info(dataset).size
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return fid_from_features(_embed(classifier, images), ref)
+
+
+def load_generator(source: Path) -> tuple[torch.nn.Module, dict, int]:
+    """(ready-to-sample generator, provenance info, model bytes) from a .prism file or a FedAvg .pt."""
+    if source.suffix == ".pt":
+        from prismfl.fl.baselines import load_dense
+
+        try:
+            net, info = load_dense(source)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise PrismError(f"cannot read dense model {source}: {exc}") from None
+        return net, info, info["bytes"]
+    model = modelfile.load(source)
+    return modelfile.materialize(model), model.info, source.stat().st_size
+
+
+def _finish(images: torch.Tensor, dataset: str, root, inception, model_note: str, n: int, seed: int) -> dict:
     result = score_images(images, dataset, root)
-    result["protocol"]["model"] = "one fixed exported mask (the .prism file), not an ensemble of sampled masks"
-    result["protocol"]["samples"] = n
-    result["protocol"]["noise_seed"] = seed
+    if inception:
+        from prismfl.eval.inception import inception_fid
+
+        result["inception_fid"], result["protocol"]["inception_fid"] = inception_fid(inception, images, dataset, root)
+    result["protocol"].update({"model": model_note, "samples": n, "noise_seed": seed})
     return {"dataset": dataset, "class_names": list(dataset_info(dataset).class_names), **result}
+
+
+def evaluate_file(source: Path, n: int = 10000, seed: int = 0, root: str | None = None,
+                  inception: str | None = None) -> dict:  # fmt: skip
+    """Evaluate one model file (.prism mask model, or a FedAvg baseline's .pt)."""
+    net, info, size = load_generator(source)
+    dataset = info.get("dataset", "fashion-mnist")
+    images = modelfile.sample(net, n, seed)
+    note = f"one fixed exported model ({source.name}), not an ensemble of sampled masks"
+    return {"model_bytes": size, **_finish(images, dataset, root, inception, note, n, seed)}
+
+
+def evaluate(source: Path, n: int = 10000, seed: int = 0, root: str | None = None,
+             inception: str | None = None, ensemble: bool = False) -> dict:  # fmt: skip
+    """Evaluate a model file or a run directory (whatever its method)."""
+    if not source.is_dir():
+        if ensemble:
+            raise PrismError("--ensemble needs a run directory: it samples fresh masks from the global probabilities")
+        return evaluate_file(source, n, seed, root, inception)
+    from prismfl import runio
+    from prismfl.config import config_from_dict
+
+    if not (source / runio.CHECKPOINT).exists():
+        raise PrismError(f"{source} is not a prismfl run directory (no {runio.CHECKPOINT})")
+    state = runio.load_checkpoint(source)
+    cfg = config_from_dict(state["config"])
+    method = cfg.train.method
+    if method == "fedavg":
+        return {"method": method, **evaluate_file(source / "model.pt", n, seed, root, inception)}
+    if method == "local":  # every client's own model, each judged alone; the mean is the headline
+        per_client = [evaluate_file(p, n, seed, root, inception)
+                      for p in sorted((source / "models").glob("client-*.prism"))]  # fmt: skip
+        keys = [k for k, v in per_client[0].items() if isinstance(v, float)]
+        mean = {k: float(np.mean([r[k] for r in per_client])) for k in keys}
+        hist = np.sum([r["class_histogram"] for r in per_client], axis=0).tolist()
+        return {"method": method, **per_client[0], **mean, "class_histogram": hist, "per_client": per_client,
+                "model_bytes": per_client[0]["model_bytes"]}  # fmt: skip
+    if not ensemble:
+        return {"method": method, **evaluate_file(source / runio.MODEL, n, seed, root, inception)}
+    from prismfl.fl import server, task
+
+    scores = state["global_scores"] if "global_scores" in state else state["params"][0]
+    spec, batches = task.arch_spec(cfg), []
+    gen = torch.Generator().manual_seed(seed)
+    for i, start in enumerate(range(0, n, 500)):
+        mask = server.sample_mask(scores, task.generator_for(seed, "ensemble", i))
+        net = modelfile.materialize(modelfile.PrismModel(spec, mask))
+        z = torch.randn(min(500, n - start), net.z_dim, generator=gen)
+        with torch.no_grad():
+            batches.append(net(z))
+    note = "an ensemble: a fresh mask drawn from the final global probabilities for every 500 images (the authors')"
+    return {"method": method, **_finish(torch.cat(batches), cfg.data.dataset, root, inception, note, n, seed)}
+
+
+def format_table(result: dict) -> str:
+    """The headline numbers as a small table, each with its protocol line underneath."""
+    rows = [("domain FID", "domain_fid"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
+            ("coverage", "coverage"), ("confident share", "confident_share"), ("class KL", "class_kl"),
+            ("inception FID", "inception_fid")]  # fmt: skip
+    lines = [f"{'metric':<16} {'value':>10}"]
+    lines += [f"{label:<16} {result[key]:>10.4f}" for label, key in rows if key in result]
+    names = result.get("class_names") or [str(i) for i in range(len(result["class_histogram"]))]
+    hist = "  ".join(f"{name}:{count}" for name, count in zip(names, result["class_histogram"]))
+    lines.append(f"classes          {hist}")
+    lines += [f"  {key}: {text}" for key, text in result["protocol"].items()]
+    return "\n".join(lines)

@@ -24,10 +24,12 @@ from prismfl import modelfile, report, runio
 from prismfl.config import RunConfig
 from prismfl.fl import task, wire
 from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.eval.report import quick_fid
 from prismfl.fl.simulate import (
     RoundRecord,
     _check_out_dir,
     binary_entropy_bits,
+    due,
     export_model,
     start_run_dir,
 )
@@ -120,6 +122,8 @@ def train_baseline(cfg: RunConfig, out: str | Path, *, resume: bool = False, log
             mask_entropy=0.0 if method == "fedavg" else binary_entropy_bits(params[0]),
             epsilon=None,
         )
+        if due(cfg.train.eval_every, rnd, cfg.train.rounds):
+            record.domain_fid = float(np.mean([quick_fid(net, cfg.data.dataset) for net in current_models(cfg, params)]))
         runio.save_checkpoint(out, {
             "version": 1, "round": rnd, "config": cfg.to_dict(), "params": params,
             "clients": [c.state_dict() for c in clients], "client_stats": released,
@@ -157,6 +161,13 @@ def save_dense(path: Path, cfg: RunConfig, weights: torch.Tensor) -> int:
     data = save({"weights": weights.contiguous().float()}, metadata=meta)
     runio.atomic_write_bytes(path, data)
     return len(data)
+
+
+def current_models(cfg: RunConfig, params: list[torch.Tensor]) -> list[torch.nn.Module]:
+    """Ready-to-sample generators for the baseline's current parameters (one per client for 'local')."""
+    if cfg.train.method == "fedavg":
+        return [dense_generator(task.arch_spec(cfg), params[0])]
+    return [modelfile.materialize(export_model(cfg, p, 0)) for p in params]
 
 
 def dense_generator(spec, weights: torch.Tensor) -> torch.nn.Module:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismfl import report, runio
+from prismfl import modelfile, report, runio
+from prismfl.eval.report import quick_fid
 from prismfl.config import RunConfig, config_from_dict
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
@@ -45,11 +46,17 @@ class RoundRecord:
     clients: list[int]
     mask_entropy: float
     epsilon: float | None  # privacy spent per client (one release at the start); None without privacy
+    domain_fid: float | None = None  # quick domain FID of the round's model, every train.eval_every rounds
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["lambda"] = d.pop("lam")
         return d
+
+
+def due(every: int, rnd: int, last: int) -> bool:
+    """Whether a periodic task (every `every` rounds, 0 = never) runs after round `rnd`; always after the last."""
+    return bool(every) and (rnd % every == 0 or rnd == last)
 
 
 def final_mask(cfg: RunConfig, scores: torch.Tensor) -> torch.Tensor:
@@ -103,8 +110,6 @@ def start_run_dir(out: Path, cfg: RunConfig, fed, log=print) -> None:
 
 def finish_run(out: Path, cfg: RunConfig, scores: torch.Tensor, model_info: dict, log=print) -> None:
     """Export the final model and draw its samples and the training curves."""
-    from prismfl import modelfile
-
     final = export_model(cfg, scores, cfg.train.rounds, model_info)
     size = modelfile.save(final, out / runio.MODEL)
     report.sample_grid(final, out / "samples.png")
@@ -207,6 +212,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
             mask_entropy=binary_entropy_bits(scores),
             epsilon=privacy["epsilon"] if privacy else None,
         )
+        if due(cfg.train.eval_every, rnd, cfg.train.rounds):
+            record.domain_fid = quick_fid(modelfile.materialize(export_model(cfg, scores, rnd)), cfg.data.dataset)
         runio.save_checkpoint(out, {
             "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
             "global_scores": scores, "clients": [c.state_dict() for c in clients],

@@ -1,0 +1,142 @@
+"""The experiment grid: datasets x partitions x methods x seeds, trained and evaluated the same way,
+summarised as a results table in the paper's shape with curves. Finished cells are skipped, so an
+interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prismfl import runio
+from prismfl.config import load_config
+from prismfl.progress import bar
+
+EVAL_FILE = "evaluation.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    partition: str
+    method: str
+    seed: int
+
+    def path(self, root: Path) -> Path:
+        return root / self.dataset / self.partition / self.method / f"seed-{self.seed}"
+
+
+def cells(datasets, partitions, methods, seeds) -> list[Cell]:
+    return [Cell(d, p, m, s) for d in datasets for p in partitions for m in methods for s in seeds]
+
+
+def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
+    """Train (or resume) one cell and evaluate it; return its evaluation."""
+    from prismfl.eval.report import evaluate
+    from prismfl.fl.simulate import train
+
+    out = cell.path(root)
+    if (out / EVAL_FILE).exists():
+        return json.loads((out / EVAL_FILE).read_text())
+    cfg = load_config(config, [*overrides, f'data.dataset="{cell.dataset}"', f'partition.scheme="{cell.partition}"',
+                               f'train.method="{cell.method}"', f"seed={cell.seed}"])  # fmt: skip
+    resume = (out / runio.CHECKPOINT).exists()
+    if resume and runio.load_checkpoint(out)["config"] != cfg.to_dict():
+        shutil.rmtree(out)  # the grid's settings changed since: start the cell again
+        resume = False
+    elif not resume and out.exists():
+        shutil.rmtree(out)
+    log(f"grid: {cell.dataset} / {cell.partition} / {cell.method} / seed {cell.seed}")
+    train(cfg, out, resume=resume, log=lambda *_: None)
+    result = evaluate(out, n=samples)
+    records = runio.read_metrics(out)
+    result["train"] = {
+        "rounds": len(records),
+        "upload_bytes_per_round": float(np.mean([r["upload_bytes"] for r in records])),
+        "download_bytes_per_round": float(np.mean([r["download_bytes"] for r in records])),
+        "seconds": float(sum(r["seconds"] for r in records)),
+        "curve": [
+            (r["round"], r["domain_fid"], sum(q["upload_bytes"] for q in records[: i + 1]))
+            for i, r in enumerate(records)
+            if r.get("domain_fid") is not None
+        ],  # fmt: skip
+    }
+    runio.atomic_write_bytes(out / EVAL_FILE, json.dumps(result, indent=1).encode())
+    return result
+
+
+def run_grid(grid: list[Cell], config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
+    results = {}
+    for cell in bar(grid, desc="grid", unit="run", leave=True):
+        results[cell] = run_cell(cell, config, overrides, root, samples, log)
+    return results
+
+
+METRICS = [("domain FID", "domain_fid", 1), ("precision", "precision", 3), ("recall", "recall", 3),
+           ("density", "density", 3), ("coverage", "coverage", 3), ("class KL", "class_kl", 3)]  # fmt: skip
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def results_markdown(results: dict[Cell, dict], header: str) -> str:
+    """One table per dataset x partition, a row per method: mean ± standard deviation over seeds."""
+    lines = [header, ""]
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for cell, r in results.items():
+        groups.setdefault((cell.dataset, cell.partition), {}).setdefault(cell.method, []).append(r)
+    for (dataset, partition), by_method in groups.items():
+        seeds = max(len(v) for v in by_method.values())
+        lines += [f"### {dataset}, {partition} partition ({seeds} seed{'s' * (seeds > 1)})", ""]
+        cols = [name for name, _, _ in METRICS] + ["upload / round", "final model"]
+        lines.append("| method | " + " | ".join(cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for method, rs in by_method.items():
+            cells_ = [_mean_spread([r[key] for r in rs], d) for _, key, d in METRICS]
+            up = np.mean([r["train"]["upload_bytes_per_round"] for r in rs]) / 1e6
+            size = np.mean([r["model_bytes"] for r in rs]) / 1e3
+            lines.append(f"| {method} | " + " | ".join(cells_) + f" | {up:.3f} MB | {size:.0f} kB |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[Cell, dict], path: Path) -> None:
+    """Domain FID against rounds and against cumulative uploaded MB, per dataset x partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], dict[str, list]] = {}
+    for cell, r in results.items():
+        groups.setdefault((cell.dataset, cell.partition), {}).setdefault(cell.method, []).append(r["train"]["curve"])
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
+    for row, ((dataset, partition), by_method) in enumerate(groups.items()):
+        for method, curves in by_method.items():
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            rounds = [c[0] for c in curves[0][:n]]
+            fid = np.mean([[c[1] for c in cur[:n]] for cur in curves], axis=0)
+            mb = np.mean([[c[2] / 1e6 for c in cur[:n]] for cur in curves], axis=0)
+            axes[row, 0].plot(rounds, fid, marker=".", label=method)
+            if mb[-1] > 0:
+                axes[row, 1].plot(mb, fid, marker=".", label=method)
+        axes[row, 0].set(title=f"{dataset}, {partition}: domain FID by round", xlabel="round", ylabel="domain FID")
+        axes[row, 1].set(title="domain FID by uploaded MB (cumulative)", xlabel="MB uploaded", ylabel="domain FID")
+        axes[row, 1].set_xscale("log")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
