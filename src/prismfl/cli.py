@@ -155,6 +155,28 @@ def evaluate(
 
 
 @app.command()
+def privacy(
+    epsilon: Annotated[float, typer.Option("--epsilon", help="target epsilon per client")],
+    delta: Annotated[float, typer.Option("--delta", help="target delta")] = 1e-5,
+    layers: Annotated[int, typer.Option("--layers", help="feature layers released (7 for the default nets)")] = 7,
+    images: Annotated[int, typer.Option("--images", help="images a client holds, to show the noise on a mean")] = 5500,
+):
+    """Print the Gaussian noise prismfl would add to each client's feature statistics."""
+    import math
+
+    from prismfl.privacy import noise_multiplier, spent_epsilon
+
+    z = noise_multiplier(epsilon, delta)
+    sens = math.sqrt(2 * layers + 1)
+    typer.echo("mechanism        Gaussian, one release of clipped feature sums per client (docs/privacy.md)")
+    typer.echo(f"noise multiplier {z:.4f}   (analytic Gaussian calibration, dp-accounting)")
+    typer.echo(f"sensitivity      {sens:.4f}   (sqrt(2 x {layers} layers + 1), clip-normalised L2)")
+    typer.echo(f"noise std        {z * sens:.4f}   per coordinate of the released sums, in clip units")
+    typer.echo(f"on a mean        {z * sens / images:.6f}   per coordinate for a client of {images} images")
+    typer.echo(f"guarantee        epsilon={spent_epsilon(z, delta):.4f}, delta={delta:g} per client, record-level")
+
+
+@app.command()
 def grid(
     config: Annotated[Path, typer.Option("--config", "-c", help="base TOML configuration of every cell")],
     datasets: Annotated[str, typer.Option(help="comma-separated")] = "fashion-mnist",
