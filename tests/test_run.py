@@ -120,3 +120,26 @@ def test_cli_info(smoke_run, run_cli):
     code, out, _ = run_cli("info", str(smoke_run / "model.prism"))
     assert code == 0 and "total maskable" in out and "fc1" in out
     assert json.loads(out.split("info: ", 1)[1])["dataset"] == "fashion-mnist"
+
+
+def test_privacy_inf_is_the_non_private_run(smoke_run, tmp_path):
+    simulate.train(load_config(SMOKE, ["privacy.epsilon=inf"]), tmp_path / "inf", log=lambda *_: None)
+    assert (tmp_path / "inf" / "model.prism").read_bytes() == (smoke_run / "model.prism").read_bytes()
+
+
+def test_dp_run_trains_on_noisy_statistics_and_reports_epsilon(smoke_run, tmp_path):
+    from prismfl.privacy import noise_multiplier
+
+    cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1"])
+    simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
+    (record,) = runio.read_metrics(tmp_path / "dp")
+    assert record["epsilon"] == pytest.approx(4.0)
+    assert modelfile.load(tmp_path / "dp" / "model.prism").info["privacy"]["epsilon"] == pytest.approx(4.0)
+    released = runio.load_checkpoint(tmp_path / "dp")["client_stats"]
+    exact = runio.load_checkpoint(smoke_run)["client_stats"]
+    for (noisy, summary), (clean, none) in zip(released, exact):
+        assert none is None and summary["noise_multiplier"] == pytest.approx(noise_multiplier(4.0, 1e-5))
+        gap = (noisy.mean[0] - clean.mean[0]).abs().mean().item()  # pixels, where clipping barely acts
+        assert gap > 1e-4  # noise is there ...
+        assert gap < 0.5  # ... of a sane size (noise std ~0.1 per pixel here, plus the bias of clipping)
+    assert (tmp_path / "dp" / "model.prism").read_bytes() != (smoke_run / "model.prism").read_bytes()
