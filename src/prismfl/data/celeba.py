@@ -10,7 +10,7 @@ CSV lists are found too):
 Images are preprocessed as in the paper: CenterCrop 160, then resize to 32 x 32 (PIL bilinear,
 antialiased when shrinking). The label is the "Male" attribute (0 = female, 1 = male). Decoding
 the ~200k JPEGs takes minutes, so the preprocessed uint8 arrays are cached under
-<prismfl cache>/preprocessed/, keyed by a checksum of the two lists, the image folder, crop and size.
+<prismfl cache>/preprocessed/, keyed by a checksum of the two lists, the image folder (path and mtime), crop and size.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def read_split(folder: str | Path, split: str, cache: Path | None = None) -> tup
         "version": CACHE_VERSION,
         "lists": _checksum([attr_path, part_path]),
         "images": str(images_dir.resolve()),
+        "images_mtime": images_dir.stat().st_mtime_ns,  # files added, removed or renamed since: decode again
         "crop": CROP,
         "size": SIZE,
         "split": split,
