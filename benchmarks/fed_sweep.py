@@ -36,6 +36,10 @@ VARIANTS = {
     "lr 0.03": ["train.lr=0.03"],
     "tracker none": ["loss.tracker=none"],
     "moment second": ["loss.moment=second"],
+    "dcgan-64": ["model.arch=dcgan", "model.width=64"],
+    "lr 0.2": ["train.lr=0.2"],
+    "25 local steps x 48 rounds": ["train.local_steps=25", "train.rounds=48"],
+    "mlp-1024": ["model.width=1024"],
 }
 
 
