@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from prismfl import modelfile, report, runio
-from prismfl.eval.report import quick_fid
 from prismfl.config import RunConfig, config_from_dict
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
+from prismfl.eval.report import quick_fid
 from prismfl.fl import codec, server, task, wire
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.fl.protocol import catch_up_bytes, client_upload, server_round
@@ -57,6 +57,11 @@ class RoundRecord:
 def due(every: int, rnd: int, last: int) -> bool:
     """Whether a periodic task (every `every` rounds, 0 = never) runs after round `rnd`; always after the last."""
     return bool(every) and (rnd % every == 0 or rnd == last)
+
+
+def mada_on(cfg: RunConfig) -> bool:
+    """Whether the server blends with MADA (method prism-nomada is the paper's PRISM-dagger, without it)."""
+    return cfg.train.mada and cfg.train.method == "prism"
 
 
 def final_mask(cfg: RunConfig, scores: torch.Tensor) -> torch.Tensor:
@@ -123,7 +128,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
         from prismfl.fl.baselines import train_baseline
 
         return train_baseline(cfg, out, resume=resume, log=log)
-    mada = cfg.train.mada and cfg.train.method == "prism"  # prism-nomada: the paper's PRISM-dagger
+    mada = mada_on(cfg)
     out = Path(out)
     state = _check_out_dir(out, cfg, resume)
     device = task.resolve_device(cfg.train.device)
@@ -195,35 +200,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -
         )  # fmt: skip
         scores, lam = outcome.scores, outcome.lam
         delta_sizes[rnd] = len(outcome.broadcast)
-        up = sum(len(u) for u in uploads)
-        record = RoundRecord(
-            round=rnd,
-            loss=float(np.mean(client_losses)),
-            start_loss=float(np.mean(start_losses)),
-            lam=lam,
-            upload_bytes=up,
-            download_bytes=down,
-            bits_per_param=8 * up / (n * len(chosen)),
-            entropy_bound_bits_per_param=outcome.entropy_bound_bits / (n * len(chosen)),
-            broadcast_bytes=len(outcome.broadcast),
-            seconds=time.perf_counter() - t_round,
-            client_seconds=client_seconds,
-            clients=chosen,
-            mask_entropy=binary_entropy_bits(scores),
-            epsilon=privacy["epsilon"] if privacy else None,
-        )
-        if due(cfg.train.eval_every, rnd, cfg.train.rounds):
-            record.domain_fid = quick_fid(modelfile.materialize(export_model(cfg, scores, rnd)), cfg.data.dataset)
-        runio.save_checkpoint(out, {
-            "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
-            "global_scores": scores, "clients": [c.state_dict() for c in clients],
-            "synced": synced, "delta_sizes": delta_sizes, "client_stats": released,
-            "model_info": {"feature_net": feature_meta, "privacy": privacy},
-        })  # fmt: skip
-        runio.append_metrics(out, record.to_dict())
+        record = round_record(rnd, n, chosen, uploads, outcome, client_losses, start_losses, down,
+                              time.perf_counter() - t_round, client_seconds, privacy)  # fmt: skip
+        checkpoint = round_checkpoint(cfg, rnd, scores, [c.state_dict() for c in clients], synced, delta_sizes,
+                                      released, {"feature_net": feature_meta, "privacy": privacy})  # fmt: skip
+        save_round(out, cfg, record, checkpoint, scores)
         bar.set_postfix(loss=f"{record.loss:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
-        if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
-            report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
 
     finish_run(out, cfg, scores, {"feature_net": feature_meta, "privacy": privacy}, log)
     return out
@@ -234,3 +216,53 @@ def export_run(run_dir: str | Path) -> PrismModel:
     state = runio.load_checkpoint(Path(run_dir))
     cfg = config_from_dict(state["config"])
     return export_model(cfg, state["global_scores"], state["round"], state.get("model_info"))
+
+
+# ---------------------------------------------------------------- one round's records, shared with the Flower server
+
+
+def round_record(rnd: int, n: int, clients: list[int], uploads: list[bytes], outcome, losses: list[float],
+                 start_losses: list[float], down: int, seconds: float, client_seconds: float,
+                 privacy: dict | None) -> RoundRecord:  # fmt: skip
+    """The metrics.jsonl record of a round whose `uploads` came from `clients` (in that order)."""
+    up = sum(len(u) for u in uploads)
+    return RoundRecord(
+        round=rnd,
+        loss=float(np.mean(losses)),
+        start_loss=float(np.mean(start_losses)),
+        lam=outcome.lam,
+        upload_bytes=up,
+        download_bytes=down,
+        bits_per_param=8 * up / (n * len(clients)),
+        entropy_bound_bits_per_param=outcome.entropy_bound_bits / (n * len(clients)),
+        broadcast_bytes=len(outcome.broadcast),
+        seconds=seconds,
+        client_seconds=client_seconds,
+        clients=clients,
+        mask_entropy=binary_entropy_bits(outcome.scores),
+        epsilon=privacy["epsilon"] if privacy else None,
+    )
+
+
+def round_checkpoint(cfg: RunConfig, rnd: int, scores: torch.Tensor, clients: list[dict] | None, synced: list,
+                     delta_sizes: dict[int, int], client_stats: list | None, model_info: dict) -> dict:  # fmt: skip
+    """What checkpoint.pt holds after a round (clients and client_stats are None where they live on the
+    clients, as with Flower: such a checkpoint exports and samples, but the simulator cannot resume it)."""
+    return {
+        "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(),
+        "global_scores": scores, "clients": clients,
+        "synced": synced, "delta_sizes": delta_sizes, "client_stats": client_stats,
+        "model_info": model_info,
+    }  # fmt: skip
+
+
+def save_round(out: Path, cfg: RunConfig, record: RoundRecord, checkpoint: dict, scores: torch.Tensor,
+               extra: dict | None = None) -> None:  # fmt: skip
+    """After a round: the periodic quick FID, the checkpoint, the metrics line (plus `extra` keys), a sample grid."""
+    rnd = record.round
+    if due(cfg.train.eval_every, rnd, cfg.train.rounds):
+        record.domain_fid = quick_fid(modelfile.materialize(export_model(cfg, scores, rnd)), cfg.data.dataset)
+    runio.save_checkpoint(out, checkpoint)
+    runio.append_metrics(out, {**record.to_dict(), **(extra or {})})
+    if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < cfg.train.rounds:
+        report.sample_grid(export_model(cfg, scores, rnd), out / "samples" / f"round-{rnd:04d}.png")
