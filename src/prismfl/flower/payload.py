@@ -1,0 +1,45 @@
+"""prismfl's bytes inside Flower records.
+
+Every payload is carried verbatim as a Flower ``Array`` of raw bytes (dtype uint8, stype
+"prismfl/wire" for wire messages, "prismfl/torch" for a client's saved state): Flower chunks large
+arrays on the way, and what is counted in metrics.jsonl is exactly the prismfl message.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from flwr.app import Array, ArrayRecord
+
+WIRE = "prismfl/wire"
+TORCH = "prismfl/torch"
+
+
+def to_array(data: bytes, stype: str = WIRE) -> Array:
+    return Array(dtype="uint8", shape=(len(data),), stype=stype, data=bytes(data))
+
+
+def from_array(array: Array, stype: str = WIRE) -> bytes:
+    if array.stype != stype:
+        raise ValueError(f"expected a {stype} payload, got {array.stype!r}")
+    return bytes(array.data)
+
+
+def wire_record(messages: list[bytes]) -> ArrayRecord:
+    """An ordered list of wire messages (keys 000, 001, ...: the order they must be applied in)."""
+    return ArrayRecord({f"{i:03d}": to_array(m) for i, m in enumerate(messages)})
+
+
+def wire_messages(record: ArrayRecord) -> list[bytes]:
+    return [from_array(record[key]) for key in sorted(record.keys())]
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def torch_object(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)

@@ -1,0 +1,275 @@
+"""The Flower apps in one process: a Grid that hands each message to the ClientApp at once.
+
+No Flower process starts here (those tests are in test_flower_engine.py, marked slow). This checks
+the adapters themselves: same global scores as the simulator after every round, bit for bit; the
+same run directory; faults (a reply that fails to decode, a client that never answers, too few
+replies); and the mapping of Flower's run config and node config onto prismfl's config.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from conftest import needs_fmnist
+from prismfl import modelfile, runio
+from prismfl.config import load_config
+from prismfl.errors import ConfigError, PrismError
+from prismfl.fl import simulate
+from prismfl.fl.protocol import catch_up_bytes
+from prismfl.flower import settings
+from prismfl.flower.client_app import make_client_app
+from prismfl.flower.payload import from_array, to_array
+from prismfl.flower.server_app import catch_up, prune, run_federation
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+TIMINGS = ("seconds", "client_seconds")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Flower stamps messages with the identity of the running task; here there is none, so make one up."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+class LocalGrid(Grid):
+    """Every node's ClientApp runs in this process when a message is pushed; a message for which
+    `silent(node, group)` is true is never answered (a dead node)."""
+
+    def __init__(self, client_app, node_configs: dict[int, dict], silent=lambda node, group: False):
+        self.app, self.silent = client_app, silent
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
+                         for node, cfg in node_configs.items()}  # fmt: skip
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = mid = f"m{len(self.sent)}"
+            self.sent.append(m)
+            ids.append(mid)
+            node = m.metadata.dst_node_id
+            if self.silent(node, m.metadata.group_id):
+                continue
+            try:
+                self.replies[mid] = self.app(m, self.contexts[node])
+            except Exception as exc:  # what Flower's runtime does with a ClientApp exception
+                self.replies[mid] = Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=m)
+        return ids
+
+    def pull_messages(self, message_ids):
+        got = [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+        self.received += got
+        return got
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def nodes_for(k: int, num_partitions: int | None = None) -> dict[int, dict]:
+    """Node ids in another order than partition ids, so the server must map one onto the other."""
+    return {100 + (k - 1 - i): {"partition-id": i, "num-partitions": num_partitions or k} for i in range(k)}
+
+
+def server(run_config: dict) -> settings.ServerSettings:
+    return settings.server_settings({"config-file": str(SMOKE), "reply-timeout": 5.0, "connect-timeout": 5.0,
+                                     **run_config})  # fmt: skip
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def simulator_run(tmp_path_factory):
+    """The in-process simulator on smoke.toml, with the global scores after every round."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    per_round = []
+    real = simulate.save_round
+
+    def spy(out_, cfg, record, checkpoint, scores, extra=None):
+        per_round.append(scores.clone())
+        real(out_, cfg, record, checkpoint, scores, extra)
+
+    simulate.save_round = spy
+    try:
+        simulate.train(load_config(SMOKE), out, log=lambda *_: None)
+    finally:
+        simulate.save_round = real
+    return out, per_round
+
+
+@needs_fmnist
+def test_flower_apps_match_the_simulator_bit_for_bit(simulator_run, tmp_path):
+    sim_out, sim_scores = simulator_run
+    out = tmp_path / "flower"
+    per_round = []
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    run_federation(grid, server({"out-dir": str(out)}), on_round=lambda rnd, s: per_round.append(s))
+
+    assert len(per_round) == len(sim_scores) == 3
+    for a, b in zip(per_round, sim_scores):
+        assert torch.equal(a, b)
+    assert strip(runio.read_metrics(out)) == strip(runio.read_metrics(sim_out))
+    for name in ["model.prism", "config.toml", "partition.txt"]:
+        assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
+    for name in ["samples.png", "curves.png", "samples/round-0002.png", "checkpoint.pt"]:
+        assert (out / name).is_file(), name
+    assert torch.equal(runio.load_checkpoint(out)["global_scores"], sim_scores[-1])
+    assert simulate.export_run(out).mask.equal(modelfile.load(sim_out / "model.prism").mask)
+    # what travelled is prismfl's wire format, and the recorded bytes are exactly its length
+    ups, downs = {}, {}
+    for m in grid.received:
+        if m.metadata.message_type == "train":
+            ups[m.metadata.group_id] = ups.get(m.metadata.group_id, 0) + len(from_array(m.content["upload"]["000"]))
+    for m in grid.sent:
+        if m.metadata.message_type == "train" and "broadcast" in m.content:
+            size = sum(len(from_array(a)) for a in m.content["broadcast"].values())
+            downs[m.metadata.group_id] = downs.get(m.metadata.group_id, 0) + size
+    records = runio.read_metrics(out)
+    assert [ups[f"round-{r['round']}"] for r in records] == [r["upload_bytes"] for r in records]
+    assert [downs.get(f"round-{r['round']}", 0) for r in records] == [r["download_bytes"] for r in records]
+    assert records[0]["download_bytes"] == 0 and records[1]["download_bytes"] == 3 * records[0]["broadcast_bytes"]
+
+
+class Faults:
+    """A client mod: corrupts one client's upload in one round, the way a broken link would."""
+
+    def __init__(self, corrupt: set[tuple[int, int]]):
+        self.corrupt = corrupt
+
+    def __call__(self, message, context, call_next):
+        reply = call_next(message, context)
+        k = context.node_config["partition-id"]
+        if message.metadata.message_type == "train" and (int(message.content["prismfl"]["round"]), k) in self.corrupt:
+            data = bytearray(from_array(reply.content["upload"]["000"]))
+            data[-1] ^= 0xFF  # the CRC no longer matches
+            reply.content["upload"]["000"] = to_array(bytes(data))
+        return reply
+
+
+@needs_fmnist
+def test_a_bad_upload_and_a_silent_client_leave_the_round_to_the_others(tmp_path):
+    out = tmp_path / "faults"
+    app = make_client_app(mods=[Faults({(2, 1)})])
+    grid = LocalGrid(app, nodes_for(3), silent=lambda node, group: (node, group) == (100, "round-3"))  # client 2
+    run_federation(grid, server({"out-dir": str(out), "overrides": "train.rounds=4", "reply-timeout": 0.5}))
+    records = runio.read_metrics(out)
+    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 2], [0, 1], [0, 1, 2]]
+    assert "failures" not in records[0] and "failures" not in records[3]
+    (bad,) = records[1]["failures"]
+    assert bad["client"] == 1 and "ChecksumMismatch" in bad["error"]
+    (silent,) = records[2]["failures"]
+    assert silent["client"] == 2 and "no reply within 0.5 s" in silent["error"]
+    # a client that failed gets the full state next time (its replica is unknown), then deltas again
+    n = modelfile.load(out / "model.prism").mask.numel()
+    state = 32 + 4 * n
+    assert records[2]["download_bytes"] == 2 * records[1]["broadcast_bytes"] + state
+    assert records[3]["download_bytes"] == 2 * records[2]["broadcast_bytes"] + state
+    assert records[1]["bits_per_param"] == pytest.approx(8 * records[1]["upload_bytes"] / (2 * n))
+
+
+@needs_fmnist
+def test_too_few_replies_stop_the_run_with_the_round_logged(tmp_path):
+    out = tmp_path / "abort"
+    grid = LocalGrid(make_client_app(), nodes_for(3), silent=lambda node, group: node == 101 and group != "setup")
+    s = server({"out-dir": str(out), "reply-timeout": 0.3, "min-replies": 3})
+    with pytest.raises(PrismError, match="round 1: 2 good uploads of 3, fewer than min-replies = 3"):
+        run_federation(grid, s)
+    (record,) = runio.read_metrics(out)
+    assert record["aborted"] and record["failures"][0]["client"] == 1
+    assert not (out / "checkpoint.pt").exists() and not (out / "model.prism").exists()
+
+
+@needs_fmnist
+def test_num_partitions_must_equal_num_clients(tmp_path):
+    grid = LocalGrid(make_client_app(), nodes_for(3, num_partitions=4))
+    with pytest.raises(PrismError, match=r"num-partitions = 4 but the run has partition.num_clients = 3"):
+        run_federation(grid, server({"out-dir": str(tmp_path / "x")}))
+    assert not (tmp_path / "x").exists()  # nothing written before every client is set up
+
+
+def test_missing_supernodes_time_out_with_a_clear_error(tmp_path):
+    grid = LocalGrid(make_client_app(), dict(list(nodes_for(3).items())[:2]))
+    with pytest.raises(PrismError, match="2 of the 3 SuperNodes"):
+        run_federation(grid, server({"out-dir": str(tmp_path / "x"), "connect-timeout": 0.3}))
+
+
+def test_run_config_maps_onto_prismfl_config(tmp_path, monkeypatch):
+    s = server({"overrides": 'train.rounds=7 seed=3 data.root="/some where"', "out-dir": "rel/out",
+                "min-replies": 2, "reply-timeout": 30})  # fmt: skip
+    assert (s.cfg.train.rounds, s.cfg.seed, s.cfg.data.root) == (7, 3, "/some where")
+    assert s.out == Path.cwd() / "rel" / "out" and s.min_replies == 2 and s.reply_timeout == 30.0
+    assert s.cfg.partition.num_clients == 3  # the rest comes from the file
+    monkeypatch.chdir(ROOT)  # relative config files: the working directory, then the app directory
+    assert settings.server_settings({"config-file": "configs/smoke.toml"}).cfg.model.width == 64
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    assert settings.server_settings({"config-file": "configs/smoke.toml"}).cfg.model.width == 64
+    with pytest.raises(ConfigError, match="'config-file' = 'nope.toml' not found"):
+        settings.server_settings({"config-file": "nope.toml"})
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        server({"rounds": 3})
+    with pytest.raises(ConfigError, match="'min-replies' must be at least 1"):
+        server({"min-replies": 0})
+    with pytest.raises(ConfigError, match="train.rounds must be at least 1"):
+        server({"overrides": "train.rounds=0"})
+    with pytest.raises(ConfigError, match="runs in the in-process simulator only"):
+        server({"overrides": 'train.method="fedavg"'})
+
+
+def test_node_config_maps_onto_the_client_config():
+    cfg = load_config(SMOKE)
+    node = settings.node_settings({"partition-id": 2, "num-partitions": 3, "data-root": "/data/fm", "device": "cpu"})
+    local = settings.client_config(cfg.to_dict(), node)
+    assert local.data.root == "/data/fm" and local.train.device == "cpu"
+    assert settings.client_config(cfg.to_dict(), settings.node_settings({"partition-id": 0, "num-partitions": 3})) \
+        == cfg  # fmt: skip
+    with pytest.raises(ConfigError, match="lacks partition-id"):
+        settings.node_settings({"num-partitions": 3})
+    with pytest.raises(ConfigError, match="partition-id = 3 is outside 0..2"):
+        settings.client_config(cfg.to_dict(), settings.node_settings({"partition-id": 3, "num-partitions": 3}))
+    with pytest.raises(ConfigError, match="'partition-id' must be an integer"):
+        settings.node_settings({"partition-id": "0", "num-partitions": 3})
+
+
+def test_catch_up_sends_what_the_simulator_counts():
+    rng = random.Random(0)
+    state = b"s" * 1000
+    for _ in range(200):
+        rnd = rng.randint(2, 30)  # the server holds the deltas of rounds 1 .. rnd - 1, pruned after each
+        sizes = {r: rng.randint(50, 400) for r in range(1, rnd)}
+        deltas = {}
+        for r, size in sizes.items():
+            deltas[r] = b"d" * size
+            prune(deltas, len(state))
+        synced = rng.randint(0, rnd - 1)
+        sent = catch_up(synced, rnd, deltas, sizes, state, "delta")
+        assert sum(map(len, sent)) == catch_up_bytes(synced, rnd - 1, sizes, len(state))
+        assert sent == [state] or sent == [deltas[r] for r in range(synced + 1, rnd)]
+    assert catch_up(None, 5, {}, {}, state, "delta") == [state]
+    assert catch_up(4, 5, {}, {}, state, "float32") == [state]
