@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from prismfl.errors import ConfigError
-from prismfl.loss.matching import FeatureStats
+from prismfl.loss.matching import feature_sums, stats_from_sums
 
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
@@ -107,19 +107,13 @@ def private_feature_stats(
             f"privacy.epsilon={epsilon} is out of reach for a client with {len(images)} images: the noise "
             f"(std {z * sensitivity:.0f} per coordinate) would exceed the whole signal; raise epsilon or delta"
         )
-    sums1: list[torch.Tensor] = []
-    sums2: list[torch.Tensor] = []
-    for start in range(0, len(images), batch):
-        feats = extract(images[start : start + batch])
+
+    def clip_and_scale(feats: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(feats) != n_layers:
-            raise ValueError(f"{len(clip)} clip bounds for {len(feats)} feature layers")
-        units = [clip_rows(f.double(), c) / c for f, c in zip(feats, clip)]
-        if not sums1:
-            sums1 = [torch.zeros_like(u[0]) for u in units]
-            sums2 = [torch.zeros_like(u[0]) for u in units]
-        for s1, s2, u in zip(sums1, sums2, units):
-            s1 += u.sum(0)
-            s2 += (u * u).sum(0)
+            raise ValueError(f"{n_layers} clip bounds for {len(feats)} feature layers")
+        return [clip_rows(f, c) / c for f, c in zip(feats, clip)]
+
+    sums, squares = feature_sums(extract, images, batch, clip_and_scale)  # in clip units
     count = torch.tensor(float(len(images)), dtype=torch.float64)
     if z > 0:
         gen = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
@@ -128,12 +122,7 @@ def private_feature_stats(
         def noisy(t: torch.Tensor) -> torch.Tensor:
             return t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64)
 
-        sums1 = [noisy(s) for s in sums1]
-        sums2 = [noisy(s) for s in sums2]
-        count = noisy(count)
+        sums, squares, count = [noisy(s) for s in sums], [noisy(q) for q in squares], noisy(count)
     n = count.clamp_min(1.0)
-    mean = [c * s / n for s, c in zip(sums1, clip)]
-    second = [c * c * s / n for s, c in zip(sums2, clip)]
-    var = [(s - m * m).clamp_min(0) for s, m in zip(second, mean)]
-    stats = FeatureStats([m.float() for m in mean], [v.float() for v in var], int(n.round()))
+    stats = stats_from_sums([c * s for s, c in zip(sums, clip)], [c * c * q for q, c in zip(squares, clip)], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip)

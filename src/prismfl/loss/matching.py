@@ -37,24 +37,38 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def feature_stats(extract, images: torch.Tensor, batch: int = 500) -> FeatureStats:
-    """Exact mean and (biased) variance per feature over all images (accumulated in float64)."""
+def feature_sums(extract, images: torch.Tensor, batch: int = 500, transform=None):
+    """Per-layer sums of features and of their squares over all images, in float64.
+
+    `transform` maps a batch's list of (B, D_l) feature tensors before summing (privacy clips here).
+    """
     if len(images) == 0:
-        raise ValueError("feature_stats needs at least one image")
+        raise ValueError("feature statistics need at least one image")
     sums: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     for start in range(0, len(images), batch):
         feats = [f.double() for f in extract(images[start : start + batch])]
+        if transform is not None:
+            feats = transform(feats)
         if not sums:
             sums = [torch.zeros_like(f[0]) for f in feats]
             squares = [torch.zeros_like(f[0]) for f in feats]
         for s, q, f in zip(sums, squares, feats):
             s += f.sum(0)
             q += (f * f).sum(0)
-    n = len(images)
+    return sums, squares
+
+
+def stats_from_sums(sums, squares, n) -> FeatureStats:
+    """Means and (biased) variances from sums over n images; n may be a noisy float."""
     mean = [s / n for s in sums]
     var = [(q / n - m * m).clamp_min(0) for q, m in zip(squares, mean)]
-    return FeatureStats([m.float() for m in mean], [v.float() for v in var], n)
+    return FeatureStats([m.float() for m in mean], [v.float() for v in var], int(round(float(n))))
+
+
+def feature_stats(extract, images: torch.Tensor, batch: int = 500) -> FeatureStats:
+    """Exact mean and (biased) variance per feature over all images."""
+    return stats_from_sums(*feature_sums(extract, images, batch), len(images))
 
 
 TRACKERS = ("none", "ema", "adam")
