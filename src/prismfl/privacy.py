@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from prismfl.errors import ConfigError
-from prismfl.loss.matching import feature_sums, stats_from_sums
+from prismfl.loss.matching import FeatureStats, feature_sums, stats_from_sums
 
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
