@@ -143,3 +143,44 @@ def test_dp_run_trains_on_noisy_statistics_and_reports_epsilon(smoke_run, tmp_pa
         assert gap > 1e-4  # noise is there ...
         assert gap < 0.5  # ... of a sane size (noise std ~0.1 per pixel here, plus the bias of clipping)
     assert (tmp_path / "dp" / "model.prism").read_bytes() != (smoke_run / "model.prism").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(tmp_path_factory):
+    """A small FashionMNIST in IDX format (real images), so evaluation trains its classifier fast."""
+    from prismfl.data.idx import write_idx
+    from prismfl.data.sources import load_split
+
+    root = tmp_path_factory.mktemp("fm-small")
+    for split, stem, n in (("train", "train", 1200), ("test", "t10k", 300)):
+        s = load_split("fashion-mnist", split)
+        write_idx(root / f"{stem}-images-idx3-ubyte.gz", s.images[:n, 0])
+        write_idx(root / f"{stem}-labels-idx1-ubyte.gz", s.labels[:n].astype("uint8"))
+    return root
+
+
+def test_cli_evaluate(smoke_run, small_fmnist, tmp_path, run_cli):
+    code, out, err = run_cli("evaluate", str(smoke_run), "--n", "200", "--data-root", str(small_fmnist),
+                             "--out", str(tmp_path / "q.json"))  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "q.json").read_text())
+    assert r["domain_fid"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1
+    assert sum(r["class_histogram"]) == 200 and len(r["class_names"]) == 10
+    assert "one fixed exported model" in r["protocol"]["model"] and "not Inception" in r["protocol"]["domain_fid"]
+    assert "domain FID" in out and "precision" in out
+    code, _, _ = run_cli("evaluate", str(smoke_run), "--n", "200", "--data-root", str(small_fmnist), "--ensemble",
+                         "--out", str(tmp_path / "e.json"))  # fmt: skip
+    assert code == 0 and "ensemble" in json.loads((tmp_path / "e.json").read_text())["protocol"]["model"]
+
+
+def test_cli_evaluate_with_inception_weights(smoke_run, small_fmnist, tmp_path, run_cli):
+    from prismfl.eval.inception import InceptionV3
+
+    torch.manual_seed(0)
+    torch.save(InceptionV3("pytorch-fid").state_dict(), tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    code, _, err = run_cli("evaluate", str(smoke_run / "model.prism"), "--n", "6", "--data-root", str(small_fmnist),
+                           "--inception", str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"),
+                           "--out", str(tmp_path / "i.json"))  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "i.json").read_text())
+    assert r["inception_fid"] >= 0 and "pool3" in r["protocol"]["inception_fid"]
