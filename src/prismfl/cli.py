@@ -147,6 +147,12 @@ def evaluate(
         raise PrismError(f"--n must be at least 2, got {n}")
     result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
     typer.echo(format_table(result))
+    if source.is_dir():  # the run keeps its evaluation, and its report shows it
+        from prismfl.report import run_report
+        from prismfl.runio import atomic_write_bytes
+
+        atomic_write_bytes(source / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())
+        typer.echo(f"wrote {source / 'evaluation.json'} and {run_report(source)}")
     if out is not None:
         from prismfl.runio import atomic_write_bytes
 

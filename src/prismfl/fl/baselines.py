@@ -22,9 +22,9 @@ import torch
 
 from prismfl import modelfile, report, runio
 from prismfl.config import RunConfig
+from prismfl.eval.report import quick_fid
 from prismfl.fl import task, wire
 from prismfl.fl.client import ClientState, LocalConfig, local_train
-from prismfl.eval.report import quick_fid
 from prismfl.fl.simulate import (
     RoundRecord,
     _check_out_dir,
@@ -123,7 +123,8 @@ def train_baseline(cfg: RunConfig, out: str | Path, *, resume: bool = False, log
             epsilon=None,
         )
         if due(cfg.train.eval_every, rnd, cfg.train.rounds):
-            record.domain_fid = float(np.mean([quick_fid(net, cfg.data.dataset) for net in current_models(cfg, params)]))
+            fids = [quick_fid(net, cfg.data.dataset) for net in current_models(cfg, params)]
+            record.domain_fid = float(np.mean(fids))
         runio.save_checkpoint(out, {
             "version": 1, "round": rnd, "config": cfg.to_dict(), "params": params,
             "clients": [c.state_dict() for c in clients], "client_stats": released,
@@ -147,6 +148,7 @@ def train_baseline(cfg: RunConfig, out: str | Path, *, resume: bool = False, log
             grids.append(modelfile.sample(modelfile.materialize(final), 8, seed=0))
         report.save_grid(torch.cat(grids), out / "samples.png", nrow=8)
     report.curves(runio.read_metrics(out), out / "curves.png")
+    report.run_report(out)
     log(f"done: {out}")
     return out
 

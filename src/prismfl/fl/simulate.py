@@ -119,7 +119,8 @@ def finish_run(out: Path, cfg: RunConfig, scores: torch.Tensor, model_info: dict
     size = modelfile.save(final, out / runio.MODEL)
     report.sample_grid(final, out / "samples.png")
     report.curves(runio.read_metrics(out), out / "curves.png")
-    log(f"done: {out / runio.MODEL} ({size:,} bytes), samples in {out / 'samples.png'}, curves in {out / 'curves.png'}")
+    report.run_report(out)
+    log(f"done: {out / runio.MODEL} ({size:,} bytes); samples.png, curves.png and report.md in {out}")
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
