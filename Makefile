@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow lint data clean bench
+.PHONY: demo test test-slow test-flower lint data clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(STAMP) data
 
 test-slow: $(STAMP) data
 	$(BIN)/python -m pytest -q -m slow
+
+# Flower for real: simulation engine, SuperLink + SuperNodes on loopback (insecure, TLS, faults); ~5 minutes
+test-flower: $(STAMP) data
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow tests/test_flower_engine.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

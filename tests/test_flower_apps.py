@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]")
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 

@@ -50,7 +50,7 @@ class Exchange:
 def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float, group: str) -> Exchange:
     """Send one message per node and collect the replies until all came or `timeout` seconds passed."""
     nodes = list(contents)
-    messages = [Message(contents[n], dst_node_id=n, message_type=message_type, ttl=timeout, group_id=group)
+    messages = [Message(contents[n], dst_node_id=n, message_type=message_type, ttl=timeout + 5, group_id=group)
                 for n in nodes]  # fmt: skip
     ids = list(grid.push_messages(messages))
     pending = {mid: node for mid, node in zip(ids, nodes) if mid}
