@@ -27,7 +27,7 @@ from prismfl import modelfile, runio
 from prismfl.config import load_config
 from prismfl.fl import simulate
 from prismfl.flower.loopback import TAG, Loopback, kill_tagged, tagged_pids
-from test_flower_apps import SMOKE, simulator_run, strip  # noqa: F401 (simulator_run is a fixture)
+from test_flower_apps import SMOKE, strip
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, needs_fmnist]
@@ -50,7 +50,39 @@ run_simulation(server, client_app, num_supernodes=3, backend_config={
 """
 
 
-def test_simulation_engine_matches_the_simulator_bit_for_bit(simulator_run, tmp_path):  # noqa: F811
+def one_thread_simulator(out: Path, overrides: list[str]) -> list[torch.Tensor]:
+    """simulate.train with one thread, as the Flower processes compute (OMP_NUM_THREADS=1): float sums
+    are ordered differently with more threads, so the scores would differ in their last bits."""
+    per_round, real, threads = [], simulate.save_round, torch.get_num_threads()
+
+    def spy(out_, cfg, record, checkpoint, scores, extra=None):
+        per_round.append(scores.clone())
+        real(out_, cfg, record, checkpoint, scores, extra)
+
+    simulate.save_round = spy
+    torch.set_num_threads(1)
+    try:
+        simulate.train(load_config(SMOKE, overrides), out, log=lambda *_: None)
+    finally:
+        simulate.save_round = real
+        torch.set_num_threads(threads)
+    return per_round
+
+
+@pytest.fixture(scope="module")
+def simulator_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    return out, one_thread_simulator(out, [])
+
+
+@pytest.fixture(scope="module")
+def two_round_simulator(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim2") / "run"
+    one_thread_simulator(out, ["train.rounds=2"])
+    return out
+
+
+def test_simulation_engine_matches_the_simulator_bit_for_bit(simulator_run, tmp_path):
     """Flower's simulation engine (Ray, one ClientApp actor per core) against simulate.train."""
     sim_out, sim_scores = simulator_run
     tag = uuid.uuid4().hex
@@ -67,13 +99,6 @@ def test_simulation_engine_matches_the_simulator_bit_for_bit(simulator_run, tmp_
     assert strip(runio.read_metrics(out)) == strip(runio.read_metrics(sim_out))
     for name in ["model.prism", "partition.txt", "config.toml"]:
         assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
-
-
-@pytest.fixture(scope="module")
-def two_round_simulator(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim2") / "run"
-    simulate.train(load_config(SMOKE, ["train.rounds=2"]), out, log=lambda *_: None)
-    return out
 
 
 def assert_all_stopped(lb: Loopback) -> None:

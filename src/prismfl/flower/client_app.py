@@ -10,6 +10,7 @@ tracker state, and its replica with the round it belongs to) lives in Flower's C
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from prismfl.config import config_from_dict
 from prismfl.errors import PrismError
 from prismfl.fl import task, wire
 from prismfl.fl.client import ClientState, LocalConfig, local_train
@@ -41,6 +43,14 @@ def scores_crc(scores: torch.Tensor) -> int:
 def _model(cfg, device: str):
     model = task.build_model(cfg, device)
     return model, masked.num_maskable(model), wire.layer_table_hash(masked.layer_table(model))
+
+
+@functools.lru_cache(maxsize=2)
+def _feature_net(cfg_json: str, device: str):
+    """The loss's frozen feature network, built once per process (Ray actors of the simulation engine
+    serve many messages; a deployment's ClientApp process serves one)."""
+    cfg = config_from_dict(json.loads(cfg_json))
+    return task.build_feature_net(cfg, task.prepare_federation(cfg), device, log)[0]
 
 
 def setup(message: Message, context: Context) -> Message:
@@ -96,7 +106,7 @@ def train(message: Message, context: Context) -> Message:
 
     stats = torch_object(from_array(blobs["stats"], TORCH))
     state = ClientState.from_state_dict(torch_object(from_array(blobs["client"], TORCH)), cfg.loss.tracker_lr)
-    extract_net, _ = task.build_feature_net(cfg, task.prepare_federation(cfg), device, log)
+    extract_net = _feature_net(json.dumps(cfg.to_dict(), sort_keys=True), device)
     local_cfg = LocalConfig(cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr)
     gen = task.generator_for(cfg.seed, "client", rnd, k, device=device)
     t_train = time.perf_counter()

@@ -80,13 +80,16 @@ class RunResult:
 class Loopback:
     """A SuperLink and `num_nodes` SuperNodes on loopback ports; node i has partition-id i.
 
-    `certificates` = (ca, server certificate, server key) paths turns TLS on everywhere.
+    `certificates` = (ca, server certificate, server key) paths turns TLS on everywhere. With
+    `simulation=True` the SuperLink runs Flower's simulation engine instead (no SuperNodes: say how
+    many virtual ones with `run(..., federation_config={"num-supernodes": 10})`).
     """
 
     def __init__(self, workdir: Path, num_nodes: int, *, num_partitions: int | None = None,
                  certificates: tuple[Path, Path, Path] | None = None, node_config: dict | None = None,
-                 threads: int = 1):  # fmt: skip
+                 threads: int = 1, simulation: bool = False):  # fmt: skip
         self.workdir = Path(workdir)
+        self.simulation = simulation
         self.num_nodes, self.num_partitions = num_nodes, num_partitions or num_nodes
         self.certificates = certificates
         self.node_config = node_config or {}
@@ -130,8 +133,9 @@ class Loopback:
         return ["--insecure"] if self.certificates is None else ["--root-certificates", str(self.certificates[0])]
 
     def superlink_command(self) -> list[str]:
+        mode = ["--simulation"] if self.simulation else []
         return ["flower-superlink", *self._tls_link(), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]  # fmt: skip
+                "--disable-runtime-dependency-installation", *mode]  # fmt: skip
 
     def supernode_command(self, i: int) -> list[str]:
         config = {"partition-id": i, "num-partitions": self.num_partitions, **self.node_config}
@@ -159,10 +163,12 @@ class Loopback:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def _wait_for_superlink(self, timeout: float) -> None:
+        import ssl
+
         import httpx
 
         scheme = "http" if self.certificates is None else "https"
-        verify = True if self.certificates is None else str(self.certificates[0])
+        verify = True if self.certificates is None else ssl.create_default_context(cafile=str(self.certificates[0]))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
@@ -207,10 +213,14 @@ class Loopback:
         return subprocess.run([str(Path(self.bin) / "flwr"), *args], cwd=self.workdir, env=self.env,
                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
-    def run(self, app: Path, run_config: dict, timeout: float = 300.0) -> RunResult:
+    def run(
+        self, app: Path, run_config: dict, timeout: float = 300.0, federation_config: dict | None = None
+    ) -> RunResult:
         """`flwr run app loopback --stream` with `run_config`; returns when the run ends (or raises after `timeout`)."""
         items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         args = ["run", str(app), "loopback", "--stream"] + (["--run-config", items] if items else [])
+        if federation_config:
+            args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
         try:
             done = self.flwr(*args, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
