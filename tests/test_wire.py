@@ -30,7 +30,7 @@ def test_header_layout_exact_bytes():
     assert len(msg) == 32 + 2 and msg[32:] == b"\xab\x01"
 
 
-@pytest.mark.parametrize("coder", ["packed", "range", "auto"])
+@pytest.mark.parametrize("coder", ["packed", "range", "calibrated", "auto"])
 @pytest.mark.parametrize("scale", [0.0, 1.0, 8.0, 30.0])
 def test_upload_round_trip(coder, scale):
     n = 5000
@@ -43,6 +43,24 @@ def test_upload_round_trip(coder, scale):
         assert len(data) == 32 + math.ceil(n / 8)
 
 
+def test_calibrated_coder_beats_a_stale_global_model():
+    # the client's model drifted: it keeps weights with probability 0.1 where the global model says 0.6,
+    # and 0.9 where the global says 0.4 -> coding against the global costs ~1.26 bits/weight,
+    # against the calibrated table ~H(0.1) = 0.47 bits/weight
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.where(torch.rand(n, generator=gen) < 0.5, 0.405, -0.405)  # p = 0.6 / 0.4
+    mask = torch.where(scores > 0, torch.rand(n, generator=gen) < 0.1, torch.rand(n, generator=gen) < 0.9)
+    sizes = {c: len(wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder=c)) - 32
+             for c in ("packed", "range", "calibrated", "auto")}  # fmt: skip
+    h = -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
+    assert sizes["calibrated"] * 8 / n == pytest.approx(h, abs=0.01)
+    assert sizes["range"] > sizes["packed"] > sizes["calibrated"] == sizes["auto"]
+    for c in ("range", "calibrated"):
+        data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder=c)
+        assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE), mask)
+
+
 def test_extreme_mask_against_opposite_probabilities_still_round_trips():
     n = 2000
     scores = torch.full((n,), 40.0)  # probability ~1 of keeping
@@ -50,7 +68,8 @@ def test_extreme_mask_against_opposite_probabilities_still_round_trips():
     data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
     assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE), mask)
     auto = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="auto")
-    assert len(auto) == 32 + n // 8  # auto falls back to packing when coding would cost more
+    assert len(auto) < 32 + n // 8  # auto picks the calibrated coder: an all-zero mask costs almost nothing
+    assert wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")[6] == wire.CODER_BERNOULLI
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
@@ -174,6 +193,6 @@ def test_fuzz_single_byte_corruption_is_caught(pos_seed, value):
 def test_fuzz_round_trip(bits, shift):
     mask = torch.tensor(bits)
     scores = _scores(len(bits), 3) + shift
-    for coder in ("packed", "range", "auto"):
+    for coder in ("packed", "range", "calibrated", "auto"):
         data = wire.encode_upload(mask, scores, round_=0, table_hash=TABLE, coder=coder)
         assert torch.equal(wire.decode_upload(data, scores, round_=0, table_hash=TABLE), mask)

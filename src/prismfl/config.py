@@ -62,7 +62,7 @@ class TrainConfig:
     client_fraction: float = 1.0
     mada: bool = True
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
-    upload_coder: str = "auto"  # "range" (entropy-coded vs global probabilities), "packed", or the smaller
+    upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
@@ -113,7 +113,7 @@ class RunConfig:
             raise ConfigError(f"train.dense_lr must be > 0, got {self.train.dense_lr}")
         if self.train.method != "prism" and not math.isinf(self.privacy.epsilon):
             raise ConfigError(f"privacy is implemented for method 'prism' only, not {self.train.method!r}")
-        _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "packed"))
+        _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _positive("partition.num_clients", self.partition.num_clients)
         _positive("partition.shards_per_client", self.partition.shards_per_client)

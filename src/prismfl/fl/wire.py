@@ -6,7 +6,8 @@ A message is a fixed 32-byte header followed by the payload:
     0      4     magic b"PRFL"
     4      1     version (1)
     5      1     kind: 1 upload (a client's mask), 2 broadcast delta, 3 broadcast full state
-    6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32
+    6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32,
+                 4 range-coded Bernoulli with a calibration table
     7      1     reserved, 0
     8      4     round (u32)
     12     8     layer-table hash: first 8 bytes of sha256 of the architecture's layer table
@@ -43,9 +44,11 @@ assert HEADER.size == 32
 
 KIND_UPLOAD, KIND_DELTA, KIND_STATE = 1, 2, 3
 KINDS = {KIND_UPLOAD: "upload", KIND_DELTA: "broadcast delta", KIND_STATE: "broadcast state"}
-CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32 = 0, 1, 2, 3
+CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32, CODER_CALIBRATED = 0, 1, 2, 3, 4
 CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINOMIAL: "range-binomial",
-          CODER_FLOAT32: "float32"}  # fmt: skip
+          CODER_FLOAT32: "float32", CODER_CALIBRATED: "range-calibrated"}  # fmt: skip
+UPLOAD_CODERS = ("auto", "range", "calibrated", "packed")
+CALIBRATION_BINS = 64  # a calibrated upload carries P(kept | global probability in bin b) for 64 bins
 _DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
 
 
@@ -157,17 +160,50 @@ def _bernoulli_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
     return np.asarray(bits)
 
 
+def _bins(p: np.ndarray) -> np.ndarray:
+    return np.minimum((p * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+
+
+def _calibration_table(q: np.ndarray) -> np.ndarray:
+    return np.clip(q, 1, 65534).astype(np.float64) / 65535.0
+
+
+def _calibrated_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
+    """Re-estimate P(kept) within 64 bins of the global probability from this very mask, send the 64
+    estimates (16 bits each), and range-code the mask against them. A client whose model drifted
+    from the global one (more decided, or decided differently) then pays about its conditional
+    entropy given the global probability, never much more than 1 bit per weight."""
+    b = _bins(p)
+    ones = np.bincount(b, weights=bits, minlength=CALIBRATION_BINS)
+    total = np.bincount(b, minlength=CALIBRATION_BINS)
+    q = np.clip(np.round((ones + 0.5) / (total + 1.0) * 65535), 1, 65534).astype("<u2")
+    return q.tobytes() + _bernoulli_encode(bits, _calibration_table(q)[b])
+
+
+def _calibrated_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
+    head = 2 * CALIBRATION_BINS
+    if len(payload) < head:
+        raise LengthMismatch("calibrated payload is shorter than its calibration table")
+    q = np.frombuffer(payload[:head], dtype="<u2")
+    return _bernoulli_decode(payload[head:], _calibration_table(q)[_bins(p)])
+
+
 def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: int, table_hash: int,
                   coder: str = "auto") -> bytes:  # fmt: skip
-    """A client's mask as a message; 'auto' range-codes it unless packing is smaller."""
+    """A client's mask as a message: 'packed' bits, 'range'-coded against the global probabilities,
+    range-coded against 'calibrated' ones, or 'auto': whichever of the three is smallest."""
+    if coder not in UPLOAD_CODERS:
+        raise ValueError(f"unknown upload coder {coder!r}; expected one of {UPLOAD_CODERS}")
     n = mask.numel()
-    packed = pack_mask(mask)
-    if coder == "packed":
-        return Message(KIND_UPLOAD, CODER_PACKED, round_, table_hash, n, packed).to_bytes()
-    coded = _bernoulli_encode(mask.cpu().numpy().reshape(-1), _probabilities(global_scores))
-    if coder == "auto" and len(packed) <= len(coded):
-        return Message(KIND_UPLOAD, CODER_PACKED, round_, table_hash, n, packed).to_bytes()
-    return Message(KIND_UPLOAD, CODER_BERNOULLI, round_, table_hash, n, coded).to_bytes()
+    candidates = {CODER_PACKED: pack_mask(mask)} if coder in ("auto", "packed") else {}
+    if coder != "packed":
+        bits, p = mask.cpu().numpy().reshape(-1), _probabilities(global_scores)
+        if coder in ("auto", "range"):
+            candidates[CODER_BERNOULLI] = _bernoulli_encode(bits, p)
+        if coder in ("auto", "calibrated"):
+            candidates[CODER_CALIBRATED] = _calibrated_encode(bits, p)
+    best = min(candidates, key=lambda c: len(candidates[c]))
+    return Message(KIND_UPLOAD, best, round_, table_hash, n, candidates[best]).to_bytes()
 
 
 def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int) -> torch.Tensor:
@@ -182,6 +218,8 @@ def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, tabl
             raise LengthMismatch(str(exc)) from None
     if msg.coder == CODER_BERNOULLI:
         return torch.from_numpy(_bernoulli_decode(msg.payload, _probabilities(global_scores)).astype(bool))
+    if msg.coder == CODER_CALIBRATED:
+        return torch.from_numpy(_calibrated_decode(msg.payload, _probabilities(global_scores)).astype(bool))
     raise UnexpectedMessage(f"an upload cannot use coder {CODERS[msg.coder]}")
 
 
