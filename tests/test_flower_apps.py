@@ -34,6 +34,16 @@ SMOKE = ROOT / "configs" / "smoke.toml"
 TIMINGS = ("seconds", "client_seconds")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Simulator and apps compute with the same (one) thread here; two threads on a loaded 2-core
+    machine are several times slower, and sum floats in another order (docs/deploy.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     """Flower stamps messages with the identity of the running task; here there is none, so make one up."""
@@ -177,22 +187,23 @@ class Faults:
 @needs_fmnist
 def test_a_bad_upload_and_a_silent_client_leave_the_round_to_the_others(tmp_path):
     out = tmp_path / "faults"
-    app = make_client_app(mods=[Faults({(2, 1)})])
-    grid = LocalGrid(app, nodes_for(3), silent=lambda node, group: (node, group) == (100, "round-3"))  # client 2
-    run_federation(grid, server({"out-dir": str(out), "overrides": "train.rounds=4", "reply-timeout": 0.5}))
+    app = make_client_app(mods=[Faults({(1, 1)})])  # client 1's upload of round 1 does not decode
+    grid = LocalGrid(app, nodes_for(3), silent=lambda node, group: (node, group) == (100, "round-2"))  # client 2
+    run_federation(grid, server({"out-dir": str(out), "reply-timeout": 0.5}))
     records = runio.read_metrics(out)
-    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 2], [0, 1], [0, 1, 2]]
-    assert "failures" not in records[0] and "failures" not in records[3]
-    (bad,) = records[1]["failures"]
+    assert [r["clients"] for r in records] == [[0, 2], [0, 1], [0, 1, 2]]
+    assert "failures" not in records[2]
+    (bad,) = records[0]["failures"]
     assert bad["client"] == 1 and "ChecksumMismatch" in bad["error"]
-    (silent,) = records[2]["failures"]
+    (silent,) = records[1]["failures"]
     assert silent["client"] == 2 and "no reply within 0.5 s" in silent["error"]
-    # a client that failed gets the full state next time (its replica is unknown), then deltas again
+    # a client that failed gets the full state next time (its replica is unknown), and then trains on
+    # it: client 1 in round 2, client 2 in round 3 (whose upload decodes only if its replica is right)
     n = modelfile.load(out / "model.prism").mask.numel()
     state = 32 + 4 * n
+    assert records[1]["download_bytes"] == 2 * records[0]["broadcast_bytes"] + state
     assert records[2]["download_bytes"] == 2 * records[1]["broadcast_bytes"] + state
-    assert records[3]["download_bytes"] == 2 * records[2]["broadcast_bytes"] + state
-    assert records[1]["bits_per_param"] == pytest.approx(8 * records[1]["upload_bytes"] / (2 * n))
+    assert records[0]["bits_per_param"] == pytest.approx(8 * records[0]["upload_bytes"] / (2 * n))
 
 
 @needs_fmnist

@@ -187,7 +187,12 @@ class Loopback:
 
     def stop(self) -> None:
         kill_tagged(self.tag)
-        for proc in self.procs.values():
+        for proc in self.procs.values():  # and each started process group, should anything have dropped the tag
+            if proc.poll() is None:  # still ours (not reaped), so its group id is too
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -161,12 +161,12 @@ def run_federation(grid: Grid, s: ServerSettings, on_round=None) -> Path:
         t_round = time.perf_counter()
         chosen = task.select_clients(cfg, rnd)
         state = wire.encode_state(scores, round_=rnd - 1, table_hash=table_hash)
+        crc = scores_crc(scores)
         contents, down = {}, 0
         for k in chosen:
             messages = catch_up(synced[k], rnd, deltas, delta_sizes, state, cfg.train.broadcast)
             down += sum(len(m) for m in messages)
-            request = ConfigRecord({"round": rnd, "scores-crc32": scores_crc(scores)})
-            content = RecordDict({"prismfl": request})
+            content = RecordDict({"prismfl": ConfigRecord({"round": rnd, "scores-crc32": crc})})
             if messages:
                 content["broadcast"] = wire_record(messages)
             contents[node_of[k]] = content
