@@ -145,18 +145,21 @@ def test_dp_run_trains_on_noisy_statistics_and_reports_epsilon(smoke_run, tmp_pa
     assert (tmp_path / "dp" / "model.prism").read_bytes() != (smoke_run / "model.prism").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def small_fmnist(tmp_path_factory):
+def _write_small_fmnist(root, n_train: int, n_test: int):
     """A small FashionMNIST in IDX format (real images), so evaluation trains its classifier fast."""
     from prismfl.data.idx import write_idx
     from prismfl.data.sources import load_split
 
-    root = tmp_path_factory.mktemp("fm-small")
-    for split, stem, n in (("train", "train", 1200), ("test", "t10k", 300)):
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
         s = load_split("fashion-mnist", split)
         write_idx(root / f"{stem}-images-idx3-ubyte.gz", s.images[:n, 0])
         write_idx(root / f"{stem}-labels-idx1-ubyte.gz", s.labels[:n].astype("uint8"))
     return root
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(tmp_path_factory):
+    return _write_small_fmnist(tmp_path_factory.mktemp("fm-small"), 1200, 300)
 
 
 def test_cli_evaluate(smoke_run, small_fmnist, tmp_path, run_cli):
@@ -173,12 +176,13 @@ def test_cli_evaluate(smoke_run, small_fmnist, tmp_path, run_cli):
     assert code == 0 and "ensemble" in json.loads((tmp_path / "e.json").read_text())["protocol"]["model"]
 
 
-def test_cli_evaluate_with_inception_weights(smoke_run, small_fmnist, tmp_path, run_cli):
+def test_cli_evaluate_with_inception_weights(smoke_run, tmp_path, run_cli):
     from prismfl.eval.inception import InceptionV3
 
+    tiny = _write_small_fmnist(tmp_path, 600, 12)  # Inception costs ~0.1 s per image on a CPU
     torch.manual_seed(0)
     torch.save(InceptionV3("pytorch-fid").state_dict(), tmp_path / "pt_inception-2015-12-05-6726825d.pth")
-    code, _, err = run_cli("evaluate", str(smoke_run / "model.prism"), "--n", "6", "--data-root", str(small_fmnist),
+    code, _, err = run_cli("evaluate", str(smoke_run / "model.prism"), "--n", "8", "--data-root", str(tiny),
                            "--inception", str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"),
                            "--out", str(tmp_path / "i.json"))  # fmt: skip
     assert code == 0, err

@@ -97,6 +97,8 @@ def _check_out_dir(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
             raise PrismError(f"{ckpt_path} was written by another prismfl version; start a new run")
         if state["config"] != cfg.to_dict():
             raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
+        if state.get("clients") is None:
+            raise PrismError(f"{out} was trained on Flower, whose clients keep their own state: resume it there")
         return state
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrismError(f"{out} is not empty; choose a new --out, or add --resume to continue that run")
