@@ -39,6 +39,7 @@ VARIANTS = {
     "dcgan-64": ["model.arch=dcgan", "model.width=64"],
     "lr 0.2": ["train.lr=0.2"],
     "25 local steps x 48 rounds": ["train.local_steps=25", "train.rounds=48"],
+    "200 local steps x 6 rounds": ["train.local_steps=200", "train.rounds=6"],
     "mlp-1024": ["model.width=1024"],
 }
 
