@@ -188,3 +188,14 @@ def test_cli_evaluate_with_inception_weights(smoke_run, tmp_path, run_cli):
     assert code == 0, err
     r = json.loads((tmp_path / "i.json").read_text())
     assert r["inception_fid"] >= 0 and "pool3" in r["protocol"]["inception_fid"]
+
+
+def test_final_mask_is_the_mode_or_a_seeded_draw():
+    cfg = load_config(SMOKE)
+    scores = torch.tensor([-3.0, -0.1, 0.0, 0.1, 3.0] * 200)
+    assert torch.equal(simulate.final_mask(cfg, scores), scores > 0)  # p > 1/2 exactly; p = 1/2 dropped
+    cfg.train.final_mask = "sample"
+    drawn = simulate.final_mask(cfg, scores)
+    assert torch.equal(drawn, simulate.final_mask(cfg, scores))  # seeded
+    assert not torch.equal(drawn, scores > 0)  # a draw, not the mode: p = 0.475..0.525 flip often
+    assert drawn[4::5].float().mean() > 0.9 and drawn[0::5].float().mean() < 0.1

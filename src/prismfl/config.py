@@ -64,6 +64,7 @@ class TrainConfig:
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
+    final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
     eval_every: int = 0  # record a quick domain FID (1,000 samples) every this many rounds (0: never)
@@ -115,6 +116,7 @@ class RunConfig:
             raise ConfigError(f"privacy is implemented for method 'prism' only, not {self.train.method!r}")
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
+        _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _positive("partition.num_clients", self.partition.num_clients)
         _positive("partition.shards_per_client", self.partition.shards_per_client)
         _positive("model.z_dim", self.model.z_dim)
