@@ -2,7 +2,7 @@
 
 Each variant trains the demo's generator on all private FashionMNIST training images as one
 client (no federation, so only the local learning problem is compared) and is scored every
-`--every` steps: the domain FID of 2,000 samples from one sampled mask against 2,000 test images,
+`--every` steps: the domain FID of 2,000 samples from the exported (most likely) mask against 2,000 test images,
 and the share of samples the domain classifier labels with confidence.
 
 Run: .venv/bin/python benchmarks/ablation.py --steps 1500 --every 500 --out docs/benchmarks/ablation.json
@@ -21,7 +21,7 @@ import torch
 from prismfl import modelfile
 from prismfl.config import load_config
 from prismfl.eval.report import score_images
-from prismfl.fl import server, task
+from prismfl.fl import simulate, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.model import masked
 
@@ -56,7 +56,7 @@ def central_curve(overrides: list[str], steps: int, every: int, config: str) -> 
         result = local_train(model, scores, loss, net.extract, state, local, gen)
         train_seconds += time.perf_counter() - t0
         scores = result.scores
-        mask = server.sample_mask(scores, task.generator_for(cfg.seed, "final-mask"))
+        mask = simulate.final_mask(cfg, scores)  # as the exported model
         images = modelfile.sample(modelfile.materialize(modelfile.PrismModel(task.arch_spec(cfg), mask)), 2000)
         s = score_images(images, cfg.data.dataset, n_real=2000)
         curve.append({"steps": done, "train_seconds": round(train_seconds, 1), "loss": result.loss,
