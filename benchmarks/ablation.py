@@ -23,6 +23,7 @@ from prismfl.config import load_config
 from prismfl.eval.report import score_images
 from prismfl.fl import simulate, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
 
 VARIANTS = {
@@ -46,7 +47,7 @@ def central_curve(overrides: list[str], steps: int, every: int, config: str) -> 
     fed = task.prepare_federation(cfg)
     net, _ = task.build_feature_net(cfg, fed)
     model = task.build_model(cfg)
-    loss = task.client_loss(cfg, net.extract, fed.client_images(0))
+    loss = task.client_loss(cfg, feature_stats(net.extract, fed.client_images(0)))
     scores = task.initial_scores(cfg, masked.num_maskable(model))
     state, gen = ClientState(), task.generator_for(cfg.seed, "central")
     local = LocalConfig(every, cfg.train.batch_size, cfg.train.lr)

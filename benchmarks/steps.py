@@ -19,7 +19,7 @@ from prismfl.config import load_config
 from prismfl.fl import server, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.loss.features import SmallCNN, freeze
-from prismfl.loss.matching import MeanVarMatching, feature_stats
+from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
 
 ARCHS = {
@@ -34,7 +34,7 @@ def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
     size = cfg.data.resize or 28
     net = freeze(SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1
-    loss = MeanVarMatching(feature_stats(net.extract, images), cfg.loss.normalize, cfg.loss.tracker_lr)
+    loss = task.client_loss(cfg, feature_stats(net.extract, images))
     model = task.build_model(cfg)
     n = masked.num_maskable(model)
     scores = task.initial_scores(cfg, n)
