@@ -104,7 +104,24 @@ def results_markdown(results: dict[Cell, dict], header: str) -> str:
             size = np.mean([r["model_bytes"] for r in rs]) / 1e3
             lines.append(f"| {method} | " + " | ".join(cells_) + f" | {up:.3f} MB | {size:.0f} kB |")
         lines.append("")
+        if "prism" in by_method and "fedavg" in by_method:
+            lines += [against_fedavg(by_method["prism"], by_method["fedavg"]), ""]
     return "\n".join(lines)
+
+
+def against_fedavg(prism: list[dict], fedavg: list[dict]) -> str:
+    """PRISM against dense FedAvg as plain ratios of the seed means: quality, upload bytes, model bytes."""
+
+    def mean(rs, get):
+        return float(np.mean([get(r) for r in rs]))
+
+    fid = mean(prism, lambda r: r["domain_fid"]) / mean(fedavg, lambda r: r["domain_fid"])
+    up = mean(fedavg, lambda r: r["train"]["upload_bytes_per_round"]) / mean(
+        prism, lambda r: r["train"]["upload_bytes_per_round"])  # fmt: skip
+    size = mean(fedavg, lambda r: r["model_bytes"]) / mean(prism, lambda r: r["model_bytes"])
+    verdict = "worse" if fid > 1 else "better"
+    return (f"PRISM against dense FedAvg: domain FID x{fid:.2f} ({verdict}), {up:.1f}x fewer upload bytes per "
+            f"round, a {size:.1f}x smaller final model.")  # fmt: skip
 
 
 def plot_curves(results: dict[Cell, dict], path: Path) -> None:

@@ -1,0 +1,51 @@
+"""The experiment grid: results table, ratios against FedAvg, and resuming without redoing cells."""
+
+import json
+
+from prismfl import grid, runio
+
+
+def result(fid: float, up: float, size: int) -> dict:
+    return {"domain_fid": fid, "precision": 0.5, "recall": 0.25, "density": 1.0, "coverage": 0.5, "class_kl": 0.1,
+            "model_bytes": size, "train": {"upload_bytes_per_round": up, "curve": []}}  # fmt: skip
+
+
+def test_table_mean_and_sample_std_and_ratios():
+    results = {
+        grid.Cell("fashion-mnist", "shards", "prism", 0): result(100.0, 1e6, 170_000),
+        grid.Cell("fashion-mnist", "shards", "prism", 1): result(120.0, 1e6, 170_000),
+        grid.Cell("fashion-mnist", "shards", "fedavg", 0): result(50.0, 32e6, 5_440_000),
+        grid.Cell("fashion-mnist", "shards", "fedavg", 1): result(60.0, 32e6, 5_440_000),
+    }
+    text = grid.results_markdown(results, "# head")
+    assert "### fashion-mnist, shards partition (2 seeds)" in text
+    # mean 110, sample standard deviation sqrt(((100-110)^2 + (120-110)^2) / 1) = 14.142...
+    assert "| prism | 110.0 ± 14.1 | 0.500 ± 0.000 |" in text
+    assert "| 1.000 MB | 170 kB |" in text
+    assert "domain FID x2.00 (worse), 32.0x fewer upload bytes per round, a 32.0x smaller final model" in text
+
+
+def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
+    import prismfl.eval.report as report
+    import prismfl.fl.simulate as simulate
+
+    calls = []
+
+    def fake_train(cfg, out, resume=False, log=None):
+        calls.append((cfg.train.method, cfg.seed, cfg.data.dataset, cfg.partition.scheme, resume))
+        out.mkdir(parents=True, exist_ok=True)
+        for rnd in (1, 2):
+            runio.append_metrics(out, {"round": rnd, "upload_bytes": 10 * rnd, "download_bytes": 0, "seconds": 1.0,
+                                       "domain_fid": 100.0 / rnd})  # fmt: skip
+
+    monkeypatch.setattr(simulate, "train", fake_train)
+    monkeypatch.setattr(report, "evaluate", lambda out, n: {"domain_fid": 42.0, "n": n})
+    cells = grid.cells(["mnist"], ["iid"], ["prism", "fedavg"], [3])
+    first = grid.run_grid(cells, "configs/smoke.toml", [], tmp_path, samples=7, log=lambda *_: None)
+    assert calls == [("prism", 3, "mnist", "iid", False), ("fedavg", 3, "mnist", "iid", False)]
+    saved = json.loads((tmp_path / "mnist" / "iid" / "prism" / "seed-3" / grid.EVAL_FILE).read_text())
+    assert saved["n"] == 7 and saved["train"]["upload_bytes_per_round"] == 15.0
+    assert saved["train"]["curve"] == [[1, 100.0, 10], [2, 50.0, 30]]  # FID against cumulative bytes
+    again = grid.run_grid(cells, "configs/smoke.toml", [], tmp_path, samples=7, log=lambda *_: None)
+    assert len(calls) == 2  # read back, not trained again
+    assert all(json.dumps(again[c]) == json.dumps(first[c]) for c in cells)
