@@ -49,3 +49,20 @@ def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
     again = grid.run_grid(cells, "configs/smoke.toml", [], tmp_path, samples=7, log=lambda *_: None)
     assert len(calls) == 2  # read back, not trained again
     assert all(json.dumps(again[c]) == json.dumps(first[c]) for c in cells)
+
+
+def test_report_only_reads_finished_cells_and_refuses_an_empty_grid(tmp_path, run_cli):
+    cells = grid.cells(["mnist"], ["iid"], ["prism", "fedavg"], [0, 1])
+    done = cells[0].path(tmp_path)
+    done.mkdir(parents=True)
+    (done / grid.EVAL_FILE).write_text(json.dumps(result(10.0, 1.0, 100)))
+    assert list(grid.finished(cells, tmp_path)) == [cells[0]]
+    report = tmp_path / "r.md"
+    args = ["grid", "--config", "configs/smoke.toml", "--datasets", "mnist", "--partitions", "iid",
+            "--methods", "prism,fedavg", "--seeds", "0,1", "--out", str(tmp_path), "--report", str(report)]  # fmt: skip
+    code, out, err = run_cli(*args, "--report-only")
+    assert code == 0, err
+    assert "1 of 4 cells finished" in out
+    assert "| prism | 10.0 |" in report.read_text() and report.with_suffix(".png").exists()
+    code, _, err = run_cli(*args[:-4], "--out", str(tmp_path / "empty"), "--report", str(report), "--report-only")
+    assert code == 2 and "no finished cell" in err

@@ -193,6 +193,7 @@ def grid(
     out: Annotated[Path, typer.Option("--out", help="root of the cells' run directories")] = Path("runs/grid"),
     report: Annotated[Path, typer.Option("--report", help="Markdown results to write")] = Path("runs/grid/results.md"),
     samples: Annotated[int, typer.Option("--samples", help="generated images per evaluation")] = 10000,
+    report_only: Annotated[bool, typer.Option("--report-only", help="report finished cells only")] = False,
 ):
     """Run datasets x partitions x methods x seeds, then write a results table and curves (resumable)."""
     import datetime
@@ -207,7 +208,13 @@ def grid(
     for m in {c.method for c in cells}:
         if m not in ("prism", "prism-nomada", "fedavg", "local", "central"):
             raise PrismError(f"unknown method {m!r}; expected prism, prism-nomada, fedavg, local or central")
-    results = grid_mod.run_grid(cells, str(config), set_, out, samples)
+    if report_only:
+        results = grid_mod.finished(cells, out)
+        if not results:
+            raise PrismError(f"--report-only: no finished cell of this grid under {out}")
+        typer.echo(f"{len(results)} of {len(cells)} cells finished")
+    else:
+        results = grid_mod.run_grid(cells, str(config), set_, out, samples)
     argv = " ".join(sys.argv[1:])
     header = (f"Produced by `prismfl {argv}` on {datetime.date.today().isoformat()}, "
               f"{platform.machine()} CPU ({__import__('os').cpu_count()} cores).")  # fmt: skip

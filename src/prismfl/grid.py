@@ -69,6 +69,11 @@ def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples:
     return result
 
 
+def finished(grid: list[Cell], root: Path) -> dict:
+    """The evaluations of the cells that have finished; the others are left out (nothing is trained)."""
+    return {c: json.loads((c.path(root) / EVAL_FILE).read_text()) for c in grid if (c.path(root) / EVAL_FILE).exists()}
+
+
 def run_grid(grid: list[Cell], config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
     results = {}
     for cell in bar(grid, desc="grid", unit="run", leave=True):
