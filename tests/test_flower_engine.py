@@ -43,7 +43,7 @@ from prismfl.flower.client_app import app as client_app
 from prismfl.flower.server_app import make_server_app
 
 config, out = sys.argv[1], Path(sys.argv[2])
-server = make_server_app({"config-file": config, "out-dir": str(out / "run"), "reply-timeout": 120.0},
+server = make_server_app({"config-file": config, "out-dir": str(out / "run"), "reply-timeout": 300.0},
                          on_round=lambda rnd, scores: torch.save(scores, out / f"scores-{rnd}.pt"))
 run_simulation(server, client_app, num_supernodes=3, backend_config={
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}})
@@ -89,7 +89,7 @@ def test_simulation_engine_matches_the_simulator_bit_for_bit(simulator_run, tmp_
     env = {**os.environ, **CHILD_ENV, TAG: tag}
     try:
         done = subprocess.run([sys.executable, "-c", SIMULATION, str(SMOKE), str(tmp_path)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=400)  # fmt: skip
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
     finally:
         kill_tagged(tag)  # Ray's workers, should any outlive the script
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -112,7 +112,7 @@ def test_deployment_on_loopback_matches_the_simulator(two_round_simulator, tmp_p
     lb = Loopback(tmp_path / "lb", 3)
     try:
         lb.start()
-        result = lb.run(ROOT, {"out-dir": str(out), "overrides": "train.rounds=2", "reply-timeout": 120.0},
+        result = lb.run(ROOT, {"out-dir": str(out), "overrides": "train.rounds=2", "reply-timeout": 300.0},
                         timeout=400)  # fmt: skip
         assert result.status == "finished:completed", result.log[-3000:] + lb.log("superlink")[-3000:]
     finally:
@@ -288,7 +288,7 @@ def test_deployment_with_tls(tmp_path):
         with pytest.raises(httpx.HTTPError):  # and a client that does not trust the test CA gets nothing
             httpx.get(f"https://127.0.0.1:{lb.port}/health", timeout=2)
         overrides = "partition.num_clients=2 train.rounds=1"
-        result = lb.run(ROOT, {"out-dir": str(out), "overrides": overrides, "reply-timeout": 120.0}, timeout=400)
+        result = lb.run(ROOT, {"out-dir": str(out), "overrides": overrides, "reply-timeout": 300.0}, timeout=400)
         assert result.status == "finished:completed", result.log[-3000:] + lb.log("superlink")[-3000:]
     finally:
         lb.stop()
