@@ -18,9 +18,9 @@ def test_table_mean_and_sample_std_and_ratios():
         grid.Cell("fashion-mnist", "shards", "fedavg", 1): result(60.0, 32e6, 5_440_000),
     }
     text = grid.results_markdown(results, "# head")
-    assert "### fashion-mnist, shards partition (2 seeds)" in text
+    assert "### fashion-mnist, shards partition (up to 2 seeds; mean ± standard deviation)" in text
     # mean 110, sample standard deviation sqrt(((100-110)^2 + (120-110)^2) / 1) = 14.142...
-    assert "| prism | 110.0 ± 14.1 | 0.500 ± 0.000 |" in text
+    assert "| prism | 2 | 110.0 ± 14.1 | 0.500 ± 0.000 |" in text
     assert "| 1.000 MB | 170 kB |" in text
     assert "domain FID x2.00 (worse), 32.0x fewer upload bytes per round, a 32.0x smaller final model" in text
 
@@ -63,6 +63,6 @@ def test_report_only_reads_finished_cells_and_refuses_an_empty_grid(tmp_path, ru
     code, out, err = run_cli(*args, "--report-only")
     assert code == 0, err
     assert "1 of 4 cells finished" in out
-    assert "| prism | 10.0 |" in report.read_text() and report.with_suffix(".png").exists()
+    assert "| prism | 1 | 10.0 |" in report.read_text() and report.with_suffix(".png").exists()
     code, _, err = run_cli(*args[:-4], "--out", str(tmp_path / "empty"), "--report", str(report), "--report-only")
     assert code == 2 and "no finished cell" in err

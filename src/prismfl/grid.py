@@ -99,15 +99,18 @@ def results_markdown(results: dict[Cell, dict], header: str) -> str:
         groups.setdefault((cell.dataset, cell.partition), {}).setdefault(cell.method, []).append(r)
     for (dataset, partition), by_method in groups.items():
         seeds = max(len(v) for v in by_method.values())
-        lines += [f"### {dataset}, {partition} partition ({seeds} seed{'s' * (seeds > 1)})", ""]
-        cols = [name for name, _, _ in METRICS] + ["upload / round", "final model"]
+        lines += [
+            f"### {dataset}, {partition} partition (up to {seeds} seed{'s' * (seeds > 1)}; mean ± standard deviation)",
+            "",
+        ]
+        cols = ["seeds"] + [name for name, _, _ in METRICS] + ["upload / round", "final model"]
         lines.append("| method | " + " | ".join(cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
         for method, rs in by_method.items():
             cells_ = [_mean_spread([r[key] for r in rs], d) for _, key, d in METRICS]
             up = np.mean([r["train"]["upload_bytes_per_round"] for r in rs]) / 1e6
             size = np.mean([r["model_bytes"] for r in rs]) / 1e3
-            lines.append(f"| {method} | " + " | ".join(cells_) + f" | {up:.3f} MB | {size:.0f} kB |")
+            lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells_) + f" | {up:.3f} MB | {size:.0f} kB |")
         lines.append("")
         if "prism" in by_method and "fedavg" in by_method:
             lines += [against_fedavg(by_method["prism"], by_method["fedavg"]), ""]
