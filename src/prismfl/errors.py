@@ -15,3 +15,13 @@ class DataError(PrismError):
 
 class ModelFileError(PrismError):
     pass
+
+
+def read_file_bytes(path, error: type[PrismError], missing: str) -> bytes:
+    """The bytes of `path`; a missing or unreadable file raises `error` with one line (`missing` if absent)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(missing) from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None

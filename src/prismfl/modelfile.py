@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from prismfl.errors import ModelFileError
+from prismfl.errors import ModelFileError, read_file_bytes
 from prismfl.fl.codec import pack_mask, unpack_mask
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm
@@ -102,12 +102,7 @@ def save(model: PrismModel, path: str | Path) -> int:
 
 def load(path: str | Path) -> PrismModel:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelFileError(f"model file not found: {path}") from None
-    except OSError as exc:
-        raise ModelFileError(f"cannot read {path}: {exc.strerror}") from None
+    data = read_file_bytes(path, ModelFileError, f"model file not found: {path}")
     return from_bytes(data, str(path))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prismfl.errors import DataError
+from prismfl.errors import DataError, read_file_bytes
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -49,12 +49,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"CIFAR-10 file missing: {path}; {FETCH_HINT}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    raw = read_file_bytes(path, DataError, f"CIFAR-10 file missing: {path}; {FETCH_HINT}")
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
