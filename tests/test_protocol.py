@@ -40,6 +40,9 @@ def test_server_round_matches_the_plain_functions():
     assert all(torch.equal(a, b) for a, b in zip(out.masks, masks))
     bound = sum(protocol.cross_entropy_bits(m, scores) for m in masks)
     assert out.entropy_bound_bits == bound and sum(len(u) for u in uploads) * 8 >= bound
+    decoded = protocol.aggregate_round(scores, masks, round_=1, table_hash=TABLE, smoothing=0.01, mada=True,
+                                       rng=torch.Generator().manual_seed(7))  # fmt: skip
+    assert torch.equal(decoded.scores, out.scores) and decoded.broadcast == out.broadcast
 
 
 def test_cross_entropy_bits_hand_computed():
@@ -54,3 +57,6 @@ def test_catch_up_bytes():
     assert protocol.catch_up_bytes(3, 3, sizes, 1000) == 0
     assert protocol.catch_up_bytes(1, 3, sizes, 1000) == 50
     assert protocol.catch_up_bytes(0, 3, sizes, 40) == 40  # the full state is cheaper
+    assert protocol.catch_up_rounds(1, 3, sizes, 1000) == [2, 3]
+    assert protocol.catch_up_rounds(0, 3, sizes, 60) == [1, 2, 3]  # a tie sends the deltas
+    assert protocol.catch_up_rounds(0, 3, sizes, 40) is None

@@ -47,6 +47,22 @@ def server_round(
     """Decode the uploads, aggregate, apply MADA, and encode the broadcast delta."""
     scores = global_scores.cpu()
     masks = [wire.decode_upload(u, scores, round_=round_, table_hash=table_hash) for u in uploads]
+    return aggregate_round(scores, masks, round_=round_, table_hash=table_hash, smoothing=smoothing, mada=mada,
+                           rng=rng)  # fmt: skip
+
+
+def aggregate_round(
+    global_scores: torch.Tensor,
+    masks: list[torch.Tensor],
+    *,
+    round_: int,
+    table_hash: int,
+    smoothing: float,
+    mada: bool,
+    rng: torch.Generator,
+) -> RoundOutcome:
+    """server_round on uploads already decoded (a server that validated each one as it arrived)."""
+    scores = global_scores.cpu()
     counts = server.count_masks(masks)
     aggregate = server.aggregate_scores(counts, len(masks), smoothing)
     lam = server.mada_lambda(scores, aggregate, rng) if mada else None
@@ -62,8 +78,14 @@ def apply_broadcast(global_scores: torch.Tensor, message: bytes, *, round_: int,
     return server.apply_round(global_scores.cpu(), d.counts, d.m, d.lam, d.smoothing)
 
 
+def catch_up_rounds(last_synced: int, current: int, delta_sizes: dict[int, int], state_size: int) -> list[int] | None:
+    """What a client that holds round `last_synced` needs to reach round `current`: the rounds whose
+    deltas it missed, or None when the full state is smaller than those deltas."""
+    missed = list(range(last_synced + 1, current + 1))
+    return missed if sum(delta_sizes[r] for r in missed) <= state_size else None
+
+
 def catch_up_bytes(last_synced: int, current: int, delta_sizes: dict[int, int], state_size: int) -> int:
-    """Bytes a client that holds round `last_synced` needs to reach round `current`: the missed
-    deltas, or the full state when that is smaller."""
-    missed = sum(delta_sizes[r] for r in range(last_synced + 1, current + 1))
-    return min(missed, state_size) if current > last_synced else 0
+    """The bytes of catch_up_rounds' choice."""
+    rounds = catch_up_rounds(last_synced, current, delta_sizes, state_size)
+    return state_size if rounds is None else sum(delta_sizes[r] for r in rounds)

@@ -29,7 +29,7 @@ from prismfl import runio
 from prismfl.data.sources import dataset_info
 from prismfl.errors import PrismError
 from prismfl.fl import codec, simulate, task, wire
-from prismfl.fl.protocol import server_round
+from prismfl.fl.protocol import aggregate_round, catch_up_rounds
 from prismfl.flower.client_app import scores_crc
 from prismfl.flower.payload import from_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
@@ -116,13 +116,11 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int) -> tup
 def catch_up(synced: int | None, rnd: int, deltas: dict[int, bytes], delta_sizes: dict[int, int],
              state: bytes, broadcast: str) -> list[bytes]:  # fmt: skip
     """What a client that holds round `synced` (None: unknown) needs to reach round rnd - 1: the
-    missed deltas, or the full state when that is smaller (the bytes protocol.catch_up_bytes counts)."""
+    missed deltas, or the full state when that is smaller (protocol.catch_up_rounds decides)."""
     if broadcast == "float32" or synced is None:
         return [state]
-    missed = range(synced + 1, rnd)
-    if sum(delta_sizes[r] for r in missed) <= len(state):
-        return [deltas[r] for r in missed]
-    return [state]
+    rounds = catch_up_rounds(synced, rnd - 1, delta_sizes, len(state))
+    return [state] if rounds is None else [deltas[r] for r in rounds]
 
 
 def prune(deltas: dict[int, bytes], state_size: int) -> None:
@@ -184,8 +182,8 @@ def run_federation(grid: Grid, s: ServerSettings, on_round=None) -> Path:
             else:
                 try:
                     upload = from_array(reply.content["upload"]["000"])
-                    wire.decode_upload(upload, scores, round_=rnd, table_hash=table_hash)
-                    good[k] = (upload, reply.content["metrics"])
+                    mask = wire.decode_upload(upload, scores, round_=rnd, table_hash=table_hash)
+                    good[k] = (upload, mask, reply.content["metrics"])
                     continue
                 except (wire.WireError, KeyError, ValueError) as exc:
                     why = f"upload rejected: {type(exc).__name__}: {exc}"
@@ -203,15 +201,15 @@ def run_federation(grid: Grid, s: ServerSettings, on_round=None) -> Path:
 
         used = sorted(good)  # the simulator's order: uploads sorted by client
         uploads = [good[k][0] for k in used]
-        outcome = server_round(
-            scores, uploads, round_=rnd, table_hash=table_hash, smoothing=cfg.train.smoothing,
+        outcome = aggregate_round(  # the uploads were decoded (and so validated) as they arrived
+            scores, [good[k][1] for k in used], round_=rnd, table_hash=table_hash, smoothing=cfg.train.smoothing,
             mada=simulate.mada_on(cfg), rng=task.generator_for(cfg.seed, "mada", rnd),
         )  # fmt: skip
         scores = outcome.scores
         deltas[rnd] = outcome.broadcast
         delta_sizes[rnd] = len(outcome.broadcast)
         prune(deltas, state_size)
-        metrics = [good[k][1] for k in used]
+        metrics = [good[k][2] for k in used]
         record = simulate.round_record(
             rnd, n, used, uploads, outcome, [m["loss"] for m in metrics], [m["start-loss"] for m in metrics],
             down, time.perf_counter() - t_round, sum(m["train-seconds"] for m in metrics), privacy,
