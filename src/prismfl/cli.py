@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from prismfl.config import METHODS
 from prismfl.errors import PrismError
 
 app = typer.Typer(
@@ -206,8 +207,8 @@ def grid(
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     cells = grid_mod.cells(split(datasets), split(partitions), split(methods), [int(x) for x in split(seeds)])
     for m in {c.method for c in cells}:
-        if m not in ("prism", "prism-nomada", "fedavg", "local", "central"):
-            raise PrismError(f"unknown method {m!r}; expected prism, prism-nomada, fedavg, local or central")
+        if m not in METHODS:
+            raise PrismError(f"unknown method {m!r}; expected {', '.join(METHODS[:-1])} or {METHODS[-1]}")
     if report_only:
         results = grid_mod.finished(cells, out)
         if not results:

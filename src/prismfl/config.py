@@ -13,6 +13,9 @@ from typing import Any
 
 from prismfl.errors import ConfigError
 
+BASELINES = ("fedavg", "local", "central")  # fl/baselines.py
+METHODS = ("prism", "prism-nomada", *BASELINES)  # prism-nomada: the paper's PRISM without MADA
+
 
 @dataclass
 class DataConfig:
@@ -109,7 +112,7 @@ class RunConfig:
         if not 0 <= self.loss.tracker_beta < 1:
             raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
-        _one_of("train.method", self.train.method, ("prism", "prism-nomada", "fedavg", "local", "central"))
+        _one_of("train.method", self.train.method, METHODS)
         if not self.train.dense_lr > 0:
             raise ConfigError(f"train.dense_lr must be > 0, got {self.train.dense_lr}")
         if self.train.method != "prism" and not math.isinf(self.privacy.epsilon):

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from prismfl import modelfile, report, runio
-from prismfl.config import RunConfig
+from prismfl.config import BASELINES, RunConfig
 from prismfl.eval.report import quick_fid
 from prismfl.fl import task, wire
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.fl.simulate import (
+    CHECKPOINT_VERSION,
     RoundRecord,
     _check_out_dir,
     binary_entropy_bits,
@@ -36,13 +37,12 @@ from prismfl.fl.simulate import (
 from prismfl.model import masked
 from prismfl.progress import bar as progress_bar
 
-METHODS = ("prism", "prism-nomada", "fedavg", "local", "central")
 DENSE_MODEL = "model.pt"
 
 
 def train_baseline(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     method = cfg.train.method
-    if method not in ("fedavg", "local", "central"):
+    if method not in BASELINES:
         raise ValueError(f"{method} is not a baseline")
     out = Path(out)
     state = _check_out_dir(out, cfg, resume)
@@ -126,7 +126,7 @@ def train_baseline(cfg: RunConfig, out: str | Path, *, resume: bool = False, log
             fids = [quick_fid(net, cfg.data.dataset) for net in current_models(cfg, params)]
             record.domain_fid = float(np.mean(fids))
         runio.save_checkpoint(out, {
-            "version": 1, "round": rnd, "config": cfg.to_dict(), "params": params,
+            "version": CHECKPOINT_VERSION, "round": rnd, "config": cfg.to_dict(), "params": params,
             "clients": [c.state_dict() for c in clients], "client_stats": released,
             "model_info": {"feature_net": feature_meta, "privacy": None, "method": method},
         })  # fmt: skip

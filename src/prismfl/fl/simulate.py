@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from prismfl import modelfile, report, runio
-from prismfl.config import RunConfig, config_from_dict
+from prismfl.config import BASELINES, RunConfig, config_from_dict
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
 from prismfl.eval.report import quick_fid
@@ -131,7 +131,7 @@ def finish_run(out: Path, cfg: RunConfig, scores: torch.Tensor, model_info: dict
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     """Run (or continue) a federated training job and write its run directory."""
-    if cfg.train.method in ("fedavg", "local", "central"):
+    if cfg.train.method in BASELINES:
         from prismfl.fl.baselines import train_baseline
 
         return train_baseline(cfg, out, resume=resume, log=log)
