@@ -1,0 +1,71 @@
+"""The baselines in PRISM's harness, on configs/smoke.toml: what they write, what they count, resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl import modelfile, runio
+from prismfl.config import load_config
+from prismfl.fl import baselines, simulate, wire
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+pytestmark = needs_fmnist
+QUIET = {"log": lambda *_: None}
+
+
+def run(method: str, out: Path, rounds: int = 2, resume: bool = False) -> Path:
+    cfg = load_config(SMOKE, [f'train.method="{method}"', f"train.rounds={rounds}", "train.sample_every=0"])
+    return simulate.train(cfg, out, resume=resume, **QUIET)
+
+
+def test_fedavg_sends_float32_weights_and_saves_a_dense_model(tmp_path):
+    out = run("fedavg", tmp_path / "fedavg")
+    n = 16 * 64 + 64 * 128 + 128 * 784  # the smoke MLP's weights
+    for r in runio.read_metrics(out):
+        assert r["upload_bytes"] == len(r["clients"]) * (wire.HEADER.size + 4 * n)
+        assert r["download_bytes"] == r["upload_bytes"] and r["lambda"] is None
+        assert r["bits_per_param"] > 32  # the header on top of 32 bits per weight
+    net, meta = baselines.load_dense(out / baselines.DENSE_MODEL)
+    assert meta["method"] == "fedavg" and meta["dataset"] == "fashion-mnist"
+    assert modelfile.sample(net, 4).shape == (4, 1, 28, 28)
+    assert (out / "report.md").is_file() and (out / "samples.png").is_file()
+
+
+def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):
+    out = run("local", tmp_path / "local")
+    assert all(r["upload_bytes"] == 0 == r["download_bytes"] for r in runio.read_metrics(out))
+    models = [modelfile.load(out / "models" / f"client-{k}.prism") for k in range(3)]
+    assert [m.info["client"] for m in models] == [0, 1, 2]
+    assert not torch.equal(models[0].mask, models[1].mask)  # trained apart
+
+
+def test_central_takes_as_many_steps_as_the_federation(tmp_path):
+    out = run("central", tmp_path / "central")
+    state = runio.load_checkpoint(out)
+    assert len(state["clients"]) == 1 and len(state["client_stats"]) == 1  # one pooled client
+    assert modelfile.load(out / runio.MODEL).info["method"] == "central"
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local"])
+def test_resume_reaches_the_same_state(method, tmp_path, monkeypatch):
+    whole = run(method, tmp_path / "whole", rounds=3)
+    real_local_train = baselines.local_train
+    calls = {"n": 0}
+
+    def dying_local_train(*args, **kwargs):  # killed in round 3, after two rounds of 3 clients
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:
+            raise KeyboardInterrupt
+        return real_local_train(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "local_train", dying_local_train)
+    with pytest.raises(KeyboardInterrupt):
+        run(method, tmp_path / "killed", rounds=3)
+    assert runio.load_checkpoint(tmp_path / "killed")["round"] == 2
+    monkeypatch.setattr(baselines, "local_train", real_local_train)
+    run(method, tmp_path / "killed", rounds=3, resume=True)
+    a, b = runio.load_checkpoint(whole)["params"], runio.load_checkpoint(tmp_path / "killed")["params"]
+    assert len(a) == (1 if method == "fedavg" else 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
