@@ -118,6 +118,8 @@ def run_report(run_dir: Path) -> Path:
     import tomllib
 
     from prismfl import runio
+    from prismfl.config import config_from_dict
+    from prismfl.fl.simulate import mada_on
 
     run_dir = Path(run_dir)
     cfg = tomllib.loads((run_dir / runio.CONFIG).read_text())
@@ -129,7 +131,7 @@ def run_report(run_dir: Path) -> Path:
         f"'{cfg['partition']['scheme']}' partition, seed {cfg['seed']}",
         f"- {cfg['model']['arch']} generator (width {cfg['model']['width']}), {t['rounds']} rounds x "
         f"{t['local_steps']} local steps, batch {t['batch_size']}, {t['client_fraction']:.0%} of clients per round, "
-        f"MADA {'on' if t['mada'] and t['method'] == 'prism' else 'off'}",
+        f"MADA {'on' if mada_on(config_from_dict(cfg)) else 'off'}",
         f"- loss: {cfg['loss']['features']} features, '{cfg['loss']['normalize']}' normalisation, "
         f"'{cfg['loss']['moment']}' matching, tracker {cfg['loss']['tracker']}",
         f"- wall time of the rounds: {sum(r['seconds'] for r in records):.0f} s",
