@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from prismfl.data.sources import _find_idx
+from prismfl.data.sources import find_idx
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -17,7 +17,7 @@ def _private_cache(tmp_path_factory):
 
 def have_fmnist() -> bool:
     root = os.environ.get("PRISMFL_DATA_ROOT")
-    return _find_idx(Path(root) if root else FMNIST, "train-images-idx3-ubyte") is not None
+    return find_idx(Path(root) if root else FMNIST, "train-images-idx3-ubyte") is not None
 
 
 needs_fmnist = pytest.mark.skipif(

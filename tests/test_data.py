@@ -89,7 +89,7 @@ def test_mnist5k_reader(tmp_path):
 
 
 def test_real_mnist_subset_is_announced():
-    split = sources.read_mnist5k(sources._mnist5k_path(), "train")
+    split = sources.read_mnist5k(sources.mnist5k_path(), "train")
     assert len(split) == 4000 and "subset" in split.source
 
 

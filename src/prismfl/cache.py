@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prismfl.runio import atomic_write_bytes
+from prismfl.files import atomic_write_bytes
 
 
 def cache_dir() -> Path:

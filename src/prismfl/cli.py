@@ -24,13 +24,13 @@ def _fail(message: str) -> None:
 
 def _load_model(path: Path):
     """A PrismModel from a model file or a run directory (whose final state is exported on the fly)."""
-    from prismfl import modelfile, runio
-    from prismfl.fl import simulate
+    from prismfl import modelfile, rundir
+    from prismfl.fl.engine import run_model
 
     if path.is_dir():
-        if not (path / runio.CHECKPOINT).exists():
-            raise PrismError(f"{path} is not a prismfl run directory (no {runio.CHECKPOINT})")
-        return simulate.export_run(path)
+        if not rundir.is_run_dir(path):
+            raise PrismError(f"{path} is not a prismfl run directory (no {rundir.CHECKPOINT})")
+        return run_model(path)
     return modelfile.load(path)
 
 
@@ -41,7 +41,7 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set train.rounds=5")] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
     method: Annotated[
-        str | None, typer.Option("--method", help="prism, prism-nomada, fedavg, local or central")
+        str | None, typer.Option("--method", help="prism, fedavg, local or central")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ):
@@ -78,11 +78,11 @@ def sample(
     seed: Annotated[int, typer.Option("--seed", help="noise seed; same seed, same images")] = 0,
 ):
     """Sample images from a run or a model file into a PNG grid."""
-    from prismfl import report
+    from prismfl import plots
 
     if n < 1:
         raise PrismError(f"--n must be at least 1, got {n}")
-    report.sample_grid(_load_model(source), out, n=n, seed=seed)
+    plots.sample_grid(_load_model(source), out, n=n, seed=seed)
     typer.echo(f"wrote {n} samples to {out}")
 
 
@@ -141,21 +141,21 @@ def evaluate(
     ] = False,
 ):
     """Domain FID, precision/recall/density/coverage and class coverage of a model, with its protocol."""
-    from prismfl.eval.report import evaluate as run_evaluation
-    from prismfl.eval.report import format_table
+    from prismfl.eval.evaluate import evaluate as run_evaluation
+    from prismfl.eval.evaluate import format_table
 
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
     result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
     typer.echo(format_table(result))
     if source.is_dir():  # the run keeps its evaluation, and its report shows it
-        from prismfl.report import run_report
-        from prismfl.runio import atomic_write_bytes
+        from prismfl.files import atomic_write_bytes
+        from prismfl.runreport import run_report
 
         atomic_write_bytes(source / "evaluation.json", (json.dumps(result, indent=1) + "\n").encode())
         typer.echo(f"wrote {source / 'evaluation.json'} and {run_report(source)}")
     if out is not None:
-        from prismfl.runio import atomic_write_bytes
+        from prismfl.files import atomic_write_bytes
 
         atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
         typer.echo(f"wrote {out}")
@@ -206,9 +206,10 @@ def grid(
     set_enabled(True)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     cells = grid_mod.cells(split(datasets), split(partitions), split(methods), [int(x) for x in split(seeds)])
+    known = [*METHODS, *grid_mod.VARIANTS]
     for m in {c.method for c in cells}:
-        if m not in METHODS:
-            raise PrismError(f"unknown method {m!r}; expected {', '.join(METHODS[:-1])} or {METHODS[-1]}")
+        if m not in known:
+            raise PrismError(f"unknown method {m!r}; expected {', '.join(known[:-1])} or {known[-1]}")
     if report_only:
         results = grid_mod.finished(cells, out)
         if not results:
@@ -219,7 +220,7 @@ def grid(
     argv = " ".join(sys.argv[1:])
     header = (f"Produced by `prismfl {argv}` on {datetime.date.today().isoformat()}, "
               f"{platform.machine()} CPU ({__import__('os').cpu_count()} cores).")  # fmt: skip
-    from prismfl.runio import atomic_write_bytes
+    from prismfl.files import atomic_write_bytes
 
     atomic_write_bytes(report, grid_mod.results_markdown(results, header).encode())
     grid_mod.plot_curves(results, report.with_suffix(".png"))

@@ -13,8 +13,8 @@ from typing import Any
 
 from prismfl.errors import ConfigError
 
-BASELINES = ("fedavg", "local", "central")  # fl/baselines.py
-METHODS = ("prism", "prism-nomada", *BASELINES)  # prism-nomada: the paper's PRISM without MADA
+BASELINES = ("fedavg", "local", "central")  # fl/methods/: the baselines in PRISM's harness
+METHODS = ("prism", *BASELINES)  # fl/methods/__init__.py registers each
 
 
 @dataclass
@@ -56,14 +56,14 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "prism"  # prism, prism-nomada, or a baseline: fedavg, local, central (fl/baselines.py)
+    method: str = "prism"  # prism, or a baseline: fedavg, local, central (fl/methods/)
     rounds: int = 20
     local_steps: int = 50
     batch_size: int = 64
     lr: float = 0.1
     dense_lr: float = 1e-3  # Adam learning rate of the fedavg baseline's float weights
     client_fraction: float = 1.0
-    mada: bool = True
+    mada: bool = True  # prism: blend rounds with MADA; false is the paper's PRISM-dagger
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
@@ -112,11 +112,11 @@ class RunConfig:
         if not 0 <= self.loss.tracker_beta < 1:
             raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
+        if self.train.method == "prism-nomada":
+            raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
         _one_of("train.method", self.train.method, METHODS)
         if not self.train.dense_lr > 0:
             raise ConfigError(f"train.dense_lr must be > 0, got {self.train.dense_lr}")
-        if self.train.method != "prism" and not math.isinf(self.privacy.epsilon):
-            raise ConfigError(f"privacy is implemented for method 'prism' only, not {self.train.method!r}")
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))

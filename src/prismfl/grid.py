@@ -12,11 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from prismfl import runio
+from prismfl import rundir
 from prismfl.config import load_config
+from prismfl.files import atomic_write_bytes
 from prismfl.progress import bar
 
 EVAL_FILE = "evaluation.json"
+# grid rows that are a method with settings: the paper's PRISM-dagger is prism without MADA
+VARIANTS = {"prism-nomada": ['train.method="prism"', "train.mada=false"]}
+
+
+def method_overrides(method: str) -> list[str]:
+    return VARIANTS.get(method, [f'train.method="{method}"'])
 
 
 @dataclass(frozen=True)
@@ -36,16 +43,21 @@ def cells(datasets, partitions, methods, seeds) -> list[Cell]:
 
 def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
     """Train (or resume) one cell and evaluate it; return its evaluation."""
-    from prismfl.eval.report import evaluate
+    from prismfl.errors import PrismError
+    from prismfl.eval.evaluate import evaluate
     from prismfl.fl.simulate import train
 
     out = cell.path(root)
     if (out / EVAL_FILE).exists():
         return json.loads((out / EVAL_FILE).read_text())
     cfg = load_config(config, [*overrides, f'data.dataset="{cell.dataset}"', f'partition.scheme="{cell.partition}"',
-                               f'train.method="{cell.method}"', f"seed={cell.seed}"])  # fmt: skip
-    resume = (out / runio.CHECKPOINT).exists()
-    if resume and runio.load_checkpoint(out)["config"] != cfg.to_dict():
+                               *method_overrides(cell.method), f"seed={cell.seed}"])  # fmt: skip
+    resume = (out / rundir.CHECKPOINT).exists()
+    try:
+        same = resume and rundir.load_checkpoint(out)["config"] == cfg.to_dict()
+    except PrismError:  # unreadable or from an older prismfl: train the cell again
+        same = False
+    if resume and not same:
         shutil.rmtree(out)  # the grid's settings changed since: start the cell again
         resume = False
     elif not resume and out.exists():
@@ -53,7 +65,7 @@ def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples:
     log(f"grid: {cell.dataset} / {cell.partition} / {cell.method} / seed {cell.seed}")
     train(cfg, out, resume=resume, log=lambda *_: None)
     result = evaluate(out, n=samples)
-    records = runio.read_metrics(out)
+    records = rundir.read_metrics(out)
     result["train"] = {
         "rounds": len(records),
         "upload_bytes_per_round": float(np.mean([r["upload_bytes"] for r in records])),
@@ -65,7 +77,7 @@ def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples:
             if r.get("domain_fid") is not None
         ],  # fmt: skip
     }
-    runio.atomic_write_bytes(out / EVAL_FILE, json.dumps(result, indent=1).encode())
+    atomic_write_bytes(out / EVAL_FILE, json.dumps(result, indent=1).encode())
     return result
 
 

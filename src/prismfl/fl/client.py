@@ -1,4 +1,4 @@
-"""Client side of a PRISM round: global scores in, one sampled binary mask out.
+"""The client side: local training, and what a client process builds once and keeps between rounds.
 
 Only the client touches its images, and only through `MeanVarMatching`, which holds its feature
 statistics. What persists on a client across rounds (its Adam state and loss trackers) lives in
@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prismfl.loss.matching import MeanVarMatching, TrackerState
+from prismfl.config import RunConfig
+from prismfl.errors import PrismError
+from prismfl.fl import task, wire
+from prismfl.fl.task import Federation
+from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState
 from prismfl.model import masked
 
 
@@ -84,3 +88,86 @@ def local_train(
         return LocalResult(mask=None, loss=total / cfg.steps, start_loss=first, scores=scores)
     mask = torch.rand(scores.shape, generator=generator, device=device) < torch.sigmoid(scores)
     return LocalResult(mask=mask, loss=total / cfg.steps, start_loss=first, scores=scores)
+
+
+# ---------------------------------------------------------------- what a client process holds
+
+
+@dataclass
+class ClientContext:
+    """What a client process builds once for a run (whatever the number of clients it serves): the
+    federation's data view, the loss's feature network and the generator."""
+
+    cfg: RunConfig
+    device: str
+    fed: Federation
+    extract: object  # images -> list of feature tensors
+    feature_meta: dict
+    model: nn.Module
+    num_weights: int
+    table_hash: int
+    _clip: list[float] | None = None
+
+    def privacy_clip(self) -> list[float]:
+        """Per-layer clip bounds of the private release, computed once from non-private images."""
+        if self._clip is None:
+            self._clip = task.privacy_clip(self.cfg, self.fed, self.extract, self.device)
+        return self._clip
+
+    def local_config(self, steps: int, lr: float | None = None) -> LocalConfig:
+        return LocalConfig(steps, self.cfg.train.batch_size, self.cfg.train.lr if lr is None else lr)
+
+
+def client_context(cfg: RunConfig, build_model, device: str, log=print) -> ClientContext:
+    """Load the data, build (or fetch from the cache) the feature net, then the model with
+    `build_model(device)`; bad data fails here, before anything is written."""
+    fed = task.prepare_federation(cfg)
+    net, meta = task.build_feature_net(cfg, fed, device, log)
+    model = build_model(device)
+    return ClientContext(cfg, device, fed, net.extract, meta, model, masked.num_maskable(model),
+                         wire.layer_table_hash(masked.layer_table(model)))  # fmt: skip
+
+
+@dataclass
+class ClientRuntime:
+    """Everything one client keeps between rounds: its feature statistics (the only trace of its
+    images, released privately when privacy is on), its Adam and tracker state, its replica of the
+    global state and the round it belongs to, and, for methods that never share it, its own scores."""
+
+    k: int
+    stats: FeatureStats | None  # None: a client that holds no data for this method (central's others)
+    privacy: dict | None = None
+    state: ClientState = field(default_factory=ClientState)
+    held_round: int = 0
+    replica: torch.Tensor | None = None
+    own: torch.Tensor | None = None
+    _loss: MeanVarMatching | None = None
+
+    def loss(self, cfg: RunConfig, device: str) -> MeanVarMatching:
+        if self.stats is None:
+            raise PrismError(f"client {self.k} holds no data for method {cfg.train.method!r}")
+        if self._loss is None:
+            self._loss = task.client_loss(cfg, self.stats, device)
+        return self._loss
+
+    def state_dict(self) -> dict:
+        stats = None if self.stats is None else {"mean": self.stats.mean, "var": self.stats.var,
+                                                  "count": self.stats.count}  # fmt: skip
+        return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
+                "held_round": self.held_round, "replica": self.replica, "own": self.own}  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, d: dict, tracker_lr: float) -> ClientRuntime:
+        s = d["stats"]
+        stats = None if s is None else FeatureStats(list(s["mean"]), list(s["var"]), int(s["count"]))
+        return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
+                   int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
+
+
+def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, round_: int, steps: int,
+                lr: float | None = None) -> LocalResult:  # fmt: skip
+    """One round of local training from `start` (scores, or a dense model's weights) with the
+    client's persistent state; every random draw comes from the (seed, round, client) stream."""
+    gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
+    return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract, client.state,
+                       ctx.local_config(steps, lr), gen)  # fmt: skip

@@ -128,22 +128,6 @@ def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") 
     return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
 
 
-def client_statistics(
-    cfg: RunConfig, extract, images: torch.Tensor, clip: list[float] | None, device: str = "cpu", generator=None
-) -> tuple[FeatureStats, dict | None]:
-    """The only use of a client's images: its feature statistics, released privately when
-    privacy.epsilon is finite. Returns (statistics, privacy summary or None)."""
-    import math
-
-    feats = lambda x: extract(x.to(device))  # noqa: E731
-    if math.isinf(cfg.privacy.epsilon):
-        return feature_stats(feats, images), None
-    from prismfl.privacy import private_feature_stats
-
-    release = private_feature_stats(feats, images, clip, cfg.privacy.epsilon, cfg.privacy.delta, generator)
-    return release.stats, release.summary()
-
-
 def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu") -> MeanVarMatching:
     loss = cfg.loss
     return MeanVarMatching(stats, loss.normalize, loss.moment, loss.tracker, loss.tracker_beta, loss.tracker_lr).to(
@@ -167,7 +151,7 @@ PUBLIC_EPOCHS = 10
 def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
     """The loss's feature network and a record of what it was trained on (never client data)."""
     from prismfl.cache import cached_state_dict
-    from prismfl.classifier import train_classifier
+    from prismfl.supervised import train_classifier
     from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
 
     channels = fed.train.images.shape[1]

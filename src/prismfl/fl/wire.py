@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from prismfl.errors import PrismError
-from prismfl.fl.codec import pack_mask, unpack_mask
 
 MAGIC = b"PRFL"
 VERSION = 1
@@ -131,6 +130,28 @@ def parse(data: bytes, *, table_hash: int, num_weights: int) -> Message:
 
 
 # ---------------------------------------------------------------- coders
+
+
+def pack_mask(mask: torch.Tensor | np.ndarray) -> bytes:
+    """Bool mask -> ceil(N/8) bytes, little bit order, trailing bits zero."""
+    bits = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return np.packbits(bits.reshape(-1).astype(bool), bitorder="little").tobytes()
+
+
+def unpack_mask(payload: bytes, n: int) -> torch.Tensor:
+    """Inverse of pack_mask; rejects a payload of the wrong length or with stray trailing bits."""
+    expected = (n + 7) // 8
+    if len(payload) != expected:
+        raise ValueError(f"packed mask of {n} bits needs {expected} bytes, got {len(payload)}")
+    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")
+    if bits[n:].any():
+        raise ValueError("packed mask has non-zero padding bits")
+    return torch.from_numpy(bits[:n].astype(bool))
+
+
+def packed_size(n: int) -> int:
+    return (n + 7) // 8
+
 
 
 def _probabilities(scores: torch.Tensor) -> np.ndarray:

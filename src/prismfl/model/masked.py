@@ -19,7 +19,7 @@ from torch import nn
 ESTIMATORS = ("plain", "scaled")
 
 
-def _stream_seed(seed: int, name: str) -> int:
+def stream_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"prismfl:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:16], "little")
 
@@ -30,7 +30,7 @@ def frozen_signs(seed: int, name: str, n: int) -> np.ndarray:
     PCG64's raw output is stable across NumPy versions and platforms, unlike the
     distribution methods, so the signs are read straight from its bits.
     """
-    words = np.random.PCG64(_stream_seed(seed, name)).random_raw((n + 63) // 64)
+    words = np.random.PCG64(stream_seed(seed, name)).random_raw((n + 63) // 64)
     bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:n]
     return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
 
@@ -164,7 +164,7 @@ def make_dense(model: nn.Module, seed: int) -> nn.Module:
     """Turn the masked generator into an ordinary one with trainable float weights (He-normal init,
     seeded per layer): the same architecture for the dense FedAvg / local / central baselines."""
     for name, m in masked_layers(model):
-        gen = torch.Generator().manual_seed(_stream_seed(seed, "dense:" + name) >> 65)
+        gen = torch.Generator().manual_seed(stream_seed(seed, "dense:" + name) >> 65)
         w = torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / m.fan_in)
         m.dense = nn.Parameter(w.to(m.weight.device))
         m.scores.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Supervised training of the small CNNs prismfl builds for itself, with a progress bar."""
+"""Supervised training of the small CNNs prismfl builds for itself (the loss's public feature net,
+the evaluation classifier), with a progress bar."""
 
 from __future__ import annotations
 
@@ -7,25 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from prismfl.progress import bar
-
-
-class EvalCNN(nn.Module):
-    """The evaluation classifier: conv32-pool-conv64-pool-fc128-fc10; its 128-d layer is the embedding."""
-
-    def __init__(self, channels: int = 1, img_size: int = 28, num_classes: int = 10):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
-        )  # fmt: skip
-        self.head = nn.Linear(128, num_classes)
-
-    def embed(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def train_classifier(

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from prismfl import modelfile
-from prismfl.classifier import predict
 from prismfl.data.sources import dataset_info, load_split, to_float
 from prismfl.errors import PrismError
 from prismfl.eval.classifier import domain_classifier
 from prismfl.eval.metrics import fid_from_features
 from prismfl.eval.quality import CONFIDENT, class_report
+from prismfl.supervised import predict
 
 
 @lru_cache(maxsize=4)
@@ -90,12 +90,7 @@ def quick_fid(net: torch.nn.Module, dataset: str, root: str | None = None) -> fl
 def load_generator(source: Path) -> tuple[torch.nn.Module, dict, int]:
     """(ready-to-sample generator, provenance info, model bytes) from a .prism file or a FedAvg .pt."""
     if source.suffix == ".pt":
-        from prismfl.fl.baselines import load_dense
-
-        try:
-            net, info = load_dense(source)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise PrismError(f"cannot read dense model {source}: {exc}") from None
+        net, info = modelfile.load_dense(source)
         return net, info, info["bytes"]
     model = modelfile.load(source)
     return modelfile.materialize(model), model.info, source.stat().st_size
@@ -128,16 +123,15 @@ def evaluate(source: Path, n: int = 10000, seed: int = 0, root: str | None = Non
         if ensemble:
             raise PrismError("--ensemble needs a run directory: it samples fresh masks from the global probabilities")
         return evaluate_file(source, n, seed, root, inception)
-    from prismfl import runio
-    from prismfl.config import config_from_dict
+    from prismfl import rundir
 
-    if not (source / runio.CHECKPOINT).exists():
-        raise PrismError(f"{source} is not a prismfl run directory (no {runio.CHECKPOINT})")
-    state = runio.load_checkpoint(source)
-    cfg = config_from_dict(state["config"])
+    if not rundir.is_run_dir(source):
+        raise PrismError(f"{source} is not a prismfl run directory (no {rundir.CHECKPOINT})")
+    state = rundir.load_checkpoint(source)
+    cfg = rundir.checkpoint_config(state)
     method = cfg.train.method
     if method == "fedavg":
-        return {"method": method, **evaluate_file(source / "model.pt", n, seed, root, inception)}
+        return {"method": method, **evaluate_file(source / modelfile.DENSE_MODEL, n, seed, root, inception)}
     if method == "local":  # every client's own model, each judged alone; the mean is the headline
         per_client = [evaluate_file(p, n, seed, root, inception)
                       for p in sorted((source / "models").glob("client-*.prism"))]  # fmt: skip
@@ -147,14 +141,16 @@ def evaluate(source: Path, n: int = 10000, seed: int = 0, root: str | None = Non
         return {"method": method, **per_client[0], **mean, "class_histogram": hist, "per_client": per_client,
                 "model_bytes": per_client[0]["model_bytes"]}  # fmt: skip
     if not ensemble:
-        return {"method": method, **evaluate_file(source / runio.MODEL, n, seed, root, inception)}
-    from prismfl.fl import server, task
+        return {"method": method, **evaluate_file(source / rundir.MODEL, n, seed, root, inception)}
+    from prismfl.fl import aggregate, task
 
-    scores = state["global_scores"] if "global_scores" in state else state["params"][0]
+    scores = state["server"].get("scores")
+    if scores is None:
+        raise PrismError(f"--ensemble needs one set of global probabilities; a {method} run has none")
     spec, batches = task.arch_spec(cfg), []
     gen = torch.Generator().manual_seed(seed)
     for i, start in enumerate(range(0, n, 500)):
-        mask = server.sample_mask(scores, task.generator_for(seed, "ensemble", i))
+        mask = aggregate.sample_mask(scores, task.generator_for(seed, "ensemble", i))
         net = modelfile.materialize(modelfile.PrismModel(spec, mask))
         z = torch.randn(min(500, n - start), net.z_dim, generator=gen)
         with torch.no_grad():

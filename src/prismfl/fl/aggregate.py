@@ -1,4 +1,5 @@
-"""Server side of a PRISM round: masks in, global scores out. Plain functions over CPU tensors.
+"""What a PRISM round computes from masks: run by the server, and by clients that rebuild the global
+scores from a broadcast delta. Plain functions over CPU tensors.
 
 A round is: count how many uploads kept each weight (`count_masks`), turn the counts into
 smoothed logits (`aggregate_scores`), measure MADA's lambda (`mada_lambda`, the only random step,
@@ -7,6 +8,8 @@ call the same `apply_round` and hold the same global scores, bit for bit.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,10 +40,6 @@ def aggregate_scores(counts: torch.Tensor, m: int, smoothing: float = 0.01) -> t
     if smoothing == 0:
         theta = theta.clamp(1e-6, 1 - 1e-6)
     return logit(theta).to(torch.float32)
-
-
-def aggregate_masks(masks: list[torch.Tensor], smoothing: float = 0.01) -> torch.Tensor:
-    return aggregate_scores(count_masks(masks), len(masks), smoothing)
 
 
 def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -74,9 +73,14 @@ def apply_round(
     return blend(global_scores, aggregate_scores(counts, m, smoothing), lam)
 
 
-def mada_update(
-    global_scores: torch.Tensor, aggregate: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, float]:
-    """MADA in one call: when the new aggregate barely changes the sampled network, barely move."""
-    lam = mada_lambda(global_scores, aggregate, generator)
-    return blend(global_scores, aggregate, lam), lam
+def binary_entropy_bits(scores: torch.Tensor) -> float:
+    """Mean entropy (bits/weight) of Bernoulli(sigmoid(scores)): the floor for coding a sampled mask."""
+    p = torch.sigmoid(scores.double()).clamp(1e-12, 1 - 1e-12)
+    return float((-(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))).mean())
+
+
+def cross_entropy_bits(mask: torch.Tensor, scores: torch.Tensor) -> float:
+    """-log2 of the probability of `mask` under Bernoulli(sigmoid(scores)): a coder's lower bound."""
+    log_p = torch.nn.functional.logsigmoid(scores.double())  # log P(keep)
+    log_q = torch.nn.functional.logsigmoid(-scores.double())  # log P(drop)
+    return float(-torch.where(mask.cpu(), log_p.cpu(), log_q.cpu()).sum() / math.log(2))

@@ -1,0 +1,165 @@
+"""The one round loop, for every method and both transports.
+
+    setup (the transport builds or restores its clients) -> for each round:
+        method.plan -> transport.exchange (messages down, uploads back) -> method.decode each upload
+        -> method.aggregate -> record, checkpoint, metrics line, sample grid every sample_every rounds
+    -> method.export, samples.png, curves.png, report.md
+
+A transport only moves bytes: `fl.simulate.InProcess` calls the clients in this process,
+`flower.server_app.GridTransport` sends Flower messages to SuperNodes. A run is resumed from its
+checkpoint the same way whichever transport wrote it (with the same transport).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from prismfl import plots, rundir, runreport
+from prismfl.config import RunConfig
+from prismfl.data.partition import format_class_table
+from prismfl.errors import PrismError
+from prismfl.fl import methods, wire
+from prismfl.fl.methods.base import Downlink, Method, Upload
+from prismfl.progress import bar as progress_bar
+from prismfl.progress import line as progress_line
+from prismfl.progress import visible as progress_visible
+
+
+@dataclass
+class Setup:
+    """What the server learns from setting up the clients."""
+
+    num_weights: int
+    table_hash: int
+    class_table: np.ndarray  # clients x classes
+    class_names: list[str]
+    source: str  # where the training data came from
+    feature_meta: dict  # what the loss's feature net was trained on
+    privacy: dict | None  # the release's parameters (without the clip bounds), None without privacy
+
+
+class Transport(Protocol):
+    name: str  # written into the checkpoint: a run resumes on the transport that wrote it
+    min_replies: int  # a round needs at least this many good uploads (at most the clients contacted)
+
+    def setup(self, method: Method, checkpoint: dict | None, log) -> Setup: ...
+
+    def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
+        """Send each client its downlink; return the uploads that came back and the failures
+        ({"client": k, "error": why}) of those that did not."""
+        ...
+
+    def client_states(self) -> dict | None:
+        """The clients' states for the checkpoint, where this process holds them (else None)."""
+        ...
+
+
+def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool = False, log=print,
+        on_round=None) -> Path:  # fmt: skip
+    """Run (or continue) a job and write its run directory; `on_round(rnd, state)` after every round."""
+    out = Path(out)
+    method = methods.build(cfg)
+    ckpt = rundir.check(out, cfg, resume=resume, transport=transport.name)
+    setup = transport.setup(method, ckpt, log)  # bad data fails here, before anything is written
+    model_info = {"method": cfg.train.method, "feature_net": setup.feature_meta, "privacy": setup.privacy}
+    if setup.privacy:
+        p = setup.privacy
+        log(f"privacy: each client's statistics released once with epsilon={p['epsilon']:.3f}, "
+            f"delta={p['delta']:g} (noise std {p['noise_std']:.2f} in clipped units)")  # fmt: skip
+    if ckpt is None:
+        rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
+        state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
+    else:
+        state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
+        if ckpt["clients"] is None:  # the clients kept their own state, and have started afresh since
+            method.clients_restarted(state)
+        rundir.write_metrics(out, records)
+        log(f"resuming {out} after round {ckpt['round']}")
+    n = setup.num_weights
+    log(f"method {cfg.train.method}: {cfg.model.arch} generator, {n:,} weights "
+        f"({wire.packed_size(n):,} bytes as packed bits)")  # fmt: skip
+    sizes = setup.class_table.sum(axis=1).tolist()
+    rounds = cfg.train.rounds
+    bar = progress_bar(range(start, rounds + 1), desc=f"{cfg.train.method} rounds", unit="round", leave=True,
+                       initial=start - 1, total=rounds)  # fmt: skip
+    for rnd in bar:
+        t_round = time.perf_counter()
+        plan = method.plan(state, rnd)
+        replies, failures = transport.exchange(rnd, plan.downlinks)
+        uploads = {}
+        for k in sorted(replies):
+            try:
+                uploads[k] = (replies[k].data, method.decode(state, rnd, replies[k].data))
+            except wire.WireError as exc:
+                failures.append({"client": k, "error": f"upload rejected: {type(exc).__name__}: {exc}"})
+        for failure in failures:
+            method.client_lost(state, failure["client"])
+            log(f"round {rnd}: client {failure['client']} left out ({failure['error']})")
+        needed = min(transport.min_replies, len(plan.downlinks))
+        if len(uploads) < needed:
+            rundir.append_metrics(out, {"round": rnd, "aborted": True, "failures": failures, "replies": len(uploads),
+                                        "min_replies": needed})  # fmt: skip
+            raise PrismError(f"round {rnd}: {len(uploads)} good uploads of {len(plan.downlinks)}, fewer than "
+                             f"min-replies = {needed}; the run stops (last complete round {rnd - 1}; "
+                             "see metrics.jsonl)")  # fmt: skip
+        outcome = method.aggregate(state, rnd, uploads, sizes)
+        failed = {f["client"] for f in failures}
+        clients = [k for k in plan.clients if k not in failed]
+        used = sorted(uploads)
+        record = rundir.RoundRecord(
+            round=rnd,
+            loss=float(np.mean([replies[k].loss for k in used])),
+            start_loss=float(np.mean([replies[k].start_loss for k in used])),
+            lam=outcome.lam,
+            upload_bytes=outcome.upload_bytes,
+            download_bytes=plan.download_bytes,
+            bits_per_param=8 * outcome.upload_bytes / (n * len(clients)),
+            entropy_bound_bits_per_param=outcome.entropy_bound_bits / (n * len(clients)),
+            broadcast_bytes=outcome.broadcast_bytes,
+            seconds=time.perf_counter() - t_round,
+            client_seconds=sum(replies[k].seconds for k in used),
+            clients=clients,
+            mask_entropy=outcome.mask_entropy,
+            epsilon=setup.privacy["epsilon"] if setup.privacy else None,
+        )
+        if rundir.due(cfg.train.eval_every, rnd, rounds):
+            from prismfl.eval.evaluate import quick_fid
+
+            record.domain_fid = float(np.mean([quick_fid(net, cfg.data.dataset) for net in method.nets(state)]))
+        records.append({**record.to_dict(), **({"failures": failures} if failures else {})})
+        rundir.save_checkpoint(out, round_=rnd, cfg=cfg, transport=transport.name, server=state,
+                               clients=transport.client_states(), records=records, model_info=model_info)  # fmt: skip
+        rundir.append_metrics(out, records[-1])
+        if cfg.train.sample_every and rnd % cfg.train.sample_every == 0 and rnd < rounds:
+            plots.save_grid(method.sample_images(state), out / "samples" / f"round-{rnd:04d}.png", nrow=8)
+        lam = "-" if outcome.lam is None else f"{outcome.lam:.3f}"
+        if progress_visible():
+            bar.set_postfix(loss=f"{record.loss:.4f}", lam=lam)
+        else:
+            progress_line(f"round {rnd}/{rounds}: loss {record.loss:.4f}, lambda {lam}, {len(clients)} clients, "
+                          f"{record.upload_bytes:,} bytes up, {record.seconds:.1f} s")  # fmt: skip
+        if on_round is not None:
+            on_round(rnd, state)
+
+    what = method.export(state, out, rounds, model_info)
+    plots.save_grid(method.sample_images(state), out / "samples.png", nrow=8)
+    plots.curves(records, out / "curves.png")
+    runreport.run_report(out)
+    log(f"done: {what}; samples.png, curves.png and report.md in {out}")
+    return out
+
+
+def run_model(run_dir: Path):
+    """The mask model of a run directory's latest checkpoint (the bytes the run exported at the end)."""
+    state = rundir.load_checkpoint(run_dir)
+    cfg = rundir.checkpoint_config(state)
+    method = methods.build(cfg)
+    try:
+        return method.final_model(state["server"], state["round"], state["model_info"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise PrismError(f"{run_dir}: its checkpoint does not hold a {cfg.train.method} state ({exc})") from None

@@ -1,0 +1,178 @@
+"""The Method interface: what a federated method is, apart from how rounds are driven and messages move.
+
+A method knows (like a Flower Strategy, with FLSim's split of server from trainer):
+- server side: its global state (`init_state`), whom a round contacts and with which messages
+  (`plan`), how an upload is decoded and checked (`decode`), how uploads become the next global
+  state (`aggregate`), and what the run exports (`final_model`, `export`, `sample_images`);
+- client side: what a client does with a round's messages (`client_round`), and how it turns its
+  images into the statistics its loss matches (`release`; the privacy wrapper replaces it).
+The engine (fl/engine.py) drives rounds, resume, records and checkpoints for every method; the
+transports (fl/simulate.py in-process, flower/ over a Flower Grid) only move the bytes.
+
+Global state is a plain tree of tensors, numbers and lists (safestate), checkpointed as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prismfl import modelfile
+from prismfl.config import RunConfig
+from prismfl.fl import aggregate, task, wire
+from prismfl.fl.client import ClientContext, ClientRuntime
+from prismfl.loss.matching import FeatureStats, feature_stats
+from prismfl.modelfile import PrismModel
+
+
+@dataclass
+class Downlink:
+    """What the server sends one client in a round."""
+
+    round: int
+    messages: list[bytes]  # wire messages, applied in order
+    steps: int  # local steps to take
+    check: int | None = None  # CRC-32 of the replica the client must hold after the messages
+
+
+@dataclass
+class Upload:
+    """What one client sends back."""
+
+    data: bytes  # one wire message
+    loss: float
+    start_loss: float
+    seconds: float  # local training time
+
+
+@dataclass
+class Plan:
+    clients: list[int]  # the round's clients, as recorded
+    downlinks: dict[int, Downlink]  # whom the server contacts, and with what
+    download_bytes: int  # bytes the method counts as sent down
+
+
+@dataclass
+class Outcome:
+    lam: float | None
+    upload_bytes: int  # bytes the method counts as sent up
+    broadcast_bytes: int
+    entropy_bound_bits: float
+    mask_entropy: float
+
+
+def scores_crc(values: torch.Tensor) -> int:
+    """CRC-32 of float32 values: server and client check that their replicas agree bit for bit."""
+    import zlib
+
+    return zlib.crc32(values.detach().cpu().to(torch.float32).numpy().tobytes())
+
+
+class Method:
+    """Defaults shared by the masked methods; each method overrides what differs."""
+
+    name = ""
+    communicates = True  # False: nothing the method needs travels (local, central)
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.spec = task.arch_spec(cfg)
+
+    # ---- both sides
+
+    def build_model(self, device: str = "cpu") -> torch.nn.Module:
+        return task.build_model(self.cfg, device)
+
+    def layout(self, model: torch.nn.Module | None = None) -> tuple[int, int]:
+        """(maskable weights N, layer-table hash) of the method's model."""
+        from prismfl.model import masked
+
+        model = model if model is not None else task.build_model(self.cfg)
+        return masked.num_maskable(model), wire.layer_table_hash(masked.layer_table(model))
+
+    # ---- client side
+
+    def holds_data(self, k: int) -> bool:
+        return True
+
+    def client_images(self, ctx: ClientContext, k: int) -> torch.Tensor:
+        return ctx.fed.client_images(k)
+
+    def release(self, ctx: ClientContext, images: torch.Tensor) -> tuple[FeatureStats, dict | None]:
+        """The client's feature statistics (exact; `privacy.Private` releases them with DP instead)."""
+        return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images), None
+
+    def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
+        """Round-0 state of a new client (every client derives it from the run seed: 0 bytes)."""
+
+    def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
+        raise NotImplementedError
+
+    # ---- server side
+
+    def init_state(self, num_weights: int, table_hash: int) -> dict:
+        raise NotImplementedError
+
+    def plan(self, state: dict, rnd: int) -> Plan:
+        raise NotImplementedError
+
+    def decode(self, state: dict, rnd: int, data: bytes):
+        """The decoded upload; a WireError for anything that must not be accepted."""
+        raise NotImplementedError
+
+    def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, object]],
+                  sizes: list[int]) -> Outcome:  # fmt: skip
+        """Fold the round's decoded uploads (by client) into `state`, in place."""
+        raise NotImplementedError
+
+    def client_lost(self, state: dict, k: int) -> None:
+        """Client k failed this round: the server no longer knows what it holds."""
+
+    def clients_restarted(self, state: dict) -> None:
+        """Every client restarted from scratch (a Flower run resumed)."""
+
+    def final_model(self, state: dict, rounds: int, info: dict) -> PrismModel:
+        raise NotImplementedError
+
+    def sample_images(self, state: dict, n: int = 64) -> torch.Tensor:
+        """Images of the current model(s) with noise seed 0: the grids every `sample_every` rounds."""
+        return modelfile.sample(modelfile.materialize(self.final_model(state, 0, {})), n, 0)
+
+    def nets(self, state: dict) -> list[torch.nn.Module]:
+        """Ready-to-sample generators of the current state (the quick FID averages over them)."""
+        return [modelfile.materialize(self.final_model(state, 0, {}))]
+
+    def export(self, state: dict, out: Path, rounds: int, info: dict) -> str:
+        """Write the run's model file(s); return what was written, for the log."""
+        from prismfl import rundir
+
+        size = modelfile.save(self.final_model(state, rounds, info), out / rundir.MODEL)
+        return f"{out / rundir.MODEL} ({size:,} bytes)"
+
+    # ---- helpers for the methods whose uploads are float32 states (fedavg, local, central)
+
+    def _decode_floats(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
+        held, values = wire.decode_state(data, num_weights=state["num_weights"], table_hash=state["table_hash"])
+        if held != rnd:
+            raise wire.UnexpectedMessage(f"expected the state of round {rnd}, got round {held}")
+        return values
+
+    def _upload_floats(self, ctx: ClientContext, values: torch.Tensor, rnd: int, result, t0: float) -> Upload:
+        data = wire.encode_state(values.cpu(), round_=rnd, table_hash=ctx.table_hash)
+        return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
+
+
+def masked_final_model(cfg: RunConfig, spec, scores: torch.Tensor, rounds: int, info: dict) -> PrismModel:
+    """The exported mask model of `scores`: the most likely mask (keep a weight where its probability
+    > 1/2; docs/quality.md), or one Bernoulli draw from the run seed (`train.final_mask = "sample"`,
+    as the paper's models)."""
+    if cfg.train.final_mask == "mode":
+        mask = scores.cpu() > 0
+    else:
+        mask = aggregate.sample_mask(scores.cpu(), task.generator_for(cfg.seed, "final-mask"))
+    full = {"dataset": cfg.data.dataset, "rounds": rounds, "clients": cfg.partition.num_clients,
+            "partition": cfg.partition.scheme, **info}  # fmt: skip
+    return PrismModel(spec, mask, full)

@@ -1,0 +1,40 @@
+"""Central training, the upper bound: one PRISM model trained on all clients' data pooled, for as many
+steps as the round's clients take together in the federation. Client 0 stands for the pooled data
+(on Flower: the node with partition-id 0 computes the pooled statistics); nothing is communicated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prismfl.fl import aggregate, task
+from prismfl.fl.client import ClientContext
+from prismfl.fl.methods.base import Downlink, Outcome, Plan, masked_final_model
+from prismfl.fl.methods.local import OwnScores
+
+
+class Central(OwnScores):
+    name = "central"
+
+    def holds_data(self, k: int) -> bool:
+        return k == 0
+
+    def client_images(self, ctx: ClientContext, k: int) -> torch.Tensor:
+        return ctx.fed.images(np.sort(np.concatenate(ctx.fed.parts)))
+
+    def init_state(self, num_weights: int, table_hash: int) -> dict:
+        return {"num_weights": num_weights, "table_hash": table_hash,
+                "scores": task.initial_scores(self.cfg, num_weights)}  # fmt: skip
+
+    def plan(self, state: dict, rnd: int) -> Plan:
+        chosen = task.select_clients(self.cfg, rnd)
+        return Plan(chosen, {0: Downlink(rnd, [], self.cfg.train.local_steps * len(chosen))}, 0)
+
+    def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
+                  sizes: list[int]) -> Outcome:  # fmt: skip
+        state["scores"] = uploads[0][1]
+        return Outcome(None, 0, 0, 0.0, aggregate.binary_entropy_bits(state["scores"]))
+
+    def final_model(self, state: dict, rounds: int, info: dict):
+        return masked_final_model(self.cfg, self.spec, state["scores"], rounds, info)

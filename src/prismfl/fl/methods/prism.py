@@ -1,0 +1,136 @@
+"""PRISM (METHOD.md): clients upload one sampled binary mask; the server averages the masks into new
+global scores, blended with the old ones by MADA's lambda (or not, `train.mada = false`: the paper's
+PRISM-dagger), and broadcasts the round as a delta (counts + lambda) from which clients rebuild the
+new scores bit for bit. A client that missed rounds catches up with their deltas, or with the full
+float32 state when that is smaller.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from prismfl.fl import aggregate, task, wire
+from prismfl.fl.client import ClientContext, ClientRuntime, train_round
+from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
+from prismfl.modelfile import PrismModel
+from prismfl.errors import PrismError
+
+
+def catch_up_rounds(last_synced: int, current: int, delta_sizes: dict[int, int], state_size: int) -> list[int] | None:
+    """What a client that holds round `last_synced` needs to reach round `current`: the rounds whose
+    deltas it missed, or None when the full state is smaller than those deltas."""
+    missed = list(range(last_synced + 1, current + 1))
+    return missed if sum(delta_sizes[r] for r in missed) <= state_size else None
+
+
+def prune(deltas: dict[int, torch.Tensor], state_size: int) -> None:
+    """Keep only the newest deltas whose sum is at most a full state: older ones are never sent."""
+    while sum(d.numel() for d in deltas.values()) > state_size:
+        del deltas[min(deltas)]
+
+
+def apply_broadcast(global_scores: torch.Tensor, message: bytes, *, round_: int, table_hash: int) -> torch.Tensor:
+    """Client side: rebuild the new global scores from the previous ones and the round's delta."""
+    d = wire.decode_delta(message, global_scores.cpu(), round_=round_, table_hash=table_hash)
+    return aggregate.apply_round(global_scores.cpu(), d.counts, d.m, d.lam, d.smoothing)
+
+
+def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int,
+             table_hash: int) -> tuple[int, torch.Tensor]:  # fmt: skip
+    """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`."""
+    for data in messages:
+        if wire.parse(data, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_STATE:
+            held, scores = wire.decode_state(data, num_weights=num_weights, table_hash=table_hash)
+        else:  # a delta takes the replica one round forward; it names the round it must be applied to
+            scores = apply_broadcast(scores, data, round_=held + 1, table_hash=table_hash)
+            held += 1
+    return held, scores
+
+
+class Prism(Method):
+    name = "prism"
+
+    def __init__(self, cfg, mada: bool | None = None):
+        super().__init__(cfg)
+        self.mada = cfg.train.mada if mada is None else mada
+
+    # ---- client side
+
+    def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
+        client.held_round, client.replica = 0, task.initial_scores(self.cfg, ctx.num_weights)
+
+    def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
+        held, scores = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
+                                table_hash=ctx.table_hash)  # fmt: skip
+        if held != down.round - 1 or (down.check is not None and scores_crc(scores) != down.check):
+            raise PrismError(f"client {client.k}: its replica of round {held} does not match the server's "
+                             f"round {down.round - 1}")  # fmt: skip
+        client.held_round, client.replica = held, scores
+        t0 = time.perf_counter()
+        result = train_round(ctx, client, scores, down.round, down.steps)
+        data = wire.encode_upload(result.mask.cpu(), scores.cpu(), round_=down.round, table_hash=ctx.table_hash,
+                                  coder=self.cfg.train.upload_coder)  # fmt: skip
+        return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
+
+    # ---- server side
+
+    def init_state(self, num_weights: int, table_hash: int) -> dict:
+        k = self.cfg.partition.num_clients
+        return {"num_weights": num_weights, "table_hash": table_hash,
+                "scores": task.initial_scores(self.cfg, num_weights),
+                "synced": [0] * k,  # the round whose global scores each client holds (None: unknown)
+                "delta_sizes": {}, "deltas": {}}  # fmt: skip
+
+    def plan(self, state: dict, rnd: int) -> Plan:
+        chosen = task.select_clients(self.cfg, rnd)
+        scores, th = state["scores"], state["table_hash"]
+        full = wire.encode_state(scores, round_=rnd - 1, table_hash=th)
+        crc = scores_crc(scores)
+        downlinks, down = {}, 0
+        for k in chosen:
+            synced = state["synced"][k]
+            rounds = None
+            if self.cfg.train.broadcast == "delta" and synced is not None:
+                rounds = catch_up_rounds(synced, rnd - 1, state["delta_sizes"], len(full))
+            messages = [full] if rounds is None else [state["deltas"][r].numpy().tobytes() for r in rounds]
+            down += sum(len(m) for m in messages)
+            downlinks[k] = Downlink(rnd, messages, self.cfg.train.local_steps, crc)
+            state["synced"][k] = rnd - 1
+        return Plan(chosen, downlinks, down)
+
+    def decode(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
+        return wire.decode_upload(data, state["scores"], round_=rnd, table_hash=state["table_hash"])
+
+    def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
+                  sizes: list[int]) -> Outcome:  # fmt: skip
+        old = state["scores"].cpu()
+        masks = [uploads[k][1] for k in sorted(uploads)]
+        smoothing = self.cfg.train.smoothing
+        counts = aggregate.count_masks(masks)
+        proposal = aggregate.aggregate_scores(counts, len(masks), smoothing)
+        lam = aggregate.mada_lambda(old, proposal, task.generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
+            else None  # fmt: skip
+        new = aggregate.blend(old, proposal, lam)
+        delta = wire.encode_delta(counts, len(masks), lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
+        state["scores"] = new
+        state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
+        state["delta_sizes"][rnd] = len(delta)
+        prune(state["deltas"], wire.HEADER.size + 4 * state["num_weights"])
+        return Outcome(
+            lam=lam,
+            upload_bytes=sum(len(uploads[k][0]) for k in uploads),
+            broadcast_bytes=len(delta),
+            entropy_bound_bits=sum(aggregate.cross_entropy_bits(m, old) for m in masks),
+            mask_entropy=aggregate.binary_entropy_bits(new),
+        )
+
+    def client_lost(self, state: dict, k: int) -> None:
+        state["synced"][k] = None
+
+    def clients_restarted(self, state: dict) -> None:
+        state["synced"] = [None] * len(state["synced"])
+
+    def final_model(self, state: dict, rounds: int, info: dict) -> PrismModel:
+        return masked_final_model(self.cfg, self.spec, state["scores"], rounds, info)
