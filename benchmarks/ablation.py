@@ -20,9 +20,10 @@ import torch
 
 from prismfl import modelfile
 from prismfl.config import load_config
-from prismfl.eval.report import score_images
-from prismfl.fl import simulate, task
+from prismfl.eval.evaluate import score_images
+from prismfl.fl import task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.fl.methods.base import masked_final_model
 from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
 
@@ -57,8 +58,8 @@ def central_curve(overrides: list[str], steps: int, every: int, config: str) -> 
         result = local_train(model, scores, loss, net.extract, state, local, gen)
         train_seconds += time.perf_counter() - t0
         scores = result.scores
-        mask = simulate.final_mask(cfg, scores)  # as the exported model
-        images = modelfile.sample(modelfile.materialize(modelfile.PrismModel(task.arch_spec(cfg), mask)), 2000)
+        model = masked_final_model(cfg, task.arch_spec(cfg), scores, 0, {})  # as the exported model
+        images = modelfile.sample(modelfile.materialize(model), 2000)
         s = score_images(images, cfg.data.dataset, n_real=2000)
         curve.append({"steps": done, "train_seconds": round(train_seconds, 1), "loss": result.loss,
                       "domain_fid": s["domain_fid"], "confident_share": s["confident_share"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from prismfl.fl import protocol, server, wire
+from prismfl.fl import aggregate, wire
 
 
 def best_of(fn, repeats: int = 3) -> tuple[float, object]:
@@ -33,12 +33,12 @@ def measure(scores: torch.Tensor, client_shift: float, m: int = 5) -> dict:
     n = scores.numel()
     gen = torch.Generator().manual_seed(0)
     client = scores + client_shift * torch.randn(n, generator=gen)
-    masks = [server.sample_mask(client, torch.Generator().manual_seed(i)) for i in range(m)]
+    masks = [aggregate.sample_mask(client, torch.Generator().manual_seed(i)) for i in range(m)]
     enc_s, msg = best_of(lambda: wire.encode_upload(masks[0], scores, round_=1, table_hash=0, coder="range"))
     dec_s, back = best_of(lambda: wire.decode_upload(msg, scores, round_=1, table_hash=0))
     assert torch.equal(back, masks[0])
-    bound = protocol.cross_entropy_bits(masks[0], scores)
-    counts = server.count_masks(masks)
+    bound = aggregate.cross_entropy_bits(masks[0], scores)
+    counts = aggregate.count_masks(masks)
     denc_s, delta = best_of(lambda: wire.encode_delta(counts, m, 0.1, 0.01, scores, round_=1, table_hash=0))
     ddec_s, _ = best_of(lambda: wire.decode_delta(delta, scores, round_=1, table_hash=0))
     return {
@@ -66,9 +66,9 @@ def main() -> None:
     a = p.parse_args()
     rows = {}
     if a.run:
-        from prismfl import runio
+        from prismfl import rundir
 
-        scores = runio.load_checkpoint(Path(a.run))["global_scores"]
+        scores = rundir.load_checkpoint(Path(a.run))["server"]["scores"]
         rows[f"{a.run} final global scores, client shift 1.0"] = measure(scores, 1.0)
     for n in (1_359_872, 3_543_616):
         scores = 3.0 * torch.randn(n, generator=torch.Generator().manual_seed(1))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from prismfl import modelfile, runio
+from prismfl import modelfile, rundir
 from prismfl.config import load_config
-from prismfl.eval.report import score_images
+from prismfl.eval.evaluate import score_images
 from prismfl.fl import simulate
 from prismfl.progress import set_enabled
 
@@ -66,10 +66,10 @@ def main() -> None:
         t0 = time.perf_counter()
         simulate.train(cfg, run, log=lambda *_: None)
         wall = time.perf_counter() - t0
-        model = modelfile.load(run / runio.MODEL)
+        model = modelfile.load(run / rundir.MODEL)
         images = modelfile.sample(modelfile.materialize(model), a.samples, seed=0)
         s = score_images(images, cfg.data.dataset, n_real=a.samples)
-        records = runio.read_metrics(run)
+        records = rundir.read_metrics(run)
         done["results"][name] = {
             "overrides": VARIANTS[name], "wall_seconds": round(wall, 1),
             "train_seconds": round(sum(r["seconds"] for r in records), 1),

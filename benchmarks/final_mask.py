@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from prismfl import modelfile, runio
-from prismfl.config import config_from_dict
-from prismfl.eval.report import score_images
-from prismfl.fl import simulate, task
+from prismfl import modelfile, rundir
+from prismfl.eval.evaluate import score_images
+from prismfl.fl import task
+from prismfl.fl.methods.base import masked_final_model
 
 
 def main() -> None:
@@ -25,13 +25,13 @@ def main() -> None:
     p.add_argument("run")
     p.add_argument("--samples", type=int, default=5000)
     args = p.parse_args()
-    state = runio.load_checkpoint(Path(args.run))
-    cfg = config_from_dict(state["config"])
-    scores = state["global_scores"]
+    state = rundir.load_checkpoint(Path(args.run))
+    cfg = rundir.checkpoint_config(state)
+    scores = state["server"]["scores"]
     out = {}
     for kind in ("mode", "sample"):
         cfg.train.final_mask = kind
-        model = modelfile.PrismModel(task.arch_spec(cfg), simulate.final_mask(cfg, scores))
+        model = masked_final_model(cfg, task.arch_spec(cfg), scores, 0, {})
         images = modelfile.sample(modelfile.materialize(model), args.samples)
         s = score_images(images, cfg.data.dataset, n_real=args.samples)
         out[kind] = {k: s[k] for k in ("domain_fid", "confident_share", "class_histogram")}

@@ -16,7 +16,7 @@ from datetime import date
 import torch
 
 from prismfl.config import load_config
-from prismfl.fl import server, task
+from prismfl.fl import aggregate, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.loss.features import SmallCNN, freeze
 from prismfl.loss.matching import feature_stats
@@ -51,8 +51,9 @@ def time_aggregation(n: int, clients: int = 10, repeats: int = 5) -> float:
     scores = torch.randn(n, generator=gen)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        agg = server.aggregate_masks(masks)
-        server.mada_update(scores, agg, gen)
+        counts = aggregate.count_masks(masks)
+        proposal = aggregate.aggregate_scores(counts, len(masks))
+        aggregate.blend(scores, proposal, aggregate.mada_lambda(scores, proposal, gen))
     return 1000 * (time.perf_counter() - t0) / repeats
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import needs_fmnist
-from prismfl import modelfile, runio
+from prismfl import modelfile, rundir
 from prismfl.config import load_config
-from prismfl.fl import baselines, simulate, wire
+from prismfl.fl import simulate, wire
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 pytestmark = needs_fmnist
@@ -23,11 +23,11 @@ def run(method: str, out: Path, rounds: int = 2, resume: bool = False) -> Path:
 def test_fedavg_sends_float32_weights_and_saves_a_dense_model(tmp_path):
     out = run("fedavg", tmp_path / "fedavg")
     n = 16 * 64 + 64 * 128 + 128 * 784  # the smoke MLP's weights
-    for r in runio.read_metrics(out):
+    for r in rundir.read_metrics(out):
         assert r["upload_bytes"] == len(r["clients"]) * (wire.HEADER.size + 4 * n)
         assert r["download_bytes"] == r["upload_bytes"] and r["lambda"] is None
         assert r["bits_per_param"] > 32  # the header on top of 32 bits per weight
-    net, meta = baselines.load_dense(out / baselines.DENSE_MODEL)
+    net, meta = modelfile.load_dense(out / modelfile.DENSE_MODEL)
     assert meta["method"] == "fedavg" and meta["dataset"] == "fashion-mnist"
     assert modelfile.sample(net, 4).shape == (4, 1, 28, 28)
     assert (out / "report.md").is_file() and (out / "samples.png").is_file()
@@ -35,7 +35,7 @@ def test_fedavg_sends_float32_weights_and_saves_a_dense_model(tmp_path):
 
 def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):
     out = run("local", tmp_path / "local")
-    assert all(r["upload_bytes"] == 0 == r["download_bytes"] for r in runio.read_metrics(out))
+    assert all(r["upload_bytes"] == 0 == r["download_bytes"] for r in rundir.read_metrics(out))
     models = [modelfile.load(out / "models" / f"client-{k}.prism") for k in range(3)]
     assert [m.info["client"] for m in models] == [0, 1, 2]
     assert not torch.equal(models[0].mask, models[1].mask)  # trained apart
@@ -43,29 +43,28 @@ def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):
 
 def test_central_takes_as_many_steps_as_the_federation(tmp_path):
     out = run("central", tmp_path / "central")
-    state = runio.load_checkpoint(out)
-    assert len(state["clients"]) == 1 and len(state["client_stats"]) == 1  # one pooled client
-    assert modelfile.load(out / runio.MODEL).info["method"] == "central"
+    state = rundir.load_checkpoint(out)
+    (pooled,) = state["clients"]["clients"]  # one pooled client, holding every client's images
+    assert pooled["k"] == 0 and pooled["stats"]["count"] == 3000
+    assert modelfile.load(out / rundir.MODEL).info["method"] == "central"
 
 
-@pytest.mark.parametrize("method", ["fedavg", "local"])
+@pytest.mark.parametrize("method", ["fedavg", "local", "central"])
 def test_resume_reaches_the_same_state(method, tmp_path, monkeypatch):
+    from test_run import assert_same_run, kill_during
+
     whole = run(method, tmp_path / "whole", rounds=3)
-    real_local_train = baselines.local_train
-    calls = {"n": 0}
-
-    def dying_local_train(*args, **kwargs):  # killed in round 3, after two rounds of 3 clients
-        calls["n"] += 1
-        if calls["n"] == 2 * 3 + 1:
-            raise KeyboardInterrupt
-        return real_local_train(*args, **kwargs)
-
-    monkeypatch.setattr(baselines, "local_train", dying_local_train)
+    restore = kill_during(monkeypatch, 2 * (1 if method == "central" else 3) + 1)  # killed in round 3
     with pytest.raises(KeyboardInterrupt):
         run(method, tmp_path / "killed", rounds=3)
-    assert runio.load_checkpoint(tmp_path / "killed")["round"] == 2
-    monkeypatch.setattr(baselines, "local_train", real_local_train)
+    assert rundir.load_checkpoint(tmp_path / "killed")["round"] == 2
+    restore()
     run(method, tmp_path / "killed", rounds=3, resume=True)
-    a, b = runio.load_checkpoint(whole)["params"], runio.load_checkpoint(tmp_path / "killed")["params"]
-    assert len(a) == (1 if method == "fedavg" else 3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert_same_run(whole, tmp_path / "killed")
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local", "central"])
+def test_every_method_writes_round_grids(method, tmp_path):
+    cfg = load_config(SMOKE, [f'train.method="{method}"', "train.rounds=2", "train.sample_every=1"])
+    out = simulate.train(cfg, tmp_path / method, **QUIET)
+    assert (out / "samples" / "round-0001.png").is_file() and (out / "samples.png").is_file()

@@ -17,13 +17,13 @@ import torch
 pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]")
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from prismfl.fl.protocol import catch_up_bytes
 
 from conftest import needs_fmnist
 from prismfl import modelfile, runio
 from prismfl.config import load_config
 from prismfl.errors import ConfigError, PrismError
 from prismfl.fl import simulate
-from prismfl.fl.protocol import catch_up_bytes
 from prismfl.flower import settings
 from prismfl.flower.client_app import make_client_app
 from prismfl.flower.payload import from_array, to_array

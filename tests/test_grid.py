@@ -2,7 +2,7 @@
 
 import json
 
-from prismfl import grid, runio
+from prismfl import grid, rundir
 
 
 def result(fid: float, up: float, size: int) -> dict:
@@ -26,7 +26,7 @@ def test_table_mean_and_sample_std_and_ratios():
 
 
 def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
-    import prismfl.eval.report as report
+    import prismfl.eval.evaluate as report
     import prismfl.fl.simulate as simulate
 
     calls = []
@@ -35,19 +35,20 @@ def test_a_finished_cell_is_not_run_again(tmp_path, monkeypatch):
         calls.append((cfg.train.method, cfg.seed, cfg.data.dataset, cfg.partition.scheme, resume))
         out.mkdir(parents=True, exist_ok=True)
         for rnd in (1, 2):
-            runio.append_metrics(out, {"round": rnd, "upload_bytes": 10 * rnd, "download_bytes": 0, "seconds": 1.0,
+            rundir.append_metrics(out, {"round": rnd, "upload_bytes": 10 * rnd, "download_bytes": 0, "seconds": 1.0,
                                        "domain_fid": 100.0 / rnd})  # fmt: skip
 
     monkeypatch.setattr(simulate, "train", fake_train)
     monkeypatch.setattr(report, "evaluate", lambda out, n: {"domain_fid": 42.0, "n": n})
-    cells = grid.cells(["mnist"], ["iid"], ["prism", "fedavg"], [3])
+    cells = grid.cells(["mnist"], ["iid"], ["prism", "fedavg", "prism-nomada"], [3])
     first = grid.run_grid(cells, "configs/smoke.toml", [], tmp_path, samples=7, log=lambda *_: None)
-    assert calls == [("prism", 3, "mnist", "iid", False), ("fedavg", 3, "mnist", "iid", False)]
+    assert calls == [("prism", 3, "mnist", "iid", False), ("fedavg", 3, "mnist", "iid", False),
+                     ("prism", 3, "mnist", "iid", False)]  # fmt: skip
     saved = json.loads((tmp_path / "mnist" / "iid" / "prism" / "seed-3" / grid.EVAL_FILE).read_text())
     assert saved["n"] == 7 and saved["train"]["upload_bytes_per_round"] == 15.0
     assert saved["train"]["curve"] == [[1, 100.0, 10], [2, 50.0, 30]]  # FID against cumulative bytes
     again = grid.run_grid(cells, "configs/smoke.toml", [], tmp_path, samples=7, log=lambda *_: None)
-    assert len(calls) == 2  # read back, not trained again
+    assert len(calls) == 3  # read back, not trained again
     assert all(json.dumps(again[c]) == json.dumps(first[c]) for c in cells)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import needs_fmnist
-from prismfl import modelfile, runio
+from prismfl import modelfile, rundir
 from prismfl.config import load_config
 from prismfl.fl import simulate
 
@@ -24,7 +24,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_run_directory_contents(smoke_run):
-    for name in ["config.toml", "partition.txt", "metrics.jsonl", "checkpoint.pt", "model.prism",
+    for name in ["config.toml", "partition.txt", "metrics.jsonl", "checkpoint.safetensors", "model.prism",
                  "samples.png", "curves.png", "samples/round-0002.png"]:  # fmt: skip
         assert (smoke_run / name).is_file(), name
     table = (smoke_run / "partition.txt").read_text().splitlines()
@@ -33,7 +33,7 @@ def test_run_directory_contents(smoke_run):
 
 
 def test_metrics_and_loss_falls(smoke_run):
-    records = runio.read_metrics(smoke_run)
+    records = rundir.read_metrics(smoke_run)
     assert [r["round"] for r in records] == [1, 2, 3]
     cfg = load_config(SMOKE)
     n = modelfile.load(smoke_run / "model.prism").mask.numel()
@@ -55,39 +55,78 @@ def test_model_file_is_packed_mask_plus_small_header(smoke_run):
     assert math.ceil(n / 8) < len(data) < math.ceil(n / 8) + 4096
 
 
+def kill_during(monkeypatch, call: int):
+    """Make the `call`-th local training raise KeyboardInterrupt (a kill), counting from 1."""
+    from prismfl.fl import client
+
+    real, calls = client.local_train, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "local_train", dying)
+    return lambda: monkeypatch.setattr(client, "local_train", real)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run directories hold the same state: server, every client's state, records (bar timings)."""
+    import torch.utils._pytree as pytree
+
+    sa, sb = rundir.load_checkpoint(a), rundir.load_checkpoint(b)
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    la, lb = pytree.tree_leaves({k: sa[k] for k in ("server", "clients")}), \
+        pytree.tree_leaves({k: sb[k] for k in ("server", "clients")})  # fmt: skip
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert strip(sa["records"]) == strip(sb["records"])
+    assert strip(rundir.read_metrics(a)) == strip(rundir.read_metrics(b)) == strip(sa["records"])
+
+
 def test_resume_reaches_the_same_state(smoke_run, tmp_path, monkeypatch):
     cfg = load_config(SMOKE)
     out = tmp_path / "killed"
-    real_local_train = simulate.local_train
-    calls = {"n": 0}
-
-    def dying_local_train(*args, **kwargs):  # killed during round 3, after its first client
-        calls["n"] += 1
-        if calls["n"] == 2 * 3 + 2:
-            raise KeyboardInterrupt
-        return real_local_train(*args, **kwargs)
-
-    monkeypatch.setattr(simulate, "local_train", dying_local_train)
+    restore = kill_during(monkeypatch, 2 * 3 + 2)  # killed during round 3, after its first client
     with pytest.raises(KeyboardInterrupt):
         simulate.train(cfg, out, log=lambda *_: None)
-    assert runio.load_checkpoint(out)["round"] == 2
-    monkeypatch.setattr(simulate, "local_train", real_local_train)
+    assert rundir.load_checkpoint(out)["round"] == 2
+    restore()
     simulate.train(cfg, out, resume=True, log=lambda *_: None)
-
-    a, b = runio.load_checkpoint(smoke_run), runio.load_checkpoint(out)
-    assert torch.equal(a["global_scores"], b["global_scores"])
-    for ca, cb in zip(a["clients"], b["clients"]):
-        for ka, kb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-            assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    assert_same_run(smoke_run, out)
     assert (smoke_run / "model.prism").read_bytes() == (out / "model.prism").read_bytes()
-    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
-    assert strip(runio.read_metrics(smoke_run)) == strip(runio.read_metrics(out))
+
+
+def test_a_kill_in_the_first_round_can_be_resumed_or_restarted(tmp_path, monkeypatch):
+    cfg = load_config(SMOKE, ["train.rounds=1"])
+    restore = kill_during(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.train(cfg, tmp_path / "a", log=lambda *_: None)
+    restore()
+    assert not (tmp_path / "a" / rundir.CHECKPOINT).exists() and (tmp_path / "a" / rundir.CONFIG).exists()
+    simulate.train(cfg, tmp_path / "a", resume=True, log=lambda *_: None)
+    assert [r["round"] for r in rundir.read_metrics(tmp_path / "a")] == [1]
+
+
+def test_a_torn_metrics_line_is_rewritten_from_the_checkpoint_on_resume(smoke_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "torn"
+    shutil.copytree(smoke_run, out)
+    with open(out / rundir.METRICS, "a") as f:
+        f.write('{"round": 4, "lo')  # a kill in the middle of appending a record
+    assert len(rundir.read_metrics(out)) == 3
+    simulate.train(load_config(SMOKE), out, resume=True, log=lambda *_: None)
+    assert (out / rundir.METRICS).read_text().count("\n") == 3 and rundir.read_metrics(out) == \
+        rundir.load_checkpoint(out)["records"]  # fmt: skip
 
 
 def test_packed_uploads_cost_exactly_n_over_8(tmp_path):
     cfg = load_config(SMOKE, ["train.rounds=1", "train.upload_coder=packed", "train.broadcast=float32"])
     simulate.train(cfg, tmp_path / "p", log=lambda *_: None)
-    (r,) = runio.read_metrics(tmp_path / "p")
+    (r,) = rundir.read_metrics(tmp_path / "p")
     n = modelfile.load(tmp_path / "p" / "model.prism").mask.numel()
     assert r["upload_bytes"] == 3 * (32 + math.ceil(n / 8))
     assert r["download_bytes"] == 3 * (32 + 4 * n)
@@ -132,14 +171,17 @@ def test_dp_run_trains_on_noisy_statistics_and_reports_epsilon(smoke_run, tmp_pa
 
     cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1"])
     simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
-    (record,) = runio.read_metrics(tmp_path / "dp")
+    (record,) = rundir.read_metrics(tmp_path / "dp")
     assert record["epsilon"] == pytest.approx(4.0)
     assert modelfile.load(tmp_path / "dp" / "model.prism").info["privacy"]["epsilon"] == pytest.approx(4.0)
-    released = runio.load_checkpoint(tmp_path / "dp")["client_stats"]
-    exact = runio.load_checkpoint(smoke_run)["client_stats"]
-    for (noisy, summary), (clean, none) in zip(released, exact):
-        assert none is None and summary["noise_multiplier"] == pytest.approx(noise_multiplier(4.0, 1e-5))
-        gap = (noisy.mean[0] - clean.mean[0]).abs().mean().item()  # pixels, where clipping barely acts
+    released = rundir.load_checkpoint(tmp_path / "dp")["clients"]["clients"]
+    exact = rundir.load_checkpoint(smoke_run)["clients"]["clients"]
+    for noisy, clean in zip(released, exact):
+        summary = noisy["privacy"]
+        assert clean["privacy"] is None and summary["noise_multiplier"] == pytest.approx(noise_multiplier(4.0, 1e-5))
+        gap = (
+            (noisy["stats"]["mean"][0] - clean["stats"]["mean"][0]).abs().mean().item()
+        )  # pixels: clipping barely acts
         assert gap > 1e-4  # noise is there ...
         assert gap < 0.5  # ... of a sane size (noise std ~0.1 per pixel here, plus the bias of clipping)
     assert (tmp_path / "dp" / "model.prism").read_bytes() != (smoke_run / "model.prism").read_bytes()
@@ -191,11 +233,36 @@ def test_cli_evaluate_with_inception_weights(smoke_run, tmp_path, run_cli):
 
 
 def test_final_mask_is_the_mode_or_a_seeded_draw():
+    from prismfl.fl.methods.base import masked_final_model
+    from prismfl.fl.task import arch_spec
+
     cfg = load_config(SMOKE)
     scores = torch.tensor([-3.0, -0.1, 0.0, 0.1, 3.0] * 200)
-    assert torch.equal(simulate.final_mask(cfg, scores), scores > 0)  # p > 1/2 exactly; p = 1/2 dropped
+    final = lambda: masked_final_model(cfg, arch_spec(cfg), scores, 1, {}).mask  # noqa: E731
+    assert torch.equal(final(), scores > 0)  # p > 1/2 exactly; p = 1/2 dropped
     cfg.train.final_mask = "sample"
-    drawn = simulate.final_mask(cfg, scores)
-    assert torch.equal(drawn, simulate.final_mask(cfg, scores))  # seeded
+    drawn = final()
+    assert torch.equal(drawn, final())  # seeded
     assert not torch.equal(drawn, scores > 0)  # a draw, not the mode: p = 0.475..0.525 flip often
     assert drawn[4::5].float().mean() > 0.9 and drawn[0::5].float().mean() < 0.1
+
+
+def test_an_old_pickle_checkpoint_is_refused_and_never_loaded(tmp_path, run_cli):
+    """A checkpoint.pt (prismfl < 0.2, a pickle) whose unpickling would run code: nothing runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "pwned"))
+
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(pickle.dumps({"config": {}, "x": Evil()}))
+    for args in (["info", str(run)], ["sample", str(run), "--out", str(tmp_path / "s.png")],
+                 ["export", str(run), "--out", str(tmp_path / "m.prism")], ["evaluate", str(run)],
+                 ["train", "--config", str(SMOKE), "--out", str(run), "--resume"]):  # fmt: skip
+        code, _, err = run_cli(*args)
+        assert code == 2 and "older prismfl" in err and err.count("\n") == 1, (args, err)
+    assert not marker.exists()

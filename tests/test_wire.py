@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prismfl.fl import server, wire
+from prismfl.fl import aggregate, wire
 
 TABLE = wire.layer_table_hash([("fc1", (4, 8)), ("fc2", (8, 8))])
 
@@ -35,7 +35,7 @@ def test_header_layout_exact_bytes():
 def test_upload_round_trip(coder, scale):
     n = 5000
     scores = _scores(n, 1, scale)
-    mask = server.sample_mask(scores, torch.Generator().manual_seed(2))
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
     data = wire.encode_upload(mask, scores, round_=3, table_hash=TABLE, coder=coder)
     back = wire.decode_upload(data, scores, round_=3, table_hash=TABLE)
     assert torch.equal(back, mask)
@@ -76,7 +76,7 @@ def test_extreme_mask_against_opposite_probabilities_still_round_trips():
 def test_range_coded_size_near_cross_entropy(scale):
     n = 200_000
     scores = _scores(n, 3, scale)
-    mask = server.sample_mask(scores, torch.Generator().manual_seed(4))
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(4))
     data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
     bound_bytes = _cross_entropy_bits(mask, scores) / 8
     payload = len(data) - 32
@@ -87,7 +87,7 @@ def test_range_coded_size_near_cross_entropy(scale):
 def test_codec_speed_3_5m_weights():
     n = 3_543_616
     scores = _scores(n, 5, 3.0)
-    mask = server.sample_mask(scores, torch.Generator().manual_seed(6))
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(6))
     t0 = time.perf_counter()
     data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
     back = wire.decode_upload(data, scores, round_=1, table_hash=TABLE)
@@ -99,14 +99,14 @@ def test_codec_speed_3_5m_weights():
 def test_delta_rebuilds_global_state_bit_for_bit():
     n, m = 20_000, 4
     old = _scores(n, 7)
-    masks = [server.sample_mask(old + i, torch.Generator().manual_seed(i)) for i in range(m)]
-    counts = server.count_masks(masks)
-    lam = server.mada_lambda(old, server.aggregate_scores(counts, m), torch.Generator().manual_seed(9))
-    new_server = server.apply_round(old, counts, m, lam, 0.01)
+    masks = [aggregate.sample_mask(old + i, torch.Generator().manual_seed(i)) for i in range(m)]
+    counts = aggregate.count_masks(masks)
+    lam = aggregate.mada_lambda(old, aggregate.aggregate_scores(counts, m), torch.Generator().manual_seed(9))
+    new_server = aggregate.apply_round(old, counts, m, lam, 0.01)
     data = wire.encode_delta(counts, m, lam, 0.01, old, round_=5, table_hash=TABLE)
     delta = wire.decode_delta(data, old, round_=5, table_hash=TABLE)
     assert torch.equal(delta.counts, counts) and delta.m == m and delta.lam == lam
-    new_client = server.apply_round(old, delta.counts, delta.m, delta.lam, delta.smoothing)
+    new_client = aggregate.apply_round(old, delta.counts, delta.m, delta.lam, delta.smoothing)
     assert torch.equal(new_client, new_server)
     assert len(data) < 4 * n / 4  # far below broadcasting float32 scores
 
@@ -127,7 +127,7 @@ def test_state_round_trip():
 
 def _upload(n=1000):
     scores = _scores(n, 1)
-    mask = server.sample_mask(scores, torch.Generator().manual_seed(2))
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
     return wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, coder="range"), scores
 
 

@@ -156,9 +156,9 @@ def load_dense(path: Path) -> tuple[torch.nn.Module, dict]:
 
     data = read_file_bytes(Path(path), ModelFileError, f"model file not found: {path}")
     try:
-        from prismfl.safestate import _header
+        from prismfl.safestate import read_header
 
-        meta = _header(data, str(path))["__metadata__"]
+        meta = read_header(data, str(path))["__metadata__"]
         spec = ArchSpec(**json.loads(meta["arch"]))
         weights = load(data)["weights"]
         net = dense_generator(spec, weights)

@@ -135,6 +135,8 @@ def check(out: Path, cfg: RunConfig, *, resume: bool, transport: str) -> dict | 
         return state
     if resume and (out / LEGACY_CHECKPOINT).exists():
         load_checkpoint(out)  # raises: an old pickle checkpoint
+    if resume and not (out.exists() and any(out.iterdir())):
+        raise PrismError(f"--resume: no checkpoint in {out}; start a new run without --resume")
     if out.exists() and any(out.iterdir()) and not only_started(out):
         if resume:
             raise PrismError(f"--resume: no checkpoint in {out}; start a new run without --resume")

@@ -51,7 +51,7 @@ def to_bytes(tree) -> bytes:
     return save(tensors, metadata={META_KEY: tree_json})
 
 
-def _header(data: bytes, what: str) -> dict:
+def read_header(data: bytes, what: str) -> dict:
     if len(data) < 8:
         raise StateError(f"{what} is not a prismfl state (too short)")
     (size,) = struct.unpack_from("<Q", data)
@@ -70,7 +70,7 @@ def from_bytes(data: bytes, what: str = "state"):
     """The tree `to_bytes` wrote; anything else raises StateError (never another exception type)."""
     from safetensors.torch import load
 
-    meta = _header(data, what)["__metadata__"]
+    meta = read_header(data, what)["__metadata__"]
     if not isinstance(meta.get(META_KEY), str):
         raise StateError(f"{what} is a safetensors file but not a prismfl state")
     try:

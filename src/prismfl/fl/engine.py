@@ -23,7 +23,8 @@ from prismfl import plots, rundir, runreport
 from prismfl.config import RunConfig
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
-from prismfl.fl import methods, wire
+from prismfl.fl import wire
+from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
 from prismfl.progress import line as progress_line

@@ -15,7 +15,7 @@ import torch
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
-from prismfl.loss.matching import FeatureStats, MeanVarMatching, feature_stats
+from prismfl.loss.matching import FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
 
@@ -151,8 +151,8 @@ PUBLIC_EPOCHS = 10
 def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
     """The loss's feature network and a record of what it was trained on (never client data)."""
     from prismfl.cache import cached_state_dict
-    from prismfl.supervised import train_classifier
     from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
+    from prismfl.supervised import train_classifier
 
     channels = fed.train.images.shape[1]
     kind = cfg.loss.features

@@ -153,7 +153,6 @@ def packed_size(n: int) -> int:
     return (n + 7) // 8
 
 
-
 def _probabilities(scores: torch.Tensor) -> np.ndarray:
     """sigmoid(scores) in float64, computed identically on both sides from the same float32 scores."""
     return torch.sigmoid(scores.detach().to("cpu", torch.float64)).numpy()

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from prismfl import runio
+from prismfl import rundir
 from prismfl.flower.loopback import Loopback
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (the Flower app's directory)
@@ -29,7 +29,7 @@ SMOKE = ROOT / "configs" / "smoke.toml"
 
 
 def round_seconds(run: Path) -> list[float]:
-    return [r["seconds"] for r in runio.read_metrics(run)]
+    return [r["seconds"] for r in rundir.read_metrics(run)]
 
 
 def main(argv=None) -> int:
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     if result.status != "finished:completed":
         raise SystemExit(f"deployment run {result.status}:\n{result.log[-3000:]}")
 
-    model = (out / "simulator" / runio.MODEL).read_bytes()
-    same = all((out / name / runio.MODEL).read_bytes() == model for name in ("simulation-engine", "deployment"))
+    model = (out / "simulator" / rundir.MODEL).read_bytes()
+    same = all((out / name / rundir.MODEL).read_bytes() == model for name in ("simulation-engine", "deployment"))
     rows, base = [], None
     for name in ("simulator", "simulation-engine", "deployment"):
         secs = round_seconds(out / name)

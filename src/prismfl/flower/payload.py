@@ -1,19 +1,17 @@
 """prismfl's bytes inside Flower records.
 
 Every payload is carried verbatim as a Flower ``Array`` of raw bytes (dtype uint8, stype
-"prismfl/wire" for wire messages, "prismfl/torch" for a client's saved state): Flower chunks large
+"prismfl/wire" for wire messages, "prismfl/state" for a client's saved state, a safestate blob that
+cannot run code when read): Flower chunks large
 arrays on the way, and what is counted in metrics.jsonl is exactly the prismfl message.
 """
 
 from __future__ import annotations
 
-import io
-
-import torch
 from flwr.app import Array, ArrayRecord
 
 WIRE = "prismfl/wire"
-TORCH = "prismfl/torch"
+STATE = "prismfl/state"
 
 
 def to_array(data: bytes, stype: str = WIRE) -> Array:
@@ -33,13 +31,3 @@ def wire_record(messages: list[bytes]) -> ArrayRecord:
 
 def wire_messages(record: ArrayRecord) -> list[bytes]:
     return [from_array(record[key]) for key in sorted(record.keys())]
-
-
-def torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def torch_object(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)

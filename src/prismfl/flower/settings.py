@@ -13,6 +13,7 @@ Run config (``[tool.flwr.app.config]`` in pyproject.toml, changed per run with
                      the number of clients chosen for the round); otherwise the run stops with an error
     reply-timeout    seconds the server waits for one round's replies (and for the setup replies)
     connect-timeout  seconds the server waits at the start until every client's SuperNode is connected
+    resume           true: continue the run in out-dir from its checkpoint (clients start afresh)
 
 The server sends its resolved RunConfig to every client, so clients need no config file. Node config
 (``flower-supernode --node-config '...'``; the simulation engine sets the first two itself):
@@ -42,8 +43,8 @@ DEFAULT_RUN_CONFIG = {
     "min-replies": 1,
     "reply-timeout": 600.0,
     "connect-timeout": 120.0,
+    "resume": False,
 }
-FLOWER_METHODS = ("prism", "prism-nomada")  # the dense baselines run in the simulator only
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ServerSettings:
     min_replies: int
     reply_timeout: float
     connect_timeout: float
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,9 @@ def server_settings(run_config: dict) -> ServerSettings:
     except ValueError as exc:
         raise ConfigError(f"run config 'overrides' = {overrides!r} does not parse: {exc}") from None
     cfg = load_config(find_config_file(str(run_config.get("config-file", DEFAULT_RUN_CONFIG["config-file"]))), items)
-    if cfg.train.method not in FLOWER_METHODS:
-        raise ConfigError(
-            f"train.method = {cfg.train.method!r} runs in the in-process simulator only (prismfl train); "
-            f"on Flower use one of {', '.join(FLOWER_METHODS)}"
-        )
+    resume = run_config.get("resume", False)
+    if not isinstance(resume, bool):
+        raise ConfigError(f"run config 'resume' must be true or false, got {resume!r}")
     out = Path(str(run_config.get("out-dir", DEFAULT_RUN_CONFIG["out-dir"]))).expanduser()
     return ServerSettings(
         cfg=cfg,
@@ -114,6 +114,7 @@ def server_settings(run_config: dict) -> ServerSettings:
         min_replies=_number(run_config, "min-replies", int, 1),
         reply_timeout=_number(run_config, "reply-timeout", float, 0),
         connect_timeout=_number(run_config, "connect-timeout", float, 0),
+        resume=resume,
     )
 
 

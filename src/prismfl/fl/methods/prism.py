@@ -11,11 +11,11 @@ import time
 
 import torch
 
+from prismfl.errors import PrismError
 from prismfl.fl import aggregate, task, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
 from prismfl.modelfile import PrismModel
-from prismfl.errors import PrismError
 
 
 def catch_up_rounds(last_synced: int, current: int, delta_sizes: dict[int, int], state_size: int) -> list[int] | None:

@@ -1,0 +1,24 @@
+"""The methods prismfl runs, by name (train.method), and the wrappers around them (privacy)."""
+
+from __future__ import annotations
+
+import math
+
+from prismfl.config import RunConfig
+from prismfl.fl.methods.base import Method
+from prismfl.fl.methods.central import Central
+from prismfl.fl.methods.fedavg import FedAvg
+from prismfl.fl.methods.local import Local
+from prismfl.fl.methods.prism import Prism
+
+REGISTRY: dict[str, type[Method]] = {"prism": Prism, "fedavg": FedAvg, "local": Local, "central": Central}
+
+
+def build(cfg: RunConfig) -> Method:
+    """The method of a config, wrapped in the private statistics release when privacy.epsilon is finite."""
+    method = REGISTRY[cfg.train.method](cfg)
+    if math.isinf(cfg.privacy.epsilon):
+        return method
+    from prismfl.privacy import Private
+
+    return Private(method)
