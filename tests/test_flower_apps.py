@@ -8,7 +8,6 @@ replies); and the mapping of Flower's run config and node config onto prismfl's 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,16 @@ import torch
 pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]")
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
-from prismfl.fl.protocol import catch_up_bytes
 
 from conftest import needs_fmnist
-from prismfl import modelfile, runio
+from prismfl import modelfile, rundir
 from prismfl.config import load_config
 from prismfl.errors import ConfigError, PrismError
-from prismfl.fl import simulate
+from prismfl.fl import engine, simulate
 from prismfl.flower import settings
 from prismfl.flower.client_app import make_client_app
 from prismfl.flower.payload import from_array, to_array
-from prismfl.flower.server_app import catch_up, prune, run_federation
+from prismfl.flower.server_app import run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -116,44 +114,22 @@ def strip(records):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
-@pytest.fixture(scope="module")
-def simulator_run(tmp_path_factory):
-    """The in-process simulator on smoke.toml, with the global scores after every round."""
-    out = tmp_path_factory.mktemp("sim") / "run"
+def simulate_with_states(cfg, out):
+    """The in-process simulator, with the method's global state after every round."""
     per_round = []
-    real = simulate.save_round
-
-    def spy(out_, cfg, record, checkpoint, scores, extra=None):
-        per_round.append(scores.clone())
-        real(out_, cfg, record, checkpoint, scores, extra)
-
-    simulate.save_round = spy
-    try:
-        simulate.train(load_config(SMOKE), out, log=lambda *_: None)
-    finally:
-        simulate.save_round = real
+    engine.run(cfg, out, simulate.InProcess(cfg), log=lambda *_: None,
+               on_round=lambda rnd, state: per_round.append({k: v.clone() for k, v in state.items()
+                                                              if isinstance(v, torch.Tensor)}))  # fmt: skip
     return out, per_round
 
 
-@needs_fmnist
-def test_flower_apps_match_the_simulator_bit_for_bit(simulator_run, tmp_path):
-    sim_out, sim_scores = simulator_run
-    out = tmp_path / "flower"
-    per_round = []
-    grid = LocalGrid(make_client_app(), nodes_for(3))
-    run_federation(grid, server({"out-dir": str(out)}), on_round=lambda rnd, s: per_round.append(s))
+@pytest.fixture(scope="module")
+def simulator_run(tmp_path_factory):
+    return simulate_with_states(load_config(SMOKE), tmp_path_factory.mktemp("sim") / "run")
 
-    assert len(per_round) == len(sim_scores) == 3
-    for a, b in zip(per_round, sim_scores):
-        assert torch.equal(a, b)
-    assert strip(runio.read_metrics(out)) == strip(runio.read_metrics(sim_out))
-    for name in ["model.prism", "config.toml", "partition.txt"]:
-        assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
-    for name in ["samples.png", "curves.png", "samples/round-0002.png", "checkpoint.pt"]:
-        assert (out / name).is_file(), name
-    assert torch.equal(runio.load_checkpoint(out)["global_scores"], sim_scores[-1])
-    assert simulate.export_run(out).mask.equal(modelfile.load(sim_out / "model.prism").mask)
-    # what travelled is prismfl's wire format, and the recorded bytes are exactly its length
+
+def bytes_on_the_wire(grid) -> tuple[dict, dict]:
+    """Bytes of the uploads and of the downlinks that travelled, by round."""
     ups, downs = {}, {}
     for m in grid.received:
         if m.metadata.message_type == "train":
@@ -162,10 +138,86 @@ def test_flower_apps_match_the_simulator_bit_for_bit(simulator_run, tmp_path):
         if m.metadata.message_type == "train" and "broadcast" in m.content:
             size = sum(len(from_array(a)) for a in m.content["broadcast"].values())
             downs[m.metadata.group_id] = downs.get(m.metadata.group_id, 0) + size
-    records = runio.read_metrics(out)
+    return ups, downs
+
+
+def flower_with_states(run_config: dict, grid) -> list[dict]:
+    per_round = []
+    run_federation(grid, server(run_config), on_round=lambda rnd, state: per_round.append(
+        {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}))  # fmt: skip
+    return per_round
+
+
+@needs_fmnist
+def test_flower_apps_match_the_simulator_bit_for_bit(simulator_run, tmp_path):
+    sim_out, sim_states = simulator_run
+    out = tmp_path / "flower"
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(out)}, grid)
+
+    assert len(per_round) == len(sim_states) == 3
+    for a, b in zip(per_round, sim_states):
+        assert torch.equal(a["scores"], b["scores"])
+    assert strip(rundir.read_metrics(out)) == strip(rundir.read_metrics(sim_out))
+    for name in ["model.prism", "config.toml", "partition.txt"]:
+        assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
+    for name in ["samples.png", "curves.png", "samples/round-0002.png", rundir.CHECKPOINT]:
+        assert (out / name).is_file(), name
+    ckpt = rundir.load_checkpoint(out)
+    assert torch.equal(ckpt["server"]["scores"], sim_states[-1]["scores"]) and ckpt["clients"] is None
+    assert engine.run_model(out).mask.equal(modelfile.load(sim_out / "model.prism").mask)
+    # what travelled is prismfl's wire format, and the recorded bytes are exactly its length
+    ups, downs = bytes_on_the_wire(grid)
+    records = rundir.read_metrics(out)
     assert [ups[f"round-{r['round']}"] for r in records] == [r["upload_bytes"] for r in records]
     assert [downs.get(f"round-{r['round']}", 0) for r in records] == [r["download_bytes"] for r in records]
     assert records[0]["download_bytes"] == 0 and records[1]["download_bytes"] == 3 * records[0]["broadcast_bytes"]
+
+
+@needs_fmnist
+def test_fedavg_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
+    fedavg = 'train.method="fedavg" train.rounds=2'
+    cfg = load_config(SMOKE, fedavg.split())
+    sim_out, sim_states = simulate_with_states(cfg, tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": fedavg}, grid)
+    assert len(per_round) == 2 and all(torch.equal(a["weights"], b["weights"]) for a, b in zip(per_round, sim_states))
+    assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))
+    assert (tmp_path / "fl" / modelfile.DENSE_MODEL).read_bytes() == (sim_out / modelfile.DENSE_MODEL).read_bytes()
+    ups, downs = bytes_on_the_wire(grid)
+    assert [ups["round-1"], downs["round-1"]] == [
+        rundir.read_metrics(sim_out)[0][k] for k in ("upload_bytes", "download_bytes")
+    ]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["local", "central"])
+def test_local_and_central_run_on_flower_as_in_the_simulator(method, tmp_path):
+    overrides = f'train.method="{method}" train.rounds=2'
+    sim_out, _ = simulate_with_states(load_config(SMOKE, overrides.split()), tmp_path / "sim")
+    flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides},
+                       LocalGrid(make_client_app(), nodes_for(3)))  # fmt: skip
+    assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))
+    model = "models/client-2.prism" if method == "local" else "model.prism"
+    assert (tmp_path / "fl" / model).read_bytes() == (sim_out / model).read_bytes()
+
+
+@needs_fmnist
+def test_a_stopped_flower_run_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "resumed"
+    dead_in_3 = lambda node, group: node == 101 and group == "round-3"  # noqa: E731
+    with pytest.raises(PrismError, match="round 3: 2 good uploads"):
+        run_federation(LocalGrid(make_client_app(), nodes_for(3), silent=dead_in_3),
+                       server({"out-dir": str(out), "reply-timeout": 0.3, "min-replies": 3}))  # fmt: skip
+    assert rundir.load_checkpoint(out)["round"] == 2
+    with pytest.raises(PrismError, match="not empty"):  # without resume, the run directory is protected
+        run_federation(LocalGrid(make_client_app(), nodes_for(3)), server({"out-dir": str(out)}))
+    fresh = LocalGrid(make_client_app(), nodes_for(3))  # the SuperNodes restarted: their clients start afresh
+    run_federation(fresh, server({"out-dir": str(out), "resume": True}))
+    records = rundir.read_metrics(out)
+    assert [r["round"] for r in records] == [1, 2, 3] and not any(r.get("aborted") for r in records)
+    n = modelfile.load(out / "model.prism").mask.numel()
+    assert records[2]["download_bytes"] == 3 * (32 + 4 * n)  # unknown replicas: the full state to each
 
 
 class Faults:
@@ -190,7 +242,7 @@ def test_a_bad_upload_and_a_silent_client_leave_the_round_to_the_others(tmp_path
     app = make_client_app(mods=[Faults({(1, 1)})])  # client 1's upload of round 1 does not decode
     grid = LocalGrid(app, nodes_for(3), silent=lambda node, group: (node, group) == (100, "round-2"))  # client 2
     run_federation(grid, server({"out-dir": str(out), "reply-timeout": 0.5}))
-    records = runio.read_metrics(out)
+    records = rundir.read_metrics(out)
     assert [r["clients"] for r in records] == [[0, 2], [0, 1], [0, 1, 2]]
     assert "failures" not in records[2]
     (bad,) = records[0]["failures"]
@@ -213,9 +265,9 @@ def test_too_few_replies_stop_the_run_with_the_round_logged(tmp_path):
     s = server({"out-dir": str(out), "reply-timeout": 0.3, "min-replies": 3})
     with pytest.raises(PrismError, match="round 1: 2 good uploads of 3, fewer than min-replies = 3"):
         run_federation(grid, s)
-    (record,) = runio.read_metrics(out)
+    (record,) = rundir.read_metrics(out)
     assert record["aborted"] and record["failures"][0]["client"] == 1
-    assert not (out / "checkpoint.pt").exists() and not (out / "model.prism").exists()
+    assert not (out / rundir.CHECKPOINT).exists() and not (out / "model.prism").exists()
 
 
 @needs_fmnist
@@ -251,8 +303,9 @@ def test_run_config_maps_onto_prismfl_config(tmp_path, monkeypatch):
         server({"min-replies": 0})
     with pytest.raises(ConfigError, match="train.rounds must be at least 1"):
         server({"overrides": "train.rounds=0"})
-    with pytest.raises(ConfigError, match="runs in the in-process simulator only"):
-        server({"overrides": 'train.method="fedavg"'})
+    with pytest.raises(ConfigError, match="'resume' must be true or false"):
+        server({"resume": "yes"})
+    assert server({"resume": True}).resume and not server({}).resume
 
 
 def test_node_config_maps_onto_the_client_config():
@@ -268,21 +321,3 @@ def test_node_config_maps_onto_the_client_config():
         settings.client_config(cfg.to_dict(), settings.node_settings({"partition-id": 3, "num-partitions": 3}))
     with pytest.raises(ConfigError, match="'partition-id' must be an integer"):
         settings.node_settings({"partition-id": "0", "num-partitions": 3})
-
-
-def test_catch_up_sends_what_the_simulator_counts():
-    rng = random.Random(0)
-    state = b"s" * 1000
-    for _ in range(200):
-        rnd = rng.randint(2, 30)  # the server holds the deltas of rounds 1 .. rnd - 1, pruned after each
-        sizes = {r: rng.randint(50, 400) for r in range(1, rnd)}
-        deltas = {}
-        for r, size in sizes.items():
-            deltas[r] = b"d" * size
-            prune(deltas, len(state))
-        synced = rng.randint(0, rnd - 1)
-        sent = catch_up(synced, rnd, deltas, sizes, state, "delta")
-        assert sum(map(len, sent)) == catch_up_bytes(synced, rnd - 1, sizes, len(state))
-        assert sent == [state] or sent == [deltas[r] for r in range(synced + 1, rnd)]
-    assert catch_up(None, 5, {}, {}, state, "delta") == [state]
-    assert catch_up(4, 5, {}, {}, state, "float32") == [state]

@@ -130,14 +130,15 @@ def sample(net: torch.nn.Module, n: int, seed: int = 0, batch: int = 500) -> tor
 # ---------------------------------------------------------------- the dense (FedAvg) model file
 
 DENSE_MODEL = "model.pt"
+DENSE_KEY = "prismfl-dense"
 
 
 def save_dense(path: Path, spec: ArchSpec, weights: torch.Tensor, dataset: str) -> int:
     """The FedAvg baseline's model: float32 weights (safetensors) with the architecture in the metadata."""
     from safetensors.torch import save
 
-    meta = {"arch": json.dumps(spec.to_dict()), "dataset": dataset, "method": "fedavg"}
-    data = save({"weights": weights.detach().cpu().contiguous().float()}, metadata=meta)
+    meta = {"arch": spec.to_dict(), "dataset": dataset, "method": "fedavg"}  # one key: the same bytes every time
+    data = save({"weights": weights.detach().cpu().contiguous().float()}, metadata={DENSE_KEY: json.dumps(meta)})
     atomic_write_bytes(Path(path), data)
     return len(data)
 
@@ -158,8 +159,8 @@ def load_dense(path: Path) -> tuple[torch.nn.Module, dict]:
     try:
         from prismfl.safestate import read_header
 
-        meta = read_header(data, str(path))["__metadata__"]
-        spec = ArchSpec(**json.loads(meta["arch"]))
+        meta = json.loads(read_header(data, str(path))["__metadata__"][DENSE_KEY])
+        spec = ArchSpec(**meta["arch"])
         weights = load(data)["weights"]
         net = dense_generator(spec, weights)
     except ModelFileError:

@@ -7,6 +7,7 @@ statistics. What persists on a client across rounds (its Adam state and loss tra
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,7 @@ class ClientContext:
     num_weights: int
     table_hash: int
     _clip: list[float] | None = None
+    replica_memo: OrderedDict = field(default_factory=OrderedDict)  # methods' decoded broadcasts (fl.methods.prism)
 
     def privacy_clip(self) -> list[float]:
         """Per-layer clip bounds of the private release, computed once from non-private images."""

@@ -8,6 +8,8 @@ float32 state when that is smaller.
 from __future__ import annotations
 
 import time
+import zlib
+from collections import OrderedDict
 
 import torch
 
@@ -37,15 +39,32 @@ def apply_broadcast(global_scores: torch.Tensor, message: bytes, *, round_: int,
     return aggregate.apply_round(global_scores.cpu(), d.counts, d.m, d.lam, d.smoothing)
 
 
-def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int,
-             table_hash: int) -> tuple[int, torch.Tensor]:  # fmt: skip
-    """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`."""
+MEMO_SIZE = 8
+
+
+def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int, table_hash: int,
+             memo: OrderedDict | None = None) -> tuple[int, torch.Tensor]:  # fmt: skip
+    """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`.
+
+    `memo` (one per process) keeps the last few results keyed by (round, message, replica) checksums:
+    the clients a process serves decode each round's delta once, not once each (0.6 s for 1.4M weights).
+    """
     for data in messages:
         if wire.parse(data, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_STATE:
             held, scores = wire.decode_state(data, num_weights=num_weights, table_hash=table_hash)
-        else:  # a delta takes the replica one round forward; it names the round it must be applied to
+            continue
+        # a delta takes the replica one round forward; it names the round it must be applied to
+        key = (held + 1, zlib.crc32(data), scores_crc(scores))
+        if memo is not None and key in memo:
+            memo.move_to_end(key)
+            scores = memo[key]
+        else:
             scores = apply_broadcast(scores, data, round_=held + 1, table_hash=table_hash)
-            held += 1
+            if memo is not None:
+                memo[key] = scores
+                while len(memo) > MEMO_SIZE:
+                    memo.popitem(last=False)
+        held += 1
     return held, scores
 
 
@@ -63,7 +82,7 @@ class Prism(Method):
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         held, scores = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
-                                table_hash=ctx.table_hash)  # fmt: skip
+                                table_hash=ctx.table_hash, memo=ctx.replica_memo)  # fmt: skip
         if held != down.round - 1 or (down.check is not None and scores_crc(scores) != down.check):
             raise PrismError(f"client {client.k}: its replica of round {held} does not match the server's "
                              f"round {down.round - 1}")  # fmt: skip
