@@ -46,7 +46,7 @@ VARIANTS = {
 def central_curve(overrides: list[str], steps: int, every: int, config: str) -> list[dict]:
     cfg = load_config(config, overrides + ["partition.num_clients=1", "partition.scheme=iid"])
     fed = task.prepare_federation(cfg)
-    net, _ = task.build_feature_net(cfg, fed)
+    net, _, _ = task.build_feature_net(cfg, fed)
     model = task.build_model(cfg)
     loss = task.client_loss(cfg, feature_stats(net.extract, fed.client_images(0)))
     scores = task.initial_scores(cfg, masked.num_maskable(model))

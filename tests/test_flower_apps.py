@@ -321,3 +321,19 @@ def test_node_config_maps_onto_the_client_config():
         settings.client_config(cfg.to_dict(), settings.node_settings({"partition-id": 3, "num-partitions": 3}))
     with pytest.raises(ConfigError, match="'partition-id' must be an integer"):
         settings.node_settings({"partition-id": "0", "num-partitions": 3})
+
+
+@needs_fmnist
+def test_training_messages_load_no_data(tmp_path, monkeypatch):
+    """The setup message loads the data once per process; training messages need none (a Flower
+    deployment starts a fresh ClientApp process per message)."""
+    from prismfl.fl import task
+    from prismfl.flower import client_app
+
+    loads, real = [], task.prepare_federation
+    monkeypatch.setattr(task, "prepare_federation", lambda cfg: loads.append(cfg.seed) or real(cfg))
+    client_app.run_context.cache_clear()
+    client_app.train_context.cache_clear()
+    run_federation(LocalGrid(make_client_app(), nodes_for(3)), server({"out-dir": str(tmp_path / "r")}))
+    assert loads == [0]  # three nodes set up in this one process, three rounds trained: one load
+    assert client_app.train_context.cache_info().misses == 1

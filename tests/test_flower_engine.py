@@ -23,9 +23,9 @@ import torch
 pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]")
 
 from conftest import needs_fmnist
-from prismfl import modelfile, runio
+from prismfl import modelfile, rundir
 from prismfl.config import load_config
-from prismfl.fl import simulate
+from prismfl.fl import engine, simulate
 from prismfl.flower.loopback import TAG, Loopback, kill_tagged, tagged_pids
 from test_flower_apps import SMOKE, strip
 
@@ -35,6 +35,8 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FLWR_DISABLE_UPDAT
              "FLWR_TELEMETRY_ENABLED": "0"}  # fmt: skip
 
 SIMULATION = """
+import os
+import signal
 import sys
 from pathlib import Path
 import torch
@@ -42,37 +44,48 @@ from flwr.simulation import run_simulation
 from prismfl.flower.client_app import app as client_app
 from prismfl.flower.server_app import make_server_app
 
-config, out = sys.argv[1], Path(sys.argv[2])
-server = make_server_app({"config-file": config, "out-dir": str(out / "run"), "reply-timeout": 300.0},
-                         on_round=lambda rnd, scores: torch.save(scores, out / f"scores-{rnd}.pt"))
+config, out, overrides, resume, kill_after = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", \
+    int(sys.argv[5])
+
+
+def on_round(rnd, state):
+    key = "scores" if "scores" in state else "weights"
+    torch.save(state[key].clone(), out / f"state-{rnd}.pt")
+    if rnd == kill_after:  # kill -9 right after the round's checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+server = make_server_app({"config-file": config, "out-dir": str(out / "run"), "reply-timeout": 300.0,
+                          "overrides": overrides, "resume": resume}, on_round=on_round)
 run_simulation(server, client_app, num_supernodes=3, backend_config={
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}})
 """
 
 
 def one_thread_simulator(out: Path, overrides: list[str]) -> list[torch.Tensor]:
-    """simulate.train with one thread, as the Flower processes compute (OMP_NUM_THREADS=1): float sums
+    """The simulator with one thread, as the Flower processes compute (OMP_NUM_THREADS=1): float sums
     are ordered differently with more threads, so the scores would differ in their last bits."""
-    per_round, real, threads = [], simulate.save_round, torch.get_num_threads()
-
-    def spy(out_, cfg, record, checkpoint, scores, extra=None):
-        per_round.append(scores.clone())
-        real(out_, cfg, record, checkpoint, scores, extra)
-
-    simulate.save_round = spy
+    per_round, threads = [], torch.get_num_threads()
+    key = "weights" if any("fedavg" in o for o in overrides) else "scores"
+    cfg = load_config(SMOKE, overrides)
     torch.set_num_threads(1)
     try:
-        simulate.train(load_config(SMOKE, overrides), out, log=lambda *_: None)
+        engine.run(cfg, out, simulate.InProcess(cfg), log=lambda *_: None,
+                   on_round=lambda rnd, state: per_round.append(state[key].clone()))  # fmt: skip
     finally:
-        simulate.save_round = real
         torch.set_num_threads(threads)
     return per_round
 
 
-@pytest.fixture(scope="module")
-def simulator_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim") / "run"
-    return out, one_thread_simulator(out, [])
+def simulation_engine(tmp_path: Path, overrides: str = "", resume: bool = False, kill_after: int = 0):
+    tag = uuid.uuid4().hex
+    env = {**os.environ, **CHILD_ENV, TAG: tag}
+    try:
+        return subprocess.run([sys.executable, "-c", SIMULATION, str(SMOKE), str(tmp_path), overrides,
+                               "1" if resume else "0", str(kill_after)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    finally:
+        kill_tagged(tag)  # Ray's workers, should any outlive the script
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +95,37 @@ def two_round_simulator(tmp_path_factory):
     return out
 
 
-def test_simulation_engine_matches_the_simulator_bit_for_bit(simulator_run, tmp_path):
-    """Flower's simulation engine (Ray, one ClientApp actor per core) against simulate.train."""
-    sim_out, sim_scores = simulator_run
-    tag = uuid.uuid4().hex
-    env = {**os.environ, **CHILD_ENV, TAG: tag}
-    try:
-        done = subprocess.run([sys.executable, "-c", SIMULATION, str(SMOKE), str(tmp_path)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
-    finally:
-        kill_tagged(tag)  # Ray's workers, should any outlive the script
+@pytest.mark.parametrize("method", ["prism", "fedavg"])
+def test_simulation_engine_matches_the_simulator_bit_for_bit(method, tmp_path_factory):
+    """Flower's simulation engine (Ray, one ClientApp actor per core) against the simulator."""
+    overrides = f'train.method="{method}"' + (" train.rounds=2" if method == "fedavg" else "")
+    sim_out = tmp_path_factory.mktemp("sim") / "run"
+    sim_states = one_thread_simulator(sim_out, overrides.split())
+    tmp_path = tmp_path_factory.mktemp("engine")
+    done = simulation_engine(tmp_path, overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "run"
-    for rnd, expected in enumerate(sim_scores, start=1):
-        assert torch.equal(torch.load(tmp_path / f"scores-{rnd}.pt"), expected), f"round {rnd}"
-    assert strip(runio.read_metrics(out)) == strip(runio.read_metrics(sim_out))
-    for name in ["model.prism", "partition.txt", "config.toml"]:
+    for rnd, expected in enumerate(sim_states, start=1):
+        assert torch.equal(torch.load(tmp_path / f"state-{rnd}.pt"), expected), f"round {rnd}"
+    assert strip(rundir.read_metrics(out)) == strip(rundir.read_metrics(sim_out))
+    model = "model.prism" if method == "prism" else modelfile.DENSE_MODEL
+    for name in [model, "partition.txt", "config.toml"]:
         assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
+
+
+def test_simulation_engine_run_killed_and_resumed(tmp_path):
+    """kill -9 of the whole simulation after round 2; run config resume=true finishes the run."""
+    killed = simulation_engine(tmp_path, kill_after=2)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    out = tmp_path / "run"
+    assert rundir.load_checkpoint(out)["round"] == 2
+    done = simulation_engine(tmp_path, resume=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = rundir.read_metrics(out)
+    assert [r["round"] for r in records] == [1, 2, 3] and (out / "model.prism").is_file()
+    n = modelfile.load(out / "model.prism").mask.numel()
+    assert records[2]["download_bytes"] == 3 * (32 + 4 * n)  # the restarted clients get the full state
+    assert torch.equal(torch.load(tmp_path / "state-3.pt"), rundir.load_checkpoint(out)["server"]["scores"])
 
 
 def assert_all_stopped(lb: Loopback) -> None:
@@ -123,8 +150,8 @@ def test_deployment_on_loopback_matches_the_simulator(two_round_simulator, tmp_p
     assert (out / "model.prism").read_bytes() == (sim / "model.prism").read_bytes()
     model = modelfile.load(out / "model.prism")
     assert model.info["rounds"] == 2 and model.info["clients"] == 3
-    records = runio.read_metrics(out)
-    assert strip(records) == strip(runio.read_metrics(sim))  # every byte count, loss and lambda
+    records = rundir.read_metrics(out)
+    assert strip(records) == strip(rundir.read_metrics(sim))  # every byte count, loss and lambda
     n = model.mask.numel()
     assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1, 2]]
     assert all(0 < r["upload_bytes"] <= 3 * (32 + (n + 7) // 8) for r in records)
@@ -221,7 +248,7 @@ def test_a_killed_supernode_and_a_bad_upload_leave_the_rounds_to_the_others(tmp_
     assert_all_stopped(lb)
     assert time.monotonic() - started < 600
 
-    records = runio.read_metrics(out)
+    records = rundir.read_metrics(out)
     assert [r["clients"] for r in records] == [[0, 2], [0, 1]]
     (bad,) = records[0]["failures"]
     assert bad["client"] == 1 and "ChecksumMismatch" in bad["error"]
@@ -293,6 +320,6 @@ def test_deployment_with_tls(tmp_path):
     finally:
         lb.stop()
     assert_all_stopped(lb)
-    (record,) = runio.read_metrics(out)
+    (record,) = rundir.read_metrics(out)
     assert record["clients"] == [0, 1] and "failures" not in record
     assert modelfile.load(out / "model.prism").info["clients"] == 2

@@ -64,7 +64,7 @@ def features(
 
     cfg = load_config(config, set_)
     fed = task.prepare_federation(cfg)
-    _, meta = task.build_feature_net(cfg, fed)
+    _, meta, _ = task.build_feature_net(cfg, fed)
     typer.echo(json.dumps(meta, indent=1))
 
 

@@ -101,9 +101,10 @@ class ClientContext:
 
     cfg: RunConfig
     device: str
-    fed: Federation
+    fed: Federation | None  # None: a context that only trains (its statistics were computed before)
     extract: object  # images -> list of feature tensors
     feature_meta: dict
+    feature_recipe: dict  # how to rebuild the feature net without the data (task.feature_net_from_recipe)
     model: nn.Module
     num_weights: int
     table_hash: int
@@ -124,9 +125,18 @@ def client_context(cfg: RunConfig, build_model, device: str, log=print) -> Clien
     """Load the data, build (or fetch from the cache) the feature net, then the model with
     `build_model(device)`; bad data fails here, before anything is written."""
     fed = task.prepare_federation(cfg)
-    net, meta = task.build_feature_net(cfg, fed, device, log)
+    net, meta, recipe = task.build_feature_net(cfg, fed, device, log)
     model = build_model(device)
-    return ClientContext(cfg, device, fed, net.extract, meta, model, masked.num_maskable(model),
+    return ClientContext(cfg, device, fed, net.extract, meta, recipe, model, masked.num_maskable(model),
+                         wire.layer_table_hash(masked.layer_table(model)))  # fmt: skip
+
+
+def training_context(cfg: RunConfig, build_model, device: str, recipe: dict) -> ClientContext:
+    """A context for local training only, without loading any data: what a process that handles one
+    round's message needs (a Flower deployment starts a ClientApp process per message)."""
+    net = task.feature_net_from_recipe(cfg, recipe, device)
+    model = build_model(device)
+    return ClientContext(cfg, device, None, net.extract, {}, recipe, model, masked.num_maskable(model),
                          wire.layer_table_hash(masked.layer_table(model)))  # fmt: skip
 
 

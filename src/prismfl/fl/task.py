@@ -149,13 +149,15 @@ PUBLIC_EPOCHS = 10
 
 
 def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
-    """The loss's feature network and a record of what it was trained on (never client data)."""
+    """The loss's feature network, a record of what it was trained on (never client data), and a
+    recipe from which `feature_net_from_recipe` rebuilds it without loading any data."""
     from prismfl.cache import cached_state_dict
     from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
     from prismfl.supervised import train_classifier
 
     channels = fed.train.images.shape[1]
     kind = cfg.loss.features
+    recipe = {"kind": kind, "channels": int(channels), "classes": fed.num_classes}
     if kind == "random":
         net = random_cnn(channels, cfg.loss.feature_width, derived_seed(cfg.seed, "random-features"))
         meta = {"kind": "random", "trained_on": "nothing (seeded random weights)"}
@@ -190,4 +192,27 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         net.load_state_dict(state)
         meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
                 "sha256": meta["sha256"]}  # fmt: skip
-    return freeze(net).to(device), meta
+        recipe["cache_spec"] = spec
+    return freeze(net).to(device), meta, recipe
+
+
+def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
+    """The feature net `build_feature_net` made, without the data: from the seed, the user's weights
+    file, or this machine's cache (a missing or altered cache entry is a PrismError, never a rebuild)."""
+    from prismfl.cache import cached_state_dict
+    from prismfl.errors import PrismError
+    from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
+
+    if recipe["kind"] == "random":
+        net = random_cnn(recipe["channels"], cfg.loss.feature_width, derived_seed(cfg.seed, "random-features"))
+    elif recipe["kind"] == "vgg19bn":
+        net = load_vgg19bn(cfg.loss.vgg_weights)
+    else:
+
+        def missing():
+            raise PrismError("the public feature net is no longer in this machine's cache")
+
+        state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
+        net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
+        net.load_state_dict(state)
+    return freeze(net).to(device)

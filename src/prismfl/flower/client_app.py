@@ -23,7 +23,7 @@ from prismfl import safestate
 from prismfl.config import config_from_dict
 from prismfl.errors import PrismError
 from prismfl.fl import task
-from prismfl.fl.client import ClientRuntime, client_context
+from prismfl.fl.client import ClientRuntime, client_context, training_context
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
 from prismfl.flower.payload import STATE, from_array, to_array, wire_messages
@@ -36,15 +36,26 @@ NODE, BLOBS = "prismfl.node", "prismfl.blobs"  # Context.state records
 
 @functools.lru_cache(maxsize=2)
 def run_context(cfg_json: str):
-    """(method, ClientContext) of a run, built once per process: Ray actors of the simulation engine
-    serve many nodes and messages, a deployment's ClientApp process serves one node."""
+    """(method, ClientContext) for the setup message: the data and the feature net, built once per
+    process (Ray actors of the simulation engine serve many nodes and messages)."""
     cfg = config_from_dict(json.loads(cfg_json))
     method = methods.build(cfg)
     return method, client_context(cfg, method.build_model, task.resolve_device(cfg.train.device), log)
 
 
-def _save(context: Context, cfg_json: str, client: ClientRuntime) -> None:
-    context.state[NODE] = ConfigRecord({"config": cfg_json, "partition-id": client.k})
+@functools.lru_cache(maxsize=2)
+def train_context(cfg_json: str, recipe_json: str):
+    """(method, ClientContext) for training messages, built once per process and without loading
+    the data (a deployment starts a ClientApp process per message): the client's statistics are in
+    its saved state and the feature net comes back from the recipe setup recorded."""
+    cfg = config_from_dict(json.loads(cfg_json))
+    method = methods.build(cfg)
+    device = task.resolve_device(cfg.train.device)
+    return method, training_context(cfg, method.build_model, device, json.loads(recipe_json))
+
+
+def _save(context: Context, cfg_json: str, recipe_json: str, client: ClientRuntime) -> None:
+    context.state[NODE] = ConfigRecord({"config": cfg_json, "feature-recipe": recipe_json, "partition-id": client.k})
     context.state[BLOBS] = ArrayRecord({"client": to_array(safestate.to_bytes(client.state_dict()), STATE)})
 
 
@@ -57,7 +68,7 @@ def setup(message: Message, context: Context) -> Message:
     client = ClientRuntime(k, *method.release(ctx, method.client_images(ctx, k))) if method.holds_data(k) \
         else ClientRuntime(k, None)  # fmt: skip
     method.init_client(ctx, client)
-    _save(context, cfg_json, client)
+    _save(context, cfg_json, json.dumps(ctx.feature_recipe, sort_keys=True), client)
     log(f"prismfl client {k}: {len(ctx.fed.parts[k])} images, statistics ready, {ctx.num_weights:,} weights")
     reply = {
         "partition-id": k,
@@ -74,8 +85,8 @@ def train(message: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     if NODE not in context.state:
         raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
-    cfg_json = context.state[NODE]["config"]
-    method, ctx = run_context(cfg_json)
+    cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
+    method, ctx = train_context(cfg_json, recipe_json)
     saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
     client = ClientRuntime.from_state_dict(saved, ctx.cfg.loss.tracker_lr)
     request = message.content["prismfl"]
@@ -83,7 +94,7 @@ def train(message: Message, context: Context) -> Message:
     messages = wire_messages(message.content["broadcast"]) if "broadcast" in message.content else []
     down = Downlink(int(request["round"]), messages, int(request["steps"]), check)
     upload = method.client_round(ctx, client, down)
-    _save(context, cfg_json, client)
+    _save(context, cfg_json, recipe_json, client)
     content = RecordDict({
         "upload": ArrayRecord({"000": to_array(upload.data)}),
         "prismfl": ConfigRecord({"partition-id": client.k, "held-round": client.held_round}),
