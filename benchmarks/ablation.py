@@ -55,7 +55,7 @@ def central_curve(overrides: list[str], steps: int, every: int, config: str) -> 
     curve, train_seconds = [], 0.0
     for done in range(every, steps + 1, every):
         t0 = time.perf_counter()
-        result = local_train(model, scores, loss, net.extract, state, local, gen)
+        result = local_train(model, scores, loss, net.extract, state=state, cfg=local, generator=gen)
         train_seconds += time.perf_counter() - t0
         scores = result.scores
         model = masked_final_model(cfg, task.arch_spec(cfg), scores, 0, {})  # as the exported model

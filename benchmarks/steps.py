@@ -39,9 +39,9 @@ def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
     n = masked.num_maskable(model)
     scores = task.initial_scores(cfg, n)
     state, gen = ClientState(), torch.Generator().manual_seed(0)
-    local_train(model, scores, loss, net.extract, state, LocalConfig(2, batch), gen)  # warm-up
+    local_train(model, scores, loss, net.extract, state=state, cfg=LocalConfig(2, batch), generator=gen)  # warm-up
     t0 = time.perf_counter()
-    local_train(model, scores, loss, net.extract, state, LocalConfig(steps, batch), gen)
+    local_train(model, scores, loss, net.extract, state=state, cfg=LocalConfig(steps, batch), generator=gen)
     return {"maskable_weights": n, "ms_per_step": 1000 * (time.perf_counter() - t0) / steps}
 
 

@@ -266,3 +266,14 @@ def test_an_old_pickle_checkpoint_is_refused_and_never_loaded(tmp_path, run_cli)
         code, _, err = run_cli(*args)
         assert code == 2 and "older prismfl" in err and err.count("\n") == 1, (args, err)
     assert not marker.exists()
+
+
+def test_a_run_in_a_log_prints_one_line_per_round_and_no_bars(tmp_path, run_cli):
+    code, _, err = run_cli("train", "--config", str(SMOKE), "--out", str(tmp_path / "r"), "--set", "train.rounds=2")
+    assert code == 0, err
+    rounds = [line for line in err.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == ["round 1/2", "round 2/2"]
+    assert "loss" in rounds[0] and "bytes up" in rounds[0] and "\r" not in err  # stderr is no terminal here
+    code, _, err = run_cli("train", "--config", str(SMOKE), "--out", str(tmp_path / "q"), "--set", "train.rounds=1",
+                           "--quiet")  # fmt: skip
+    assert code == 0 and "round 1/1" not in err

@@ -214,7 +214,7 @@ def grid(
             raise PrismError(f"--report-only: no finished cell of this grid under {out}")
         typer.echo(f"{len(results)} of {len(cells)} cells finished")
     else:
-        results = grid_mod.run_grid(cells, str(config), set_, out, samples)
+        results = grid_mod.run_grid(cells, str(config), set_, out, samples=samples)
     argv = " ".join(sys.argv[1:])
     header = (f"Produced by `prismfl {argv}` on {datetime.date.today().isoformat()}, "
               f"{platform.machine()} CPU ({__import__('os').cpu_count()} cores).")  # fmt: skip

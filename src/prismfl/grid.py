@@ -41,7 +41,7 @@ def cells(datasets, partitions, methods, seeds) -> list[Cell]:
     return [Cell(d, p, m, s) for d in datasets for p in partitions for m in methods for s in seeds]
 
 
-def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
+def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, *, samples: int, log=print) -> dict:
     """Train (or resume) one cell and evaluate it; return its evaluation."""
     from prismfl.errors import PrismError
     from prismfl.eval.evaluate import evaluate
@@ -86,10 +86,10 @@ def finished(grid: list[Cell], root: Path) -> dict:
     return {c: json.loads((c.path(root) / EVAL_FILE).read_text()) for c in grid if (c.path(root) / EVAL_FILE).exists()}
 
 
-def run_grid(grid: list[Cell], config: str, overrides: list[str], root: Path, samples: int, log=print) -> dict:
+def run_grid(grid: list[Cell], config: str, overrides: list[str], root: Path, *, samples: int, log=print) -> dict:
     results = {}
     for cell in bar(grid, desc="grid", unit="run", leave=True):
-        results[cell] = run_cell(cell, config, overrides, root, samples, log)
+        results[cell] = run_cell(cell, config, overrides, root, samples=samples, log=log)
     return results
 
 

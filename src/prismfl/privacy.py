@@ -95,6 +95,7 @@ def private_feature_stats(
     clip: list[float],
     epsilon: float,
     delta: float,
+    *,
     generator: torch.Generator | None = None,
     batch: int = 500,
 ) -> PrivateRelease:

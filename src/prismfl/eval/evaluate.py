@@ -96,7 +96,7 @@ def load_generator(source: Path) -> tuple[torch.nn.Module, dict, int]:
     return modelfile.materialize(model), model.info, source.stat().st_size
 
 
-def _finish(images: torch.Tensor, dataset: str, root, inception, model_note: str, n: int, seed: int) -> dict:
+def _finish(images: torch.Tensor, dataset: str, *, root, inception, model_note: str, n: int, seed: int) -> dict:
     result = score_images(images, dataset, root)
     if inception:
         from prismfl.eval.inception import inception_fid
@@ -113,10 +113,13 @@ def evaluate_file(source: Path, n: int = 10000, seed: int = 0, root: str | None 
     dataset = info.get("dataset", "fashion-mnist")
     images = modelfile.sample(net, n, seed)
     note = f"one fixed exported model ({source.name}), not an ensemble of sampled masks"
-    return {"model_bytes": size, **_finish(images, dataset, root, inception, note, n, seed)}
+    return {
+        "model_bytes": size,
+        **_finish(images, dataset, root=root, inception=inception, model_note=note, n=n, seed=seed),
+    }
 
 
-def evaluate(source: Path, n: int = 10000, seed: int = 0, root: str | None = None,
+def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = None,
              inception: str | None = None, ensemble: bool = False) -> dict:  # fmt: skip
     """Evaluate a model file or a run directory (whatever its method)."""
     if not source.is_dir():
@@ -156,7 +159,12 @@ def evaluate(source: Path, n: int = 10000, seed: int = 0, root: str | None = Non
         with torch.no_grad():
             batches.append(net(z))
     note = "an ensemble: a fresh mask drawn from the final global probabilities for every 500 images (the authors')"
-    return {"method": method, **_finish(torch.cat(batches), cfg.data.dataset, root, inception, note, n, seed)}
+    return {
+        "method": method,
+        **_finish(
+            torch.cat(batches), cfg.data.dataset, root=root, inception=inception, model_note=note, n=n, seed=seed
+        ),
+    }
 
 
 def format_table(result: dict) -> str:

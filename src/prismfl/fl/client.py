@@ -57,6 +57,7 @@ def local_train(
     global_scores: torch.Tensor,
     loss_fn: MeanVarMatching,
     extract,
+    *,
     state: ClientState,
     cfg: LocalConfig,
     generator: torch.Generator,
@@ -176,10 +177,10 @@ class ClientRuntime:
                    int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
 
 
-def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, round_: int, steps: int,
+def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, *, round_: int, steps: int,
                 lr: float | None = None) -> LocalResult:  # fmt: skip
     """One round of local training from `start` (scores, or a dense model's weights) with the
     client's persistent state; every random draw comes from the (seed, round, client) stream."""
     gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
-    return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract, client.state,
-                       ctx.local_config(steps, lr), gen)  # fmt: skip
+    return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
+                       state=client.state, cfg=ctx.local_config(steps, lr), generator=gen)  # fmt: skip

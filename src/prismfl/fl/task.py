@@ -130,9 +130,14 @@ def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") 
 
 def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu") -> MeanVarMatching:
     loss = cfg.loss
-    return MeanVarMatching(stats, loss.normalize, loss.moment, loss.tracker, loss.tracker_beta, loss.tracker_lr).to(
-        device
-    )
+    return MeanVarMatching(
+        stats,
+        loss.normalize,
+        loss.moment,
+        tracker=loss.tracker,
+        tracker_beta=loss.tracker_beta,
+        tracker_lr=loss.tracker_lr,
+    ).to(device)
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

@@ -128,6 +128,7 @@ class MeanVarMatching:
         real: FeatureStats,
         normalize: str = "layer",
         moment: str = "variance",
+        *,
         tracker: str = "none",
         tracker_beta: float = 0.9,
         tracker_lr: float = 1e-5,

@@ -30,7 +30,7 @@ class FedAvg(Method):
         if held != down.round - 1:
             raise wire.UnexpectedMessage(f"expected the weights of round {down.round - 1}, got round {held}")
         t0 = time.perf_counter()
-        result = train_round(ctx, client, weights, down.round, down.steps, lr=self.cfg.train.dense_lr)
+        result = train_round(ctx, client, weights, round_=down.round, steps=down.steps, lr=self.cfg.train.dense_lr)
         return self._upload_floats(ctx, result.scores, down.round, result, t0)
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:

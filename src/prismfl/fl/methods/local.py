@@ -29,7 +29,7 @@ class OwnScores(Method):
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         t0 = time.perf_counter()
-        result = train_round(ctx, client, client.own, down.round, down.steps)
+        result = train_round(ctx, client, client.own, round_=down.round, steps=down.steps)
         client.own = result.scores.cpu()
         return self._upload_floats(ctx, client.own, down.round, result, t0)
 

@@ -88,7 +88,7 @@ class Prism(Method):
                              f"round {down.round - 1}")  # fmt: skip
         client.held_round, client.replica = held, scores
         t0 = time.perf_counter()
-        result = train_round(ctx, client, scores, down.round, down.steps)
+        result = train_round(ctx, client, scores, round_=down.round, steps=down.steps)
         data = wire.encode_upload(result.mask.cpu(), scores.cpu(), round_=down.round, table_hash=ctx.table_hash,
                                   coder=self.cfg.train.upload_coder)  # fmt: skip
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
