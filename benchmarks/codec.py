@@ -34,8 +34,8 @@ def measure(scores: torch.Tensor, client_shift: float, m: int = 5) -> dict:
     gen = torch.Generator().manual_seed(0)
     client = scores + client_shift * torch.randn(n, generator=gen)
     masks = [aggregate.sample_mask(client, torch.Generator().manual_seed(i)) for i in range(m)]
-    enc_s, msg = best_of(lambda: wire.encode_upload(masks[0], scores, round_=1, table_hash=0, coder="range"))
-    dec_s, back = best_of(lambda: wire.decode_upload(msg, scores, round_=1, table_hash=0))
+    enc_s, msg = best_of(lambda: wire.encode_upload(masks[0], scores, round_=1, table_hash=0, client=0, coder="range"))
+    dec_s, back = best_of(lambda: wire.decode_upload(msg, scores, round_=1, table_hash=0, client=0))
     assert torch.equal(back, masks[0])
     bound = aggregate.cross_entropy_bits(masks[0], scores)
     counts = aggregate.count_masks(masks)

@@ -25,7 +25,7 @@ pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]
 from conftest import needs_fmnist
 from prismfl import modelfile, rundir
 from prismfl.config import load_config
-from prismfl.fl import engine, simulate
+from prismfl.fl import engine, simulate, wire
 from prismfl.flower.loopback import TAG, Loopback, kill_tagged, tagged_pids
 from test_flower_apps import SMOKE, strip
 
@@ -124,7 +124,7 @@ def test_simulation_engine_run_killed_and_resumed(tmp_path):
     records = rundir.read_metrics(out)
     assert [r["round"] for r in records] == [1, 2, 3] and (out / "model.prism").is_file()
     n = modelfile.load(out / "model.prism").mask.numel()
-    assert records[2]["download_bytes"] == 3 * (32 + 4 * n)  # the restarted clients get the full state
+    assert records[2]["download_bytes"] == 3 * (wire.HEADER.size + 4 * n)  # the restarted clients get the full state
     assert torch.equal(torch.load(tmp_path / "state-3.pt"), rundir.load_checkpoint(out)["server"]["scores"])
 
 
@@ -154,7 +154,7 @@ def test_deployment_on_loopback_matches_the_simulator(two_round_simulator, tmp_p
     assert strip(records) == strip(rundir.read_metrics(sim))  # every byte count, loss and lambda
     n = model.mask.numel()
     assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1, 2]]
-    assert all(0 < r["upload_bytes"] <= 3 * (32 + (n + 7) // 8) for r in records)
+    assert all(0 < r["upload_bytes"] <= 3 * (wire.HEADER.size + (n + 7) // 8) for r in records)
     assert records[0]["download_bytes"] == 0  # round 0 comes from the seed
     assert records[1]["download_bytes"] == 3 * records[0]["broadcast_bytes"]  # each client got the delta
 

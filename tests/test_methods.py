@@ -17,6 +17,7 @@ from prismfl.privacy import Private
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 N = 4
 TABLE = wire.layer_table_hash([("w", (N,))])
+CLIENT = 0
 
 
 def method(name: str, *overrides: str):
@@ -33,12 +34,12 @@ def prism_state(scores, k: int = 3) -> dict:
 
 
 def upload(mask: torch.Tensor, scores: torch.Tensor, rnd: int = 1) -> tuple[bytes, torch.Tensor]:
-    return wire.encode_upload(mask, scores, round_=rnd, table_hash=TABLE, coder="packed"), mask
+    return wire.encode_upload(mask, scores, round_=rnd, table_hash=TABLE, client=CLIENT, coder="packed"), mask
 
 
-def floats(values, rnd: int = 1) -> tuple[bytes, torch.Tensor]:
+def floats(values, rnd: int = 1, client: int = 0) -> tuple[bytes, torch.Tensor]:
     t = torch.tensor(values, dtype=torch.float32)
-    return wire.encode_state(t, round_=rnd, table_hash=TABLE), t
+    return wire.encode_state(t, round_=rnd, table_hash=TABLE, client=client), t
 
 
 def test_registry_names_every_method_and_privacy_wraps():
@@ -56,9 +57,9 @@ def test_prism_aggregate_without_mada_is_the_smoothed_mean():
     # each bit -> 0.01 / 0.99, averaged: [0.99, 0.5, 0.01, 0.5]
     assert torch.sigmoid(state["scores"].double()).tolist() == pytest.approx([0.99, 0.5, 0.01, 0.5], abs=1e-6)
     assert out.lam is None
-    assert out.upload_bytes == 2 * (32 + 1)  # header + ceil(4 / 8) packed bytes
+    assert out.upload_bytes == 2 * (wire.HEADER.size + 1)  # header + ceil(4 / 8) packed bytes
     assert out.entropy_bound_bits == pytest.approx(8.0)  # p = 1/2 everywhere: 1 bit per weight per upload
-    assert out.broadcast_bytes == state["delta_sizes"][1] > 32 + 4 * N
+    assert out.broadcast_bytes == state["delta_sizes"][1] > wire.HEADER.size + 4 * N
     assert state["deltas"] == {}  # a delta larger than the full state is never sent, so never kept
 
 
@@ -68,7 +69,7 @@ def test_prism_broadcast_carries_the_counts():
     state = prism_state([0.0] * n)
     state["table_hash"] = table = wire.layer_table_hash([("w", (n,))])
     masks = [torch.arange(n) % 2 == 0, torch.arange(n) % 3 == 0]
-    ups = {k: (wire.encode_upload(x, state["scores"], round_=1, table_hash=table, coder="packed"), x)
+    ups = {k: (wire.encode_upload(x, state["scores"], round_=1, table_hash=table, client=k, coder="packed"), x)
            for k, x in enumerate(masks)}  # fmt: skip
     m.aggregate(state, 1, ups, sizes=[1, 1, 1])
     delta = wire.decode_delta(state["deltas"][1].numpy().tobytes(), torch.zeros(n), round_=1, table_hash=table)
@@ -93,12 +94,12 @@ def test_prism_plan_sends_deltas_or_the_full_state_and_counts_them():
     state["table_hash"] = table = wire.layer_table_hash([("w", (n,))])
     state["synced"] = [0, None, 0]
     plan = m.plan(state, 1)
-    full = 32 + 4 * n
+    full = wire.HEADER.size + 4 * n
     assert plan.clients == [0, 1, 2] and plan.download_bytes == full  # round 1: only the unknown client pays
     assert plan.downlinks[0].messages == [] and len(plan.downlinks[1].messages[0]) == full
     assert plan.downlinks[2].check == scores_crc(state["scores"]) and state["synced"] == [0, 0, 0]
     mask = torch.arange(n) % 2 == 0
-    data = wire.encode_upload(mask, state["scores"], round_=1, table_hash=table, coder="packed")
+    data = wire.encode_upload(mask, state["scores"], round_=1, table_hash=table, client=CLIENT, coder="packed")
     m.aggregate(state, 1, {k: (data, mask) for k in range(3)}, [1, 1, 1])
     m.client_lost(state, 2)
     plan = m.plan(state, 2)
@@ -122,9 +123,9 @@ def test_prism_decode_checks_the_round():
     m = method("prism")
     state = prism_state([0.0] * N)
     data, mask = upload(bits(1, 0, 1, 1), state["scores"], rnd=3)
-    assert torch.equal(m.decode(state, 3, data), mask)
+    assert torch.equal(m.decode(state, 3, CLIENT, data), mask)
     with pytest.raises(wire.UnexpectedMessage, match="round 4"):
-        m.decode(state, 4, data)
+        m.decode(state, 4, CLIENT, data)
 
 
 def test_fedavg_aggregate_is_the_size_weighted_mean():
@@ -133,13 +134,17 @@ def test_fedavg_aggregate_is_the_size_weighted_mean():
     ups = {0: floats([1, 2, 3, 4]), 2: floats([5, 6, 7, 8])}
     out = m.aggregate(state, 1, ups, sizes=[1, 100, 3])  # client 1 did not answer: its size is ignored
     assert state["weights"].tolist() == [4.0, 5.0, 6.0, 7.0]  # (1 x a + 3 x b) / 4
-    assert out.upload_bytes == 2 * (32 + 4 * N) and out.broadcast_bytes == 32 + 4 * N and out.lam is None
+    assert (
+        out.upload_bytes == 2 * (wire.HEADER.size + 4 * N)
+        and out.broadcast_bytes == wire.HEADER.size + 4 * N
+        and out.lam is None
+    )
     plan = m.plan(state, 2)
-    assert plan.download_bytes == len(plan.clients) * (32 + 4 * N)
+    assert plan.download_bytes == len(plan.clients) * (wire.HEADER.size + 4 * N)
     (msg,) = plan.downlinks[plan.clients[0]].messages
     assert wire.decode_state(msg, num_weights=N, table_hash=TABLE)[0] == 1
     with pytest.raises(wire.UnexpectedMessage, match="round 2"):
-        m.decode(state, 2, ups[0][0])
+        m.decode(state, 2, 0, ups[0][0])
 
 
 def test_local_keeps_every_clients_own_scores_and_counts_nothing():
@@ -178,8 +183,8 @@ def test_clients_rebuild_the_server_state_every_round():
             ups = {}
             for k in range(3):
                 mask = aggregate.sample_mask(scores + k, torch.Generator().manual_seed(10 * rnd + k))
-                data = wire.encode_upload(mask, scores, round_=rnd, table_hash=table, coder="auto")
-                ups[k] = (data, m.decode(state, rnd, data))
+                data = wire.encode_upload(mask, scores, round_=rnd, table_hash=table, client=k, coder="auto")
+                ups[k] = (data, m.decode(state, rnd, k, data))
                 assert torch.equal(ups[k][1], mask)
             out = m.aggregate(state, rnd, ups, [1, 1, 1])
             held, replica = prism.catch_up(replica, held, [state["deltas"][rnd].numpy().tobytes()],

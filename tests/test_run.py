@@ -10,7 +10,7 @@ import torch
 from conftest import needs_fmnist
 from prismfl import modelfile, rundir
 from prismfl.config import load_config
-from prismfl.fl import simulate
+from prismfl.fl import simulate, wire
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 pytestmark = needs_fmnist
@@ -41,7 +41,7 @@ def test_metrics_and_loss_falls(smoke_run):
         for key in ["round", "loss", "lambda", "upload_bytes", "bits_per_param", "seconds"]:
             assert key in r
         # uploads are entropy-coded unless packing (32-byte header + ceil(N/8)) is smaller
-        assert 0 < r["upload_bytes"] <= cfg.partition.num_clients * (32 + math.ceil(n / 8))
+        assert 0 < r["upload_bytes"] <= cfg.partition.num_clients * (wire.HEADER.size + math.ceil(n / 8))
         assert r["bits_per_param"] == pytest.approx(8 * r["upload_bytes"] / (n * cfg.partition.num_clients))
         assert r["entropy_bound_bits_per_param"] <= r["bits_per_param"] + 1e-9
         assert 0 < r["lambda"] < 1
@@ -128,8 +128,8 @@ def test_packed_uploads_cost_exactly_n_over_8(tmp_path):
     simulate.train(cfg, tmp_path / "p", log=lambda *_: None)
     (r,) = rundir.read_metrics(tmp_path / "p")
     n = modelfile.load(tmp_path / "p" / "model.prism").mask.numel()
-    assert r["upload_bytes"] == 3 * (32 + math.ceil(n / 8))
-    assert r["download_bytes"] == 3 * (32 + 4 * n)
+    assert r["upload_bytes"] == 3 * (wire.HEADER.size + math.ceil(n / 8))
+    assert r["download_bytes"] == 3 * (wire.HEADER.size + 4 * n)
 
 
 def test_same_seed_same_model_other_seed_differs(smoke_run, tmp_path):

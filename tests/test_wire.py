@@ -1,6 +1,7 @@
 import math
 import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -24,10 +25,11 @@ def _cross_entropy_bits(mask, scores):
 
 
 def test_header_layout_exact_bytes():
-    msg = wire.Message(wire.KIND_UPLOAD, wire.CODER_PACKED, 7, 0x0102030405060708, 10, b"\xab\x01").to_bytes()
-    assert msg[:4] == b"PRFL" and msg[4] == 1 and msg[5] == 1 and msg[6] == 0 and msg[7] == 0
-    assert struct.unpack_from("<IQII", msg, 8) == (7, 0x0102030405060708, 10, 2)
-    assert len(msg) == 32 + 2 and msg[32:] == b"\xab\x01"
+    msg = wire.Message(wire.KIND_UPLOAD, wire.CODER_PACKED, 7, 3, 0x0102030405060708, 10, b"\xab\x01").to_bytes()
+    assert msg[:4] == b"PRFL" and msg[4] == 2 and msg[5] == 1 and msg[6] == 0 and msg[7] == 0
+    assert struct.unpack_from("<IIQII", msg, 8) == (7, 3, 0x0102030405060708, 10, 2)
+    assert struct.unpack_from("<I", msg, 32)[0] == zlib.crc32(b"\xab\x01", zlib.crc32(msg[:32]))
+    assert len(msg) == 36 + 2 and msg[36:] == b"\xab\x01"
 
 
 @pytest.mark.parametrize("coder", ["packed", "range", "calibrated", "auto"])
@@ -36,11 +38,11 @@ def test_upload_round_trip(coder, scale):
     n = 5000
     scores = _scores(n, 1, scale)
     mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
-    data = wire.encode_upload(mask, scores, round_=3, table_hash=TABLE, coder=coder)
-    back = wire.decode_upload(data, scores, round_=3, table_hash=TABLE)
+    data = wire.encode_upload(mask, scores, round_=3, table_hash=TABLE, client=5, coder=coder)
+    back = wire.decode_upload(data, scores, round_=3, table_hash=TABLE, client=5)
     assert torch.equal(back, mask)
     if coder == "packed":
-        assert len(data) == 32 + math.ceil(n / 8)
+        assert len(data) == wire.HEADER.size + math.ceil(n / 8)
 
 
 def test_calibrated_coder_beats_a_stale_global_model():
@@ -51,25 +53,29 @@ def test_calibrated_coder_beats_a_stale_global_model():
     gen = torch.Generator().manual_seed(0)
     scores = torch.where(torch.rand(n, generator=gen) < 0.5, 0.405, -0.405)  # p = 0.6 / 0.4
     mask = torch.where(scores > 0, torch.rand(n, generator=gen) < 0.1, torch.rand(n, generator=gen) < 0.9)
-    sizes = {c: len(wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder=c)) - 32
+    sizes = {c: len(wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder=c)) - wire.HEADER.size
              for c in ("packed", "range", "calibrated", "auto")}  # fmt: skip
     h = -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
     assert sizes["calibrated"] * 8 / n == pytest.approx(h, abs=0.01)
     assert sizes["range"] > sizes["packed"] > sizes["calibrated"] == sizes["auto"]
     for c in ("range", "calibrated"):
-        data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder=c)
-        assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE), mask)
+        data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder=c)
+        assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE, client=5), mask)
 
 
 def test_extreme_mask_against_opposite_probabilities_still_round_trips():
     n = 2000
     scores = torch.full((n,), 40.0)  # probability ~1 of keeping
     mask = torch.zeros(n, dtype=torch.bool)  # and nothing kept
-    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
-    assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE), mask)
-    auto = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="auto")
-    assert len(auto) < 32 + n // 8  # auto picks the calibrated coder: an all-zero mask costs almost nothing
-    assert wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")[6] == wire.CODER_BERNOULLI
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder="range")
+    assert torch.equal(wire.decode_upload(data, scores, round_=1, table_hash=TABLE, client=5), mask)
+    auto = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder="auto")
+    assert (
+        len(auto) < wire.HEADER.size + n // 8
+    )  # auto picks the calibrated coder: an all-zero mask costs almost nothing
+    assert (
+        wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder="range")[6] == wire.CODER_BERNOULLI
+    )
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
@@ -77,9 +83,9 @@ def test_range_coded_size_near_cross_entropy(scale):
     n = 200_000
     scores = _scores(n, 3, scale)
     mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(4))
-    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder="range")
     bound_bytes = _cross_entropy_bits(mask, scores) / 8
-    payload = len(data) - 32
+    payload = len(data) - wire.HEADER.size
     assert payload <= bound_bytes * 1.01 + 16  # within 1% of the bound, plus the coder's final words
     assert payload * 8 / n < 1.0
 
@@ -89,8 +95,8 @@ def test_codec_speed_3_5m_weights():
     scores = _scores(n, 5, 3.0)
     mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(6))
     t0 = time.perf_counter()
-    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, coder="range")
-    back = wire.decode_upload(data, scores, round_=1, table_hash=TABLE)
+    data = wire.encode_upload(mask, scores, round_=1, table_hash=TABLE, client=5, coder="range")
+    back = wire.decode_upload(data, scores, round_=1, table_hash=TABLE, client=5)
     elapsed = time.perf_counter() - t0
     assert torch.equal(back, mask)
     assert elapsed < 2.5  # documented figure (docs/performance.md) is well under 1 s on an idle machine
@@ -128,7 +134,7 @@ def test_state_round_trip():
 def _upload(n=1000):
     scores = _scores(n, 1)
     mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
-    return wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, coder="range"), scores
+    return wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, client=5, coder="range"), scores
 
 
 @pytest.mark.parametrize(
@@ -146,24 +152,24 @@ def _upload(n=1000):
 def test_corrupted_uploads_are_rejected(mutate, error):
     data, scores = _upload()
     with pytest.raises(error):
-        wire.decode_upload(mutate(data), scores, round_=2, table_hash=TABLE)
+        wire.decode_upload(mutate(data), scores, round_=2, table_hash=TABLE, client=5)
 
 
 def test_wrong_round_table_or_size_is_rejected():
     data, scores = _upload()
     with pytest.raises(wire.UnexpectedMessage, match="round 3"):
-        wire.decode_upload(data, scores, round_=3, table_hash=TABLE)
+        wire.decode_upload(data, scores, round_=3, table_hash=TABLE, client=5)
     with pytest.raises(wire.LayerTableMismatch):
-        wire.decode_upload(data, scores, round_=2, table_hash=TABLE + 1)
+        wire.decode_upload(data, scores, round_=2, table_hash=TABLE + 1, client=5)
     with pytest.raises(wire.LayerTableMismatch, match="1000 weights"):
-        wire.decode_upload(data, _scores(999), round_=2, table_hash=TABLE)
+        wire.decode_upload(data, _scores(999), round_=2, table_hash=TABLE, client=5)
 
 
 def test_message_of_the_wrong_kind_is_rejected():
     s = _scores(1000)
     state = wire.encode_state(s, round_=2, table_hash=TABLE)
     with pytest.raises(wire.UnexpectedMessage, match="broadcast state"):
-        wire.decode_upload(state, s, round_=2, table_hash=TABLE)
+        wire.decode_upload(state, s, round_=2, table_hash=TABLE, client=5)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -171,7 +177,7 @@ def test_message_of_the_wrong_kind_is_rejected():
 def test_fuzz_random_bytes_never_crash(data):
     scores = _scores(1000)
     try:
-        wire.decode_upload(data, scores, round_=2, table_hash=TABLE)
+        wire.decode_upload(data, scores, round_=2, table_hash=TABLE, client=5)
     except wire.WireError:
         pass
 
@@ -185,7 +191,7 @@ def test_fuzz_single_byte_corruption_is_caught(pos_seed, value):
         return
     bad = data[:pos] + bytes([value]) + data[pos + 1 :]
     with pytest.raises(wire.WireError):
-        wire.decode_upload(bad, scores, round_=2, table_hash=TABLE)
+        wire.decode_upload(bad, scores, round_=2, table_hash=TABLE, client=5)
 
 
 @settings(max_examples=200, deadline=None)
@@ -194,5 +200,168 @@ def test_fuzz_round_trip(bits, shift):
     mask = torch.tensor(bits)
     scores = _scores(len(bits), 3) + shift
     for coder in ("packed", "range", "calibrated", "auto"):
-        data = wire.encode_upload(mask, scores, round_=0, table_hash=TABLE, coder=coder)
-        assert torch.equal(wire.decode_upload(data, scores, round_=0, table_hash=TABLE), mask)
+        data = wire.encode_upload(mask, scores, round_=0, table_hash=TABLE, client=5, coder=coder)
+        assert torch.equal(wire.decode_upload(data, scores, round_=0, table_hash=TABLE, client=5), mask)
+
+
+# ---------------------------------------------------------------- hostile messages: CRC recomputed
+
+
+def reseal(data: bytes) -> bytes:
+    """The message with its CRC recomputed: what an attacker (not a broken link) sends."""
+    head, payload = data[: wire.CRC_AT], data[wire.HEADER.size :]
+    return head + zlib.crc32(payload, zlib.crc32(head)).to_bytes(4, "little") + payload
+
+
+def with_length(data: bytes, payload: bytes) -> bytes:
+    head = bytearray(data[: wire.HEADER.size])
+    struct.pack_into("<I", head, 28, len(payload))
+    return reseal(bytes(head) + payload)
+
+
+def _delta(n=500, m=3, lam=0.25):
+    scores = _scores(n, 4)
+    counts = torch.randint(0, m + 1, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    return wire.encode_delta(counts, m, lam, 0.01, scores, round_=2, table_hash=TABLE), scores, counts
+
+
+def test_a_resealed_reserved_byte_is_rejected():
+    data, scores = _upload()
+    with pytest.raises(wire.UnexpectedMessage, match="reserved"):
+        wire.decode_upload(reseal(data[:7] + b"\x01" + data[8:]), scores, round_=2, table_hash=TABLE, client=5)
+
+
+@pytest.mark.parametrize("coder", ["range", "calibrated"])
+@pytest.mark.parametrize("extra", [b"\x00\x00\x00\x00", b"\x01\x02\x03\x04" * 3])
+def test_trailing_words_after_a_range_payload_are_rejected(coder, extra):
+    scores = _scores(1000, 1)
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
+    data = wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, client=5, coder=coder)
+    with pytest.raises(wire.WireError):
+        wire.decode_upload(with_length(data, data[wire.HEADER.size :] + extra), scores, round_=2, table_hash=TABLE,
+                           client=5)  # fmt: skip
+
+
+def test_an_oversized_upload_is_refused_before_its_bytes_are_read():
+    data, scores = _upload(1000)
+    head = bytearray(data[: wire.HEADER.size])
+    struct.pack_into("<I", head, 28, 64 << 20)  # promises 64 MiB for a 1,000-weight model
+    with pytest.raises(wire.LengthMismatch, match="over the"):
+        wire.decode_upload(bytes(head), scores, round_=2, table_hash=TABLE, client=5)
+
+
+def test_an_upload_from_another_client_or_sent_as_the_server_is_rejected():
+    data, scores = _upload()
+    with pytest.raises(wire.UnexpectedMessage, match="from client 6, got one from client 5"):
+        wire.decode_upload(data, scores, round_=2, table_hash=TABLE, client=6)
+    delta, s, _ = _delta(1000)
+    with pytest.raises(wire.UnexpectedMessage):
+        wire.decode_upload(delta, s, round_=2, table_hash=TABLE, client=5)
+
+
+def test_a_calibration_table_that_is_not_the_masks_own_is_rejected():
+    scores = _scores(1000, 1)
+    mask = aggregate.sample_mask(scores, torch.Generator().manual_seed(2))
+    data = bytearray(wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, client=5, coder="calibrated"))
+    data[wire.HEADER.size] ^= 0x01  # one table entry off by one
+    with pytest.raises(wire.WireError):
+        wire.decode_upload(reseal(bytes(data)), scores, round_=2, table_hash=TABLE, client=5)
+
+
+def delta_with(data: bytes, m=None, lam=None, smoothing=None) -> bytes:
+    payload = bytearray(data[wire.HEADER.size :])
+    old = struct.unpack_from("<Hdd", payload)
+    struct.pack_into("<Hdd", payload, 0, *(o if v is None else v for o, v in zip(old, (m, lam, smoothing))))
+    return reseal(data[: wire.HEADER.size] + bytes(payload))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"m": 0}, "m = 0"),
+        ({"lam": 1.5}, "lambda"),
+        ({"lam": -0.1}, "lambda"),
+        ({"lam": float("inf")}, "lambda"),
+        ({"smoothing": 0.5}, "smoothing"),
+        ({"smoothing": float("nan")}, "smoothing"),
+        ({"m": 2}, "decode|encode"),  # counts coded for m = 3 do not decode as m = 2, or to other bytes
+    ],
+)
+def test_a_delta_with_fields_out_of_range_is_a_wire_error_never_a_panic(change, message):
+    data, scores, _ = _delta()
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_delta(delta_with(data, **change), scores, round_=2, table_hash=TABLE)
+
+
+def test_a_delta_with_another_coder_byte_or_extra_words_is_rejected():
+    data, scores, counts = _delta()
+    assert torch.equal(wire.decode_delta(data, scores, round_=2, table_hash=TABLE).counts, counts)
+    with pytest.raises(wire.UnexpectedMessage, match="cannot use coder"):
+        wire.decode_delta(
+            reseal(data[:6] + bytes([wire.CODER_BERNOULLI]) + data[7:]), scores, round_=2, table_hash=TABLE
+        )
+    with pytest.raises(wire.WireError):
+        wire.decode_delta(with_length(data, data[wire.HEADER.size :] + b"\0\0\0\0"), scores, round_=2, table_hash=TABLE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_state_with_non_finite_values_is_rejected(bad):
+    s = _scores(100)
+    s[7] = bad
+    with pytest.raises(wire.UnexpectedMessage, match="not finite"):
+        wire.decode_state(wire.encode_state(s, round_=1, table_hash=TABLE), num_weights=100, table_hash=TABLE)
+
+
+def test_a_float_upload_names_its_client():
+    data = wire.encode_state(_scores(100), round_=1, table_hash=TABLE, client=4)
+    assert wire.decode_state(data, num_weights=100, table_hash=TABLE, client=4)[0] == 1
+    with pytest.raises(wire.UnexpectedMessage, match="from the server, got one from client 4"):
+        wire.decode_state(data, num_weights=100, table_hash=TABLE)
+
+
+CODER_NAMES = {wire.CODER_PACKED: "packed", wire.CODER_BERNOULLI: "range", wire.CODER_CALIBRATED: "calibrated"}
+
+
+def decode_and_reencode(kind: str, data: bytes, scores: torch.Tensor) -> bytes:
+    """Decode `data` as the receiver does, then encode what came out again: an accepted message must
+    come back byte for byte (the format is canonical; anything else is a wrong accept)."""
+    if kind == "upload":
+        mask = wire.decode_upload(data, scores, round_=2, table_hash=TABLE, client=5)
+        return wire.encode_upload(mask, scores, round_=2, table_hash=TABLE, client=5, coder=CODER_NAMES[data[6]])
+    if kind == "delta":
+        d = wire.decode_delta(data, scores, round_=2, table_hash=TABLE)
+        return wire.encode_delta(d.counts, d.m, d.lam, d.smoothing, scores, round_=2, table_hash=TABLE)
+    rnd, values = wire.decode_state(data, num_weights=scores.numel(), table_hash=TABLE)
+    return wire.encode_state(values, round_=rnd, table_hash=TABLE)
+
+
+def _message(kind: str):
+    if kind == "upload":
+        data, scores = _upload(300)
+    elif kind == "delta":
+        data, scores, _ = _delta(300)
+    else:
+        scores = _scores(300)
+        data = wire.encode_state(scores * 2, round_=2, table_hash=TABLE)
+    return data, scores
+
+
+@pytest.mark.parametrize("kind", ["upload", "delta", "state"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 12), st.binary(max_size=8))  # fmt: skip
+def test_fuzz_resealed_mutations_are_refused_or_canonical(kind, edits, cut, tail):
+    """Byte edits, a cut and appended bytes, with the CRC recomputed each time: either a WireError,
+    or a message that re-encodes to itself (another valid message, never a malformed one accepted)."""
+    data, scores = _message(kind)
+    bad = bytearray(data)
+    for pos, value in edits:
+        bad[pos % len(bad)] = value
+    bad = bytes(bad[: len(bad) - cut]) + tail
+    if len(bad) >= wire.HEADER.size:
+        bad = with_length(bad, bad[wire.HEADER.size :]) if tail or cut else reseal(bad)
+    try:
+        again = decode_and_reencode(kind, bad, scores)
+    except wire.WireError:
+        return
+    assert again == bad

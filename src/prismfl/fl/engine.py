@@ -12,6 +12,7 @@ checkpoint the same way whichever transport wrote it (with the same transport).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,10 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         uploads = {}
         for k in sorted(replies):
             try:
-                uploads[k] = (replies[k].data, method.decode(state, rnd, replies[k].data))
+                uploads[k] = (replies[k].data, method.decode(state, rnd, k, replies[k].data))
             except wire.WireError as exc:
                 failures.append({"client": k, "error": f"upload rejected: {type(exc).__name__}: {exc}"})
+        failures += reject_duplicates(uploads)
         for failure in failures:
             method.client_lost(state, failure["client"])
             log(f"round {rnd}: client {failure['client']} left out ({failure['error']})")
@@ -153,6 +155,21 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     runreport.run_report(out)
     log(f"done: {what}; samples.png, curves.png and report.md in {out}")
     return out
+
+
+def reject_duplicates(uploads: dict[int, tuple[bytes, object]]) -> list[dict]:
+    """Remove uploads whose payload is byte for byte another client's (a copied or replayed upload:
+    two honest clients never draw the same mask or train the same weights); return their failures."""
+    by_payload: dict[bytes, list[int]] = {}
+    for k, (data, _) in uploads.items():
+        by_payload.setdefault(hashlib.sha256(data[wire.HEADER.size :]).digest(), []).append(k)
+    failures = []
+    for clients in by_payload.values():
+        if len(clients) > 1:
+            for k in clients:
+                del uploads[k]
+                failures.append({"client": k, "error": f"upload rejected: the same payload as clients {clients}"})
+    return failures
 
 
 def run_model(run_dir: Path):

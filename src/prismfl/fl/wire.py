@@ -1,26 +1,33 @@
 """The wire format: every byte prismfl sends between clients and server, and how it is checked.
 
-A message is a fixed 32-byte header followed by the payload:
+A message is a fixed 36-byte header followed by the payload:
 
     offset size  field
     0      4     magic b"PRFL"
-    4      1     version (1)
-    5      1     kind: 1 upload (a client's mask), 2 broadcast delta, 3 broadcast full state
+    4      1     version (2)
+    5      1     kind: 1 upload (a client's mask or weights), 2 broadcast delta, 3 full state
     6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32,
                  4 range-coded Bernoulli with a calibration table
     7      1     reserved, 0
     8      4     round (u32)
-    12     8     layer-table hash: first 8 bytes of sha256 of the architecture's layer table
-    20     4     number of weights N (u32)
-    24     4     payload length in bytes (u32)
-    28     4     CRC-32 of bytes 0..27 and of the payload
+    12     4     client (u32): who sent an upload; 0xFFFFFFFF for what the server sends
+    16     8     layer-table hash: first 8 bytes of sha256 of the architecture's layer table
+    24     4     number of weights N (u32)
+    28     4     payload length in bytes (u32)
+    32     4     CRC-32 of bytes 0..31 and of the payload
 
 All integers are little-endian. An upload's payload is the mask, either packed (ceil(N/8) bytes) or
 range-coded against the global probabilities both sides hold (about the cross-entropy of the mask
 under those probabilities). A broadcast delta carries, for every weight, how many of the m uploads
 kept it, range-coded against Binomial(m, global probability), plus m, MADA's lambda and the
 smoothing: from these a client that holds the previous global scores rebuilds the new ones bit for
-bit with the same function the server uses (`server.apply_round`).
+bit with the same function the server uses (`aggregate.apply_round`).
+
+A receiver checks everything before it allocates or computes: the sizes against the model's N and
+a cap per kind, the reserved byte, the kind, coder, round and sender it expects, and the ranges of
+m, lambda and the smoothing; a decoded payload must re-encode to the very bytes received (the format
+is canonical, so trailing or altered bytes are refused), and float32 values must be finite. Whatever
+goes wrong, including a panic inside the entropy coder, is a WireError.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ import torch
 from prismfl.errors import PrismError
 
 MAGIC = b"PRFL"
-VERSION = 1
-HEADER = struct.Struct("<4sBBBxIQIII")
-assert HEADER.size == 32
+VERSION = 2
+HEADER = struct.Struct("<4sBBBBIIQIII")
+assert HEADER.size == 36
+CRC_AT = HEADER.size - 4
+SERVER = 0xFFFFFFFF  # the sender of broadcasts
 
 KIND_UPLOAD, KIND_DELTA, KIND_STATE = 1, 2, 3
 KINDS = {KIND_UPLOAD: "upload", KIND_DELTA: "broadcast delta", KIND_STATE: "broadcast state"}
@@ -93,40 +102,75 @@ class Message:
     kind: int
     coder: int
     round: int
+    client: int
     table_hash: int
     num_weights: int
     payload: bytes
 
     def to_bytes(self) -> bytes:
-        head = HEADER.pack(MAGIC, VERSION, self.kind, self.coder, self.round, self.table_hash,
-                           self.num_weights, len(self.payload), 0)[:28]  # fmt: skip
+        head = HEADER.pack(MAGIC, VERSION, self.kind, self.coder, 0, self.round, self.client, self.table_hash,
+                           self.num_weights, len(self.payload), 0)[:CRC_AT]  # fmt: skip
         crc = zlib.crc32(self.payload, zlib.crc32(head))
         return head + crc.to_bytes(4, "little") + self.payload
 
 
+def max_payload(kind: int, num_weights: int) -> int:
+    """The largest payload a receiver accepts: a float32 state; an upload or delta never needs more
+    (the server sends the full state instead of a larger delta, and 'auto' uploads are at most N/8)."""
+    return 4 * num_weights + 2 * CALIBRATION_BINS + _DELTA_PREFIX.size
+
+
 def parse(data: bytes, *, table_hash: int, num_weights: int) -> Message:
-    """Check every field of a message against what the receiver expects; raise a WireError if any is off."""
+    """Check every header field against what the receiver expects; raise a WireError if any is off."""
     if len(data) < HEADER.size:
         raise TruncatedMessage(f"message of {len(data)} bytes is shorter than the {HEADER.size}-byte header")
-    magic, version, kind, coder, rnd, thash, n, length, crc = HEADER.unpack_from(data)
+    magic, version, kind, coder, reserved, rnd, client, thash, n, length, crc = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise BadMagic(f"not a prismfl message (magic {magic!r})")
     if version != VERSION:
         raise UnsupportedVersion(f"message format version {version}; this prismfl speaks version {VERSION}")
+    if reserved:
+        raise UnexpectedMessage(f"reserved header byte is {reserved}, not 0")
+    if n != num_weights:
+        raise LayerTableMismatch(f"message carries {n} weights, this model has {num_weights}")
+    if length > max_payload(kind, num_weights):
+        raise LengthMismatch(f"payload of {length:,} bytes is over the {max_payload(kind, num_weights):,} this "
+                             "model's messages can need")  # fmt: skip
     if len(data) < HEADER.size + length:
         raise TruncatedMessage(f"payload cut short: header promises {length} bytes, {len(data) - HEADER.size} came")
     if len(data) > HEADER.size + length:
         raise LengthMismatch(f"{len(data) - HEADER.size - length} stray bytes after the payload")
     payload = data[HEADER.size :]
-    if zlib.crc32(payload, zlib.crc32(data[:28])) != crc:
+    if zlib.crc32(payload, zlib.crc32(data[:CRC_AT])) != crc:
         raise ChecksumMismatch("message checksum does not match: corrupted in transit")
     if kind not in KINDS or coder not in CODERS:
         raise UnexpectedMessage(f"unknown message kind {kind} or coder {coder}")
     if thash != table_hash:
         raise LayerTableMismatch("message was made for another architecture (layer-table hash differs)")
-    if n != num_weights:
-        raise LayerTableMismatch(f"message carries {n} weights, this model has {num_weights}")
-    return Message(kind, coder, rnd, thash, n, payload)
+    return Message(kind, coder, rnd, client, thash, n, payload)
+
+
+def expect(msg: Message, *, kind: int, coders: tuple[int, ...], round_: int | None, client: int) -> None:
+    """The message is the one the receiver waits for: its kind, a coder that kind uses, round and sender."""
+    if msg.kind != kind:
+        raise UnexpectedMessage(f"expected a {KINDS[kind]}, got a {KINDS[msg.kind]}")
+    if msg.coder not in coders:
+        raise UnexpectedMessage(f"a {KINDS[kind]} cannot use coder {CODERS[msg.coder]}")
+    if round_ is not None and msg.round != round_:
+        raise UnexpectedMessage(f"expected a {KINDS[kind]} for round {round_}, got one for round {msg.round}")
+    if msg.client != client:
+        who = lambda c: "the server" if c == SERVER else f"client {c}"  # noqa: E731
+        raise UnexpectedMessage(f"expected a {KINDS[kind]} from {who(client)}, got one from {who(msg.client)}")
+
+
+def _coder_call(what: str, call):
+    """Run an entropy-coder call; anything it raises (a panic included) becomes a WireError."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - constriction panics raise pyo3's PanicException (a BaseException)
+        raise ChecksumMismatch(f"{what} does not decode: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
 # ---------------------------------------------------------------- coders
@@ -172,12 +216,11 @@ def _bernoulli_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
     if len(payload) % 4:
         raise LengthMismatch("range-coded payload is not a whole number of 32-bit words")
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    try:
-        dec = constriction.stream.queue.RangeDecoder(words)
-        bits = dec.decode(constriction.stream.model.Bernoulli(perfect=False), p)
-    except (ValueError, RuntimeError, AssertionError) as exc:
-        raise ChecksumMismatch(f"range-coded payload does not decode: {exc}") from None
-    return np.asarray(bits)
+    bits = _coder_call("range-coded payload", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
+        constriction.stream.model.Bernoulli(perfect=False), p)))  # fmt: skip
+    if _bernoulli_encode(bits, p) != payload:  # canonical: trailing or altered words are refused
+        raise LengthMismatch("range-coded payload is not what its mask encodes to (stray or altered bytes)")
+    return bits
 
 
 def _bins(p: np.ndarray) -> np.ndarray:
@@ -205,13 +248,18 @@ def _calibrated_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
     if len(payload) < head:
         raise LengthMismatch("calibrated payload is shorter than its calibration table")
     q = np.frombuffer(payload[:head], dtype="<u2")
-    return _bernoulli_decode(payload[head:], _calibration_table(q)[_bins(p)])
+    if q.min() < 1 or q.max() > 65534:
+        raise UnexpectedMessage("calibration table holds a probability of 0 or 1")
+    bits = _bernoulli_decode(payload[head:], _calibration_table(q)[_bins(p)])
+    if _calibrated_encode(bits, p) != payload:  # the table must be the one the mask itself gives
+        raise UnexpectedMessage("calibration table does not match the mask it carries")
+    return bits
 
 
-def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: int, table_hash: int,
+def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: int, table_hash: int, client: int,
                   coder: str = "auto") -> bytes:  # fmt: skip
-    """A client's mask as a message: 'packed' bits, 'range'-coded against the global probabilities,
-    range-coded against 'calibrated' ones, or 'auto': whichever of the three is smallest."""
+    """Client `client`'s mask as a message: 'packed' bits, 'range'-coded against the global
+    probabilities, range-coded against 'calibrated' ones, or 'auto': whichever of the three is smallest."""
     if coder not in UPLOAD_CODERS:
         raise ValueError(f"unknown upload coder {coder!r}; expected one of {UPLOAD_CODERS}")
     n = mask.numel()
@@ -223,38 +271,40 @@ def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: in
         if coder in ("auto", "calibrated"):
             candidates[CODER_CALIBRATED] = _calibrated_encode(bits, p)
     best = min(candidates, key=lambda c: len(candidates[c]))
-    return Message(KIND_UPLOAD, best, round_, table_hash, n, candidates[best]).to_bytes()
+    return Message(KIND_UPLOAD, best, round_, client, table_hash, n, candidates[best]).to_bytes()
 
 
-def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int) -> torch.Tensor:
+def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int,
+                  client: int) -> torch.Tensor:  # fmt: skip
+    """The mask of client `client`'s upload for round `round_`; a WireError for anything else."""
     n = global_scores.numel()
     msg = parse(data, table_hash=table_hash, num_weights=n)
-    if msg.kind != KIND_UPLOAD or msg.round != round_:
-        raise UnexpectedMessage(f"expected an upload for round {round_}, got a {KINDS[msg.kind]} for round {msg.round}")
+    expect(msg, kind=KIND_UPLOAD, coders=(CODER_PACKED, CODER_BERNOULLI, CODER_CALIBRATED), round_=round_,
+           client=client)  # fmt: skip
     if msg.coder == CODER_PACKED:
         try:
             return unpack_mask(msg.payload, n)
         except ValueError as exc:
             raise LengthMismatch(str(exc)) from None
-    if msg.coder == CODER_BERNOULLI:
-        return torch.from_numpy(_bernoulli_decode(msg.payload, _probabilities(global_scores)).astype(bool))
-    if msg.coder == CODER_CALIBRATED:
-        return torch.from_numpy(_calibrated_decode(msg.payload, _probabilities(global_scores)).astype(bool))
-    raise UnexpectedMessage(f"an upload cannot use coder {CODERS[msg.coder]}")
+    decode = _bernoulli_decode if msg.coder == CODER_BERNOULLI else _calibrated_decode
+    return torch.from_numpy(decode(msg.payload, _probabilities(global_scores)).astype(bool))
+
+
+def _binomial_payload(counts: np.ndarray, m: int, p: np.ndarray) -> bytes:
+    import constriction
+
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(counts.astype(np.int32), constriction.stream.model.Binomial(), np.full(len(counts), m, np.int32), p)
+    return enc.get_compressed().tobytes()
 
 
 def encode_delta(counts: torch.Tensor, m: int, lam: float | None, smoothing: float, global_scores: torch.Tensor,
                  *, round_: int, table_hash: int) -> bytes:  # fmt: skip
     """The round's outcome for clients that hold the previous global scores (see module doc)."""
-    import constriction
-
     n = counts.numel()
     prefix = _DELTA_PREFIX.pack(m, float("nan") if lam is None else lam, smoothing)
-    enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(counts.cpu().numpy().astype(np.int32), constriction.stream.model.Binomial(),
-               np.full(n, m, np.int32), _probabilities(global_scores))  # fmt: skip
-    payload = prefix + enc.get_compressed().tobytes()
-    return Message(KIND_DELTA, CODER_BINOMIAL, round_, table_hash, n, payload).to_bytes()
+    payload = prefix + _binomial_payload(counts.cpu().numpy(), m, _probabilities(global_scores))
+    return Message(KIND_DELTA, CODER_BINOMIAL, round_, SERVER, table_hash, n, payload).to_bytes()
 
 
 @dataclass
@@ -270,31 +320,41 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
 
     n = global_scores.numel()
     msg = parse(data, table_hash=table_hash, num_weights=n)
-    if msg.kind != KIND_DELTA or msg.round != round_:
-        raise UnexpectedMessage(f"expected the delta of round {round_}, got a {KINDS[msg.kind]} of round {msg.round}")
+    expect(msg, kind=KIND_DELTA, coders=(CODER_BINOMIAL,), round_=round_, client=SERVER)
     if len(msg.payload) < _DELTA_PREFIX.size or (len(msg.payload) - _DELTA_PREFIX.size) % 4:
         raise LengthMismatch("broadcast delta payload has the wrong length")
     m, lam, smoothing = _DELTA_PREFIX.unpack_from(msg.payload)
+    if m < 1:
+        raise UnexpectedMessage("broadcast delta aggregates m = 0 uploads")
+    if not (np.isnan(lam) or 0.0 <= lam <= 1.0):
+        raise UnexpectedMessage(f"broadcast delta carries lambda = {lam}, outside [0, 1]")
+    if not 0.0 <= smoothing < 0.5:
+        raise UnexpectedMessage(f"broadcast delta carries smoothing = {smoothing}, outside [0, 0.5)")
+    p = _probabilities(global_scores)
+    if not np.isfinite(p).all():
+        raise UnexpectedMessage("the global scores this delta applies to are not finite")
     words = np.frombuffer(msg.payload[_DELTA_PREFIX.size :], dtype="<u4").astype(np.uint32)
-    try:
-        counts = constriction.stream.queue.RangeDecoder(words).decode(
-            constriction.stream.model.Binomial(), np.full(n, m, np.int32), _probabilities(global_scores)
-        )
-    except (ValueError, RuntimeError, AssertionError) as exc:
-        raise ChecksumMismatch(f"broadcast delta does not decode: {exc}") from None
-    return Delta(torch.from_numpy(np.asarray(counts, dtype=np.int32)), m, None if np.isnan(lam) else lam, smoothing)
+    counts = _coder_call("broadcast delta", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
+        constriction.stream.model.Binomial(), np.full(n, m, np.int32), p), dtype=np.int32))  # fmt: skip
+    if _binomial_payload(counts, m, p) != msg.payload[_DELTA_PREFIX.size :]:
+        raise LengthMismatch("broadcast delta is not what its counts encode to (stray or altered bytes)")
+    return Delta(torch.from_numpy(counts), m, None if np.isnan(lam) else lam, smoothing)
 
 
-def encode_state(scores: torch.Tensor, *, round_: int, table_hash: int) -> bytes:
-    """The full global scores as float32: what a client with no history downloads."""
-    payload = scores.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
-    return Message(KIND_STATE, CODER_FLOAT32, round_, table_hash, scores.numel(), payload).to_bytes()
+def encode_state(values: torch.Tensor, *, round_: int, table_hash: int, client: int = SERVER) -> bytes:
+    """Float32 values as one message: the full global state the server sends (client = SERVER), or a
+    client's float upload (fedavg's weights, local's and central's own scores)."""
+    payload = values.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
+    return Message(KIND_STATE, CODER_FLOAT32, round_, client, table_hash, values.numel(), payload).to_bytes()
 
 
-def decode_state(data: bytes, *, num_weights: int, table_hash: int) -> tuple[int, torch.Tensor]:
+def decode_state(data: bytes, *, num_weights: int, table_hash: int, client: int = SERVER) -> tuple[int, torch.Tensor]:
+    """(round, finite float32 values) of a state message from `client` (the server by default)."""
     msg = parse(data, table_hash=table_hash, num_weights=num_weights)
-    if msg.kind != KIND_STATE:
-        raise UnexpectedMessage(f"expected a broadcast state, got a {KINDS[msg.kind]}")
+    expect(msg, kind=KIND_STATE, coders=(CODER_FLOAT32,), round_=None, client=client)
     if len(msg.payload) != 4 * num_weights:
         raise LengthMismatch(f"state payload has {len(msg.payload)} bytes, expected {4 * num_weights}")
-    return msg.round, torch.from_numpy(np.frombuffer(msg.payload, dtype="<f4").copy())
+    values = np.frombuffer(msg.payload, dtype="<f4")
+    if not np.isfinite(values).all():
+        raise UnexpectedMessage("state holds values that are not finite")
+    return msg.round, torch.from_numpy(values.astype(np.float32))

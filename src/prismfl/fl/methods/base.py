@@ -119,8 +119,8 @@ class Method:
     def plan(self, state: dict, rnd: int) -> Plan:
         raise NotImplementedError
 
-    def decode(self, state: dict, rnd: int, data: bytes):
-        """The decoded upload; a WireError for anything that must not be accepted."""
+    def decode(self, state: dict, rnd: int, k: int, data: bytes):
+        """Client k's decoded upload for round rnd; a WireError for anything that must not be accepted."""
         raise NotImplementedError
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, object]],
@@ -154,14 +154,15 @@ class Method:
 
     # ---- helpers for the methods whose uploads are float32 states (fedavg, local, central)
 
-    def _decode_floats(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
-        held, values = wire.decode_state(data, num_weights=state["num_weights"], table_hash=state["table_hash"])
+    def _decode_floats(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
+        held, values = wire.decode_state(data, num_weights=state["num_weights"], table_hash=state["table_hash"],
+                                         client=k)  # fmt: skip
         if held != rnd:
             raise wire.UnexpectedMessage(f"expected the state of round {rnd}, got round {held}")
         return values
 
-    def _upload_floats(self, ctx: ClientContext, values: torch.Tensor, rnd: int, result, t0: float) -> Upload:
-        data = wire.encode_state(values.cpu(), round_=rnd, table_hash=ctx.table_hash)
+    def _upload_floats(self, ctx: ClientContext, k: int, values: torch.Tensor, rnd: int, result, t0: float) -> Upload:
+        data = wire.encode_state(values.cpu(), round_=rnd, table_hash=ctx.table_hash, client=k)
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
 
 

@@ -31,7 +31,7 @@ class FedAvg(Method):
             raise wire.UnexpectedMessage(f"expected the weights of round {down.round - 1}, got round {held}")
         t0 = time.perf_counter()
         result = train_round(ctx, client, weights, round_=down.round, steps=down.steps, lr=self.cfg.train.dense_lr)
-        return self._upload_floats(ctx, result.scores, down.round, result, t0)
+        return self._upload_floats(ctx, client.k, result.scores, down.round, result, t0)
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         weights = masked.get_trainable(self.build_model())
@@ -43,8 +43,8 @@ class FedAvg(Method):
         downlinks = {k: Downlink(rnd, [full], self.cfg.train.local_steps) for k in chosen}
         return Plan(chosen, downlinks, len(full) * len(chosen))
 
-    def decode(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
-        return self._decode_floats(state, rnd, data)
+    def decode(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
+        return self._decode_floats(state, rnd, k, data)
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
                   sizes: list[int]) -> Outcome:  # fmt: skip

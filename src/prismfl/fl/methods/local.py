@@ -31,10 +31,10 @@ class OwnScores(Method):
         t0 = time.perf_counter()
         result = train_round(ctx, client, client.own, round_=down.round, steps=down.steps)
         client.own = result.scores.cpu()
-        return self._upload_floats(ctx, client.own, down.round, result, t0)
+        return self._upload_floats(ctx, client.k, client.own, down.round, result, t0)
 
-    def decode(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
-        return self._decode_floats(state, rnd, data)
+    def decode(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
+        return self._decode_floats(state, rnd, k, data)
 
 
 class Local(OwnScores):

@@ -90,7 +90,7 @@ class Prism(Method):
         t0 = time.perf_counter()
         result = train_round(ctx, client, scores, round_=down.round, steps=down.steps)
         data = wire.encode_upload(result.mask.cpu(), scores.cpu(), round_=down.round, table_hash=ctx.table_hash,
-                                  coder=self.cfg.train.upload_coder)  # fmt: skip
+                                  client=client.k, coder=self.cfg.train.upload_coder)  # fmt: skip
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
 
     # ---- server side
@@ -119,8 +119,8 @@ class Prism(Method):
             state["synced"][k] = rnd - 1
         return Plan(chosen, downlinks, down)
 
-    def decode(self, state: dict, rnd: int, data: bytes) -> torch.Tensor:
-        return wire.decode_upload(data, state["scores"], round_=rnd, table_hash=state["table_hash"])
+    def decode(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
+        return wire.decode_upload(data, state["scores"], round_=rnd, table_hash=state["table_hash"], client=k)
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
                   sizes: list[int]) -> Outcome:  # fmt: skip
