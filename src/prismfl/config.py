@@ -80,6 +80,29 @@ class PrivacyConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Faults the in-process simulator injects (Flower has real ones): lost uploads and hostile clients."""
+
+    dropout: float = 0.0  # probability that a chosen client drops out mid-round (trains, its upload is lost)
+    straggler: float = 0.0  # probability that a chosen client's upload comes after the round's deadline
+    byzantine: float = 0.0  # fraction of each round's clients that are hostile
+    attack: str = "random"  # what hostile clients send: ones, zeros, invert, random, collude, replay
+
+
+@dataclass
+class RobustConfig:
+    """Robust aggregation, wrapping any method (fl/robust.py)."""
+
+    rule: str = "none"  # "none"; "distance": leave out uploads far from the others; "trimmed": trimmed counts
+    trim: float = 0.2  # "trimmed": the share of uploads trimmed from each end, per weight (prism)
+    tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
+
+
+ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
+ROBUST_RULES = ("none", "distance", "trimmed")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -88,6 +111,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +144,17 @@ class RunConfig:
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
+        _one_of("faults.attack", self.faults.attack, ATTACKS)
+        _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
+        for key in ("dropout", "straggler", "byzantine"):
+            if not 0 <= getattr(self.faults, key) < 1:
+                raise ConfigError(f"faults.{key} must be in [0, 1), got {getattr(self.faults, key)}")
+        if not 0 <= self.robust.trim < 0.5:
+            raise ConfigError(f"robust.trim must be in [0, 0.5), got {self.robust.trim}")
+        if not self.robust.tolerance > 0:
+            raise ConfigError(f"robust.tolerance must be > 0, got {self.robust.tolerance}")
+        if self.robust.rule == "trimmed" and self.train.method != "prism":
+            raise ConfigError("robust.rule = 'trimmed' trims mask counts: it needs train.method = 'prism'")
         _positive("partition.num_clients", self.partition.num_clients)
         _positive("partition.shards_per_client", self.partition.shards_per_client)
         _positive("model.z_dim", self.model.z_dim)

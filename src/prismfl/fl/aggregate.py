@@ -30,6 +30,14 @@ def count_masks(masks: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def trim_counts(counts: torch.Tensor, m: int, trim: int) -> tuple[torch.Tensor, int]:
+    """Coordinate-wise trimmed counts: of the m sorted bits of a weight, drop the `trim` highest and the
+    `trim` lowest; (counts over the m - 2 trim that remain, m - 2 trim)."""
+    if not 0 <= 2 * trim < m:
+        raise ValueError(f"cannot trim {trim} from each end of {m} uploads")
+    return (counts - trim).clamp(0, m - 2 * trim).to(torch.int32), m - 2 * trim
+
+
 def aggregate_scores(counts: torch.Tensor, m: int, smoothing: float = 0.01) -> torch.Tensor:
     """Logits of the mean mask, each bit counted as `smoothing` / 1-`smoothing` (METHOD.md §4).
 

@@ -134,7 +134,10 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             from prismfl.eval.evaluate import quick_fid
 
             record.domain_fid = float(np.mean([quick_fid(net, cfg.data.dataset) for net in method.nets(state)]))
-        records.append({**record.to_dict(), **({"failures": failures} if failures else {})})
+        extra = {"failures": failures} if failures else {}
+        if outcome.rejected:
+            extra["rejected"] = outcome.rejected
+        records.append({**record.to_dict(), **extra})
         rundir.save_checkpoint(out, round_=rnd, cfg=cfg, transport=transport.name, server=state,
                                clients=transport.client_states(), records=records, model_info=model_info)  # fmt: skip
         rundir.append_metrics(out, records[-1])

@@ -1,7 +1,8 @@
 """The in-process transport: every client lives in this process and the engine calls them in turn.
 
 It only moves data: each chosen client gets exactly the bytes Flower would carry (the same method
-code decodes them into its replica of the global state), and its upload goes back as bytes. The
+code decodes them into its replica of the global state), and its upload goes back as bytes. Faults
+that Flower meets for real (lost uploads, hostile clients) are injected here on request (`faults`). The
 clients' states are part of the checkpoint, so a killed run resumed with --resume ends in the same
 state as one that was never interrupted.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prismfl.config import RunConfig
-from prismfl.fl import task
+from prismfl.fl import faults, task
 from prismfl.fl.client import ClientContext, ClientRuntime, client_context
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
@@ -27,6 +28,7 @@ class InProcess:
         self.method: Method | None = None
         self.ctx: ClientContext | None = None
         self.clients: dict[int, ClientRuntime] = {}
+        self.sent: dict[int, bytes] = {}  # each client's last honest upload, for the replay attack
 
     def setup(self, method: Method, checkpoint: dict | None, log) -> Setup:
         cfg = self.cfg
@@ -52,8 +54,23 @@ class InProcess:
         )
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
-        return {k: self.method.client_round(self.ctx, self.clients[k], downlinks[k])
-                for k in progress_bar(sorted(downlinks), desc=f"round {rnd} clients")}, []  # fmt: skip
+        """Every client's round, then the faults of `cfg.faults` (fl/faults.py): lost uploads, hostile ones."""
+        fate = faults.draw(self.cfg, rnd, sorted(downlinks))
+        replies, failures = {}, []
+        for k in progress_bar(sorted(downlinks), desc=f"round {rnd} clients"):
+            up = self.method.client_round(self.ctx, self.clients[k], downlinks[k])
+            if fate.get(k) in faults.LOST:
+                failures.append({"client": k, "error": faults.LOST[fate[k]]})
+                continue
+            honest = up.data
+            if fate.get(k) == "byzantine":
+                up.data = faults.forge(self.cfg, honest=honest, replica=self.clients[k].replica, rnd=rnd, k=k,
+                                       table_hash=self.ctx.table_hash, num_weights=self.ctx.num_weights,
+                                       earlier=self.sent.get(k))  # fmt: skip
+            if self.cfg.faults.attack == "replay":
+                self.sent[k] = honest
+            replies[k] = up
+        return replies, failures
 
     def client_states(self) -> dict:
         """Every client's state; replicas of the same round are identical, so each is stored once."""

@@ -152,15 +152,20 @@ def parse(data: bytes, *, table_hash: int, num_weights: int) -> Message:
 
 def expect(msg: Message, *, kind: int, coders: tuple[int, ...], round_: int | None, client: int) -> None:
     """The message is the one the receiver waits for: its kind, a coder that kind uses, round and sender."""
+    name = KINDS[kind]
     if msg.kind != kind:
-        raise UnexpectedMessage(f"expected a {KINDS[kind]}, got a {KINDS[msg.kind]}")
+        raise UnexpectedMessage(f"expected {_a(name)}, got {_a(KINDS[msg.kind])}")
     if msg.coder not in coders:
-        raise UnexpectedMessage(f"a {KINDS[kind]} cannot use coder {CODERS[msg.coder]}")
+        raise UnexpectedMessage(f"{_a(name)} cannot use coder {CODERS[msg.coder]}")
     if round_ is not None and msg.round != round_:
-        raise UnexpectedMessage(f"expected a {KINDS[kind]} for round {round_}, got one for round {msg.round}")
+        raise UnexpectedMessage(f"expected {_a(name)} for round {round_}, got one for round {msg.round}")
     if msg.client != client:
         who = lambda c: "the server" if c == SERVER else f"client {c}"  # noqa: E731
-        raise UnexpectedMessage(f"expected a {KINDS[kind]} from {who(client)}, got one from {who(msg.client)}")
+        raise UnexpectedMessage(f"expected {_a(name)} from {who(client)}, got one from {who(msg.client)}")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
 def _coder_call(what: str, call):

@@ -15,7 +15,7 @@ Global state is a plain tree of tensors, numbers and lists (safestate), checkpoi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ class Outcome:
     broadcast_bytes: int
     entropy_bound_bits: float
     mask_entropy: float
+    rejected: list[dict] = field(default_factory=list)  # uploads a robust rule left out: {"client", "why"}
 
 
 def scores_crc(values: torch.Tensor) -> int:

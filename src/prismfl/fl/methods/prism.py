@@ -123,16 +123,20 @@ class Prism(Method):
         return wire.decode_upload(data, state["scores"], round_=rnd, table_hash=state["table_hash"], client=k)
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
-                  sizes: list[int]) -> Outcome:  # fmt: skip
+                  sizes: list[int], trim: int = 0) -> Outcome:  # fmt: skip
+        """`trim` > 0: coordinate-wise trimmed counts (robust.rule = "trimmed"): per weight, the `trim`
+        highest and `trim` lowest of the m bits are left out, so the counts are over m - 2 trim uploads."""
         old = state["scores"].cpu()
         masks = [uploads[k][1] for k in sorted(uploads)]
         smoothing = self.cfg.train.smoothing
-        counts = aggregate.count_masks(masks)
-        proposal = aggregate.aggregate_scores(counts, len(masks), smoothing)
+        counts, m = aggregate.count_masks(masks), len(masks)
+        if trim:
+            counts, m = aggregate.trim_counts(counts, m, trim)
+        proposal = aggregate.aggregate_scores(counts, m, smoothing)
         lam = aggregate.mada_lambda(old, proposal, task.generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
             else None  # fmt: skip
         new = aggregate.blend(old, proposal, lam)
-        delta = wire.encode_delta(counts, len(masks), lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
+        delta = wire.encode_delta(counts, m, lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
         state["scores"] = new
         state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
         state["delta_sizes"][rnd] = len(delta)

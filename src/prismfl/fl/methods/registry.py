@@ -1,4 +1,5 @@
-"""The methods prismfl runs, by name (train.method), and the wrappers around them (privacy)."""
+"""The methods prismfl runs, by name (train.method), and the wrappers around them (privacy, robust
+aggregation)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ REGISTRY: dict[str, type[Method]] = {"prism": Prism, "fedavg": FedAvg, "local": 
 def build(cfg: RunConfig) -> Method:
     """The method of a config, wrapped in the private statistics release when privacy.epsilon is finite."""
     method = REGISTRY[cfg.train.method](cfg)
-    if math.isinf(cfg.privacy.epsilon):
-        return method
-    from prismfl.privacy import Private
+    if not math.isinf(cfg.privacy.epsilon):
+        from prismfl.privacy import Private
 
-    return Private(method)
+        method = Private(method)
+    if cfg.robust.rule != "none":
+        from prismfl.fl.robust import Robust
+
+        method = Robust(method, cfg.robust.rule, cfg.robust.trim, cfg.robust.tolerance)
+    return method

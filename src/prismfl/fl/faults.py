@@ -1,0 +1,81 @@
+"""Faults the in-process simulator injects, like the ones Flower meets for real: uploads lost to a
+client dropping out mid-round or coming after the deadline, and hostile (Byzantine) clients.
+
+A hostile client takes part like the others (it receives the round's messages and keeps its replica
+in step) and then sends something else instead of its honest upload, always a well-formed message:
+- ones / zeros: a mask keeping every weight / none (float methods: all weights 1 / 0)
+- invert: the complement of its honest mask (floats: the negated weights)
+- random: a fair coin per weight (floats: Gaussian noise of the weights' scale)
+- collude: every hostile client of the round sends the complement of the global mode, each with
+  0.1 % of its bits flipped so that no two are byte-identical (floats: one shared noise vector,
+  each with a little noise of its own)
+- replay: the upload it sent in an earlier round (its honest one when it has none yet)
+Every draw comes from the run seed, so a faulty run is as reproducible as a clean one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prismfl.config import RunConfig
+from prismfl.fl import task, wire
+
+
+def draw(cfg: RunConfig, rnd: int, clients: list[int]) -> dict[int, str]:
+    """Which of the round's clients are hostile, drop out or straggle: {client: "byzantine" | "dropout" |
+    "straggler"}; the others are absent."""
+    f = cfg.faults
+    rng = np.random.default_rng(task.derived_seed(cfg.seed, "faults", rnd))
+    hostile = set(rng.choice(clients, size=round(f.byzantine * len(clients)), replace=False).tolist()) \
+        if f.byzantine else set()  # fmt: skip
+    fate = {}
+    for k in clients:
+        u = rng.random()
+        if k in hostile:
+            fate[k] = "byzantine"
+        elif u < f.dropout:
+            fate[k] = "dropout"
+        elif u < f.dropout + f.straggler:
+            fate[k] = "straggler"
+    return fate
+
+
+LOST = {"dropout": "dropped out mid-round (simulated fault)",
+        "straggler": "upload came after the round's deadline (simulated fault)"}  # fmt: skip
+
+
+def forge(cfg: RunConfig, *, honest: bytes, replica: torch.Tensor | None, rnd: int, k: int, table_hash: int,
+          num_weights: int, earlier: bytes | None) -> bytes:  # fmt: skip
+    """What hostile client k sends in round rnd instead of its `honest` upload (module doc)."""
+    attack = cfg.faults.attack
+    if attack == "replay":
+        return earlier if earlier is not None else honest
+    gen = task.generator_for(cfg.seed, "attack", rnd, k)
+    shared = task.generator_for(cfg.seed, "attack", rnd, "collude")
+    if wire.parse(honest, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_UPLOAD:
+        mask = wire.decode_upload(honest, replica, round_=rnd, table_hash=table_hash, client=k)
+        n = mask.numel()
+        if attack == "ones":
+            bad = torch.ones(n, dtype=torch.bool)
+        elif attack == "zeros":
+            bad = torch.zeros(n, dtype=torch.bool)
+        elif attack == "invert":
+            bad = ~mask
+        elif attack == "random":
+            bad = torch.rand(n, generator=gen) < 0.5
+        else:  # collude: the complement of the global mode, a few bits each apart
+            bad = (replica <= 0) ^ (torch.rand(n, generator=gen) < 1e-3)
+        return wire.encode_upload(bad, replica, round_=rnd, table_hash=table_hash, client=k,
+                                  coder=cfg.train.upload_coder)  # fmt: skip
+    _, weights = wire.decode_state(honest, num_weights=num_weights, table_hash=table_hash, client=k)
+    scale = float(weights.std())
+    bad = {
+        "ones": lambda: torch.ones_like(weights),
+        "zeros": lambda: torch.zeros_like(weights),
+        "invert": lambda: -weights,
+        "random": lambda: scale * torch.randn(weights.shape, generator=gen),
+        "collude": lambda: scale * (torch.randn(weights.shape, generator=shared)
+                                    + 1e-3 * torch.randn(weights.shape, generator=gen)),
+    }[attack]()  # fmt: skip
+    return wire.encode_state(bad, round_=rnd, table_hash=table_hash, client=k)
