@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -80,9 +81,10 @@ def main() -> None:
     cells = [c for c in CELLS if not a.only or c[0] in a.only.split(",")]
     results = [run_cell(name, overrides, Path(a.out), a.samples) for name, overrides in cells]
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
-        "command": "benchmarks/robustness.py", "base": BASE, "cells": results}, indent=1))  # fmt: skip
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    Path(a.json).write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine,
+                                        "command": "benchmarks/robustness.py", "base": BASE, "cells": results},
+                                       indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
