@@ -17,22 +17,21 @@ import os
 import platform
 from pathlib import Path
 
-BASE = ["train.client_fraction=1.0", "train.rounds=6", "train.local_steps=40", "train.sample_every=0"]
+BASE = ["train.client_fraction=1.0", "train.rounds=8", "train.local_steps=60", "train.sample_every=0"]
 # (name, overrides): the clean runs first, then 20 % of every attack, then the other fractions
 CELLS = [("clean", []), ("clean, distance rule", ['robust.rule="distance"']),
          ("clean, trimmed counts", ['robust.rule="trimmed"', "robust.trim=0.2"])]  # fmt: skip
-for attack in ("ones", "zeros", "invert", "random", "collude"):
+for attack in ("ones", "invert", "random", "collude", "zeros"):
     hostile = ["faults.byzantine=0.2", f'faults.attack="{attack}"']
     CELLS += [(f"20% {attack}", hostile), (f"20% {attack}, distance rule", [*hostile, 'robust.rule="distance"'])]
-CELLS += [("20% replay", ["faults.byzantine=0.2", 'faults.attack="replay"'])]
-for share in ("0.1", "0.3"):
-    hostile = [f"faults.byzantine={share}", 'faults.attack="invert"']
-    pct = f"{round(float(share) * 100)}%"
-    CELLS += [(f"{pct} invert", hostile), (f"{pct} invert, distance rule", [*hostile, 'robust.rule="distance"'])]
-CELLS += [("20% invert, trimmed counts", ["faults.byzantine=0.2", 'faults.attack="invert"', 'robust.rule="trimmed"']),
-          ("20% ones, trimmed counts", ["faults.byzantine=0.2", 'faults.attack="ones"', 'robust.rule="trimmed"']),
-          ("30% dropouts", ["faults.dropout=0.3"]), ("30% dropouts + 10% stragglers",
-                                                       ["faults.dropout=0.3", "faults.straggler=0.1"])]  # fmt: skip
+CELLS += [("20% replay", ["faults.byzantine=0.2", 'faults.attack="replay"']),
+          ("30% invert", ["faults.byzantine=0.3", 'faults.attack="invert"']),
+          ("30% invert, distance rule", ["faults.byzantine=0.3", 'faults.attack="invert"', 'robust.rule="distance"']),
+          ("20% invert, trimmed counts", ["faults.byzantine=0.2", 'faults.attack="invert"', 'robust.rule="trimmed"']),
+          ("30% dropouts", ["faults.dropout=0.3"]),
+          ("10% invert", ["faults.byzantine=0.1", 'faults.attack="invert"']),
+          ("10% invert, distance rule", ["faults.byzantine=0.1", 'faults.attack="invert"', 'robust.rule="distance"'])]
+# the order is the order of importance: an interrupted campaign still has the main rows
 
 
 def slug(name: str) -> str:

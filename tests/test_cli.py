@@ -66,7 +66,7 @@ def test_directory_that_is_not_a_run(run_cli, tmp_path):
 
 def test_bad_sample_count(run_cli, tmp_path):
     code, _, err = run_cli("sample", str(tmp_path / "m.prism"), "--n", "0")
-    _one_line_error(code, err, "--n must be at least 1")
+    _one_line_error(code, err, "--n must be in 1..100,000")
 
 
 def test_usage_error_exits_2(run_cli):

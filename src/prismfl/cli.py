@@ -22,6 +22,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+MAX_SAMPLES = 100_000
+
+
+def _output_kind(out: Path, kinds: dict[str, str]) -> str:
+    """What an --out path will hold, by its extension; a directory or another extension is refused."""
+    if out.is_dir():
+        raise PrismError(f"--out {out} is a directory; give a file name ending in {' or '.join(kinds)}")
+    kind = kinds.get(out.suffix.lower())
+    if kind is None:
+        raise PrismError(
+            f"--out {out}: write {' or '.join(kinds)} files (by the extension), not {out.suffix or 'none'}"
+        )
+    return kind
+
+
 def _load_model(path: Path):
     """A PrismModel from a model file or a run directory (whose final state is exported on the fly)."""
     from prismfl import modelfile, rundir
@@ -78,10 +93,17 @@ def sample(
     """Sample images from a run or a model file into a PNG grid."""
     from prismfl import plots
 
-    if n < 1:
-        raise PrismError(f"--n must be at least 1, got {n}")
-    plots.sample_grid(_load_model(source), out, n=n, seed=seed)
-    typer.echo(f"wrote {n} samples to {out}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise PrismError(f"--n must be in 1..{MAX_SAMPLES:,}, got {n}")
+    kind = _output_kind(out, {".png": "a PNG grid", ".npy": "an array", ".npz": "an array"})
+    from prismfl import modelfile
+
+    images = modelfile.sample(modelfile.materialize(_load_model(source)), n, seed)
+    if out.suffix.lower() == ".png":
+        plots.save_grid(images, out)
+    else:
+        plots.save_array(images, out)
+    typer.echo(f"wrote {n} samples to {out} ({kind}{', (N, C, H, W) in [-1, 1]' if kind == 'an array' else ''})")
 
 
 @app.command()
@@ -94,6 +116,7 @@ def export(
 
     if not run.is_dir():
         raise PrismError(f"{run} is not a run directory")
+    _output_kind(out, {".prism": "a model file"})
     size = modelfile.save(_load_model(run), out)
     typer.echo(f"wrote {out} ({size:,} bytes)")
 
@@ -171,6 +194,8 @@ def privacy(
 
     from prismfl.privacy import noise_multiplier, spent_epsilon
 
+    if images < 1 or layers < 1:
+        raise PrismError(f"--images and --layers must be at least 1, got {images} and {layers}")
     z = noise_multiplier(epsilon, delta)
     sens = math.sqrt(2 * layers + 1)
     typer.echo("mechanism        Gaussian, one release of clipped feature sums per client (docs/privacy.md)")
@@ -203,7 +228,11 @@ def grid(
 
     set_enabled(True)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    cells = grid_mod.cells(split(datasets), split(partitions), split(methods), [int(x) for x in split(seeds)])
+    try:
+        seed_list = [int(x) for x in split(seeds)]
+    except ValueError:
+        raise PrismError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    cells = grid_mod.cells(split(datasets), split(partitions), split(methods), seed_list)
     known = [*METHODS, *grid_mod.VARIANTS]
     for m in {c.method for c in cells}:
         if m not in known:
@@ -238,6 +267,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; resume with --resume", err=True)
         sys.exit(130)
+    except OSError as exc:  # a path that cannot be written or read: not a directory, read-only, no space
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
+    except MemoryError:
+        _fail("out of memory: lower the sizes (model.width, train.batch_size, --n)")
     except Exception as exc:  # click's usage errors
         import click
 

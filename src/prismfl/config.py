@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,28 @@ class RunConfig:
         _positive("train.rounds", self.train.rounds)
         _positive("train.local_steps", self.train.local_steps)
         _positive("train.batch_size", self.train.batch_size)
+        for key, value, high in (("train.batch_size", self.train.batch_size, 65536),
+                                 ("train.local_steps", self.train.local_steps, 10**7),
+                                 ("train.rounds", self.train.rounds, 10**6),
+                                 ("loss.feature_width", self.loss.feature_width, 1024),
+                                 ("partition.num_clients", self.partition.num_clients, 10**6)):  # fmt: skip
+            if value > high:
+                raise ConfigError(f"{key} = {value:,} is over prismfl's limit of {high:,}")
+        for key, value in (("train.lr", self.train.lr), ("train.dense_lr", self.train.dense_lr)):
+            if not (math.isfinite(value) and 0 < value <= 100):
+                raise ConfigError(f"{key} must be a finite number in (0, 100], got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
+        from prismfl.data.sources import dataset_info
+        from prismfl.model.generators import ArchSpec
+
+        info = dataset_info(self.data.dataset)
+        spec = ArchSpec(self.model.arch, self.model.z_dim, self.model.width, info.channels,
+                        self.data.resize or info.size, weight_seed=self.seed)  # fmt: skip
+        try:
+            spec.validate()
+        except ValueError as exc:
+            raise ConfigError(f"model: {exc}") from None
         if not self.partition.alpha > 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.data.subset < 0:
@@ -272,11 +295,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     if path is not None:
         path = Path(path)
         try:
-            table = tomllib.loads(path.read_text())
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; give a .toml file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from None
     for item in overrides:
         merge(table, *parse_override(item))
     return _build(RunConfig, table).validate()

@@ -20,7 +20,7 @@ from prismfl.errors import ModelFileError, read_file_bytes
 from prismfl.files import atomic_write_bytes
 from prismfl.fl.wire import pack_mask, unpack_mask
 from prismfl.model import masked
-from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm
+from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm, count_weights
 
 MAGIC = b"PRISM\x00"
 VERSION = 1
@@ -61,7 +61,8 @@ def to_bytes(model: PrismModel) -> bytes:
 
 
 def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
-    """Parse and check a model file; any defect is a ModelFileError naming what is wrong."""
+    """Parse and check a model file; any defect is a ModelFileError naming what is wrong. Every field
+    is checked, and the mask's size against the architecture, before the generator is built."""
     if len(data) < _PREFIX.size + 32:
         raise ModelFileError(f"{source} is not a prismfl model (too short: {len(data)} bytes)")
     magic, version, head_len = _PREFIX.unpack_from(data)
@@ -71,17 +72,27 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
         raise ModelFileError(f"{source} has format version {version}; this prismfl reads version {VERSION}")
     if hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise ModelFileError(f"{source} is corrupt or truncated (checksum mismatch)")
+    if head_len > len(data) - _PREFIX.size - 32:
+        raise ModelFileError(f"{source}: its header length runs past the end of the file")
     try:
         header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
-        spec = ArchSpec(**header["arch"])
-        n = int(header["num_weights"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{source} has an unreadable header: {exc}") from None
+        if not isinstance(header, dict) or not isinstance(header.get("arch"), dict):
+            raise ValueError("the header is not a table with an 'arch' table")
+        if set(header["arch"]) != set(ArchSpec().to_dict()):
+            raise ValueError(f"'arch' must have the keys {sorted(ArchSpec().to_dict())}")
+        spec = ArchSpec(**header["arch"]).validate()
+        n = header["num_weights"]
+        if isinstance(n, bool) or not isinstance(n, int) or n != count_weights(spec):
+            raise ValueError(f"num_weights {n!r} is not the {count_weights(spec):,} of architecture {spec.name!r}")
+        if not isinstance(header.get("info", {}), dict):
+            raise ValueError("'info' is not a table")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ModelFileError(f"{source} has an unreadable header: {str(exc)[:200]}") from None
     payload = data[_PREFIX.size + head_len : -32]
-    try:
-        net = build_generator(spec)
-    except ValueError as exc:
-        raise ModelFileError(f"{source} names an architecture this prismfl cannot build: {exc}") from None
+    if len(payload) != (n + 7) // 8:
+        raise ModelFileError(f"{source}: a mask of {n:,} weights takes {(n + 7) // 8:,} bytes, the file has "
+                             f"{len(payload):,}")  # fmt: skip
+    net = build_generator(spec)
     table = [[name, list(shape)] for name, shape in masked.layer_table(net)]
     if table != header.get("layers") or n != masked.num_maskable(net):
         raise ModelFileError(f"{source}: its layer table does not match architecture {spec.name!r} in this prismfl")
@@ -160,7 +171,7 @@ def load_dense(path: Path) -> tuple[torch.nn.Module, dict]:
         from prismfl.safestate import read_header
 
         meta = json.loads(read_header(data, str(path))["__metadata__"][DENSE_KEY])
-        spec = ArchSpec(**meta["arch"])
+        spec = ArchSpec(**meta["arch"]).validate()
         weights = load(data)["weights"]
         net = dense_generator(spec, weights)
     except ModelFileError:

@@ -41,6 +41,17 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     save_png(image_grid(images, nrow), path, scale)
 
 
+def save_array(images: torch.Tensor, path: Path) -> None:
+    """Samples as an array file: .npy (N, C, H, W) float32 in [-1, 1], or .npz with it under 'images'."""
+    array = images.detach().cpu().float().numpy()
+    buf = io.BytesIO()
+    if Path(path).suffix.lower() == ".npz":
+        np.savez(buf, images=array)
+    else:
+        np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
 def sample_grid(model, path: Path, n: int = 64, seed: int = 0) -> torch.Tensor:
     """Materialise a PrismModel, sample n images with `seed`, write them as a PNG grid."""
     from prismfl import modelfile

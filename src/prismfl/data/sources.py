@@ -90,6 +90,15 @@ def _read_idx_split(folder: Path, split: str, dataset: str) -> Split:
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{paths[0]} and {paths[1]} do not match: {images.shape} images, {labels.shape} labels")
+    if images.dtype != np.uint8:  # the format allows other types; pixels must still be 0..255
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
+            raise DataError(
+                f"{paths[0]}: pixels must be numbers in 0..255 (found NaN, infinity or out-of-range values)"
+            )
+        images = images.round().astype(np.uint8)
+    classes = len(dataset_info(dataset).class_names)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
+        raise DataError(f"{paths[1]}: labels must be integers in 0..{classes - 1}")
     return Split(images[:, None].copy(), labels.astype(np.int64), f"IDX files in {folder}")
 
 

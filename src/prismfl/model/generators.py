@@ -32,6 +32,41 @@ class ArchSpec:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def validate(self) -> ArchSpec:
+        """Check every field's type and range, and the size of the network, before anything is built:
+        a spec read from a file must not make prismfl allocate what it cannot (a ValueError says why)."""
+        if not isinstance(self.name, str) or self.name not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.name!r}; expected one of {ARCHITECTURES}")
+        for key, low, high in (("z_dim", 1, MAX_Z_DIM), ("width", 1, MAX_WIDTH), ("channels", 1, 3),
+                               ("img_size", 4, MAX_IMG_SIZE), ("weight_seed", 0, 2**63 - 1)):  # fmt: skip
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{key} must be an integer in [{low}, {high:,}], got {value!r}")
+        if self.channels == 2:
+            raise ValueError("channels must be 1 (grey) or 3 (RGB), got 2")
+        if self.name == "resnet" and self.img_size != 32:
+            raise ValueError("the resnet generator makes 32x32 images; set data.resize = 32")
+        if self.name == "dcgan" and self.img_size % 4:
+            raise ValueError(f"dcgan needs an image size divisible by 4, got {self.img_size}")
+        if count_weights(self) > MAX_WEIGHTS:
+            raise ValueError(f"{count_weights(self):,} maskable weights is over prismfl's limit of {MAX_WEIGHTS:,}")
+        return self
+
+
+MAX_Z_DIM, MAX_WIDTH, MAX_IMG_SIZE = 4096, 4096, 256
+MAX_WEIGHTS = 50_000_000  # 14x the paper's ResNet; a generator above it needs several GB to build
+
+
+def count_weights(spec: ArchSpec) -> int:
+    """Maskable weights of the architecture, computed from the spec without building anything."""
+    z, w, c, s = spec.z_dim, spec.width, spec.channels, spec.img_size
+    if spec.name == "mlp":
+        return z * w + w * 2 * w + 2 * w * c * s * s
+    if spec.name == "dcgan":
+        return z * 2 * w * (s // 4) ** 2 + 2 * w * w * 16 + w * c * 16
+    blocks = sum(a * b * 9 + b * b * 9 + a * b for a, b in ((8 * w, 4 * w), (4 * w, 2 * w), (2 * w, w)))
+    return z * 8 * w * 16 + blocks + w * c * 9
+
 
 def _bn2d(c: int) -> nn.BatchNorm2d:
     # Affine terms frozen at gamma=1, beta=0 (not part of the model); momentum=None gives
@@ -118,8 +153,7 @@ _BUILDERS = {"resnet": ResNetGenerator, "dcgan": DCGANGenerator, "mlp": MLPGener
 
 def build_generator(spec: ArchSpec) -> nn.Module:
     """A generator with its frozen weights regenerated from spec.weight_seed; scores are zero."""
-    if spec.name not in _BUILDERS:
-        raise ValueError(f"unknown architecture {spec.name!r}; expected one of {ARCHITECTURES}")
+    spec.validate()
     model = _BUILDERS[spec.name](spec)
     init_frozen_weights(model, spec.weight_seed)
     return model

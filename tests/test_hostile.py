@@ -1,0 +1,223 @@
+"""Hostile and broken inputs: every case is one clear line and exit code 2, never a traceback, never
+an allocation the input asked for, never code run from a file."""
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import needs_fmnist
+from prismfl import modelfile
+from prismfl.config import load_config
+from prismfl.errors import ConfigError, DataError, ModelFileError
+from prismfl.model import masked
+from prismfl.model.generators import ArchSpec, build_generator
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+SPEC = ArchSpec("mlp", 4, 8, 1, 28, weight_seed=3)
+
+
+def one_line(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("prismfl: error: "), (code, err)
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def model_bytes(**arch) -> bytes:
+    """A model file whose header's arch fields are replaced, with its sha256 recomputed."""
+    n = masked.num_maskable(build_generator(SPEC))
+    data = modelfile.to_bytes(modelfile.PrismModel(SPEC, torch.zeros(n, dtype=torch.bool)))
+    head_len = struct.unpack_from("<I", data, 8)[0]
+    header = json.loads(data[12 : 12 + head_len])
+    header["arch"].update(arch)
+    head = json.dumps(header).encode()
+    return forge_model(head, data[12 + head_len : -32])
+
+
+def forge_model(head: bytes, payload: bytes) -> bytes:
+    body = modelfile.MAGIC + struct.pack("<HI", modelfile.VERSION, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize(
+    "arch, needle",
+    [
+        ({"z_dim": 0}, "z_dim"),
+        ({"z_dim": -4}, "z_dim"),
+        ({"z_dim": 4.0}, "z_dim"),
+        ({"z_dim": "4"}, "z_dim"),
+        ({"z_dim": None}, "z_dim"),
+        ({"width": 10**6}, "width"),
+        ({"z_dim": 2**40}, "z_dim"),
+        ({"width": 4096, "img_size": 256, "channels": 3}, "limit"),  # legal fields, a network too large
+        ({"weight_seed": 2**64}, "weight_seed"),
+        ({"weight_seed": "x"}, "weight_seed"),
+        ({"img_size": -28}, "img_size"),
+        ({"channels": 2}, "channels"),
+        ({"name": "vit"}, "architecture"),
+        ({"extra": 1}, "keys"),
+    ],
+)
+def test_model_file_headers_out_of_range_are_one_line(tmp_path, run_cli, arch, needle):
+    path = tmp_path / "m.prism"
+    path.write_bytes(model_bytes(**arch))
+    for command in (["info", str(path)], ["sample", str(path), "--out", str(tmp_path / "s.png")]):
+        one_line(*run_cli(*command)[::2], needle)
+
+
+def test_a_deeply_nested_or_overlong_header_is_one_line(tmp_path, run_cli):
+    path = tmp_path / "m.prism"
+    path.write_bytes(forge_model(b"[" * 100_000 + b"]" * 100_000, b""))
+    one_line(*run_cli("info", str(path))[::2], "unreadable header")
+    good = model_bytes()
+    path.write_bytes(forge_model(good[12 : 12 + struct.unpack_from("<I", good, 8)[0]], b"\0" * 7))
+    one_line(*run_cli("info", str(path))[::2], "takes")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4), st.integers(0, 40), st.booleans())
+def test_fuzz_model_files_load_or_raise_model_file_error(edits, cut, reseal):
+    data = bytearray(model_bytes())
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = bytes(data[: len(data) - cut])
+    if reseal and len(data) > 32:
+        data = data[:-32] + hashlib.sha256(data[:-32]).digest()
+    try:
+        model = modelfile.from_bytes(data)
+    except ModelFileError:
+        return
+    assert model.mask.numel() == masked.num_maskable(build_generator(model.spec))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_config_text_loads_or_raises_config_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except ConfigError:
+        pass
+
+
+KEYS = ["seed", "train.lr", "train.batch_size", "model.z_dim", "model.width", "loss.feature_width", "train.rounds",
+        "partition.num_clients", "faults.dropout", "privacy.epsilon"]  # fmt: skip
+VALUES = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=5), st.booleans())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(KEYS), VALUES)
+def test_fuzz_config_values_load_or_raise_config_error(key, value):
+    try:
+        load_config(SMOKE, [f"{key}={json.dumps(value) if isinstance(value, str) else value}"])
+    except ConfigError:
+        pass
+
+
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["seed=18446744073709551616"], "seed"),
+        (["train.lr=1e308"], "train.lr"),
+        (["train.lr=inf"], "train.lr"),
+        (["train.lr=nan"], "train.lr"),
+        (["train.batch_size=1000000000"], "train.batch_size"),
+        (["model.z_dim=1000000000"], "z_dim"),
+        (["model.width=1000000000"], "width"),
+        (["loss.feature_width=1000000000"], "feature_width"),
+        (["faults.dropout=1.5"], "faults.dropout"),
+        (['robust.rule="krum"'], "robust.rule"),
+    ],
+)
+def test_train_values_out_of_range_are_one_line(run_cli, tmp_path, sets, needle):
+    args = [x for s in sets for x in ("--set", s)]
+    one_line(*run_cli("train", "--config", SMOKE, "--out", str(tmp_path / "r"), "-q", *args)[::2], needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_files_that_are_not_text_or_not_files_are_one_line(run_cli, tmp_path):
+    (tmp_path / "bin.toml").write_bytes(b"seed = 1\n\xff\xfe\x00")
+    one_line(*run_cli("train", "--config", str(tmp_path / "bin.toml"), "--out", str(tmp_path / "r"))[::2], "UTF-8")
+    (tmp_path / "dir.toml").mkdir()
+    one_line(*run_cli("train", "--config", str(tmp_path / "dir.toml"), "--out", str(tmp_path / "r"))[::2], "directory")
+
+
+@needs_fmnist
+def test_out_paths_that_cannot_be_written_are_one_line(run_cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_line(*run_cli("train", "--config", SMOKE, "--out", str(tmp_path / "file" / "run"), "-q")[::2])
+    one_line(*run_cli("train", "--config", SMOKE, "--out", "/proc/prismfl-run", "-q")[::2])
+
+
+@needs_fmnist
+def test_sample_writes_what_its_extension_says(run_cli, tmp_path):
+    path = tmp_path / "m.prism"
+    modelfile.save(modelfile.PrismModel(SPEC, torch.ones(masked.num_maskable(build_generator(SPEC)), dtype=torch.bool)),
+                   path)  # fmt: skip
+    assert run_cli("sample", str(path), "--n", "5", "--out", str(tmp_path / "a.npy"))[0] == 0
+    a = np.load(tmp_path / "a.npy", allow_pickle=False)
+    assert a.shape == (5, 1, 28, 28) and a.dtype == np.float32 and -1 <= a.min() <= a.max() <= 1
+    assert run_cli("sample", str(path), "--n", "5", "--out", str(tmp_path / "a.npz"))[0] == 0
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["images"], a)
+    assert run_cli("sample", str(path), "--n", "5", "--out", str(tmp_path / "a.png"))[0] == 0
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_line(*run_cli("sample", str(path), "--out", str(tmp_path / "a.jpg"))[::2], ".jpg")
+    one_line(*run_cli("sample", str(path), "--out", str(tmp_path))[::2], "is a directory")
+    one_line(*run_cli("sample", str(path), "--n", "1000000000", "--out", str(tmp_path / "b.png"))[::2], "--n")
+
+
+def test_small_commands_refuse_bad_numbers(run_cli, tmp_path):
+    one_line(*run_cli("privacy", "--epsilon", "1", "--images", "0")[::2], "--images")
+    one_line(*run_cli("privacy", "--epsilon", "1", "--images", "-5")[::2], "--images")
+    one_line(*run_cli("privacy", "--epsilon", "1", "--layers", "-1")[::2], "--layers")
+    one_line(*run_cli("grid", "--config", SMOKE, "--seeds", "a", "--out", str(tmp_path / "g"))[::2], "--seeds")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"x" * 100, struct.pack("<Q", 2**62) + b"{}"])
+def test_corrupt_checkpoints_are_one_line(run_cli, tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(content)
+    for command in (["info", str(run)], ["sample", str(run), "--out", str(tmp_path / "s.png")],
+                    ["export", str(run), "--out", str(tmp_path / "m.prism")], ["evaluate", str(run)]):  # fmt: skip
+        one_line(*run_cli(*command)[::2])
+
+
+def write_idx_images(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from prismfl.data.idx import write_idx
+
+    for stem in ("train", "t10k"):
+        write_idx(folder / f"{stem}-images-idx3-ubyte", images)
+        write_idx(folder / f"{stem}-labels-idx1-ubyte", labels)
+
+
+def test_nan_pixels_and_bad_labels_are_data_errors(tmp_path):
+    from prismfl.data.sources import load_split
+
+    images = np.zeros((20, 28, 28), dtype=np.float32)
+    images[3, 4, 5] = np.nan
+    write_idx_images(tmp_path, images, np.zeros(20, dtype=np.uint8))
+    with pytest.raises(DataError, match="NaN"):
+        load_split("fashion-mnist", "train", str(tmp_path))
+    write_idx_images(tmp_path, np.zeros((20, 28, 28), dtype=np.uint8), np.full(20, 12, dtype=np.uint8))
+    with pytest.raises(DataError, match="labels must be integers in 0..9"):
+        load_split("fashion-mnist", "train", str(tmp_path))
+
+
+def test_an_idx_header_whose_sizes_overflow_is_a_data_error(tmp_path):
+    from prismfl.data.idx import read_idx
+
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3 + b"\0" * 16)
+    with pytest.raises(DataError, match="header promises"):
+        read_idx(path)
