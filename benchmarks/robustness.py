@@ -24,13 +24,15 @@ CELLS = [("clean", []), ("clean, distance rule", ['robust.rule="distance"']),
 for attack in ("ones", "invert", "random", "collude", "zeros"):
     hostile = ["faults.byzantine=0.2", f'faults.attack="{attack}"']
     CELLS += [(f"20% {attack}", hostile), (f"20% {attack}, distance rule", [*hostile, 'robust.rule="distance"'])]
-CELLS += [("20% replay", ["faults.byzantine=0.2", 'faults.attack="replay"']),
-          ("30% invert", ["faults.byzantine=0.3", 'faults.attack="invert"']),
-          ("30% invert, distance rule", ["faults.byzantine=0.3", 'faults.attack="invert"', 'robust.rule="distance"']),
-          ("20% invert, trimmed counts", ["faults.byzantine=0.2", 'faults.attack="invert"', 'robust.rule="trimmed"']),
-          ("30% dropouts", ["faults.dropout=0.3"]),
-          ("10% invert", ["faults.byzantine=0.1", 'faults.attack="invert"']),
-          ("10% invert, distance rule", ["faults.byzantine=0.1", 'faults.attack="invert"', 'robust.rule="distance"'])]
+CELLS += [
+    ("20% replay", ["faults.byzantine=0.2", 'faults.attack="replay"']),
+    ("30% invert", ["faults.byzantine=0.3", 'faults.attack="invert"']),
+    ("30% invert, distance rule", ["faults.byzantine=0.3", 'faults.attack="invert"', 'robust.rule="distance"']),
+    ("20% invert, trimmed counts", ["faults.byzantine=0.2", 'faults.attack="invert"', 'robust.rule="trimmed"']),
+    ("30% dropouts", ["faults.dropout=0.3"]),
+    ("10% invert", ["faults.byzantine=0.1", 'faults.attack="invert"']),
+    ("10% invert, distance rule", ["faults.byzantine=0.1", 'faults.attack="invert"', 'robust.rule="distance"']),
+]
 # the order is the order of importance: an interrupted campaign still has the main rows
 
 

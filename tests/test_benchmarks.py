@@ -39,3 +39,11 @@ def test_variant_tables_name_real_config_keys():
     for name in ("ablation", "fed_sweep"):
         for overrides in load(name).VARIANTS.values():
             load_config(ROOT / "configs" / "fmnist-noniid.toml", overrides)  # raises on an unknown key or value
+
+
+def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():
+    fuzz = load("fuzz")
+    for name in fuzz.TARGETS:
+        r = fuzz.campaign(name, 60, seed=1)
+        assert r["tried"] == 60 and r["clean error"] > 0, name
+        assert (r["wrong accept"], r["crash"], r["hang"]) == (0, 0, 0), (name, r["examples"])

@@ -58,6 +58,7 @@ CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINO
 UPLOAD_CODERS = ("auto", "range", "calibrated", "packed")
 CALIBRATION_BINS = 64  # a calibrated upload carries P(kept | global probability in bin b) for 64 bins
 _DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
+_NO_LAMBDA = struct.pack("<d", float("nan"))  # the one NaN that means "no MADA"
 
 
 class WireError(PrismError):
@@ -331,8 +332,8 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
     m, lam, smoothing = _DELTA_PREFIX.unpack_from(msg.payload)
     if m < 1:
         raise UnexpectedMessage("broadcast delta aggregates m = 0 uploads")
-    if not (np.isnan(lam) or 0.0 <= lam <= 1.0):
-        raise UnexpectedMessage(f"broadcast delta carries lambda = {lam}, outside [0, 1]")
+    if not (0.0 <= lam <= 1.0 or struct.pack("<d", lam) == _NO_LAMBDA):
+        raise UnexpectedMessage(f"broadcast delta carries lambda = {lam}, outside [0, 1] (and not 'no MADA')")
     if not 0.0 <= smoothing < 0.5:
         raise UnexpectedMessage(f"broadcast delta carries smoothing = {smoothing}, outside [0, 0.5)")
     p = _probabilities(global_scores)
