@@ -76,10 +76,10 @@ def main() -> None:
     p.add_argument("--out", default="runs/robustness")
     p.add_argument("--json", default="docs/benchmarks/robustness.json")
     p.add_argument("--samples", type=int, default=5000)
-    p.add_argument("--only", default="", help="comma-separated cell names (default: all)")
+    p.add_argument("--only", default="", help="cell names separated by | (default: all)")
     a = p.parse_args()
     set_enabled(False)
-    cells = [c for c in CELLS if not a.only or c[0] in a.only.split(",")]
+    cells = [c for c in CELLS if not a.only or c[0] in a.only.split("|")]
     results = [run_cell(name, overrides, Path(a.out), a.samples) for name, overrides in cells]
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"

@@ -192,3 +192,15 @@ def test_clients_rebuild_the_server_state_every_round():
             assert held == rnd and torch.equal(replica, state["scores"])
             assert (out.lam is None) == (not mada)
             assert sum(len(u) for u, _ in ups.values()) * 8 >= out.entropy_bound_bits
+
+
+def test_the_engine_rejects_every_copy_of_a_duplicated_payload():
+    from prismfl.fl.engine import reject_duplicates
+
+    a = wire.encode_upload(bits(1, 0, 1, 1), torch.zeros(N), round_=1, table_hash=TABLE, client=0, coder="packed")
+    b = wire.encode_upload(bits(1, 0, 1, 1), torch.zeros(N), round_=1, table_hash=TABLE, client=2, coder="packed")
+    c = wire.encode_upload(bits(0, 0, 1, 1), torch.zeros(N), round_=1, table_hash=TABLE, client=3, coder="packed")
+    uploads = {0: (a, None), 2: (b, None), 3: (c, None)}  # client 2 sent client 0's mask under its own name
+    failures = reject_duplicates(uploads)
+    assert list(uploads) == [3] and [f["client"] for f in failures] == [0, 2]
+    assert "the same payload as clients [0, 2]" in failures[0]["error"]

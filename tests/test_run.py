@@ -108,6 +108,12 @@ def test_a_kill_in_the_first_round_can_be_resumed_or_restarted(tmp_path, monkeyp
     assert not (tmp_path / "a" / rundir.CHECKPOINT).exists() and (tmp_path / "a" / rundir.CONFIG).exists()
     simulate.train(cfg, tmp_path / "a", resume=True, log=lambda *_: None)
     assert [r["round"] for r in rundir.read_metrics(tmp_path / "a")] == [1]
+    restore = kill_during(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.train(cfg, tmp_path / "b", log=lambda *_: None)
+    restore()
+    simulate.train(cfg, tmp_path / "b", log=lambda *_: None)  # or started again, without --resume
+    assert (tmp_path / "a" / "model.prism").read_bytes() == (tmp_path / "b" / "model.prism").read_bytes()
 
 
 def test_a_torn_metrics_line_is_rewritten_from_the_checkpoint_on_resume(smoke_run, tmp_path):
