@@ -49,6 +49,14 @@ def run_report(run_dir: Path) -> Path:
                   f"{last.get('entropy_bound_bits_per_param') or 0:.3f}); packing costs 1 bit/weight, dense "
                   f"FedAvg's float32 32 bits/weight; the paper reports {PAPER_MB_PER_ROUND} MB per round for its "
                   f"3.5M-weight model ({PAPER_BITS_PER_WEIGHT:.1f} bits/weight).", ""]  # fmt: skip
+    lost = [f for r in records for f in r.get("failures", [])]
+    rejected = [x for r in records for x in r.get("rejected", [])]
+    if lost or rejected:
+        rule = cfg.get("robust", {}).get("rule", "none")
+        lines += ["## Faults", "",
+                  f"{len(lost)} uploads did not arrive or were refused by the wire checks, and the robust rule "
+                  f"'{rule}' left out {len(rejected)} more, over {len(records)} rounds (each listed in "
+                  "metrics.jsonl under `failures` and `rejected`).", ""]  # fmt: skip
     model = run_dir / rundir.MODEL
     if model.exists():
         from prismfl import modelfile
