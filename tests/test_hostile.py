@@ -221,3 +221,66 @@ def test_an_idx_header_whose_sizes_overflow_is_a_data_error(tmp_path):
     path.write_bytes(bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3 + b"\0" * 16)
     with pytest.raises(DataError, match="header promises"):
         read_idx(path)
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {
+            "num_weights": 12704,
+            "table_hash": 1,
+            "scores": "not a tensor",
+            "synced": [0],
+            "delta_sizes": {},
+            "deltas": {},
+        },
+        {
+            "num_weights": 12704,
+            "table_hash": 1,
+            "scores": torch.zeros(5),
+            "synced": [0],
+            "delta_sizes": {},
+            "deltas": {},
+        },
+        {"num_weights": 99, "table_hash": 1, "scores": torch.zeros(99), "synced": [0], "delta_sizes": {}, "deltas": {}},
+        {
+            "num_weights": 12704,
+            "table_hash": 1,
+            "scores": torch.full((12704,), float("nan")),
+            "synced": [0],
+            "delta_sizes": {},
+            "deltas": {},
+        },
+        {
+            "num_weights": 12704,
+            "table_hash": 1,
+            "scores": torch.zeros(12704),
+            "synced": "x",
+            "delta_sizes": {},
+            "deltas": {},
+        },
+    ],
+)
+def test_a_checkpoint_whose_state_does_not_fit_the_method_is_one_line(run_cli, tmp_path, server):
+    from prismfl import rundir
+
+    cfg = load_config(SMOKE, ["model.z_dim=4", "model.width=8", "partition.num_clients=1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.save_checkpoint(run, round_=1, cfg=cfg, transport="simulator", server=server, clients=None,
+                           records=[{"round": 1}], model_info={})  # fmt: skip
+    for command in (["info", str(run)], ["export", str(run), "--out", str(tmp_path / "m.prism")]):
+        one_line(*run_cli(*command)[::2], "checkpoint")
+
+
+def test_settings_that_do_not_apply_are_refused():
+    with pytest.raises(ConfigError, match="robust.rule needs"):
+        load_config(SMOKE, ['train.method="local"', 'robust.rule="distance"'])
+    pytest.importorskip("flwr")
+    from prismfl.flower import settings
+    from prismfl.flower.payload import from_array
+
+    with pytest.raises(ConfigError, match="faults"):
+        settings.server_settings({"config-file": SMOKE, "overrides": "faults.dropout=0.1"})
+    with pytest.raises(ValueError, match="payload"):
+        from_array(b"raw bytes where an Array belongs")

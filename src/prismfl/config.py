@@ -154,6 +154,9 @@ class RunConfig:
             raise ConfigError(f"robust.trim must be in [0, 0.5), got {self.robust.trim}")
         if not self.robust.tolerance > 0:
             raise ConfigError(f"robust.tolerance must be > 0, got {self.robust.tolerance}")
+        if self.robust.rule != "none" and self.train.method in ("local", "central"):
+            raise ConfigError(f"robust.rule needs a method whose clients' uploads are aggregated, not "
+                              f"{self.train.method!r}")  # fmt: skip
         if self.robust.rule == "trimmed" and self.train.method != "prism":
             raise ConfigError("robust.rule = 'trimmed' trims mask counts: it needs train.method = 'prism'")
         _positive("partition.num_clients", self.partition.num_clients)
@@ -168,7 +171,7 @@ class RunConfig:
                                  ("train.local_steps", self.train.local_steps, 10**7),
                                  ("train.rounds", self.train.rounds, 10**6),
                                  ("loss.feature_width", self.loss.feature_width, 1024),
-                                 ("partition.num_clients", self.partition.num_clients, 10**6)):  # fmt: skip
+                                 ("partition.num_clients", self.partition.num_clients, 65535)):  # fmt: skip
             if value > high:
                 raise ConfigError(f"{key} = {value:,} is over prismfl's limit of {high:,}")
         for key, value in (("train.lr", self.train.lr), ("train.dense_lr", self.train.dense_lr)):

@@ -78,6 +78,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
     else:
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
+        method.check_state(state, setup.num_weights)
         if ckpt["clients"] is None:  # the clients kept their own state, and have started afresh since
             method.clients_restarted(state)
         rundir.write_metrics(out, records)
@@ -177,10 +178,11 @@ def reject_duplicates(uploads: dict[int, tuple[bytes, object]]) -> list[dict]:
 
 def run_model(run_dir: Path):
     """The mask model of a run directory's latest checkpoint (the bytes the run exported at the end)."""
+    from prismfl.fl.task import arch_spec
+    from prismfl.model.generators import count_weights
+
     state = rundir.load_checkpoint(run_dir)
     cfg = rundir.checkpoint_config(state)
     method = methods.build(cfg)
-    try:
-        return method.final_model(state["server"], state["round"], state["model_info"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise PrismError(f"{run_dir}: its checkpoint does not hold a {cfg.train.method} state ({exc})") from None
+    method.check_state(state["server"], count_weights(arch_spec(cfg)))
+    return method.final_model(state["server"], state["round"], state["model_info"])

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from prismfl.fl import aggregate
 from prismfl.fl.methods.base import Outcome
 
 
@@ -64,7 +65,14 @@ class Robust:
         rejected = []
         for i, score, threshold in outliers([uploads[k][1] for k in order], self.tolerance):
             rejected.append({"client": order[i], "why": f"distance {score:.4g} to the others, over {threshold:.4g}"})
-        kept = {k: v for k, v in uploads.items() if k not in {r["client"] for r in rejected}}
+        out = {r["client"] for r in rejected}
+        kept = {k: v for k, v in uploads.items() if k not in out}
+        # what the left-out clients sent still counts: in the bytes, and in the coder's bound for masks
+        sent = sum(len(uploads[k][0]) for k in out)
+        bound = sum(aggregate.cross_entropy_bits(uploads[k][1], state["scores"]) for k in out
+                    if uploads[k][1].dtype == torch.bool and "scores" in state)  # fmt: skip
         outcome = self.inner.aggregate(state, rnd, kept, sizes)
+        outcome.upload_bytes += sent
+        outcome.entropy_bound_bits += bound
         outcome.rejected = sorted(rejected, key=lambda r: r["client"]) + outcome.rejected
         return outcome

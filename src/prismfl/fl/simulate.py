@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from prismfl.config import RunConfig
 from prismfl.fl import faults, task
 from prismfl.fl.client import ClientContext, ClientRuntime, client_context
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
+from prismfl.safestate import StateError
 
 
 class InProcess:
@@ -42,6 +45,7 @@ class InProcess:
                     self.clients[k] = client
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
             self.clients = restore_clients(checkpoint["clients"], cfg.loss.tracker_lr)
+            self.sent = {k: t.numpy().tobytes() for k, t in checkpoint["clients"].get("sent", {}).items()}
         first = next(iter(self.clients.values())).privacy
         return Setup(
             num_weights=ctx.num_weights,
@@ -81,15 +85,22 @@ class InProcess:
                 replicas.setdefault(state["held_round"], state["replica"])
                 state["replica"] = None
             states.append(state)
-        return {"clients": states, "replicas": replicas}
+        sent = {k: torch.frombuffer(bytearray(data), dtype=torch.uint8) for k, data in self.sent.items()}
+        return {"clients": states, "replicas": replicas, "sent": sent}
 
 
 def restore_clients(saved: dict, tracker_lr: float) -> dict[int, ClientRuntime]:
+    """The clients of a checkpoint; a StateError (one line) if it does not hold what they need."""
     clients = {}
-    for state in saved["clients"]:
-        client = ClientRuntime.from_state_dict(state, tracker_lr)
-        client.replica = saved["replicas"].get(client.held_round)
-        clients[client.k] = client
+    try:
+        for state in saved["clients"]:
+            client = ClientRuntime.from_state_dict(state, tracker_lr)
+            client.replica = saved["replicas"].get(client.held_round)
+            clients[client.k] = client
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise StateError(f"the checkpoint's client states are not usable: {type(exc).__name__}: {exc}") from None
+    if not clients:
+        raise StateError("the checkpoint holds no client state")
     return clients
 
 

@@ -23,11 +23,12 @@ kept it, range-coded against Binomial(m, global probability), plus m, MADA's lam
 smoothing: from these a client that holds the previous global scores rebuilds the new ones bit for
 bit with the same function the server uses (`aggregate.apply_round`).
 
-A receiver checks everything before it allocates or computes: the sizes against the model's N and
-a cap per kind, the reserved byte, the kind, coder, round and sender it expects, and the ranges of
-m, lambda and the smoothing; a decoded payload must re-encode to the very bytes received (the format
-is canonical, so trailing or altered bytes are refused), and float32 values must be finite. Whatever
-goes wrong, including a panic inside the entropy coder, is a WireError.
+A receiver checks everything before it allocates or computes: the sizes against the model's N (no
+payload is larger than a float32 state), the reserved byte, the kind, coder, round and sender it
+expects, and the ranges of m, lambda and the smoothing; a decoded payload must re-encode to the very
+bytes received (the format is canonical, so trailing or altered bytes are refused), and float32
+values must be finite. Whatever goes wrong, including a panic inside the entropy coder, is a
+WireError.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Message:
         return head + crc.to_bytes(4, "little") + self.payload
 
 
-def max_payload(kind: int, num_weights: int) -> int:
+def max_payload(num_weights: int) -> int:
     """The largest payload a receiver accepts: a float32 state; an upload or delta never needs more
     (the server sends the full state instead of a larger delta, and 'auto' uploads are at most N/8)."""
     return 4 * num_weights + 2 * CALIBRATION_BINS + _DELTA_PREFIX.size
@@ -134,8 +135,8 @@ def parse(data: bytes, *, table_hash: int, num_weights: int) -> Message:
         raise UnexpectedMessage(f"reserved header byte is {reserved}, not 0")
     if n != num_weights:
         raise LayerTableMismatch(f"message carries {n} weights, this model has {num_weights}")
-    if length > max_payload(kind, num_weights):
-        raise LengthMismatch(f"payload of {length:,} bytes is over the {max_payload(kind, num_weights):,} this "
+    if length > max_payload(num_weights):
+        raise LengthMismatch(f"payload of {length:,} bytes is over the {max_payload(num_weights):,} this "
                              "model's messages can need")  # fmt: skip
     if len(data) < HEADER.size + length:
         raise TruncatedMessage(f"payload cut short: header promises {length} bytes, {len(data) - HEADER.size} came")

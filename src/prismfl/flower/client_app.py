@@ -86,7 +86,10 @@ def train(message: Message, context: Context) -> Message:
     if NODE not in context.state:
         raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
     cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
-    method, ctx = train_context(cfg_json, recipe_json)
+    try:
+        method, ctx = train_context(cfg_json, recipe_json)
+    except PrismError:  # this process cannot see the cache setup used: load the data and rebuild it
+        method, ctx = run_context(cfg_json)
     saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
     client = ClientRuntime.from_state_dict(saved, ctx.cfg.loss.tracker_lr)
     request = message.content["prismfl"]

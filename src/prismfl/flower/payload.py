@@ -19,6 +19,8 @@ def to_array(data: bytes, stype: str = WIRE) -> Array:
 
 
 def from_array(array: Array, stype: str = WIRE) -> bytes:
+    if not isinstance(array, Array):
+        raise ValueError(f"expected a {stype} payload, got a {type(array).__name__}")
     if array.stype != stype:
         raise ValueError(f"expected a {stype} payload, got {array.stype!r}")
     return bytes(array.data)

@@ -126,6 +126,9 @@ class GridTransport:
 
     def setup(self, method, checkpoint: dict | None, log_) -> Setup:
         cfg = self.s.cfg
+        if checkpoint is not None and not method.communicates:
+            raise PrismError(f"a {cfg.train.method} run on Flower cannot be resumed: each client's own scores "
+                             "lived in its SuperNode; start a new run")  # fmt: skip
         if checkpoint is not None and not math.isinf(cfg.privacy.epsilon):
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip

@@ -104,6 +104,9 @@ def server_settings(run_config: dict) -> ServerSettings:
     except ValueError as exc:
         raise ConfigError(f"run config 'overrides' = {overrides!r} does not parse: {exc}") from None
     cfg = load_config(find_config_file(str(run_config.get("config-file", DEFAULT_RUN_CONFIG["config-file"]))), items)
+    if cfg.faults != type(cfg.faults)():
+        raise ConfigError("[faults] are injected by the in-process simulator only; on Flower the faults are real "
+                          "(remove the [faults] settings)")  # fmt: skip
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ConfigError(f"run config 'resume' must be true or false, got {resume!r}")

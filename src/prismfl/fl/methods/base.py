@@ -129,6 +129,27 @@ class Method:
         """Fold the round's decoded uploads (by client) into `state`, in place."""
         raise NotImplementedError
 
+    STATE: dict[str, str] = {}  # the global state's tensors: "weights" (N float32) or "weights list" (one per client)
+
+    def check_state(self, state: dict, num_weights: int) -> None:
+        """A global state read from a checkpoint holds what this method needs, for a model of N weights;
+        a StateError otherwise (a crafted or damaged checkpoint must not reach the round loop)."""
+        from prismfl.safestate import StateError, require
+
+        require(state, {"num_weights": int, "table_hash": int, **{k: (torch.Tensor, list) for k in self.STATE}},
+                "the checkpoint's global state")  # fmt: skip
+        if state["num_weights"] != num_weights:
+            raise StateError(f"the checkpoint is for {state['num_weights']:,} weights, this model has {num_weights:,}")
+        k_clients = self.cfg.partition.num_clients
+        for key, kind in self.STATE.items():
+            values = state[key] if kind == "weights list" else [state[key]]
+            if kind == "weights list" and len(values) != k_clients:
+                raise StateError(f"the checkpoint's '{key}' holds {len(values)} entries for {k_clients} clients")
+            for v in values:
+                if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
+                        and bool(torch.isfinite(v).all())):  # fmt: skip
+                    raise StateError(f"the checkpoint's '{key}' is not {num_weights:,} finite float32 values")
+
     def client_lost(self, state: dict, k: int) -> None:
         """Client k failed this round: the server no longer knows what it holds."""
 

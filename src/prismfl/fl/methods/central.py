@@ -16,6 +16,7 @@ from prismfl.fl.methods.local import OwnScores
 
 class Central(OwnScores):
     name = "central"
+    STATE = {"scores": "weights"}
 
     def holds_data(self, k: int) -> bool:
         return k == 0

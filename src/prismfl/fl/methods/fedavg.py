@@ -1,6 +1,6 @@
 """FedAvg on the same generator with ordinary float weights: clients train them locally, the server
 averages them weighted by client size. Every upload and broadcast is the float32 weights (32 bits
-per weight plus the 32-byte header); the model is model.pt (safetensors).
+per weight plus the 36-byte header); the model is model.pt (safetensors).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prismfl.model import masked
 
 class FedAvg(Method):
     name = "fedavg"
+    STATE = {"weights": "weights"}
 
     def build_model(self, device: str = "cpu") -> torch.nn.Module:
         return masked.make_dense(task.build_model(self.cfg, device), self.cfg.seed)

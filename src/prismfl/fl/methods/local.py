@@ -39,6 +39,7 @@ class OwnScores(Method):
 
 class Local(OwnScores):
     name = "local"
+    STATE = {"params": "weights list"}
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         scores = task.initial_scores(self.cfg, num_weights)

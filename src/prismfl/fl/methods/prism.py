@@ -70,6 +70,7 @@ def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weig
 
 class Prism(Method):
     name = "prism"
+    STATE = {"scores": "weights"}
 
     def __init__(self, cfg, mada: bool | None = None):
         super().__init__(cfg)
@@ -148,6 +149,21 @@ class Prism(Method):
             entropy_bound_bits=sum(aggregate.cross_entropy_bits(m, old) for m in masks),
             mask_entropy=aggregate.binary_entropy_bits(new),
         )
+
+    def check_state(self, state: dict, num_weights: int) -> None:
+        from prismfl.safestate import StateError
+
+        super().check_state(state, num_weights)
+        synced, sizes, deltas = state.get("synced"), state.get("delta_sizes"), state.get("deltas")
+        ok = isinstance(synced, list) and len(synced) == self.cfg.partition.num_clients
+        ok = ok and all(s is None or type(s) is int for s in synced)
+        ok = ok and isinstance(sizes, dict) and all(type(k) is int and type(v) is int for k, v in sizes.items())
+        ok = ok and isinstance(deltas, dict) and all(
+            type(k) is int and k in sizes and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+            for k, v in deltas.items()
+        )
+        if not ok:
+            raise StateError("the checkpoint's record of what each client holds is not usable")
 
     def client_lost(self, state: dict, k: int) -> None:
         state["synced"][k] = None
