@@ -257,7 +257,7 @@ def test_a_killed_supernode_and_a_bad_upload_leave_the_rounds_to_the_others(tmp_
     assert modelfile.load(out / "model.prism").info["rounds"] == 2
     n = modelfile.load(out / "model.prism").mask.numel()
     # round 2: client 0 gets the delta; client 1, whose upload failed, the full state; client 2 the delta
-    assert records[1]["download_bytes"] == 2 * records[0]["broadcast_bytes"] + 32 + 4 * n
+    assert records[1]["download_bytes"] == 2 * records[0]["broadcast_bytes"] + wire.HEADER.size + 4 * n
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:

@@ -98,3 +98,19 @@ def test_hostile_clients_are_left_out_and_lost_uploads_do_not_stop_the_run(tmp_p
     assert lost and all("simulated fault" in f["error"] for r in records for f in r.get("failures", []))
     assert all(len(r["clients"]) + len(r.get("failures", [])) == 3 for r in records)
     assert (tmp_path / "d" / "model.prism").is_file()
+
+
+@pytest.mark.parametrize("attack", ["ones", "zeros", "invert", "random", "collude"])
+def test_masks_far_from_the_global_draw_are_left_out(attack):
+    """Honest masks drawn from probabilities near the global ones, some of them far apart from each
+    other (non-IID): the Hamming distance between them is as large as an attack's, their cost under
+    the global probabilities is not."""
+    gen = torch.Generator().manual_seed(0)
+    scores = 3 * torch.randn(4000, generator=gen)
+    honest = [aggregate.sample_mask(scores + 0.5 * torch.randn(4000, generator=gen), gen) for _ in range(8)]
+    coin = torch.rand(4000, generator=gen) < 0.5
+    bad = {"ones": torch.ones(4000, dtype=torch.bool), "zeros": torch.zeros(4000, dtype=torch.bool),
+           "invert": ~honest[0], "random": coin, "collude": scores <= 0}[attack]  # fmt: skip
+    found = robust.outliers([*honest, bad, bad ^ (torch.arange(4000) == 7)], 3.0, scores)
+    assert sorted(i for i, _, _ in found) == [8, 9]
+    assert robust.outliers(honest, 3.0, scores) == []

@@ -1,13 +1,15 @@
 """Robust aggregation for hostile clients: a wrapper around any method's `aggregate` (as privacy wraps
 its statistics release), chosen by `robust.rule`.
 
-- "distance": each upload's typical distance to the others (the median over the others of the
-  Hamming distance between masks, or of the L2 distance between float weights) is compared with
-  the round's: an upload more than `robust.tolerance` robust deviations (1.4826 x MAD) above the
-  median, and at least 10 % above it, is left out, at most (m - 1) / 2 of them. Honest clients form
-  the majority, so an honest upload's median distance is an honest-to-honest distance, while an
-  all-ones, all-zeros, inverted or random mask is far from every honest one (coordinate-wise median
-  and Krum do the same for dense FedAvg).
+- "distance": each upload gets a distance, and one more than `robust.tolerance` robust deviations
+  (1.4826 x MAD) above the round's median, and at least 10 % above it, is left out, at most
+  (m - 1) / 2 of them. A PRISM mask's distance is to the global draw: the bits per weight it costs
+  under the global probabilities (its cross-entropy). Honest masks are drawn near those probabilities,
+  while a mask of ones or zeros, a coin per weight or an inverted mask costs a bit per weight or
+  more. (The Hamming distance between masks does not separate them: two honest masks drawn from the
+  same probabilities already differ in 2p(1 - p) of their bits, as much as an attack does; measured
+  in docs/robustness.md.) Float weights (FedAvg) get their median L2 distance to the other uploads,
+  in the spirit of Krum and the coordinate-wise median.
 - "trimmed" (PRISM): per weight, the `robust.trim` share of the highest and of the lowest bits are
   trimmed from the counts (a coordinate-wise trimmed mean of the masks), and the broadcast carries
   the trimmed counts, so clients rebuild the same scores.
@@ -35,17 +37,32 @@ def distances(values: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def outliers(values: list[torch.Tensor], tolerance: float) -> list[tuple[int, float, float]]:
-    """Indices of uploads far from the others, with their score and the threshold they crossed."""
+def surprise(masks: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+    """Bits per weight each mask costs under the global probabilities (its cross-entropy): an honest
+    client's mask is drawn near them (about 0.5 to 0.8 bits per weight in the demo), while a mask of
+    ones, of zeros, a coin per weight or an inverted mask costs a bit or more."""
+    return torch.tensor([aggregate.cross_entropy_bits(m, scores) / m.numel() for m in masks], dtype=torch.float64)
+
+
+def outliers(
+    values: list[torch.Tensor], tolerance: float, scores: torch.Tensor | None = None
+) -> list[tuple[int, float, float]]:
+    """Indices of uploads far from the rest, with their score and the threshold they crossed.
+
+    Masks with the global scores at hand are scored by `surprise`; anything else by its median
+    distance to the other uploads (Hamming between masks, L2 between float weights)."""
     m = len(values)
     if m < 3:
         return []
-    d = distances(values)
-    scores = torch.stack([d[i][torch.arange(m) != i].median() for i in range(m)])
-    median = float(scores.median())
-    mad = float((scores - median).abs().median()) * 1.4826
+    if scores is not None and values[0].dtype == torch.bool:
+        score = surprise(values, scores)
+    else:
+        d = distances(values)
+        score = torch.stack([d[i][torch.arange(m) != i].median() for i in range(m)])
+    median = float(score.median())
+    mad = float((score - median).abs().median()) * 1.4826
     threshold = median + max(tolerance * mad, 0.1 * median)
-    far = sorted(((float(s), i) for i, s in enumerate(scores) if s > threshold), reverse=True)
+    far = sorted(((float(s), i) for i, s in enumerate(score) if s > threshold), reverse=True)
     return [(i, s, threshold) for s, i in far[: (m - 1) // 2]]
 
 
@@ -63,8 +80,10 @@ class Robust:
             return self.inner.aggregate(state, rnd, uploads, sizes, trim=math.floor(self.trim * len(uploads)))
         order = sorted(uploads)
         rejected = []
-        for i, score, threshold in outliers([uploads[k][1] for k in order], self.tolerance):
-            rejected.append({"client": order[i], "why": f"distance {score:.4g} to the others, over {threshold:.4g}"})
+        scores = state.get("scores")
+        for i, score, threshold in outliers([uploads[k][1] for k in order], self.tolerance, scores):
+            what = "bits per weight under the global probabilities" if scores is not None else "distance to the others"
+            rejected.append({"client": order[i], "why": f"{what}: {score:.4g}, over {threshold:.4g}"})
         out = {r["client"] for r in rejected}
         kept = {k: v for k, v in uploads.items() if k not in out}
         # what the left-out clients sent still counts: in the bytes, and in the coder's bound for masks

@@ -158,9 +158,13 @@ class Prism(Method):
         ok = isinstance(synced, list) and len(synced) == self.cfg.partition.num_clients
         ok = ok and all(s is None or type(s) is int for s in synced)
         ok = ok and isinstance(sizes, dict) and all(type(k) is int and type(v) is int for k, v in sizes.items())
-        ok = ok and isinstance(deltas, dict) and all(
-            type(k) is int and k in sizes and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
-            for k, v in deltas.items()
+        ok = (
+            ok
+            and isinstance(deltas, dict)
+            and all(
+                type(k) is int and k in sizes and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+                for k, v in deltas.items()
+            )
         )
         if not ok:
             raise StateError("the checkpoint's record of what each client holds is not usable")
