@@ -74,7 +74,7 @@ def test_forged_uploads_are_well_formed_and_say_what_they_claim(attack):
             wire.decode_upload(forged, scores, round_=2, table_hash=TABLE, client=1)
         return
     mask = wire.decode_upload(forged, scores, round_=2, table_hash=TABLE, client=1)
-    expected = {"ones": lambda: mask.all(), "zeros": lambda: not mask.any(),
+    expected = {"ones": lambda: 0.99 < mask.float().mean() < 1, "zeros": lambda: 0 < mask.float().mean() < 0.01,
                 "invert": lambda: torch.equal(mask, ~honest_mask),
                 "random": lambda: 0.45 < mask.float().mean() < 0.55,
                 "collude": lambda: 0 < (mask != (scores <= 0)).sum() < 20}[attack]  # fmt: skip
@@ -91,7 +91,7 @@ def test_hostile_clients_are_left_out_and_lost_uploads_do_not_stop_the_run(tmp_p
     cfg = load_config(SMOKE, ["faults.byzantine=0.34", 'faults.attack="ones"', 'robust.rule="distance"',
                               "train.rounds=2", "train.sample_every=0"])  # fmt: skip
     records = rundir.read_metrics(simulate.train(cfg, tmp_path / "b", log=lambda *_: None))
-    assert all(len(r["rejected"]) == 1 and "distance" in r["rejected"][0]["why"] for r in records)
+    assert all(len(r["rejected"]) == 1 and "bits per weight" in r["rejected"][0]["why"] for r in records)
     cfg = load_config(SMOKE, ["faults.dropout=0.3", "train.rounds=3", "train.sample_every=0"])
     records = rundir.read_metrics(simulate.train(cfg, tmp_path / "d", log=lambda *_: None))
     lost = [f["client"] for r in records for f in r.get("failures", [])]

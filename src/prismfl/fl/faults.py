@@ -3,7 +3,9 @@ client dropping out mid-round or coming after the deadline, and hostile (Byzanti
 
 A hostile client takes part like the others (it receives the round's messages and keeps its replica
 in step) and then sends something else instead of its honest upload, always a well-formed message:
-- ones / zeros: a mask keeping every weight / none (float methods: all weights 1 / 0)
+- ones / zeros: a mask keeping every weight / none, bar 0.1 % of them drawn per client so that two
+  hostile clients never send byte-identical uploads (the server refuses duplicates); float methods:
+  all weights 1 / 0
 - invert: the complement of its honest mask (floats: the negated weights)
 - random: a fair coin per weight (floats: Gaussian noise of the weights' scale)
 - collude: every hostile client of the round sends the complement of the global mode, each with
@@ -56,16 +58,17 @@ def forge(cfg: RunConfig, *, honest: bytes, replica: torch.Tensor | None, rnd: i
     if wire.parse(honest, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_UPLOAD:
         mask = wire.decode_upload(honest, replica, round_=rnd, table_hash=table_hash, client=k)
         n = mask.numel()
+        flips = torch.rand(n, generator=gen) < 1e-3  # so that no two hostile uploads are byte-identical
         if attack == "ones":
-            bad = torch.ones(n, dtype=torch.bool)
+            bad = ~flips
         elif attack == "zeros":
-            bad = torch.zeros(n, dtype=torch.bool)
+            bad = flips
         elif attack == "invert":
             bad = ~mask
         elif attack == "random":
             bad = torch.rand(n, generator=gen) < 0.5
         else:  # collude: the complement of the global mode, a few bits each apart
-            bad = (replica <= 0) ^ (torch.rand(n, generator=gen) < 1e-3)
+            bad = (replica <= 0) ^ flips
         return wire.encode_upload(bad, replica, round_=rnd, table_hash=table_hash, client=k,
                                   coder=cfg.train.upload_coder)  # fmt: skip
     _, weights = wire.decode_state(honest, num_weights=num_weights, table_hash=table_hash, client=k)
