@@ -52,15 +52,6 @@ def save_array(images: torch.Tensor, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def sample_grid(model, path: Path, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """Materialise a PrismModel, sample n images with `seed`, write them as a PNG grid."""
-    from prismfl import modelfile
-
-    images = modelfile.sample(modelfile.materialize(model), n, seed)
-    save_grid(images, path)
-    return images
-
-
 PAPER_MB_PER_ROUND = 5.75  # what the paper reports per round (METHOD.md §6)
 PAPER_WEIGHTS = 3_543_616  # its ResNet generator's maskable weights (one channel, 32x32)
 PAPER_BITS_PER_WEIGHT = PAPER_MB_PER_ROUND * 8e6 / PAPER_WEIGHTS  # about 13 bits/weight

@@ -14,10 +14,6 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def visible() -> bool:
     """Whether bars are drawn: progress is on and stderr is a terminal."""
     return _enabled and sys.stderr.isatty()

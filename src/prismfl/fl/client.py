@@ -15,7 +15,7 @@ from torch import nn
 
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
-from prismfl.fl import task, wire
+from prismfl.fl import task
 from prismfl.fl.task import Federation
 from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState
 from prismfl.model import masked
@@ -128,8 +128,7 @@ def client_context(cfg: RunConfig, build_model, device: str, log=print) -> Clien
     fed = task.prepare_federation(cfg)
     net, meta, recipe = task.build_feature_net(cfg, fed, device, log)
     model = build_model(device)
-    return ClientContext(cfg, device, fed, net.extract, meta, recipe, model, masked.num_maskable(model),
-                         wire.layer_table_hash(masked.layer_table(model)))  # fmt: skip
+    return ClientContext(cfg, device, fed, net.extract, meta, recipe, model, *task.model_layout(model))
 
 
 def training_context(cfg: RunConfig, build_model, device: str, recipe: dict) -> ClientContext:
@@ -137,8 +136,7 @@ def training_context(cfg: RunConfig, build_model, device: str, recipe: dict) -> 
     round's message needs (a Flower deployment starts a ClientApp process per message)."""
     net = task.feature_net_from_recipe(cfg, recipe, device)
     model = build_model(device)
-    return ClientContext(cfg, device, None, net.extract, {}, recipe, model, masked.num_maskable(model),
-                         wire.layer_table_hash(masked.layer_table(model)))  # fmt: skip
+    return ClientContext(cfg, device, None, net.extract, {}, recipe, model, *task.model_layout(model))
 
 
 @dataclass

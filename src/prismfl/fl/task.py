@@ -107,6 +107,13 @@ def build_model(cfg: RunConfig, device: str = "cpu") -> torch.nn.Module:
     return model
 
 
+def model_layout(model: torch.nn.Module) -> tuple[int, int]:
+    """(maskable weights N, layer-table hash): what server and clients check they agree on."""
+    from prismfl.fl.wire import layer_table_hash
+
+    return masked.num_maskable(model), layer_table_hash(masked.layer_table(model))
+
+
 def initial_scores(cfg: RunConfig, n: int) -> torch.Tensor:
     """Global scores of round 0: N(0, 1) from the run seed (METHOD.md §2)."""
     return torch.randn(n, generator=generator_for(cfg.seed, "initial-scores"))

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from prismfl.data.sources import dataset_info
 from prismfl.errors import PrismError
-from prismfl.fl import engine
+from prismfl.fl import engine, task
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
 from prismfl.flower.payload import from_array, wire_record
@@ -132,7 +132,7 @@ class GridTransport:
         if checkpoint is not None and not math.isinf(cfg.privacy.epsilon):
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
-        n, table_hash = method.layout(method.build_model())
+        n, table_hash = task.model_layout(method.build_model())
         self.node_of, infos = setup_clients(self.grid, self.s, n, table_hash)
         first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
         privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}

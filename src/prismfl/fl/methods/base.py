@@ -87,13 +87,6 @@ class Method:
     def build_model(self, device: str = "cpu") -> torch.nn.Module:
         return task.build_model(self.cfg, device)
 
-    def layout(self, model: torch.nn.Module | None = None) -> tuple[int, int]:
-        """(maskable weights N, layer-table hash) of the method's model."""
-        from prismfl.model import masked
-
-        model = model if model is not None else task.build_model(self.cfg)
-        return masked.num_maskable(model), wire.layer_table_hash(masked.layer_table(model))
-
     # ---- client side
 
     def holds_data(self, k: int) -> bool:
