@@ -315,3 +315,19 @@ def test_kill_9_then_resume_is_bit_exact(tmp_path):
         assert p.wait(300) == 0, p.stderr.read().decode()[-2000:]
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
     assert (tmp_path / "whole" / "model.prism").read_bytes() == (tmp_path / "killed" / "model.prism").read_bytes()
+
+
+@pytest.mark.parametrize("reference", ["real", "pca-gaussian"])
+def test_cli_evaluate_reference_rows(reference, small_fmnist, tmp_path, run_cli):
+    code, out, err = run_cli("evaluate", reference, "--n", "200", "--data-root", str(small_fmnist),
+                             "--out", str(tmp_path / "r.json"))  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["method"] == reference and sum(r["class_histogram"]) == 200
+    assert r["protocol_version"] == "prismfl-domain-v2" and "prismfl-domain-v2" in out
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_cli_evaluate_reference_unknown_dataset(run_cli):
+    code, _, err = run_cli("evaluate", "pca-gaussian", "--dataset", "imagenet")
+    assert code != 0 and "unknown dataset 'imagenet'" in err

@@ -149,7 +149,10 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
 
 @app.command()
 def evaluate(
-    source: Annotated[Path, typer.Argument(help="run directory, .prism model file, or a FedAvg model.pt")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="run directory, .prism model file, a FedAvg model.pt, or a reference: real, pca-gaussian"),
+    ],
     n: Annotated[int, typer.Option("--n", help="number of generated samples")] = 10000,
     seed: Annotated[int, typer.Option("--seed", help="noise seed")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write")] = None,
@@ -160,16 +163,30 @@ def evaluate(
     ensemble: Annotated[
         bool, typer.Option("--ensemble", help="a fresh mask per 500 images, as the authors evaluated (run dirs)")
     ] = False,
+    dataset: Annotated[str, typer.Option("--dataset", help="dataset of a reference row (real, pca-gaussian)")] = (
+        "fashion-mnist"
+    ),
 ):
-    """Domain FID, precision/recall/density/coverage and class coverage of a model, with its protocol."""
+    """Domain FID, precision/recall/density/coverage and class coverage of a model, with its protocol.
+
+    The references `real` (training images) and `pca-gaussian` (a closed-form class-conditional
+    sampler) are scored on the same protocol: they show where real and where trivial lie."""
     from prismfl.eval.evaluate import evaluate as run_evaluation
-    from prismfl.eval.evaluate import format_table
+    from prismfl.eval.evaluate import evaluate_reference, format_table
+    from prismfl.eval.references import REFERENCES
 
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
-    result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
+    reference = str(source) in REFERENCES and not source.exists()
+    if reference:
+        from prismfl.data.sources import dataset_info
+
+        dataset_info(dataset)  # a clear error for an unknown name
+        result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception)
+    else:
+        result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
     typer.echo(format_table(result))
-    if source.is_dir():  # the run keeps its evaluation, and its report shows it
+    if not reference and source.is_dir():  # the run keeps its evaluation, and its report shows it
         from prismfl.files import atomic_write_bytes
         from prismfl.runreport import run_report
 

@@ -19,13 +19,18 @@ def train_classifier(
     seed: int,
     batch_size: int = 128,
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    one_cycle: bool = False,
     desc: str = "training classifier",
 ) -> nn.Module:
-    """Adam on cross-entropy with seeded shuffling; returns the net in eval mode."""
+    """Adam (AdamW with weight decay) on cross-entropy with seeded shuffling, at a constant learning
+    rate or on a one-cycle schedule peaking at `lr`; returns the net in eval mode."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay else \
+        torch.optim.Adam(net.parameters(), lr=lr)  # fmt: skip
     net.train()
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps) if one_cycle else None
     with bar(total=steps, desc=desc, unit="step") as progress:
         for _ in range(epochs):
             order = torch.randperm(len(images), generator=gen)
@@ -35,6 +40,8 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
                 progress.update()
     return net.eval()
 

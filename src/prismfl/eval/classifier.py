@@ -11,23 +11,34 @@ from torch import nn
 
 from prismfl.cache import cached_state_dict
 from prismfl.data.sources import dataset_info, load_split, to_float
-from prismfl.supervised import train_classifier
+from prismfl.supervised import predict, train_classifier
 
-EPOCHS = 2
+# The evaluation protocol's version: it names the classifier (architecture, schedule) whose embedding
+# every quality figure uses. Figures of different versions are not comparable; every output says which.
+# v1: conv32-pool-conv64-pool-fc128, 2 epochs of Adam (FashionMNIST test accuracy 0.890).
+# v2: BatchNorm, three convs, dropout, 10 epochs on a one-cycle schedule (test accuracy 0.932).
+PROTOCOL = "prismfl-domain-v2"
+EPOCHS = 10
+LR = 3e-3
+WEIGHT_DECAY = 5e-4
 SEED = 0
 
 
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
 class EvalCNN(nn.Module):
-    """The evaluation classifier: conv32-pool-conv64-pool-fc128-fc10; its 128-d layer is the embedding."""
+    """The evaluation classifier: conv16-pool-conv32-conv32-pool-fc128-fc10, BatchNorm after every
+    layer but the last, dropout before it; the 128-d layer is the embedding."""
 
     def __init__(self, channels: int = 1, img_size: int = 28, num_classes: int = 10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (img_size // 4) ** 2, 128), nn.ReLU(),
+            *_conv_bn(channels, 16), nn.MaxPool2d(2), *_conv_bn(16, 32), *_conv_bn(32, 32), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * (img_size // 4) ** 2, 128, bias=False), nn.BatchNorm1d(128), nn.ReLU(),
         )  # fmt: skip
-        self.head = nn.Linear(128, num_classes)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
 
     def embed(self, x):
         return self.body(x)
@@ -40,7 +51,7 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
     """(classifier in eval mode, metadata with its test accuracy and checksum)."""
     train = load_split(dataset, "train", root)
     channels, classes = train.images.shape[1], len(dataset_info(dataset).class_names)
-    spec = {"kind": "eval-classifier", "version": 1, "dataset": dataset, "source": train.source,
+    spec = {"kind": "eval-classifier", "version": PROTOCOL, "dataset": dataset, "source": train.source,
             "size": size, "epochs": EPOCHS, "seed": SEED, "n": len(train)}  # fmt: skip
 
     def build():
@@ -49,13 +60,13 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
             torch.manual_seed(SEED)
             net = EvalCNN(channels, size, classes)
         train_classifier(
-            net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED,
-            desc="evaluation classifier",
+            net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED, lr=LR,
+            weight_decay=WEIGHT_DECAY, one_cycle=True, desc="evaluation classifier",
         )  # fmt: skip
         test = load_split(dataset, "test", root)
-        with torch.no_grad():
-            acc = float((net(to_float(test.images, size)).argmax(1) == torch.from_numpy(test.labels)).float().mean())
-        return net.state_dict(), {"test_accuracy": acc}
+        predicted = predict(net, to_float(test.images, size)).argmax(1)
+        acc = float((predicted == torch.from_numpy(test.labels)).float().mean())
+        return net.state_dict(), {"test_accuracy": acc, "protocol": PROTOCOL}
 
     state, meta = cached_state_dict("classifier", spec, build, log)
     net = EvalCNN(channels, size, classes)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from prismfl import modelfile
 from prismfl.data.sources import dataset_info, load_split, to_float
 from prismfl.errors import PrismError
-from prismfl.eval.classifier import domain_classifier
+from prismfl.eval.classifier import PROTOCOL, domain_classifier
 from prismfl.eval.metrics import fid_from_features
 from prismfl.eval.quality import CONFIDENT, class_report
 from prismfl.supervised import predict
@@ -58,11 +58,13 @@ def score_images(images: torch.Tensor, dataset: str, root: str | None = None, n_
     report = class_report(predict(classifier, images), len(info.class_names))
     fake = _embed(classifier, images)
     return {
+        "protocol_version": PROTOCOL,
         "domain_fid": fid_from_features(fake, ref),
         **prdc(ref, fake, k=5),
         **report,
         "class_kl": class_kl(report["class_histogram"], shares),
         "protocol": {
+            "version": f"{PROTOCOL} (figures of another version are not comparable)",
             "domain_fid": f"Fréchet distance in the 128-d embedding of prismfl's {dataset} classifier, "
             f"{len(images)} generated vs {n_ref} test images (a domain FID, not Inception FID)",
             "prdc": "precision/recall/density/coverage, k=5, same embedding and images",
@@ -119,6 +121,18 @@ def evaluate_file(source: Path, n: int = 10000, seed: int = 0, root: str | None 
     }
 
 
+def evaluate_reference(name: str, dataset: str, *, n: int = 10000, seed: int = 0, root: str | None = None,
+                       inception: str | None = None) -> dict:  # fmt: skip
+    """Evaluate a reference sampler (eval/references.py) on the same protocol as any model."""
+    from prismfl.eval.references import reference_images
+
+    images = reference_images(name, dataset, n, seed, root)
+    notes = {"real": f"{len(images)} training images (seeded draw), not a model",
+             "pca-gaussian": "per-class Gaussian in the top principal components of the training images"}  # fmt: skip
+    return {"method": name, **_finish(images, dataset, root=root, inception=inception, model_note=notes[name],
+                                      n=len(images), seed=seed)}  # fmt: skip
+
+
 def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = None,
              inception: str | None = None, ensemble: bool = False) -> dict:  # fmt: skip
     """Evaluate a model file or a run directory (whatever its method)."""
@@ -172,7 +186,7 @@ def format_table(result: dict) -> str:
     rows = [("domain FID", "domain_fid"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
             ("coverage", "coverage"), ("confident share", "confident_share"), ("class KL", "class_kl"),
             ("inception FID", "inception_fid")]  # fmt: skip
-    lines = [f"{'metric':<16} {'value':>10}"]
+    lines = [f"{'metric':<16} {'value':>10}   ({result.get('protocol_version', 'protocol v1')})"]
     lines += [f"{label:<16} {result[key]:>10.4f}" for label, key in rows if key in result]
     names = result.get("class_names") or [str(i) for i in range(len(result["class_histogram"]))]
     hist = "  ".join(f"{name}:{count}" for name, count in zip(names, result["class_histogram"]))

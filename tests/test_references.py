@@ -1,0 +1,62 @@
+"""The reference samplers of every quality table (eval/references.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from prismfl.eval.references import pca_gaussian, reference_images
+
+
+def _two_classes(n0=300, n1=700):
+    images = torch.cat([torch.full((n0, 1, 4, 4), -0.5), torch.full((n1, 1, 4, 4), 0.5)])
+    return images, np.array([0] * n0 + [1] * n1)
+
+
+def test_pca_gaussian_with_no_within_class_spread_returns_the_class_images_in_their_shares():
+    images, labels = _two_classes()
+    out = pca_gaussian(images, labels, 4000, np.random.default_rng(0), components=3)
+    assert out.shape == (4000, 1, 4, 4) and out.dtype == torch.float32
+    flat = out.reshape(4000, -1)
+    is0 = torch.allclose(flat[flat[:, 0] < 0], torch.tensor(-0.5), atol=1e-6)
+    is1 = torch.allclose(flat[flat[:, 0] > 0], torch.tensor(0.5), atol=1e-6)
+    assert is0 and is1
+    share1 = float((flat[:, 0] > 0).float().mean())
+    assert abs(share1 - 0.7) < 0.03  # multinomial with the class shares: sd 0.007
+
+
+def test_pca_gaussian_samples_lie_in_the_top_components_span_with_the_class_means():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2000, 16, generator=gen) * torch.linspace(0.1, 0.001, 16)  # variance falls along axes
+    labels = np.repeat([0, 1], 1000)
+    base[1000:, 0] += 0.3
+    out = pca_gaussian(base.reshape(2000, 1, 4, 4), labels, 20000, np.random.default_rng(1), components=4)
+    out = out.reshape(20000, 16).double().numpy()
+    x = base.double().numpy()
+    mu = x.mean(0)
+    top = np.linalg.eigh(np.cov(x - mu, rowvar=False))[1][:, -4:]  # recomputed here, independently
+    residual = (out - mu) - (out - mu) @ top @ top.T
+    assert np.abs(residual).max() < 1e-5  # nothing outside the top components' span
+    high = out[:, 0] > 0.15  # the two classes, told apart by their means on the first axis
+    assert abs(high.mean() - 0.5) < 0.02
+    assert abs(out[high, 0].mean() - x[1000:, 0].mean()) < 0.01
+    assert abs(out[~high, 0].mean() - x[:1000, 0].mean()) < 0.01
+    assert abs(out[~high, 1].std() - x[:1000, 1].std()) < 0.01  # the class's spread along a top component
+
+
+def test_pca_gaussian_clips_to_the_image_range():
+    images, labels = _two_classes()
+    out = pca_gaussian(images * 3, labels, 100, np.random.default_rng(0), components=2)
+    assert float(out.min()) == -1.0 and float(out.max()) == 1.0
+
+
+def test_pca_gaussian_is_seeded():
+    images, labels = _two_classes(50, 50)
+    images = images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    a = pca_gaussian(images, labels, 100, np.random.default_rng(5), components=2)
+    b = pca_gaussian(images, labels, 100, np.random.default_rng(5), components=2)
+    assert torch.equal(a, b)
+
+
+def test_unknown_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown reference 'gan'"):
+        reference_images("gan", "fashion-mnist", 10)
