@@ -85,3 +85,36 @@ def test_entropy_bits_hand_computed():
     assert abs(aggregate.cross_entropy_bits(mask, scores) - 4.0) < 1e-6  # float32 ln 3
     h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
     assert aggregate.binary_entropy_bits(scores) == pytest.approx((1 + 1 + h) / 3, rel=1e-6)
+
+
+def test_stratified_uniforms_put_a_rounds_clients_in_different_strata():
+    from prismfl.fl.aggregate import stratified_uniforms
+
+    k, n = 5, 20000
+    us = [stratified_uniforms(n, slot, k, torch.Generator().manual_seed(3)) for slot in range(k)]
+    strata = torch.stack([(u * k).floor().long() for u in us])
+    assert torch.equal(strata.sort(0).values, torch.arange(k)[:, None].expand(k, n))  # one client per stratum
+    for u in us:  # alone, each client's draw is uniform on [0, 1)
+        assert 0 <= float(u.min()) and float(u.max()) < 1
+        assert abs(float((u < 0.3).float().mean()) - 0.3) < 0.015
+    p = torch.full((n,), 0.37)
+    counts = torch.stack([u < p for u in us]).sum(0)
+    assert set(counts.unique().tolist()) <= {1, 2}  # floor(5 x 0.37) or ceil: not Binomial(5, 0.37)
+    assert abs(float(counts.float().mean()) / k - 0.37) < 0.01  # and unbiased
+    with pytest.raises(ValueError, match="slot 5 is not one of 5"):
+        stratified_uniforms(4, 5, 5, torch.Generator())
+
+
+def test_upload_uniforms_only_for_a_rounds_chosen_clients_when_stratified():
+    from prismfl.config import load_config
+    from prismfl.fl import task
+
+    cfg = load_config("configs/smoke.toml", ["partition.num_clients=4", "train.client_fraction=0.5"])
+    assert task.upload_uniforms(cfg, 1, 0, 10) is None  # independent by default
+    cfg = load_config("configs/smoke.toml", ["partition.num_clients=4", "train.client_fraction=0.5",
+                                             "train.upload_sampling=stratified"])  # fmt: skip
+    chosen = task.select_clients(cfg, 1)
+    other = next(k for k in range(4) if k not in chosen)
+    assert task.upload_uniforms(cfg, 1, other, 10) is None
+    a, b = (task.upload_uniforms(cfg, 1, k, 1000) for k in chosen)
+    assert torch.equal(torch.sort(torch.stack([(a * 2).floor(), (b * 2).floor()]), 0).values[0], torch.zeros(1000))

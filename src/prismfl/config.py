@@ -52,6 +52,7 @@ class LossConfig:
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
+    class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
+    upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
@@ -134,6 +136,8 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
+        if self.loss.class_term and self.loss.features != "public":
+            raise ConfigError('loss.class_term needs loss.features = "public" (the only feature net with a class head)')
         if not 0 <= self.loss.tracker_beta < 1:
             raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
@@ -145,6 +149,7 @@ class RunConfig:
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
+        _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         _one_of("faults.attack", self.faults.attack, ATTACKS)
         _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
         for key in ("dropout", "straggler", "byzantine"):

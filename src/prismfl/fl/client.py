@@ -61,8 +61,10 @@ def local_train(
     state: ClientState,
     cfg: LocalConfig,
     generator: torch.Generator,
+    uniforms: torch.Tensor | None = None,
 ) -> LocalResult:
-    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask.
+    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask
+    (from `uniforms` when given: the round's shared strata, fl.aggregate.stratified_uniforms).
 
     For a dense model (the FedAvg baseline) the same loop trains float weights and returns them.
     """
@@ -88,7 +90,9 @@ def local_train(
     scores = masked.get_trainable(model)
     if masked.is_dense(model):
         return LocalResult(mask=None, loss=total / cfg.steps, start_loss=first, scores=scores)
-    mask = torch.rand(scores.shape, generator=generator, device=device) < torch.sigmoid(scores)
+    if uniforms is None:
+        uniforms = torch.rand(scores.shape, generator=generator, device=device)
+    mask = uniforms.to(device) < torch.sigmoid(scores)
     return LocalResult(mask=mask, loss=total / cfg.steps, start_loss=first, scores=scores)
 
 
@@ -180,5 +184,7 @@ def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, 
     """One round of local training from `start` (scores, or a dense model's weights) with the
     client's persistent state; every random draw comes from the (seed, round, client) stream."""
     gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
+    uniforms = task.upload_uniforms(ctx.cfg, round_, client.k, ctx.num_weights)
     return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
-                       state=client.state, cfg=ctx.local_config(steps, lr), generator=gen)  # fmt: skip
+                       state=client.state, cfg=ctx.local_config(steps, lr), generator=gen,
+                       uniforms=uniforms)  # fmt: skip

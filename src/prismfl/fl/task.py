@@ -15,6 +15,7 @@ import torch
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
+from prismfl.fl.aggregate import stratified_uniforms
 from prismfl.loss.matching import FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
@@ -157,6 +158,15 @@ def select_clients(cfg: RunConfig, round_: int) -> list[int]:
     return sorted(rng.choice(k, size=m, replace=False).tolist())
 
 
+def upload_uniforms(cfg: RunConfig, round_: int, k: int, n: int) -> torch.Tensor | None:
+    """Client k's uniforms for its upload mask when the round's clients draw from shared strata
+    (`train.upload_sampling = "stratified"`); None: an independent draw from its own stream."""
+    chosen = select_clients(cfg, round_)
+    if cfg.train.upload_sampling != "stratified" or k not in chosen:
+        return None
+    return stratified_uniforms(n, chosen.index(k), len(chosen), generator_for(cfg.seed, "strata", round_))
+
+
 PUBLIC_EPOCHS = 10
 
 
@@ -205,6 +215,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
                 "sha256": meta["sha256"]}  # fmt: skip
         recipe["cache_spec"] = spec
+        net.class_probs = cfg.loss.class_term
     return freeze(net).to(device), meta, recipe
 
 
@@ -227,4 +238,5 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
         state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         net.load_state_dict(state)
+        net.class_probs = cfg.loss.class_term
     return freeze(net).to(device)
