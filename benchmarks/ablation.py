@@ -26,6 +26,7 @@ from prismfl.fl.client import ClientState, LocalConfig, local_train
 from prismfl.fl.methods.base import masked_final_model
 from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
+from prismfl.plots import save_grid
 
 VARIANTS = {
     "default": [],
@@ -40,10 +41,23 @@ VARIANTS = {
     "batch=32": ["train.batch_size=32"],
     "width=256": ["model.width=256"],
     "arch=dcgan": ["model.arch=dcgan", "model.width=64"],
+    "class_term": ["loss.class_term=true"],
+    "arch=dcgan+class_term": ["model.arch=dcgan", "model.width=64", "loss.class_term=true"],
+    "covariance": ["loss.covariance=true"],
+    "batch=64": ["train.batch_size=64"],
+    "feature_width=32": ["loss.feature_width=32"],
+    "width=1024": ["model.width=1024"],
+    "feature_width=64": ["loss.feature_width=64"],
+    "feature_width=32+arch=dcgan": ["loss.feature_width=32", "model.arch=dcgan", "model.width=64"],
+    "feature_width=32+covariance": ["loss.feature_width=32", "loss.covariance=true"],
+    "feature_width=32+class_term": ["loss.feature_width=32", "loss.class_term=true"],
+    "z_dim=16": ["model.z_dim=16"],
+    "arch=dcgan+covariance": ["model.arch=dcgan", "model.width=64", "loss.covariance=true"],
+    "arch=dcgan+width=128": ["model.arch=dcgan", "model.width=128"],
 }
 
 
-def central_curve(overrides: list[str], steps: int, every: int, config: str) -> list[dict]:
+def central_curve(overrides: list[str], steps: int, every: int, config: str, grid: str = "") -> list[dict]:
     cfg = load_config(config, overrides + ["partition.num_clients=1", "partition.scheme=iid"])
     fed = task.prepare_federation(cfg)
     net, _, _ = task.build_feature_net(cfg, fed)
@@ -58,8 +72,10 @@ def central_curve(overrides: list[str], steps: int, every: int, config: str) -> 
         result = local_train(model, scores, loss, net.extract, state=state, cfg=local, generator=gen)
         train_seconds += time.perf_counter() - t0
         scores = result.scores
-        model = masked_final_model(cfg, task.arch_spec(cfg), scores, 0, {})  # as the exported model
-        images = modelfile.sample(modelfile.materialize(model), 2000)
+        final = masked_final_model(cfg, task.arch_spec(cfg), scores, 0, {})  # as the exported model
+        images = modelfile.sample(modelfile.materialize(final), 2000)
+        if grid:
+            save_grid(images[:100], f"{grid}-{done}.png", nrow=10)
         s = score_images(images, cfg.data.dataset, n_real=2000)
         curve.append({"steps": done, "train_seconds": round(train_seconds, 1), "loss": result.loss,
                       "domain_fid": s["domain_fid"], "confident_share": s["confident_share"],
@@ -73,14 +89,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--every", type=int, default=500)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS, separated by ','")
     p.add_argument("--config", default="configs/fmnist-noniid.toml")
     p.add_argument("--out", default="")
+    p.add_argument("--grids", default="", help="folder for a sample grid per variant and checkpoint")
     a = p.parse_args()
     results = {}
     for name in a.variants.split(","):
         print(name, flush=True)
-        results[name] = central_curve(VARIANTS[name], a.steps, a.every, a.config)
+        grid = f"{a.grids}/{name.replace('=', '-')}" if a.grids else ""
+        results[name] = central_curve(VARIANTS[name], a.steps, a.every, a.config, grid)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"date": date.today().isoformat(), "command": "benchmarks/ablation.py " + " ".join(

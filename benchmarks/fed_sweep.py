@@ -5,6 +5,9 @@ the domain classifier (domain FID of --samples samples vs as many test images, c
 class histogram). Results are appended to --out as they finish, so the sweep can be stopped and
 rerun (finished variants are skipped).
 
+With --seeds 0,1,2 every variant runs once per seed (results keyed "variant@seed"); --grids DIR
+keeps each final model's sample grid.
+
 Run: .venv/bin/python benchmarks/fed_sweep.py --out docs/benchmarks/fed_sweep.json [--only a,b]
 """
 
@@ -24,6 +27,7 @@ from prismfl import modelfile, rundir
 from prismfl.config import load_config
 from prismfl.eval.evaluate import score_images
 from prismfl.fl import simulate
+from prismfl.plots import save_grid
 from prismfl.progress import set_enabled
 
 VARIANTS = {
@@ -41,6 +45,16 @@ VARIANTS = {
     "25 local steps x 48 rounds": ["train.local_steps=25", "train.rounds=48"],
     "200 local steps x 6 rounds": ["train.local_steps=200", "train.rounds=6"],
     "mlp-1024": ["model.width=1024"],
+    "stratified": ["train.upload_sampling=stratified"],
+    "class term": ["loss.class_term=true"],
+    "features 32": ["loss.feature_width=32"],
+    "features 32 + stratified": ["loss.feature_width=32", "train.upload_sampling=stratified"],
+    "features 32 + class term": ["loss.feature_width=32", "loss.class_term=true"],
+    "features 32 + class term + stratified": [
+        "loss.feature_width=32",
+        "loss.class_term=true",
+        "train.upload_sampling=stratified",
+    ],
 }
 
 
@@ -52,15 +66,20 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--runs", default="runs/sweep")
     p.add_argument("--out", default="docs/benchmarks/fed_sweep.json")
+    p.add_argument("--seeds", default="", help="comma-separated seeds: each variant once per seed")
+    p.add_argument("--grids", default="", help="folder for each final model's sample grid")
     a = p.parse_args()
     set_enabled(False)
     out = Path(a.out)
     done = json.loads(out.read_text()) if out.exists() else {"results": {}}
     names = a.only.split(",") if a.only else list(VARIANTS)
-    for name in names:
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [None]
+    for variant, seed in [(n, s) for n in names for s in seeds]:
+        name = variant if seed is None else f"{variant}@{seed}"
         if name in done["results"]:
             continue
-        cfg = load_config(a.config, a.set + VARIANTS[name] + ["train.sample_every=0"])
+        seeded = [] if seed is None else [f"seed={seed}"]
+        cfg = load_config(a.config, a.set + VARIANTS[variant] + seeded + ["train.sample_every=0"])
         run = Path(a.runs) / name.replace(" ", "_").replace(",", "")
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
@@ -69,12 +88,15 @@ def main() -> None:
         model = modelfile.load(run / rundir.MODEL)
         images = modelfile.sample(modelfile.materialize(model), a.samples, seed=0)
         s = score_images(images, cfg.data.dataset, n_real=a.samples)
+        if a.grids:
+            save_grid(images[:100], Path(a.grids) / f"{run.name}.png", nrow=10)
         records = rundir.read_metrics(run)
         done["results"][name] = {
-            "overrides": VARIANTS[name], "wall_seconds": round(wall, 1),
+            "overrides": VARIANTS[variant] + seeded, "wall_seconds": round(wall, 1),
             "train_seconds": round(sum(r["seconds"] for r in records), 1),
             "client_steps": sum(len(r["clients"]) for r in records) * cfg.train.local_steps,
             "domain_fid": round(s["domain_fid"], 1), "confident_share": round(s["confident_share"], 3),
+            "class_kl": round(s["class_kl"], 3), "min_class_share": round(s["min_class_share"], 4),
             "class_histogram": s["class_histogram"], "final_start_loss": records[-1]["start_loss"],
             "upload_MB": round(sum(r["upload_bytes"] for r in records) / 1e6, 2),
         }  # fmt: skip

@@ -118,3 +118,22 @@ def test_upload_uniforms_only_for_a_rounds_chosen_clients_when_stratified():
     assert task.upload_uniforms(cfg, 1, other, 10) is None
     a, b = (task.upload_uniforms(cfg, 1, k, 1000) for k in chosen)
     assert torch.equal(torch.sort(torch.stack([(a * 2).floor(), (b * 2).floor()]), 0).values[0], torch.zeros(1000))
+
+
+def test_local_train_draws_its_upload_from_the_given_uniforms():
+    from prismfl.config import load_config
+    from prismfl.fl import task
+    from prismfl.fl.client import ClientState, LocalConfig, local_train
+    from prismfl.loss.features import random_cnn
+    from prismfl.loss.matching import feature_stats
+    from prismfl.model import masked
+
+    cfg = load_config("configs/smoke.toml", [])
+    model, net = task.build_model(cfg), random_cnn(1, 4, seed=0)
+    real = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss = task.client_loss(cfg, feature_stats(net.extract, real))
+    n = masked.num_maskable(model)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(9))
+    r = local_train(model, torch.zeros(n), loss, net.extract, state=ClientState(), cfg=LocalConfig(2, 8, 0.1),
+                    generator=torch.Generator().manual_seed(1), uniforms=u)  # fmt: skip
+    assert torch.equal(r.mask, u < torch.sigmoid(r.scores))

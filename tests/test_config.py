@@ -39,6 +39,7 @@ def test_parse_override():
         ("train.rounds=0", "train.rounds must be at least 1"),
         ("data.resize=30", "data.resize must be"),
         ("loss.features=vgg19bn", "needs loss.vgg_weights"),
+        ("train.upload_sampling=strata", "did you mean 'stratified'"),
         ("train=3", "'train' must be a table"),
     ],
 )
@@ -64,3 +65,10 @@ def test_shipped_configs_load():
     assert {"smoke.toml", "fmnist-noniid.toml", "paper-fmnist.toml"} <= set(names)
     for p in root.glob("*.toml"):
         load_config(p)
+
+
+def test_class_and_covariance_terms_need_a_small_cnn_feature_net():
+    for term in ("class_term", "covariance"):
+        with pytest.raises(ConfigError, match="need the public or random feature net"):
+            load_config(None, ["loss.features=vgg19bn", "loss.vgg_weights=w.pth", f"loss.{term}=true"])
+    assert load_config(None, ["loss.class_term=true", "loss.covariance=true"]).loss.class_term

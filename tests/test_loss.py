@@ -103,3 +103,19 @@ def test_cache_rebuilds_on_checksum_mismatch(tmp_path, monkeypatch):
     logs = []
     cached_state_dict("net", {"a": 1}, build, log=logs.append)
     assert len(calls) == 2 and "checksum" in logs[0]
+
+
+def test_small_cnn_class_and_covariance_layers():
+    net = features.random_cnn(1, 4, seed=0)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = net.extract(x)
+    net.class_probs, net.covariance = True, True
+    more = net.extract(x)
+    assert len(more) == len(plain) + 2 and all(torch.equal(a, b) for a, b in zip(plain, more))
+    pooled = net.features(x).mean(dim=(2, 3))  # (5, 16): the last stage's pooled features
+    probs, products = more[-2], more[-1]
+    assert torch.allclose(probs, net.classifier(pooled).softmax(1)) and torch.allclose(probs.sum(1), torch.ones(5))
+    assert products.shape == (5, 16 * 17 // 2)
+    assert torch.allclose(products[:, 0], pooled[:, 0] ** 2)
+    assert torch.allclose(products[:, 1], pooled[:, 0] * pooled[:, 1])
+    assert torch.allclose(products[:, 16], pooled[:, 1] ** 2)  # row 1 of the upper triangle starts at (1, 1)

@@ -53,6 +53,7 @@ class LossConfig:
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
+    covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
 
 
 @dataclass
@@ -136,8 +137,8 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
-        if self.loss.class_term and self.loss.features != "public":
-            raise ConfigError('loss.class_term needs loss.features = "public" (the only feature net with a class head)')
+        if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
+            raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
         if not 0 <= self.loss.tracker_beta < 1:
             raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))

@@ -215,7 +215,8 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
                 "sha256": meta["sha256"]}  # fmt: skip
         recipe["cache_spec"] = spec
-        net.class_probs = cfg.loss.class_term
+    if isinstance(net, SmallCNN):
+        net.class_probs, net.covariance = cfg.loss.class_term, cfg.loss.covariance
     return freeze(net).to(device), meta, recipe
 
 
@@ -238,5 +239,6 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
         state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         net.load_state_dict(state)
-        net.class_probs = cfg.loss.class_term
+    if isinstance(net, SmallCNN):
+        net.class_probs, net.covariance = cfg.loss.class_term, cfg.loss.covariance
     return freeze(net).to(device)

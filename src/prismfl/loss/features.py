@@ -23,6 +23,7 @@ class SmallCNN(nn.Module):
     def __init__(self, channels: int = 1, width: int = 16, num_classes: int = 10):
         super().__init__()
         self.class_probs = False  # loss.class_term: the head's class probabilities are one more feature layer
+        self.covariance = False  # loss.covariance: products of the pooled last-layer features, another layer
         ws = [width, 2 * width, 4 * width]
         layers, cin = [], channels
         for w in ws:
@@ -41,8 +42,12 @@ class SmallCNN(nn.Module):
             x = layer(x)
             if isinstance(layer, nn.ReLU):
                 out.append(x.flatten(1))
+        pooled = x.mean(dim=(2, 3))
         if self.class_probs:  # their mean is the batch's class shares: matching it holds every class
-            out.append(self.classifier(x.mean(dim=(2, 3))).softmax(1))
+            out.append(self.classifier(pooled).softmax(1))
+        if self.covariance:  # their mean is the pooled features' second-moment matrix: an FID-like match
+            i, j = torch.triu_indices(pooled.shape[1], pooled.shape[1], device=pooled.device)
+            out.append(pooled[:, i] * pooled[:, j])
         return out
 
 
