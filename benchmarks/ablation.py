@@ -44,6 +44,8 @@ VARIANTS = {
     "class_term": ["loss.class_term=true"],
     "arch=dcgan+class_term": ["model.arch=dcgan", "model.width=64", "loss.class_term=true"],
     "covariance": ["loss.covariance=true"],
+    "arch=mlp-up": ["model.arch=mlp-up"],
+    "arch=mlp-up+feature_width=32+class_term": ["model.arch=mlp-up", "loss.feature_width=32", "loss.class_term=true"],
     "batch=64": ["train.batch_size=64"],
     "feature_width=32": ["loss.feature_width=32"],
     "width=1024": ["model.width=1024"],

@@ -50,6 +50,7 @@ VARIANTS = {
     "features 32": ["loss.feature_width=32"],
     "features 32 + stratified": ["loss.feature_width=32", "train.upload_sampling=stratified"],
     "features 32 + class term": ["loss.feature_width=32", "loss.class_term=true"],
+    "mlp-up + features 32 + class term": ["model.arch=mlp-up", "loss.feature_width=32", "loss.class_term=true"],
     "features 32 + class term + stratified": [
         "loss.feature_width=32",
         "loss.class_term=true",
