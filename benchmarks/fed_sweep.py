@@ -32,6 +32,7 @@ from prismfl.progress import set_enabled
 
 VARIANTS = {
     "demo": [],
+    "demo before issue 12": ["model.arch=mlp", "loss.feature_width=16", "loss.class_term=false"],
     "mada off": ["train.mada=false"],
     "5 of 10 clients, 24 rounds": ["train.client_fraction=0.5", "train.rounds=24"],
     "10 of 10 clients, 12 rounds": ["train.client_fraction=1.0", "train.rounds=12"],
