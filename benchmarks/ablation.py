@@ -20,6 +20,7 @@ import torch
 
 from prismfl import modelfile
 from prismfl.config import load_config
+from prismfl.eval.classifier import PROTOCOL
 from prismfl.eval.evaluate import score_images
 from prismfl.fl import task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
@@ -106,7 +107,8 @@ def main() -> None:
                 json.dump({"date": date.today().isoformat(), "command": "benchmarks/ablation.py " + " ".join(
                     f"--{k} {v}" for k, v in vars(a).items() if k != "out"),
                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                    "variants": {k: VARIANTS[k] for k in results}, "results": results}, f, indent=1)  # fmt: skip
+                    "protocol": PROTOCOL, "variants": {k: VARIANTS[k] for k in results},
+                    "results": results}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

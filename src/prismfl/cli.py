@@ -203,7 +203,9 @@ def evaluate(
 def privacy(
     epsilon: Annotated[float, typer.Option("--epsilon", help="target epsilon per client")],
     delta: Annotated[float, typer.Option("--delta", help="target delta")] = 1e-5,
-    layers: Annotated[int, typer.Option("--layers", help="feature layers released (8 for the demo: 7 without loss.class_term)")] = 8,
+    layers: Annotated[
+        int, typer.Option("--layers", help="feature layers released (8 for the demo: 7 without loss.class_term)")
+    ] = 8,
     images: Annotated[int, typer.Option("--images", help="images a client holds, to show the noise on a mean")] = 5500,
 ):
     """Print the Gaussian noise prismfl would add to each client's feature statistics."""
