@@ -47,3 +47,12 @@ def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():
         r = fuzz.campaign(name, 60, seed=1)
         assert r["tried"] == 60 and r["clean error"] > 0, name
         assert (r["wrong accept"], r["crash"], r["hang"]) == (0, 0, 0), (name, r["examples"])
+
+
+def test_bytes_to_reach_takes_the_first_round_at_or_below_the_target():
+    bytes_curve = load("bytes_curve")
+    points = [(1, 90.0, 100), (2, 70.0, 200), (3, 75.0, 300), (4, 55.0, 400)]
+    assert bytes_curve.bytes_to_reach(points, 80) == 200
+    assert bytes_curve.bytes_to_reach(points, 70) == 200  # at or below
+    assert bytes_curve.bytes_to_reach(points, 60) == 400
+    assert bytes_curve.bytes_to_reach(points, 50) is None

@@ -1,0 +1,64 @@
+"""Quality per uploaded byte: the quick domain FID of runs (train.eval_every > 0) against the bytes
+their clients uploaded so far, and the bytes each run needed to reach given FIDs.
+
+Run: .venv/bin/python benchmarks/bytes_curve.py RUN_DIR [RUN_DIR ...] --out docs/img/bytes-to-fid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prismfl import rundir
+
+
+def curve(run: Path) -> list[tuple[int, float, int]]:
+    """(round, quick domain FID, cumulative upload bytes) for every round with a quick FID."""
+    records, total, out = rundir.read_metrics(run), 0, []
+    for r in records:
+        total += r["upload_bytes"]
+        if r.get("domain_fid") is not None:
+            out.append((r["round"], r["domain_fid"], total))
+    return out
+
+
+def bytes_to_reach(points: list[tuple[int, float, int]], fid: float) -> int | None:
+    """Upload bytes at the first round whose quick FID is at or below `fid` (None: never)."""
+    return next((b for _, f, b in points if f <= fid), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("bytes-to-fid.png"))
+    p.add_argument("--targets", default="80,60,50", help="FIDs to report the bytes needed for")
+    a = p.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    summary = {}
+    for run in a.runs:
+        points = curve(run)
+        method = rundir.checkpoint_config(rundir.load_checkpoint(run)).train.method
+        ax.plot([b / 1e6 for *_, b in points], [f for _, f, _ in points], marker=".", label=f"{run.name} ({method})")
+        targets = {t: bytes_to_reach(points, float(t)) for t in a.targets.split(",")}
+        summary[run.name] = {"method": method, "curve": points, "bytes_to_reach": targets}
+        print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / 1e6:.1f} MB'}" for t, b in
+                                 targets.items()))  # fmt: skip
+    ax.set(xscale="log", xlabel="MB uploaded by all clients (cumulative)", ylabel="quick domain FID (v2)",
+           title="quality per uploaded byte")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=100)
+    a.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {a.out} and {a.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
