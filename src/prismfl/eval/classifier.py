@@ -52,17 +52,17 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
     train = load_split(dataset, "train", root)
     channels, classes = train.images.shape[1], len(dataset_info(dataset).class_names)
     spec = {"kind": "eval-classifier", "version": PROTOCOL, "dataset": dataset, "source": train.source,
-            "size": size, "epochs": EPOCHS, "seed": SEED, "n": len(train)}  # fmt: skip
+            "size": size, "epochs": EPOCHS, "seed": SEED, "n": len(train), "seeded_dropout": True}  # fmt: skip
 
     def build():
         log(f"training the {dataset} evaluation classifier on {len(train):,} training images (cached afterwards)")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # init and dropout from the seed, not from whatever ran before
             torch.manual_seed(SEED)
             net = EvalCNN(channels, size, classes)
-        train_classifier(
-            net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED, lr=LR,
-            weight_decay=WEIGHT_DECAY, one_cycle=True, desc="evaluation classifier",
-        )  # fmt: skip
+            train_classifier(
+                net, to_float(train.images, size), torch.from_numpy(train.labels), epochs=EPOCHS, seed=SEED, lr=LR,
+                weight_decay=WEIGHT_DECAY, one_cycle=True, desc="evaluation classifier",
+            )  # fmt: skip
         test = load_split(dataset, "test", root)
         predicted = predict(net, to_float(test.images, size)).argmax(1)
         acc = float((predicted == torch.from_numpy(test.labels)).float().mean())
