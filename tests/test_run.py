@@ -331,3 +331,15 @@ def test_cli_evaluate_reference_rows(reference, small_fmnist, tmp_path, run_cli)
 def test_cli_evaluate_reference_unknown_dataset(run_cli):
     code, _, err = run_cli("evaluate", "pca-gaussian", "--dataset", "imagenet")
     assert code != 0 and "unknown dataset 'imagenet'" in err
+
+
+def test_issue12_levers_run_together_under_dp_with_one_more_released_layer_each(tmp_path):
+    import math
+
+    cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1", "loss.class_term=true",
+                              "loss.covariance=true", "train.upload_sampling=stratified", "model.arch=mlp-up"])  # fmt: skip
+    simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
+    released = rundir.load_checkpoint(tmp_path / "dp")["clients"]["clients"]
+    summary = next(c["privacy"] for c in released if c["privacy"] is not None)
+    assert summary["sensitivity"] == pytest.approx(math.sqrt(2 * 9 + 1))  # pixels, 6 ReLUs, class, covariance
+    assert modelfile.load(tmp_path / "dp" / "model.prism").spec.name == "mlp-up"
