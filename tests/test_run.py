@@ -336,8 +336,8 @@ def test_cli_evaluate_reference_unknown_dataset(run_cli):
 def test_issue12_levers_run_together_under_dp_with_one_more_released_layer_each(tmp_path):
     import math
 
-    cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1", "loss.class_term=true",
-                              "loss.covariance=true", "train.upload_sampling=stratified", "model.arch=mlp-up"])  # fmt: skip
+    levers = ["loss.class_term=true", "loss.covariance=true", "train.upload_sampling=stratified", "model.arch=mlp-up"]
+    cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1", *levers])
     simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
     released = rundir.load_checkpoint(tmp_path / "dp")["clients"]["clients"]
     summary = next(c["privacy"] for c in released if c["privacy"] is not None)
