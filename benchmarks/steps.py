@@ -1,6 +1,7 @@
 """Milliseconds per local step for each architecture, aggregation time, and round time vs client time.
 
 Run: .venv/bin/python benchmarks/steps.py [--steps 30] [--out docs/benchmarks/steps.json]
+     .venv/bin/python benchmarks/steps.py --quality   (issue 12's demo variants, interleaved, batch 32)
 Everything is measured in this one process, side by side, on synthetic images (the step cost does
 not depend on the pixels), so the ratios hold even on a noisy shared machine.
 """
@@ -18,7 +19,7 @@ import torch
 from prismfl.config import load_config
 from prismfl.fl import aggregate, task
 from prismfl.fl.client import ClientState, LocalConfig, local_train
-from prismfl.loss.features import SmallCNN, freeze
+from prismfl.loss.features import SmallCNN
 from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
 
@@ -29,20 +30,52 @@ ARCHS = {
 }
 
 
-def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
+# The demo's generator and loss before and after issue 12 (docs/quality.md), each setting explicit
+QUALITY = {
+    "mlp, features 16": ["model.arch=mlp", "loss.feature_width=16", "loss.class_term=false"],
+    "mlp, features 32 + class term": ["model.arch=mlp", "loss.feature_width=32", "loss.class_term=true"],
+    "mlp-up, features 16": ["model.arch=mlp-up", "loss.feature_width=16", "loss.class_term=false"],
+    "mlp-up, features 32 + class term": ["model.arch=mlp-up", "loss.feature_width=32", "loss.class_term=true"],
+}
+
+
+def step_setup(overrides: list[str], batch: int) -> dict:
+    """Generator, feature net (with the config's optional layers), loss and scores of one variant."""
     cfg = load_config("configs/fmnist-noniid.toml", overrides + [f"train.batch_size={batch}"])
     size = cfg.data.resize or 28
-    net = freeze(SmallCNN(1, cfg.loss.feature_width))
+    net = task.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1
-    loss = task.client_loss(cfg, feature_stats(net.extract, images))
     model = task.build_model(cfg)
-    n = masked.num_maskable(model)
-    scores = task.initial_scores(cfg, n)
-    state, gen = ClientState(), torch.Generator().manual_seed(0)
-    local_train(model, scores, loss, net.extract, state=state, cfg=LocalConfig(2, batch), generator=gen)  # warm-up
+    return {"model": model, "extract": net.extract, "loss": task.client_loss(cfg, feature_stats(net.extract, images)),
+            "scores": task.initial_scores(cfg, masked.num_maskable(model)), "state": ClientState()}  # fmt: skip
+
+
+def time_local_steps(s: dict, steps: int, batch: int, gen: torch.Generator) -> float:
+    """Seconds per local step of a `step_setup` variant."""
     t0 = time.perf_counter()
-    local_train(model, scores, loss, net.extract, state=state, cfg=LocalConfig(steps, batch), generator=gen)
-    return {"maskable_weights": n, "ms_per_step": 1000 * (time.perf_counter() - t0) / steps}
+    local_train(s["model"], s["scores"], s["loss"], s["extract"], state=s["state"], cfg=LocalConfig(steps, batch),
+                generator=gen)  # fmt: skip
+    return (time.perf_counter() - t0) / steps
+
+
+def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
+    s, gen = step_setup(overrides, batch), torch.Generator().manual_seed(0)
+    time_local_steps(s, 2, batch, gen)  # warm-up
+    return {"maskable_weights": masked.num_maskable(s["model"]), "ms_per_step": 1000 * time_local_steps(
+        s, steps, batch, gen)}  # fmt: skip
+
+
+def time_interleaved(variants: dict[str, list[str]], steps: int, batch: int, repeats: int = 3) -> dict:
+    """Best of `repeats` per variant, the variants taking turns, so that load on a shared machine hits
+    every one alike; ratios are to the first variant."""
+    setups = {name: step_setup(ov, batch) for name, ov in variants.items()}
+    best = {name: float("inf") for name in variants}
+    for rep in range(repeats):
+        for name, s in setups.items():
+            best[name] = min(best[name], time_local_steps(s, steps, batch, torch.Generator().manual_seed(rep)))
+    base = best[next(iter(variants))]
+    return {name: {"maskable_weights": masked.num_maskable(setups[name]["model"]), "ms_per_step": 1000 * t,
+                   "ratio": t / base} for name, t in best.items()}  # fmt: skip
 
 
 def time_aggregation(n: int, clients: int = 10, repeats: int = 5) -> float:
@@ -62,8 +95,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", default="")
+    p.add_argument("--quality", action="store_true", help="time issue 12's demo variants instead (one thread)")
     a = p.parse_args()
     torch.manual_seed(0)
+    if a.quality:
+        torch.set_num_threads(1)
+        for name, r in time_interleaved(QUALITY, 40, 32).items():
+            print(f"{name:<36} {r['ms_per_step']:6.1f} ms/step  x{r['ratio']:.2f}  ({r['maskable_weights']:,} weights)")
+        return
     rows = {}
     for name, ov in ARCHS.items():
         r = time_steps(ov, a.steps, a.batch)

@@ -178,10 +178,7 @@ def evaluate(
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
     reference = str(source) in REFERENCES and not source.exists()
-    if reference:
-        from prismfl.data.sources import dataset_info
-
-        dataset_info(dataset)  # a clear error for an unknown name
+    if reference:  # an unknown dataset name is a DataError from the loader, before any work
         result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception)
     else:
         result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)

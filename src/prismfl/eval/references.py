@@ -38,8 +38,8 @@ def pca_gaussian(images: torch.Tensor, labels: np.ndarray, n: int, gen: np.rando
     mu = x.mean(0)
     _, vecs = np.linalg.eigh(np.cov(x - mu, rowvar=False))
     basis = vecs[:, ::-1][:, : min(components, x.shape[1])]  # (D, k), largest variance first
-    classes = np.unique(labels)
-    counts = gen.multinomial(n, np.array([np.mean(labels == c) for c in classes]))
+    classes, sizes = np.unique(labels, return_counts=True)
+    counts = gen.multinomial(n, sizes / len(labels))
     out = []
     for c, m in zip(classes, counts):
         coords = (x[labels == c] - mu) @ basis

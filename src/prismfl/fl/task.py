@@ -174,7 +174,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
     """The loss's feature network, a record of what it was trained on (never client data), and a
     recipe from which `feature_net_from_recipe` rebuilds it without loading any data."""
     from prismfl.cache import cached_state_dict
-    from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
+    from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
     from prismfl.supervised import train_classifier
 
     channels = fed.train.images.shape[1]
@@ -215,9 +215,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
                 "sha256": meta["sha256"]}  # fmt: skip
         recipe["cache_spec"] = spec
-    if isinstance(net, SmallCNN):
-        net.class_probs, net.covariance = cfg.loss.class_term, cfg.loss.covariance
-    return freeze(net).to(device), meta, recipe
+    return ready_feature_net(cfg, net, device), meta, recipe
 
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
@@ -225,7 +223,7 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     file, or this machine's cache (a missing or altered cache entry is a PrismError, never a rebuild)."""
     from prismfl.cache import cached_state_dict
     from prismfl.errors import PrismError
-    from prismfl.loss.features import SmallCNN, freeze, load_vgg19bn, random_cnn
+    from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
 
     if recipe["kind"] == "random":
         net = random_cnn(recipe["channels"], cfg.loss.feature_width, derived_seed(cfg.seed, "random-features"))
@@ -239,6 +237,13 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
         state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         net.load_state_dict(state)
+    return ready_feature_net(cfg, net, device)
+
+
+def ready_feature_net(cfg: RunConfig, net, device: str = "cpu"):
+    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only)."""
+    from prismfl.loss.features import SmallCNN, freeze
+
     if isinstance(net, SmallCNN):
         net.class_probs, net.covariance = cfg.loss.class_term, cfg.loss.covariance
     return freeze(net).to(device)

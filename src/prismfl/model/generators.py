@@ -147,9 +147,13 @@ class MLPGenerator(nn.Module):
         self.fc2, self.bn2 = MaskedLinear(w, 2 * w), nn.BatchNorm1d(2 * w, affine=False, momentum=None)
         self.fc3 = MaskedLinear(2 * w, spec.channels * spec.img_size**2)
 
-    def forward(self, z):
+    def pixels(self, z):
+        """The output layer before the tanh, as images."""
         h = F.relu(self.bn2(self.fc2(F.relu(self.bn1(self.fc1(z))))))
-        return torch.tanh(self.fc3(h)).view(z.shape[0], *self.shape)
+        return self.fc3(h).view(z.shape[0], *self.shape)
+
+    def forward(self, z):
+        return torch.tanh(self.pixels(z))
 
 
 class MLPUpGenerator(MLPGenerator):
@@ -161,9 +165,8 @@ class MLPUpGenerator(MLPGenerator):
         self.size = spec.img_size
 
     def forward(self, z):
-        h = F.relu(self.bn2(self.fc2(F.relu(self.bn1(self.fc1(z))))))
-        low = self.fc3(h).view(z.shape[0], *self.shape)
-        return torch.tanh(F.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False))
+        up = F.interpolate(self.pixels(z), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return torch.tanh(up)
 
 
 _BUILDERS = {"resnet": ResNetGenerator, "dcgan": DCGANGenerator, "mlp": MLPGenerator, "mlp-up": MLPUpGenerator}
