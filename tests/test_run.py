@@ -333,6 +333,11 @@ def test_cli_evaluate_reference_unknown_dataset(run_cli):
     assert code != 0 and "unknown dataset 'imagenet'" in err
 
 
+def test_cli_evaluate_missing_source_names_the_references(run_cli):
+    code, _, err = run_cli("evaluate", "pca-gausian")
+    assert code == 2 and "model file not found: pca-gausian" in err and "real, pca-gaussian" in err
+
+
 def test_issue12_levers_run_together_under_dp_with_one_more_released_layer_each(tmp_path):
     import math
 

@@ -178,6 +178,9 @@ def evaluate(
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
     reference = str(source) in REFERENCES and not source.exists()
+    if not reference and not source.exists():
+        raise PrismError(f"model file not found: {source} (give a run directory, a model file, or a reference: "
+                         f"{', '.join(REFERENCES)})")  # fmt: skip
     if reference:  # an unknown dataset name is a DataError from the loader, before any work
         result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception)
     else:
