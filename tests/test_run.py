@@ -244,7 +244,7 @@ def test_final_mask_is_the_mode_or_a_seeded_draw():
 
     cfg = load_config(SMOKE)
     scores = torch.tensor([-3.0, -0.1, 0.0, 0.1, 3.0] * 200)
-    final = lambda: masked_final_model(cfg, arch_spec(cfg), scores, 1, {}).mask  # noqa: E731
+    final = lambda: masked_final_model(cfg, arch_spec(cfg), {"scores": scores}, 1, {}).mask  # noqa: E731
     assert torch.equal(final(), scores > 0)  # p > 1/2 exactly; p = 1/2 dropped
     cfg.train.final_mask = "sample"
     drawn = final()

@@ -89,21 +89,63 @@ def sample(
     n: Annotated[int, typer.Option("--n", help="number of images")] = 64,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write")] = Path("samples.png"),
     seed: Annotated[int, typer.Option("--seed", help="noise seed; same seed, same images")] = 0,
+    class_: Annotated[
+        str | None, typer.Option("--class", help="conditional models: only this class (name or index)")
+    ] = None,
+    per_class: Annotated[
+        int | None, typer.Option("--per-class", help="conditional models: K images of every class, one row each")
+    ] = None,
 ):
-    """Sample images from a run or a model file into a PNG grid."""
-    from prismfl import plots
+    """Sample images from a run or a model file into a PNG grid or an array file (.npy; .npz with labels)."""
+    from prismfl import modelfile, plots
 
     if not 1 <= n <= MAX_SAMPLES:
         raise PrismError(f"--n must be in 1..{MAX_SAMPLES:,}, got {n}")
     kind = _output_kind(out, {".png": "a PNG grid", ".npy": "an array", ".npz": "an array"})
-    from prismfl import modelfile
-
-    images = modelfile.sample(modelfile.materialize(_load_model(source)), n, seed)
+    model = _load_model(source)
+    labels, nrow = _sample_labels(model, n, class_, per_class)
+    images, labels = modelfile.sample_labelled(modelfile.materialize(model), n, seed, labels)
     if out.suffix.lower() == ".png":
-        plots.save_grid(images, out)
+        plots.save_grid(images, out, nrow=nrow)
     else:
-        plots.save_array(images, out)
-    typer.echo(f"wrote {n} samples to {out} ({kind}{', (N, C, H, W) in [-1, 1]' if kind == 'an array' else ''})")
+        plots.save_array(images, out, labels)
+    what = f"{len(images)} samples" + (f" of class {class_}" if class_ is not None else "")
+    shape = ", (N, C, H, W) in [-1, 1]" + (" and labels" if labels is not None and kind == "an array" and
+                                            out.suffix.lower() == ".npz" else "")  # fmt: skip
+    typer.echo(f"wrote {what} to {out} ({kind}{shape if kind == 'an array' else ''})")
+
+
+def _sample_labels(model, n: int, class_: str | None, per_class: int | None):
+    """(labels to generate or None, grid row length) for `prismfl sample`'s --class and --per-class."""
+    import torch
+
+    from prismfl import modelfile
+    from prismfl.data.sources import dataset_info
+
+    classes = model.spec.num_classes
+    if class_ is None and per_class is None:
+        return None, None
+    if not classes:
+        raise PrismError("--class and --per-class need a class-conditional model (model.conditional = true)")
+    if class_ is not None and per_class is not None:
+        raise PrismError("give --class or --per-class, not both")
+    if per_class is not None:
+        if not 1 <= per_class * classes <= MAX_SAMPLES:
+            raise PrismError(f"--per-class must be in 1..{MAX_SAMPLES // classes:,}, got {per_class}")
+        return modelfile.per_class_labels(classes, per_class), per_class
+    try:
+        names = list(dataset_info(model.info.get("dataset", "")).class_names)
+    except PrismError:
+        names = []
+    lookup = {name.lower(): i for i, name in enumerate(names)}
+    if class_.lower() in lookup:
+        index = lookup[class_.lower()]
+    elif class_.isdigit() and int(class_) < classes:
+        index = int(class_)
+    else:
+        known = ", ".join(names) if names else f"0..{classes - 1}"
+        raise PrismError(f"--class {class_!r} is not a class of this model: {known} (or an index 0..{classes - 1})")
+    return torch.full((n,), index, dtype=torch.long), None
 
 
 @app.command()
@@ -166,6 +208,14 @@ def evaluate(
     dataset: Annotated[str, typer.Option("--dataset", help="dataset of a reference row (real, pca-gaussian)")] = (
         "fashion-mnist"
     ),
+    synthetic: Annotated[
+        int | None,
+        typer.Option(
+            "--synthetic",
+            help="labelled images to train on for train-on-synthetic accuracy "
+            "(conditional models: 60000 unless set; references: 0 unless set; 0 skips)",
+        ),
+    ] = None,
 ):
     """Domain FID, precision/recall/density/coverage and class coverage of a model, with its protocol.
 
@@ -177,14 +227,18 @@ def evaluate(
 
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
+    if synthetic is not None and not (synthetic == 0 or 2 <= synthetic <= MAX_SAMPLES):
+        raise PrismError(f"--synthetic must be 0 or in 2..{MAX_SAMPLES:,}, got {synthetic}")
     reference = str(source) in REFERENCES and not source.exists()
     if not reference and not source.exists():
         raise PrismError(f"model file not found: {source} (give a run directory, a model file, or a reference: "
                          f"{', '.join(REFERENCES)})")  # fmt: skip
     if reference:  # an unknown dataset name is a DataError from the loader, before any work
-        result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception)
+        result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception,
+                                    synthetic=synthetic or 0)  # fmt: skip
     else:
-        result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble)
+        result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble,
+                                **({} if synthetic is None else {"synthetic": synthetic}))  # fmt: skip
     typer.echo(format_table(result))
     if not reference and source.is_dir():  # the run keeps its evaluation, and its report shows it
         from prismfl.files import atomic_write_bytes

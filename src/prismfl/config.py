@@ -40,6 +40,7 @@ class ModelConfig:
     z_dim: int = 64
     width: int = 512
     estimator: str = "plain"
+    conditional: bool = False  # a class label beside z; clients match per-class statistics (mlp, mlp-up)
 
 
 @dataclass
@@ -121,6 +122,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def arch_spec(self):
+        """The generator this configuration builds (model.generators.ArchSpec), not yet validated."""
+        from prismfl.data.sources import dataset_info
+        from prismfl.model.generators import ArchSpec
+
+        info = dataset_info(self.data.dataset)
+        classes = len(info.class_names) if self.model.conditional else 0
+        return ArchSpec(self.model.arch, self.model.z_dim, self.model.width, info.channels,
+                        self.data.resize or info.size, weight_seed=self.seed, num_classes=classes)  # fmt: skip
+
     def validate(self) -> RunConfig:
         from prismfl.data.partition import SCHEMES
         from prismfl.data.sources import DATASETS
@@ -185,16 +196,13 @@ class RunConfig:
                 raise ConfigError(f"{key} must be a finite number in (0, 100], got {value}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
-        from prismfl.data.sources import dataset_info
-        from prismfl.model.generators import ArchSpec
-
-        info = dataset_info(self.data.dataset)
-        spec = ArchSpec(self.model.arch, self.model.z_dim, self.model.width, info.channels,
-                        self.data.resize or info.size, weight_seed=self.seed)  # fmt: skip
         try:
-            spec.validate()
+            self.arch_spec().validate()
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
+        if self.model.conditional and self.train.method not in ("prism", "central"):
+            raise ConfigError(f"model.conditional is implemented for the prism and central methods, not "
+                              f"{self.train.method!r}")  # fmt: skip
         if not self.partition.alpha > 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
         if self.data.subset < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class PrismModel:
     spec: ArchSpec
     mask: torch.Tensor  # bool, one entry per maskable weight
     info: dict = field(default_factory=dict)  # provenance: dataset, rounds, privacy, ...
+    class_shares: list[float] | None = None  # a conditional model's class shares (the default labels)
 
     def layers(self) -> list[tuple[str, tuple[int, ...]]]:
         return masked.layer_table(build_generator(self.spec))
@@ -45,6 +47,7 @@ def to_bytes(model: PrismModel) -> bytes:
     if model.mask.numel() != n:
         raise ValueError(f"mask has {model.mask.numel()} entries, the architecture {n}")
     payload = pack_mask(model.mask)
+    shares = check_class_shares(model.class_shares, model.spec.num_classes)
     header = {
         "format": "prismfl-model",
         "arch": model.spec.to_dict(),
@@ -55,6 +58,8 @@ def to_bytes(model: PrismModel) -> bytes:
         "bn_calibration": {"seed": model.spec.weight_seed, "samples": BN_SAMPLES},
         "info": model.info,
     }
+    if shares is not None:
+        header["class_shares"] = shares
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     body = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
     return body + hashlib.sha256(body).digest()
@@ -78,9 +83,13 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
         header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
         if not isinstance(header, dict) or not isinstance(header.get("arch"), dict):
             raise ValueError("the header is not a table with an 'arch' table")
-        if set(header["arch"]) != set(ArchSpec().to_dict()):
-            raise ValueError(f"'arch' must have the keys {sorted(ArchSpec().to_dict())}")
+        required, allowed = set(ArchSpec().to_dict()), set(ArchSpec().__dict__)
+        if not required <= set(header["arch"]) <= allowed:
+            raise ValueError(f"'arch' must have the keys {sorted(required)} (and num_classes for a conditional model)")
         spec = ArchSpec(**header["arch"]).validate()
+        if "num_classes" in header["arch"] and not spec.num_classes:
+            raise ValueError("num_classes is written only for a conditional model (> 0)")
+        shares = check_class_shares(header.get("class_shares"), spec.num_classes)
         n = header["num_weights"]
         if isinstance(n, bool) or not isinstance(n, int) or n != count_weights(spec):
             raise ValueError(f"num_weights {n!r} is not the {count_weights(spec):,} of architecture {spec.name!r}")
@@ -100,7 +109,24 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
         mask = unpack_mask(payload, n)
     except ValueError as exc:
         raise ModelFileError(f"{source}: {exc}") from None
-    return PrismModel(spec, mask, header.get("info", {}))
+    return PrismModel(spec, mask, header.get("info", {}), shares)
+
+
+def check_class_shares(shares, num_classes: int) -> list[float] | None:
+    """A conditional model's class shares: num_classes finite non-negative numbers summing to 1 (within
+    1e-6); None for an unconditional model. A ValueError says what is wrong."""
+    if not num_classes:
+        if shares is not None:
+            raise ValueError("class shares belong to a conditional model only")
+        return None
+    if not isinstance(shares, list) or len(shares) != num_classes:
+        raise ValueError(f"a conditional model needs class_shares: a list of {num_classes} numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+               for v in shares):  # fmt: skip
+        raise ValueError("class_shares must be finite numbers >= 0")
+    if abs(sum(shares) - 1.0) > 1e-6:
+        raise ValueError(f"class_shares must sum to 1, they sum to {sum(shares):.6g}")
+    return [float(v) for v in shares]
 
 
 def save(model: PrismModel, path: str | Path) -> int:
@@ -123,19 +149,44 @@ def materialize(model: PrismModel, device: str = "cpu") -> torch.nn.Module:
     net = build_generator(model.spec)
     masked.set_fixed_mask(net, model.mask)
     calibrate_batchnorm(net, model.spec.weight_seed, n=BN_SAMPLES)
+    if model.spec.num_classes:
+        net.class_shares = torch.tensor(check_class_shares(model.class_shares, model.spec.num_classes))
     return net.to(device)
 
 
 @torch.no_grad()
 def sample(net: torch.nn.Module, n: int, seed: int = 0, batch: int = 500) -> torch.Tensor:
     """n images in [-1, 1] from seeded noise; the same seed gives the same images."""
+    return sample_labelled(net, n, seed, batch=batch)[0]
+
+
+def per_class_labels(num_classes: int, k: int) -> torch.Tensor:
+    """k labels of each class in turn: 0 x k, 1 x k, ... (a grid with one row of k per class)."""
+    return torch.arange(num_classes).repeat_interleave(k)
+
+
+@torch.no_grad()
+def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.Tensor | None = None,
+                    batch: int = 500) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """n images in [-1, 1] and, for a conditional generator, their classes: `labels` when given (then n
+    is len(labels)), else drawn from the model's class shares. The same seed, the same images and labels."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
+    conditional = getattr(net, "num_classes", 0) > 0
+    if not conditional and labels is not None:
+        raise ValueError("this model is not class-conditional: it cannot be asked for a class")
+    if labels is not None:
+        n = len(labels)
+    if conditional and labels is None:
+        labels = torch.multinomial(net.class_shares.double(), n, replacement=True, generator=gen) if n else \
+            torch.zeros(0, dtype=torch.long)  # fmt: skip
+    device = next(net.buffers()).device
     out = []
     for start in range(0, n, batch):
-        z = torch.randn(min(batch, n - start), net.z_dim, generator=gen)
-        out.append(net(z.to(next(net.buffers()).device)).cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        z = torch.randn(min(batch, n - start), net.z_dim, generator=gen).to(device)
+        y = None if labels is None else labels[start : start + len(z)].to(device)
+        out.append((net(z) if y is None else net(z, y)).cpu())
+    return (torch.cat(out) if out else torch.empty(0)), labels
 
 
 # ---------------------------------------------------------------- the dense (FedAvg) model file

@@ -41,12 +41,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     save_png(image_grid(images, nrow), path, scale)
 
 
-def save_array(images: torch.Tensor, path: Path) -> None:
-    """Samples as an array file: .npy (N, C, H, W) float32 in [-1, 1], or .npz with it under 'images'."""
+def save_array(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None) -> None:
+    """Samples as an array file: .npy (N, C, H, W) float32 in [-1, 1], or .npz with it under 'images'
+    and, for a conditional model, the classes under 'labels' (int64)."""
     array = images.detach().cpu().float().numpy()
     buf = io.BytesIO()
     if Path(path).suffix.lower() == ".npz":
-        np.savez(buf, images=array)
+        extra = {} if labels is None else {"labels": labels.detach().cpu().long().numpy()}
+        np.savez(buf, images=array, **extra)
     else:
         np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(Path(path), buf.getvalue())

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +69,7 @@ class PrivateRelease:
     noise_multiplier: float  # z, relative to sensitivity
     sensitivity: float  # L2, in clip-normalised units: sqrt(2L + 1)
     clip: list[float]  # C_l per feature layer
+    warnings: list[str] = field(default_factory=list)  # classes the noise swamps (per-class releases)
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
@@ -98,8 +100,15 @@ def private_feature_stats(
     *,
     generator: torch.Generator | None = None,
     batch: int = 500,
+    labels: torch.Tensor | None = None,
+    num_classes: int = 0,
 ) -> PrivateRelease:
-    """Release a client's feature statistics with (epsilon, delta)-DP (module docstring)."""
+    """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
+
+    Per class (`labels`): an image adds its vector r(x) to its own class's block of sums only, and
+    its 1 to its class's count; every class's block and count is released with the same noise,
+    including the classes the client does not hold (which classes it holds is private too). One image
+    still moves one block by ||r(x)|| <= sqrt(2L + 1): the sensitivity is unchanged."""
     z = noise_multiplier(epsilon, delta)
     n_layers = len(clip)
     sensitivity = math.sqrt(2 * n_layers + 1)
@@ -114,8 +123,12 @@ def private_feature_stats(
             raise ValueError(f"{n_layers} clip bounds for {len(feats)} feature layers")
         return [clip_rows(f, c) / c for f, c in zip(feats, clip)]
 
-    sums, squares = feature_sums(extract, images, batch, clip_and_scale)  # in clip units
-    count = torch.tensor(float(len(images)), dtype=torch.float64)
+    sums, squares = feature_sums(extract, images, batch, clip_and_scale, labels, num_classes)  # in clip units
+    if labels is None:
+        count = torch.tensor(float(len(images)), dtype=torch.float64)
+    else:
+        count = torch.bincount(labels.long(), minlength=num_classes).double()
+    warnings = weak_classes(sums, count, z * sensitivity) if labels is not None else []
     if z > 0:
         gen = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
         std = z * sensitivity
@@ -124,9 +137,25 @@ def private_feature_stats(
             return t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64)
 
         sums, squares, count = [noisy(s) for s in sums], [noisy(q) for q in squares], noisy(count)
-    n = count.clamp_min(1.0)
+    n = count.clamp_min(1.0) if labels is None else count
     stats = stats_from_sums([c * s for s, c in zip(sums, clip)], [c * c * q for q, c in zip(squares, clip)], n)
-    return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip)
+    return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings)
+
+
+def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float) -> list[str]:
+    """The classes a client holds whose release the noise would swamp: for some layer, the expected
+    norm of the noise on the class's summed vector (std x sqrt(D_l)) exceeds the norm of that sum.
+    Computed on the exact sums, before the noise, and only shown to the client itself (a warning)."""
+    out = []
+    for c in range(len(counts)):
+        if counts[c] < 1:
+            continue
+        ratio = max(std * math.sqrt(s.shape[1]) / max(float(s[c].norm()), 1e-12) for s in sums)
+        if ratio > 1:
+            out.append(f"class {c}: {int(counts[c])} images, the privacy noise would exceed their signal "
+                       f"(noise/signal x{ratio:.1f} in the worst feature layer); its statistics will be mostly "
+                       f"noise: raise epsilon, or leave the class to clients that hold more of it")  # fmt: skip
+    return out
 
 
 class Private:
@@ -139,8 +168,11 @@ class Private:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def release(self, ctx, images: torch.Tensor) -> tuple[FeatureStats, dict]:
+    def release(self, ctx, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict]:
         p = ctx.cfg.privacy
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
-                                        p.epsilon, p.delta)  # fmt: skip
+                                        p.epsilon, p.delta, labels=labels,
+                                        num_classes=self.inner.spec.num_classes)  # fmt: skip
+        for warning in release.warnings:
+            print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         return release.stats, release.summary()

@@ -78,9 +78,11 @@ def local_train(
         opt.load_state_dict(state.optimizer)
     model.train()
     total, first = 0.0, None
+    labels = loss_fn.labels(cfg.batch_size, device)  # a conditional loss: the classes of every batch
     for _ in range(cfg.steps):
         z = torch.randn(cfg.batch_size, model.z_dim, generator=generator, device=device)
-        surrogate, value = loss_fn(extract(model(z)), state.tracker)
+        images = model(z) if labels is None else model(z, labels)
+        surrogate, value = loss_fn(extract(images), state.tracker, labels)
         opt.zero_grad(set_to_none=True)
         surrogate.backward()
         opt.step()
@@ -162,21 +164,35 @@ class ClientRuntime:
         if self.stats is None:
             raise PrismError(f"client {self.k} holds no data for method {cfg.train.method!r}")
         if self._loss is None:
-            self._loss = task.client_loss(cfg, self.stats, device)
+            self._loss = task.client_loss(cfg, self.stats, device, self.privacy)
         return self._loss
 
     def state_dict(self) -> dict:
         stats = None if self.stats is None else {"mean": self.stats.mean, "var": self.stats.var,
                                                   "count": self.stats.count}  # fmt: skip
+        if self.stats is not None and self.stats.class_counts is not None:
+            stats["class_counts"] = self.stats.class_counts
         return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
                 "held_round": self.held_round, "replica": self.replica, "own": self.own}  # fmt: skip
 
     @classmethod
     def from_state_dict(cls, d: dict, tracker_lr: float) -> ClientRuntime:
         s = d["stats"]
-        stats = None if s is None else FeatureStats(list(s["mean"]), list(s["var"]), int(s["count"]))
+        stats = None if s is None else FeatureStats(list(s["mean"]), list(s["var"]), int(s["count"]),
+                                                    s.get("class_counts"))  # fmt: skip
         return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
                    int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
+
+
+def reported_counts(client: ClientRuntime, exact) -> tuple[list[int], list[float] | None]:
+    """What a client tells the server about its classes at setup: its row of the class table, and for a
+    conditional model the class counts of its statistics (the server's class shares are their sum).
+    With privacy both come from the release's noisy counts: the exact ones would leak."""
+    counts = None if client.stats is None else client.stats.class_counts
+    if counts is None:
+        return [int(c) for c in exact], None
+    row = [int(c) for c in exact] if client.privacy is None else [int(round(float(c))) for c in counts]
+    return row, [float(c) for c in counts]
 
 
 def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, *, round_: int, steps: int,

@@ -43,6 +43,7 @@ class Setup:
     source: str  # where the training data came from
     feature_meta: dict  # what the loss's feature net was trained on
     privacy: dict | None  # the release's parameters (without the clip bounds), None without privacy
+    class_counts: list[float] | None = None  # conditional models: the clients' statistics' class counts, summed
 
 
 class Transport(Protocol):
@@ -76,6 +77,8 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     if ckpt is None:
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
+        if method.spec.num_classes:
+            state["class_shares"] = class_shares(setup.class_counts, method.spec.num_classes)
     else:
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
         method.check_state(state, setup.num_weights)
@@ -159,6 +162,18 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     runreport.run_report(out)
     log(f"done: {what}; samples.png, curves.png and report.md in {out}")
     return out
+
+
+def class_shares(counts: list[float] | None, num_classes: int):
+    """A conditional model's class shares (float64), from the class counts the clients reported."""
+    import torch
+
+    if counts is None or len(counts) != num_classes:
+        raise PrismError(f"a conditional model needs the class counts of {num_classes} classes from its clients")
+    total = torch.tensor(counts, dtype=torch.float64).clamp_min(0)
+    if not float(total.sum()) > 0:
+        raise PrismError("the clients reported no images of any class")
+    return total / total.sum()
 
 
 def reject_duplicates(uploads: dict[int, tuple[bytes, object]]) -> list[dict]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prismfl.config import RunConfig
 from prismfl.fl import faults, task
-from prismfl.fl.client import ClientContext, ClientRuntime, client_context
+from prismfl.fl.client import ClientContext, ClientRuntime, client_context, reported_counts
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
@@ -40,17 +41,24 @@ class InProcess:
         if checkpoint is None:  # each client computes (and, with privacy on, privatises) its statistics once
             for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics"):
                 if method.holds_data(k):
-                    client = ClientRuntime(k, *method.release(ctx, method.client_images(ctx, k)))
+                    client = ClientRuntime(k, *method.release(ctx, *method.client_data(ctx, k)))
                     method.init_client(ctx, client)
                     self.clients[k] = client
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
             self.clients = restore_clients(checkpoint["clients"], cfg.loss.tracker_lr)
             self.sent = {k: t.numpy().tobytes() for k, t in checkpoint["clients"].get("sent", {}).items()}
         first = next(iter(self.clients.values())).privacy
+        table, counts = ctx.fed.table.copy(), []
+        for k, client in self.clients.items():
+            row, reported = reported_counts(client, table[k])
+            table[k] = row
+            if reported is not None:
+                counts.append(reported)
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
-            class_table=ctx.fed.table,
+            class_table=table,
+            class_counts=np.sum(counts, axis=0).tolist() if counts else None,
             class_names=ctx.fed.class_names,
             source=ctx.fed.train.source,
             feature_meta=ctx.feature_meta,

@@ -16,7 +16,7 @@ from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
 from prismfl.fl.aggregate import stratified_uniforms
-from prismfl.loss.matching import FeatureStats, MeanVarMatching
+from prismfl.loss.matching import ConditionalMatching, FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
 
@@ -32,9 +32,7 @@ def generator_for(*keys, device: str = "cpu") -> torch.Generator:
 
 
 def arch_spec(cfg: RunConfig) -> ArchSpec:
-    info = dataset_info(cfg.data.dataset)
-    m = cfg.model
-    return ArchSpec(m.arch, m.z_dim, m.width, info.channels, cfg.data.resize or info.size, weight_seed=cfg.seed)
+    return cfg.arch_spec()
 
 
 def resolve_device(name: str) -> str:
@@ -73,6 +71,9 @@ class Federation:
 
     def client_images(self, k: int) -> torch.Tensor:
         return self.images(self.parts[k])
+
+    def labels(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.train.labels[idx].astype(np.int64))
 
 
 def prepare_federation(cfg: RunConfig) -> Federation:
@@ -136,16 +137,16 @@ def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") 
     return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
 
 
-def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu") -> MeanVarMatching:
+def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
+                privacy: dict | None = None) -> MeanVarMatching:  # fmt: skip
+    """The client's matching loss; per class for a conditional model, over the classes it holds: with
+    privacy, those whose noisy count is above three noise deviations (post-processing of the release)."""
     loss = cfg.loss
-    return MeanVarMatching(
-        stats,
-        loss.normalize,
-        loss.moment,
-        tracker=loss.tracker,
-        tracker_beta=loss.tracker_beta,
-        tracker_lr=loss.tracker_lr,
-    ).to(device)
+    trackers = {"tracker": loss.tracker, "tracker_beta": loss.tracker_beta, "tracker_lr": loss.tracker_lr}
+    if not cfg.model.conditional:
+        return MeanVarMatching(stats, loss.normalize, loss.moment, **trackers).to(device)
+    min_count = max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0
+    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count, **trackers).to(device)
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

@@ -23,7 +23,7 @@ from prismfl import safestate
 from prismfl.config import config_from_dict
 from prismfl.errors import PrismError
 from prismfl.fl import task
-from prismfl.fl.client import ClientRuntime, client_context, training_context
+from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
 from prismfl.flower.payload import STATE, from_array, to_array, wire_messages
@@ -65,19 +65,22 @@ def setup(message: Message, context: Context) -> Message:
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     method, ctx = run_context(cfg_json)
     k = node.partition_id
-    client = ClientRuntime(k, *method.release(ctx, method.client_images(ctx, k))) if method.holds_data(k) \
+    client = ClientRuntime(k, *method.release(ctx, *method.client_data(ctx, k))) if method.holds_data(k) \
         else ClientRuntime(k, None)  # fmt: skip
     method.init_client(ctx, client)
     _save(context, cfg_json, json.dumps(ctx.feature_recipe, sort_keys=True), client)
     log(f"prismfl client {k}: {len(ctx.fed.parts[k])} images, statistics ready, {ctx.num_weights:,} weights")
+    row, counts = reported_counts(client, ctx.fed.table[k])
     reply = {
         "partition-id": k,
-        "class-counts": [int(c) for c in ctx.fed.table[k]],
+        "class-counts": row,
         "source": ctx.fed.train.source,
         "model-info": json.dumps({"feature_net": ctx.feature_meta, "privacy": client.privacy}),
         "num-weights": ctx.num_weights,
         "table-hash": f"{ctx.table_hash:016x}",
     }
+    if counts is not None:
+        reply["statistics-class-counts"] = counts
     return Message(RecordDict({"prismfl": ConfigRecord(reply)}), reply_to=message)
 
 

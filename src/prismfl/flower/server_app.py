@@ -113,6 +113,14 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int) -> tup
     return node_of, [infos[i] for i in range(k)]
 
 
+def class_counts(infos: list[dict]) -> list[float] | None:
+    """The sum of the class counts the clients' statistics hold (conditional models), None otherwise."""
+    reported = [list(info["statistics-class-counts"]) for info in infos if "statistics-class-counts" in info]
+    if reported and len({len(r) for r in reported}) != 1:
+        raise PrismError("the clients reported class counts of different lengths")
+    return np.sum(reported, axis=0).tolist() if reported else None
+
+
 class GridTransport:
     """The engine's transport over a Flower Grid: one message per chosen client and round, its upload
     back. What a round computes is the method's (fl.methods) and the loop is the engine's."""
@@ -140,6 +148,7 @@ class GridTransport:
             num_weights=n,
             table_hash=table_hash,
             class_table=np.array([info["class-counts"] for info in infos], dtype=np.int64),
+            class_counts=class_counts(infos),
             class_names=list(dataset_info(cfg.data.dataset).class_names),
             source=infos[0]["source"],
             feature_meta=first["feature_net"],

@@ -21,11 +21,20 @@ MOMENTS = ("second", "variance")
 
 @dataclass
 class FeatureStats:
-    """Per-layer mean and variance of features over a set of images (what a client 'knows')."""
+    """Per-layer mean and variance of features over a set of images (what a client 'knows').
+
+    Per class (model.conditional): every tensor is (classes, D) and `class_counts` holds the (possibly
+    noisy) number of images of each class; a class with count 0 has zero statistics and is not matched.
+    """
 
     mean: list[torch.Tensor]
     var: list[torch.Tensor]
     count: int
+    class_counts: torch.Tensor | None = None  # float64 (classes,), per-class statistics only
+
+    def of_class(self, c: int) -> FeatureStats:
+        return FeatureStats([m[c] for m in self.mean], [v[c] for v in self.var],
+                            int(round(float(self.class_counts[c]))))  # fmt: skip
 
     @property
     def second(self) -> list[torch.Tensor]:
@@ -37,13 +46,18 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def feature_sums(extract, images: torch.Tensor, batch: int = 500, transform=None):
+def feature_sums(extract, images: torch.Tensor, batch: int = 500, transform=None,
+                 labels: torch.Tensor | None = None, num_classes: int = 0):  # fmt: skip
     """Per-layer sums of features and of their squares over all images, in float64.
 
     `transform` maps a batch's list of (B, D_l) feature tensors before summing (privacy clips here).
+    With `labels`, every image adds to its own class's row only: the sums are (num_classes, D_l).
     """
     if len(images) == 0:
         raise ValueError("feature statistics need at least one image")
+    if labels is not None and (labels.shape != (len(images),) or int(labels.min()) < 0
+                               or int(labels.max()) >= num_classes):  # fmt: skip
+        raise ValueError(f"per-class statistics need one label in 0..{num_classes - 1} per image")
     sums: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     for start in range(0, len(images), batch):
@@ -51,24 +65,43 @@ def feature_sums(extract, images: torch.Tensor, batch: int = 500, transform=None
         if transform is not None:
             feats = transform(feats)
         if not sums:
-            sums = [torch.zeros_like(f[0]) for f in feats]
-            squares = [torch.zeros_like(f[0]) for f in feats]
+            shape = lambda f: f.shape[1:] if labels is None else (num_classes, *f.shape[1:])  # noqa: E731
+            sums = [f.new_zeros(shape(f)) for f in feats]
+            squares = [f.new_zeros(shape(f)) for f in feats]
+        if labels is None:
+            for s, q, f in zip(sums, squares, feats):
+                s += f.sum(0)
+                q += (f * f).sum(0)
+            continue
+        index = labels[start : start + batch].long().to(feats[0].device)
         for s, q, f in zip(sums, squares, feats):
-            s += f.sum(0)
-            q += (f * f).sum(0)
+            s.index_add_(0, index, f)
+            q.index_add_(0, index, f * f)
     return sums, squares
 
 
 def stats_from_sums(sums, squares, n) -> FeatureStats:
-    """Means and (biased) variances from sums over n images; n may be a noisy float."""
+    """Means and (biased) variances from sums over n images; n may be a noisy float. Per class: sums
+    are (classes, D) and n is a (classes,) tensor of counts (a class with n < 1 gets zero statistics)."""
+    if isinstance(n, torch.Tensor) and n.dim() == 1:
+        counts = n.double()
+        div = counts.clamp_min(1.0)[:, None]
+        mean = [s / div * (counts >= 1)[:, None] for s in sums]
+        var = [(q / div - m * m).clamp_min(0) * (counts >= 1)[:, None] for q, m in zip(squares, mean)]
+        total = int(round(float(counts.clamp_min(0).sum())))
+        return FeatureStats([m.float() for m in mean], [v.float() for v in var], total, counts.clamp_min(0))
     mean = [s / n for s in sums]
     var = [(q / n - m * m).clamp_min(0) for q, m in zip(squares, mean)]
     return FeatureStats([m.float() for m in mean], [v.float() for v in var], int(round(float(n))))
 
 
-def feature_stats(extract, images: torch.Tensor, batch: int = 500) -> FeatureStats:
-    """Exact mean and (biased) variance per feature over all images."""
-    return stats_from_sums(*feature_sums(extract, images, batch), len(images))
+def feature_stats(extract, images: torch.Tensor, batch: int = 500, labels: torch.Tensor | None = None,
+                  num_classes: int = 0) -> FeatureStats:  # fmt: skip
+    """Exact mean and (biased) variance per feature over all images (per class, with `labels`)."""
+    sums, squares = feature_sums(extract, images, batch, labels=labels, num_classes=num_classes)
+    if labels is None:
+        return stats_from_sums(sums, squares, len(images))
+    return stats_from_sums(sums, squares, torch.bincount(labels.long(), minlength=num_classes).double())
 
 
 TRACKERS = ("none", "ema", "adam")
@@ -120,6 +153,17 @@ def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance") 
     raise ValueError(f"unknown normalization {normalize!r}; expected one of {NORMALIZATIONS}")
 
 
+def moments(fake: list[torch.Tensor], moment: str, unbiased: bool = False) -> list[torch.Tensor]:
+    """Per-layer batch means, then second moments or variances (unbiased: times b / (b - 1))."""
+    mean = [f.mean(0) for f in fake]
+    second = [(f * f).mean(0) for f in fake]
+    if moment == "variance":  # E[x^2] - E[x]^2: one pass, several times faster than torch.var
+        b = fake[0].shape[0]
+        scale = b / (b - 1) if unbiased else 1.0
+        second = [(s - m * m) * scale for s, m in zip(second, mean)]
+    return mean + second
+
+
 class MeanVarMatching:
     """L = 1/2 sum_l w_l ||mu_l - mu~_l||^2 + w'_l ||var_l - var~_l||^2 over all feature layers."""
 
@@ -151,12 +195,18 @@ class MeanVarMatching:
         self.weights = [w.to(device) for w in self.weights]
         return self
 
-    def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None) -> tuple[torch.Tensor, float]:
-        fake_mean = [f.mean(0) for f in fake]
-        fake_second = [(f * f).mean(0) for f in fake]
-        if self.moment == "variance":  # E[x^2] - E[x]^2: one pass, several times faster than torch.var
-            fake_second = [s - m * m for s, m in zip(fake_second, fake_mean)]
-        fake_stats = fake_mean + fake_second
+    def labels(self, batch: int, device="cpu") -> torch.Tensor | None:
+        """The classes of a generated batch: None, the loss is unconditional."""
+        return None
+
+    def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
+        if labels is not None:
+            raise ValueError("an unconditional matching loss takes no labels")
+        return moments(fake, self.moment)
+
+    def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+        fake_stats = self.fake_stats(fake, labels)
         gaps = [r - f.detach() for r, f in zip(self.targets, fake_stats)]
         value = 0.5 * sum(float((w * g * g).sum()) for w, g in zip(self.weights, gaps))
         directions = gaps if tracker is None or self.tracker == "none" else self._track(gaps, tracker)
@@ -179,3 +229,58 @@ class MeanVarMatching:
             v.grad = v.detach() - g  # gradient of 1/2 ||v - gap||^2
         tracker.optimizer.step()
         return [v.detach() for v in tracker.vectors]
+
+
+def pooled_stats(real: FeatureStats, shares: dict[int, float]) -> FeatureStats:
+    """The statistics of the mixture of classes with these shares, from the per-class ones: mean
+    sum_c s_c mu_c, variance sum_c s_c (var_c + mu_c^2) - mean^2."""
+    mean = [sum(s * m[c].double() for c, s in shares.items()) for m in real.mean]
+    second = [sum(s * (v[c].double() + m[c].double() ** 2) for c, s in shares.items())
+              for m, v in zip(real.mean, real.var)]  # fmt: skip
+    var = [(q - m * m).clamp_min(0).float() for q, m in zip(second, mean)]
+    return FeatureStats([m.float() for m in mean], var, real.count)
+
+
+class ConditionalMatching(MeanVarMatching):
+    """Per-class matching (model.conditional): L = sum_c share_c L_c, where L_c is MeanVarMatching's
+    loss between the generated images of class c and the client's statistics of class c, over the
+    classes the client holds (count >= `min_count`; with privacy, noisy counts below the noise are
+    treated as absent). A generated batch holds every such class in equal numbers (`labels`), and the
+    variances of its small class groups are unbiased (b / (b - 1))."""
+
+    def __init__(self, real: FeatureStats, normalize: str = "layer", moment: str = "variance", *,
+                 min_count: float = 1.0, **trackers):  # fmt: skip
+        if real.class_counts is None:
+            raise ValueError("per-class matching needs per-class statistics")
+        counts = real.class_counts.double()
+        self.classes = [c for c in range(len(counts)) if float(counts[c]) >= min_count]
+        if not self.classes:
+            raise ValueError(f"no class has at least {min_count:g} images: nothing to match")
+        super().__init__(real.of_class(self.classes[0]), normalize, moment, **trackers)
+        total = float(counts[self.classes].sum())
+        self.shares = {c: float(counts[c]) / total for c in self.classes}
+        # every class's statistics are weighed by the scale of the layer over all the client's images
+        # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
+        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment)
+        self.targets, self.weights = [], []
+        for c in self.classes:
+            self.targets += real.of_class(c).targets(moment)
+            self.weights += [w * self.shares[c] for w in scale]
+
+    def labels(self, batch: int, device="cpu") -> torch.Tensor:
+        k = len(self.classes)
+        if batch < 2 * k:
+            raise ValueError(f"a batch of {batch} cannot hold two images of each of this client's {k} classes; "
+                             f"raise train.batch_size to at least {2 * k}")  # fmt: skip
+        return torch.tensor(self.classes, device=device)[torch.arange(batch, device=device) % k]
+
+    def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
+        if labels is None or labels.shape != (fake[0].shape[0],):
+            raise ValueError("per-class matching needs the class of every generated image")
+        out = []
+        for c in self.classes:
+            rows = labels == c
+            if int(rows.sum()) < 2:
+                raise ValueError(f"class {c} has fewer than two generated images in the batch")
+            out += moments([f[rows] for f in fake], self.moment, unbiased=True)
+        return out

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from prismfl.model.masked import (
 )
 
 ARCHITECTURES = ("resnet", "dcgan", "mlp", "mlp-up")
+CONDITIONAL_ARCHITECTURES = ("mlp", "mlp-up")  # model.conditional: a class label beside z
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,14 @@ class ArchSpec:
     channels: int = 1
     img_size: int = 28
     weight_seed: int = 0
+    num_classes: int = 0  # > 0: a class-conditional generator (model.conditional)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The fields, without num_classes for an unconditional model: its files keep the bytes they had."""
+        d = dict(self.__dict__)
+        if not self.num_classes:
+            del d["num_classes"]
+        return d
 
     def validate(self) -> ArchSpec:
         """Check every field's type and range, and the size of the network, before anything is built:
@@ -38,10 +45,14 @@ class ArchSpec:
         if not isinstance(self.name, str) or self.name not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.name!r}; expected one of {ARCHITECTURES}")
         for key, low, high in (("z_dim", 1, MAX_Z_DIM), ("width", 1, MAX_WIDTH), ("channels", 1, 3),
-                               ("img_size", 4, MAX_IMG_SIZE), ("weight_seed", 0, 2**63 - 1)):  # fmt: skip
+                               ("img_size", 4, MAX_IMG_SIZE), ("weight_seed", 0, 2**63 - 1),
+                               ("num_classes", 0, MAX_CLASSES)):  # fmt: skip
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{key} must be an integer in [{low}, {high:,}], got {value!r}")
+        if self.num_classes and self.name not in CONDITIONAL_ARCHITECTURES:
+            raise ValueError(f"a class-conditional generator is built for {' and '.join(CONDITIONAL_ARCHITECTURES)}, "
+                             f"not {self.name!r}")  # fmt: skip
         if self.channels == 2:
             raise ValueError("channels must be 1 (grey) or 3 (RGB), got 2")
         if self.name == "resnet" and self.img_size != 32:
@@ -55,13 +66,13 @@ class ArchSpec:
         return self
 
 
-MAX_Z_DIM, MAX_WIDTH, MAX_IMG_SIZE = 4096, 4096, 256
+MAX_Z_DIM, MAX_WIDTH, MAX_IMG_SIZE, MAX_CLASSES = 4096, 4096, 256, 1000
 MAX_WEIGHTS = 50_000_000  # 14x the paper's ResNet; a generator above it needs several GB to build
 
 
 def count_weights(spec: ArchSpec) -> int:
     """Maskable weights of the architecture, computed from the spec without building anything."""
-    z, w, c, s = spec.z_dim, spec.width, spec.channels, spec.img_size
+    z, w, c, s = spec.z_dim + spec.num_classes, spec.width, spec.channels, spec.img_size
     if spec.name == "mlp":
         return z * w + w * 2 * w + 2 * w * c * s * s
     if spec.name == "mlp-up":
@@ -136,24 +147,49 @@ class DCGANGenerator(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """z -> w -> 2w -> pixels, all fully connected."""
+    """z -> w -> 2w -> pixels, all fully connected.
+
+    Class-conditional (spec.num_classes > 0): the input is z beside the one-hot class scaled by
+    sqrt(z_dim), so that the class moves the first layer as much as the noise does; and the hidden
+    layers are normalised per sample (LayerNorm) instead of per batch, because a client's batches hold
+    only its own classes: batch statistics would differ from client to client and from the sampler's.
+    """
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
         w = spec.width
-        self.z_dim = spec.z_dim
+        self.z_dim, self.num_classes = spec.z_dim, spec.num_classes
         self.shape = (spec.channels, spec.img_size, spec.img_size)
-        self.fc1, self.bn1 = MaskedLinear(spec.z_dim, w), nn.BatchNorm1d(w, affine=False, momentum=None)
-        self.fc2, self.bn2 = MaskedLinear(w, 2 * w), nn.BatchNorm1d(2 * w, affine=False, momentum=None)
+        self.fc1, self.bn1 = MaskedLinear(spec.z_dim + spec.num_classes, w), _norm1d(w, spec.num_classes)
+        self.fc2, self.bn2 = MaskedLinear(w, 2 * w), _norm1d(2 * w, spec.num_classes)
         self.fc3 = MaskedLinear(2 * w, spec.channels * spec.img_size**2)
 
-    def pixels(self, z):
+    def inputs(self, z, y=None):
+        """z, with the scaled one-hot class beside it for a conditional generator."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("this generator is not class-conditional: it takes no labels")
+            return z
+        if y is None or y.shape != (z.shape[0],):
+            raise ValueError(f"a class-conditional generator needs one label per noise vector ({z.shape[0]})")
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        code = F.one_hot(y.long(), self.num_classes).to(z.dtype) * math.sqrt(self.z_dim)
+        return torch.cat([z, code], 1)
+
+    def pixels(self, z, y=None):
         """The output layer before the tanh, as images."""
-        h = F.relu(self.bn2(self.fc2(F.relu(self.bn1(self.fc1(z))))))
+        h = F.relu(self.bn2(self.fc2(F.relu(self.bn1(self.fc1(self.inputs(z, y)))))))
         return self.fc3(h).view(z.shape[0], *self.shape)
 
-    def forward(self, z):
-        return torch.tanh(self.pixels(z))
+    def forward(self, z, y=None):
+        return torch.tanh(self.pixels(z, y))
+
+
+def _norm1d(n: int, num_classes: int) -> nn.Module:
+    if num_classes:
+        return nn.LayerNorm(n, elementwise_affine=False)
+    return nn.BatchNorm1d(n, affine=False, momentum=None)
 
 
 class MLPUpGenerator(MLPGenerator):
@@ -161,11 +197,11 @@ class MLPUpGenerator(MLPGenerator):
     weights, and no pixel-level speckle (neighbouring pixels share their inputs)."""
 
     def __init__(self, spec: ArchSpec):
-        super().__init__(ArchSpec("mlp", spec.z_dim, spec.width, spec.channels, spec.img_size // 2, spec.weight_seed))
+        super().__init__(replace(spec, name="mlp", img_size=spec.img_size // 2))
         self.size = spec.img_size
 
-    def forward(self, z):
-        up = F.interpolate(self.pixels(z), size=(self.size, self.size), mode="bilinear", align_corners=False)
+    def forward(self, z, y=None):
+        up = F.interpolate(self.pixels(z, y), size=(self.size, self.size), mode="bilinear", align_corners=False)
         return torch.tanh(up)
 
 
@@ -191,6 +227,8 @@ def calibrate_batchnorm(model: nn.Module, seed: int, n: int = 2048, batch: int =
     The model file stores only seed + mask; these statistics are derived, so every loader
     gets the same ones.
     """
+    if not batchnorm_layers(model):  # a conditional generator normalises per sample: nothing to calibrate
+        return
     gen = torch.Generator().manual_seed(seed)
     for bn in batchnorm_layers(model):
         bn.reset_running_stats()

@@ -92,12 +92,21 @@ class Method:
     def holds_data(self, k: int) -> bool:
         return True
 
-    def client_images(self, ctx: ClientContext, k: int) -> torch.Tensor:
-        return ctx.fed.client_images(k)
+    def client_indices(self, ctx: ClientContext, k: int):
+        """Which training images client k holds."""
+        return ctx.fed.parts[k]
 
-    def release(self, ctx: ClientContext, images: torch.Tensor) -> tuple[FeatureStats, dict | None]:
-        """The client's feature statistics (exact; `privacy.Private` releases them with DP instead)."""
-        return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images), None
+    def client_data(self, ctx: ClientContext, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Client k's images, and their labels when the model is class-conditional (else None)."""
+        idx = self.client_indices(ctx, k)
+        return ctx.fed.images(idx), ctx.fed.labels(idx) if self.spec.num_classes else None
+
+    def release(self, ctx: ClientContext, images: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict | None]:  # fmt: skip
+        """The client's feature statistics, per class with `labels` (exact; `privacy.Private` releases
+        them with DP instead)."""
+        return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, labels=labels,
+                             num_classes=self.spec.num_classes), None  # fmt: skip
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         """Round-0 state of a new client (every client derives it from the run seed: 0 bytes)."""
@@ -133,6 +142,13 @@ class Method:
                 "the checkpoint's global state")  # fmt: skip
         if state["num_weights"] != num_weights:
             raise StateError(f"the checkpoint is for {state['num_weights']:,} weights, this model has {num_weights:,}")
+        if self.spec.num_classes:
+            shares = state.get("class_shares")
+            ok = isinstance(shares, torch.Tensor) and shares.dtype == torch.float64
+            try:
+                modelfile.check_class_shares(shares.tolist() if ok else None, self.spec.num_classes)
+            except ValueError as exc:
+                raise StateError(f"the checkpoint's class shares: {exc}") from None
         k_clients = self.cfg.partition.num_clients
         for key, kind in self.STATE.items():
             values = state[key] if kind == "weights list" else [state[key]]
@@ -153,8 +169,12 @@ class Method:
         raise NotImplementedError
 
     def sample_images(self, state: dict, n: int = 64) -> torch.Tensor:
-        """Images of the current model(s) with noise seed 0: the grids every `sample_every` rounds."""
-        return modelfile.sample(modelfile.materialize(self.final_model(state, 0, {})), n, 0)
+        """Images of the current model(s) with noise seed 0: the grids every `sample_every` rounds
+        (a conditional model: n // 8 images of each class in turn, one row of 8 per class)."""
+        net = modelfile.materialize(self.final_model(state, 0, {}))
+        if self.spec.num_classes:
+            return modelfile.sample_labelled(net, 0, 0, modelfile.per_class_labels(self.spec.num_classes, 8))[0]
+        return modelfile.sample(net, n, 0)
 
     def nets(self, state: dict) -> list[torch.nn.Module]:
         """Ready-to-sample generators of the current state (the quick FID averages over them)."""
@@ -181,14 +201,16 @@ class Method:
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
 
 
-def masked_final_model(cfg: RunConfig, spec, scores: torch.Tensor, rounds: int, info: dict) -> PrismModel:
-    """The exported mask model of `scores`: the most likely mask (keep a weight where its probability
-    > 1/2; docs/quality.md), or one Bernoulli draw from the run seed (`train.final_mask = "sample"`,
-    as the paper's models)."""
+def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:
+    """The exported mask model of the state's scores: the most likely mask (keep a weight where its
+    probability > 1/2; docs/quality.md), or one Bernoulli draw from the run seed
+    (`train.final_mask = "sample"`, as the paper's models); with the class shares of a conditional model."""
+    scores = state["scores"]
     if cfg.train.final_mask == "mode":
         mask = scores.cpu() > 0
     else:
         mask = aggregate.sample_mask(scores.cpu(), task.generator_for(cfg.seed, "final-mask"))
     full = {"dataset": cfg.data.dataset, "rounds": rounds, "clients": cfg.partition.num_clients,
             "partition": cfg.partition.scheme, **info}  # fmt: skip
-    return PrismModel(spec, mask, full)
+    shares = state["class_shares"].tolist() if spec.num_classes else None
+    return PrismModel(spec, mask, full, shares)

@@ -21,8 +21,8 @@ class Central(OwnScores):
     def holds_data(self, k: int) -> bool:
         return k == 0
 
-    def client_images(self, ctx: ClientContext, k: int) -> torch.Tensor:
-        return ctx.fed.images(np.sort(np.concatenate(ctx.fed.parts)))
+    def client_indices(self, ctx: ClientContext, k: int):
+        return np.sort(np.concatenate(ctx.fed.parts))
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         return {"num_weights": num_weights, "table_hash": table_hash,
@@ -38,4 +38,4 @@ class Central(OwnScores):
         return Outcome(None, 0, 0, 0.0, aggregate.binary_entropy_bits(state["scores"]))
 
     def final_model(self, state: dict, rounds: int, info: dict):
-        return masked_final_model(self.cfg, self.spec, state["scores"], rounds, info)
+        return masked_final_model(self.cfg, self.spec, state, rounds, info)

@@ -57,7 +57,7 @@ class Local(OwnScores):
         return Outcome(None, 0, 0, 0.0, aggregate.binary_entropy_bits(state["params"][0]))
 
     def final_model(self, state: dict, rounds: int, info: dict, k: int = 0):
-        return masked_final_model(self.cfg, self.spec, state["params"][k], rounds, {**info, "client": k})
+        return masked_final_model(self.cfg, self.spec, {"scores": state["params"][k]}, rounds, {**info, "client": k})
 
     def _models(self, state: dict, rounds: int = 0, info: dict | None = None):
         return [self.final_model(state, rounds, info or {}, k) for k in range(len(state["params"]))]

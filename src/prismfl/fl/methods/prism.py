@@ -176,4 +176,4 @@ class Prism(Method):
         state["synced"] = [None] * len(state["synced"])
 
     def final_model(self, state: dict, rounds: int, info: dict) -> PrismModel:
-        return masked_final_model(self.cfg, self.spec, state["scores"], rounds, info)
+        return masked_final_model(self.cfg, self.spec, state, rounds, info)
