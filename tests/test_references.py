@@ -15,12 +15,13 @@ def _two_classes(n0=300, n1=700):
 
 def test_pca_gaussian_with_no_within_class_spread_returns_the_class_images_in_their_shares():
     images, labels = _two_classes()
-    out = pca_gaussian(images, labels, 4000, np.random.default_rng(0), components=3)
+    out, classes = pca_gaussian(images, labels, 4000, np.random.default_rng(0), components=3)
     assert out.shape == (4000, 1, 4, 4) and out.dtype == torch.float32
     flat = out.reshape(4000, -1)
     is0 = torch.allclose(flat[flat[:, 0] < 0], torch.tensor(-0.5), atol=1e-6)
     is1 = torch.allclose(flat[flat[:, 0] > 0], torch.tensor(0.5), atol=1e-6)
     assert is0 and is1
+    assert torch.equal(classes, (flat[:, 0] > 0).long())  # each image's label is the class it was drawn from
     share1 = float((flat[:, 0] > 0).float().mean())
     assert abs(share1 - 0.7) < 0.03  # multinomial with the class shares: sd 0.007
 
@@ -30,7 +31,7 @@ def test_pca_gaussian_samples_lie_in_the_top_components_span_with_the_class_mean
     base = torch.randn(2000, 16, generator=gen) * torch.linspace(0.1, 0.001, 16)  # variance falls along axes
     labels = np.repeat([0, 1], 1000)
     base[1000:, 0] += 0.3
-    out = pca_gaussian(base.reshape(2000, 1, 4, 4), labels, 20000, np.random.default_rng(1), components=4)
+    out, _ = pca_gaussian(base.reshape(2000, 1, 4, 4), labels, 20000, np.random.default_rng(1), components=4)
     out = out.reshape(20000, 16).double().numpy()
     x = base.double().numpy()
     mu = x.mean(0)
@@ -46,7 +47,7 @@ def test_pca_gaussian_samples_lie_in_the_top_components_span_with_the_class_mean
 
 def test_pca_gaussian_clips_to_the_image_range():
     images, labels = _two_classes()
-    out = pca_gaussian(images * 3, labels, 100, np.random.default_rng(0), components=2)
+    out, _ = pca_gaussian(images * 3, labels, 100, np.random.default_rng(0), components=2)
     assert float(out.min()) == -1.0 and float(out.max()) == 1.0
 
 
@@ -55,7 +56,7 @@ def test_pca_gaussian_is_seeded():
     images = images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     a = pca_gaussian(images, labels, 100, np.random.default_rng(5), components=2)
     b = pca_gaussian(images, labels, 100, np.random.default_rng(5), components=2)
-    assert torch.equal(a, b)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_unknown_reference_is_a_clear_error():

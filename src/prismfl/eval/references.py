@@ -18,21 +18,23 @@ REFERENCES = ("real", "pca-gaussian")
 PCA_COMPONENTS = 50
 
 
-def reference_images(name: str, dataset: str, n: int, seed: int = 0, root: str | None = None) -> torch.Tensor:
-    """n images in [-1, 1], (n, C, H, W), from the reference sampler `name`."""
+def reference_images(name: str, dataset: str, n: int, seed: int = 0,
+                     root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """n images in [-1, 1], (n, C, H, W), and their class labels, from the reference sampler `name`."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; expected one of {REFERENCES}")
     train = load_split(dataset, "train", root)
     gen = np.random.default_rng(seed)
     if name == "real":
-        idx = gen.choice(len(train), size=min(n, len(train)), replace=False)
-        return to_float(train.images[np.sort(idx)])
+        idx = np.sort(gen.choice(len(train), size=min(n, len(train)), replace=False))
+        return to_float(train.images[idx]), torch.from_numpy(train.labels[idx].astype(np.int64))
     return pca_gaussian(to_float(train.images), train.labels, n, gen)
 
 
 def pca_gaussian(images: torch.Tensor, labels: np.ndarray, n: int, gen: np.random.Generator,
-                 components: int = PCA_COMPONENTS) -> torch.Tensor:  # fmt: skip
-    """Per class c: x = mu + V a, a ~ N(mean_c, Cov_c) of the class's coordinates on the pooled top PCs V."""
+                 components: int = PCA_COMPONENTS) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per class c: x = mu + V a, a ~ N(mean_c, Cov_c) of the class's coordinates on the pooled top PCs V.
+    Returns the images and their classes."""
     shape = images.shape[1:]
     x = images.reshape(len(images), -1).double().numpy()
     mu = x.mean(0)
@@ -46,5 +48,7 @@ def pca_gaussian(images: torch.Tensor, labels: np.ndarray, n: int, gen: np.rando
         cov = np.cov(coords, rowvar=False) if len(coords) > 1 else np.zeros((basis.shape[1],) * 2)
         a = gen.multivariate_normal(coords.mean(0), cov, size=m, method="eigh")
         out.append(mu + a @ basis.T)
-    samples = np.concatenate(out)[gen.permutation(n)]
-    return torch.from_numpy(samples.clip(-1, 1)).float().reshape(n, *shape)
+    order = gen.permutation(n)
+    samples = np.concatenate(out)[order]
+    classes_of = np.repeat(classes, counts)[order].astype(np.int64)
+    return torch.from_numpy(samples.clip(-1, 1)).float().reshape(n, *shape), torch.from_numpy(classes_of)
