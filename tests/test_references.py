@@ -72,3 +72,46 @@ def test_evaluation_classifier_v2_reaches_093_on_the_real_test_set():
     _, meta = domain_classifier("fashion-mnist", log=lambda *_: None)  # ~160 s on 2 cores
     assert meta["protocol"] == PROTOCOL == "prismfl-domain-v2"
     assert meta["test_accuracy"] >= 0.93
+
+
+def _three_blobs(n=3000, d=16):
+    gen = torch.Generator().manual_seed(4)
+    labels = np.arange(n) % 3
+    centres = torch.tensor([[-0.4] * d, [0.0] * d, [0.4] * d])
+    images = centres[labels] + 0.05 * torch.randn(n, d, generator=gen)
+    return images.reshape(n, 1, 4, 4), labels
+
+
+def test_dp_pca_gaussian_at_a_huge_epsilon_is_the_plain_fit_on_the_private_part():
+    from prismfl.eval.references import dp_pca_gaussian
+
+    images, labels = _three_blobs()
+    out, classes = dp_pca_gaussian(images, labels, 6000, np.random.default_rng(0), 1e7, 1e-5, components=4,
+                                   public=500, clip_multiplier=10.0)  # fmt: skip
+    flat = out.reshape(6000, -1)
+    for c, centre in enumerate((-0.4, 0.0, 0.4)):
+        assert abs(float((classes == c).float().mean()) - 1 / 3) < 0.03
+        assert abs(float(flat[classes == c].mean()) - centre) < 0.01  # each class where its images are
+        assert float(flat[classes == c].std(0).mean()) < 0.08  # and about as spread
+
+
+def test_dp_pca_gaussian_noise_is_calibrated_and_fresh():
+    from prismfl.eval.references import dp_pca_gaussian
+
+    images, labels = _three_blobs()
+    a = dp_pca_gaussian(images, labels, 300, np.random.default_rng(0), 2.0, 1e-5, components=4, public=500)[0]
+    b = dp_pca_gaussian(images, labels, 300, np.random.default_rng(0), 2.0, 1e-5, components=4, public=500)[0]
+    assert not torch.equal(a, b)  # the release's noise comes from the OS, not from the sampling seed
+
+
+def test_dp_pca_gaussian_says_when_the_noise_swamps_every_class():
+    from prismfl.eval.references import dp_pca_gaussian
+
+    images, labels = _three_blobs(60)
+    with pytest.raises(ValueError, match="no class's noisy count is above the noise"):
+        dp_pca_gaussian(images, labels, 10, np.random.default_rng(0), 0.01, 1e-5, components=2, public=30)
+
+
+def test_only_pca_gaussian_has_a_private_version():
+    with pytest.raises(ValueError, match="only the pca-gaussian reference has a private version"):
+        reference_images("real", "fashion-mnist", 10, epsilon=1.0)

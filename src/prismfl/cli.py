@@ -208,6 +208,9 @@ def evaluate(
     dataset: Annotated[str, typer.Option("--dataset", help="dataset of a reference row (real, pca-gaussian)")] = (
         "fashion-mnist"
     ),
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="pca-gaussian only: release its statistics with this epsilon")
+    ] = float("inf"),
     synthetic: Annotated[
         int | None,
         typer.Option(
@@ -227,6 +230,12 @@ def evaluate(
 
     if n < 2:
         raise PrismError(f"--n must be at least 2, got {n}")
+    import math
+
+    if not epsilon > 0:
+        raise PrismError(f"--epsilon must be > 0, got {epsilon}")
+    if not math.isinf(epsilon) and str(source) != "pca-gaussian":
+        raise PrismError("--epsilon is for the pca-gaussian reference (a model's privacy is set when it is trained)")
     if synthetic is not None and not (synthetic == 0 or 2 <= synthetic <= MAX_SAMPLES):
         raise PrismError(f"--synthetic must be 0 or in 2..{MAX_SAMPLES:,}, got {synthetic}")
     reference = str(source) in REFERENCES and not source.exists()
@@ -235,7 +244,7 @@ def evaluate(
                          f"{', '.join(REFERENCES)})")  # fmt: skip
     if reference:  # an unknown dataset name is a DataError from the loader, before any work
         result = evaluate_reference(str(source), dataset, n=n, seed=seed, root=data_root, inception=inception,
-                                    synthetic=synthetic or 0)  # fmt: skip
+                                    synthetic=synthetic or 0, epsilon=epsilon)  # fmt: skip
     else:
         result = run_evaluation(source, n=n, seed=seed, root=data_root, inception=inception, ensemble=ensemble,
                                 **({} if synthetic is None else {"synthetic": synthetic}))  # fmt: skip

@@ -6,6 +6,7 @@ model (one fixed exported mask, not an ensemble of sampled masks, unless asked).
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -171,17 +172,26 @@ def evaluate_file(source: Path, n: int = 10000, seed: int = 0, root: str | None 
 
 
 def evaluate_reference(name: str, dataset: str, *, n: int = 10000, seed: int = 0, root: str | None = None,
-                       inception: str | None = None, synthetic: int = 0) -> dict:  # fmt: skip
+                       inception: str | None = None, synthetic: int = 0, epsilon: float = math.inf,
+                       delta: float = 1e-5) -> dict:  # fmt: skip
     """Evaluate a reference sampler (eval/references.py) on the same protocol as any model; both are
     class-conditional, so `synthetic` > 0 also trains on that many of their labelled images."""
     from prismfl.eval.references import reference_images
 
-    images, labels = reference_images(name, dataset, n, seed, root)
-    train_set = reference_images(name, dataset, synthetic, seed + 1, root) if synthetic else None
+    if synthetic and not math.isinf(epsilon):  # one release: the training set comes from the same fit
+        both, labels_both = reference_images(name, dataset, n + synthetic, seed, root, epsilon, delta)
+        images, labels, train_set = both[:n], labels_both[:n], (both[n:], labels_both[n:])
+    else:
+        images, labels = reference_images(name, dataset, n, seed, root, epsilon, delta)
+        train_set = reference_images(name, dataset, synthetic, seed + 1, root) if synthetic else None
     notes = {"real": f"{len(images)} training images (seeded draw), not a model",
              "pca-gaussian": "per-class Gaussian in the top principal components of the training images"}  # fmt: skip
-    return {"method": name, **_finish(images, dataset, root=root, inception=inception, model_note=notes[name],
-                                      n=len(images), seed=seed, labels=labels, synthetic=train_set)}  # fmt: skip
+    if not math.isinf(epsilon):
+        notes[name] = (f"per-class Gaussian in the top principal components, released once with ({epsilon:g}, "
+                       f"{delta:g})-DP (eval.references.dp_pca_gaussian)")  # fmt: skip
+    result = _finish(images, dataset, root=root, inception=inception, model_note=notes[name], n=len(images),
+                     seed=seed, labels=labels, synthetic=train_set)  # fmt: skip
+    return {"method": name, "epsilon": epsilon, **result}
 
 
 def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = None,
