@@ -140,6 +140,7 @@ def test_weak_classes_warn_when_the_noise_would_swamp_a_class():
     counts = torch.tensor([100.0, 1.0, 0.0])
     out = weak_classes(sums, counts, std=2.0)  # noise norm 2 sqrt(2) = 2.8: above class 1's 1, below class 0's 100
     assert len(out) == 1 and out[0].startswith("class 1: 1 images") and "x2.8" in out[0]
+    assert weak_classes(sums, counts, 2.0, ["a", "b", "c"])[0].startswith("class 1 (b): 1 images")
     assert weak_classes(sums, counts, std=0.0) == []
 
 
@@ -313,3 +314,41 @@ def test_cli_sample_by_class_needs_a_conditional_model(tmp_path, run_cli):
     modelfile.save(modelfile.PrismModel(spec, torch.ones(count_weights(spec), dtype=torch.bool)), tmp_path / "m.prism")
     code, _, err = run_cli("sample", str(tmp_path / "m.prism"), "--class", "1", "--out", str(tmp_path / "x.png"))
     assert code == 2 and "need a class-conditional model" in err
+
+
+def test_clients_report_exact_counts_without_privacy_and_the_released_ones_with_it():
+    from prismfl.fl.client import ClientRuntime, reported_counts
+
+    stats = FeatureStats(
+        [torch.zeros(3, 2)], [torch.zeros(3, 2)], 10, torch.tensor([2.6, 0.0, 6.6], dtype=torch.float64)
+    )
+    exact = np.array([2, 0, 8])
+    assert reported_counts(ClientRuntime(0, stats), exact) == ([2, 0, 8], [2.6, 0.0, 6.6])
+    assert reported_counts(ClientRuntime(0, stats, {"epsilon": 1.0}), exact) == ([3, 0, 7], [2.6, 0.0, 6.6])
+    plain = FeatureStats([torch.zeros(2)], [torch.zeros(2)], 10)
+    assert reported_counts(ClientRuntime(0, plain), exact) == ([2, 0, 8], None)
+
+
+def test_flower_server_sums_the_class_counts_the_clients_report():
+    from prismfl.errors import PrismError
+    from prismfl.flower.server_app import class_counts
+
+    infos = [{"statistics-class-counts": [1.0, 2.0]}, {"statistics-class-counts": [0.5, 0.5]}, {}]
+    assert class_counts(infos) == [1.5, 2.5]
+    assert class_counts([{}, {}]) is None
+    with pytest.raises(PrismError, match="different lengths"):
+        class_counts([{"statistics-class-counts": [1.0]}, {"statistics-class-counts": [1.0, 2.0]}])
+
+
+def test_pooled_features_are_block_means_of_the_maps():
+    from prismfl.loss.features import SmallCNN
+
+    net = SmallCNN(1, 4, 10)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = net.extract(x)
+    net.pool = 2
+    pooled = net.extract(x)
+    assert [f.shape[1] for f in plain] == [784, 4 * 784, 4 * 784, 8 * 196, 8 * 196, 16 * 49, 16 * 49]
+    assert [f.shape[1] for f in pooled] == [196, 4 * 196, 4 * 196, 8 * 49, 8 * 49, 16 * 16, 16 * 16]  # 7 -> 4: ceil
+    blocks = x.reshape(3, 1, 14, 2, 14, 2).mean(dim=(3, 5)).flatten(1)  # the pixels, 2x2 block means
+    assert torch.allclose(pooled[0], blocks, atol=1e-6)

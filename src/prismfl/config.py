@@ -55,6 +55,7 @@ class LossConfig:
     vgg_weights: str = ""
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
+    pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
 
 
 @dataclass
@@ -148,6 +149,10 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
+        if not 1 <= self.loss.pool <= 8:
+            raise ConfigError(f"loss.pool must be an integer in 1..8, got {self.loss.pool}")
+        if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
+            raise ConfigError("loss.pool needs the public or random feature net")
         if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
         if not 0 <= self.loss.tracker_beta < 1:

@@ -102,6 +102,7 @@ def private_feature_stats(
     batch: int = 500,
     labels: torch.Tensor | None = None,
     num_classes: int = 0,
+    class_names: list[str] | None = None,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
@@ -128,7 +129,7 @@ def private_feature_stats(
         count = torch.tensor(float(len(images)), dtype=torch.float64)
     else:
         count = torch.bincount(labels.long(), minlength=num_classes).double()
-    warnings = weak_classes(sums, count, z * sensitivity) if labels is not None else []
+    warnings = weak_classes(sums, count, z * sensitivity, class_names) if labels is not None else []
     if z > 0:
         gen = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
         std = z * sensitivity
@@ -142,7 +143,8 @@ def private_feature_stats(
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings)
 
 
-def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float) -> list[str]:
+def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float,
+                 names: list[str] | None = None) -> list[str]:  # fmt: skip
     """The classes a client holds whose release the noise would swamp: for some layer, the expected
     norm of the noise on the class's summed vector (std x sqrt(D_l)) exceeds the norm of that sum.
     Computed on the exact sums, before the noise, and only shown to the client itself (a warning)."""
@@ -152,7 +154,8 @@ def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float) -> 
             continue
         ratio = max(std * math.sqrt(s.shape[1]) / max(float(s[c].norm()), 1e-12) for s in sums)
         if ratio > 1:
-            out.append(f"class {c}: {int(counts[c])} images, the privacy noise would exceed their signal "
+            name = f"class {c}" + (f" ({names[c]})" if names else "")
+            out.append(f"{name}: {int(counts[c])} images, the privacy noise would exceed their signal "
                        f"(noise/signal x{ratio:.1f} in the worst feature layer); its statistics will be mostly "
                        f"noise: raise epsilon, or leave the class to clients that hold more of it")  # fmt: skip
     return out
@@ -171,8 +174,8 @@ class Private:
     def release(self, ctx, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict]:
         p = ctx.cfg.privacy
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
-                                        p.epsilon, p.delta, labels=labels,
-                                        num_classes=self.inner.spec.num_classes)  # fmt: skip
+                                        p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
+                                        class_names=ctx.fed.class_names if ctx.fed is not None else None)  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         return release.stats, release.summary()

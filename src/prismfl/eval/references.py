@@ -81,6 +81,8 @@ def dp_pca_gaussian(images: torch.Tensor, labels: np.ndarray, n: int, gen: np.ra
 
     from prismfl.privacy import noise_multiplier
 
+    if len(images) <= public:
+        raise ValueError(f"the private pca-gaussian sets {public:,} images aside as public; it needs more than that")
     shape = images.shape[1:]
     x = images.reshape(len(images), -1).double().numpy()
     order = gen.permutation(len(x))

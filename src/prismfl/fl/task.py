@@ -246,5 +246,5 @@ def ready_feature_net(cfg: RunConfig, net, device: str = "cpu"):
     from prismfl.loss.features import SmallCNN, freeze
 
     if isinstance(net, SmallCNN):
-        net.class_probs, net.covariance = cfg.loss.class_term, cfg.loss.covariance
+        net.class_probs, net.covariance, net.pool = cfg.loss.class_term, cfg.loss.covariance, cfg.loss.pool
     return freeze(net).to(device)

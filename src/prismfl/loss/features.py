@@ -24,6 +24,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.class_probs = False  # loss.class_term: the head's class probabilities are one more feature layer
         self.covariance = False  # loss.covariance: products of the pooled last-layer features, another layer
+        self.pool = 1  # loss.pool: spatial maps are average-pooled by this factor before they are features
         ws = [width, 2 * width, 4 * width]
         layers, cin = [], channels
         for w in ws:
@@ -36,12 +37,18 @@ class SmallCNN(nn.Module):
     def forward(self, x):  # classification logits, used when training on public data
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
+    def _flat(self, x):
+        """A feature map as features: average-pooled by `pool` (fewer, smoother dimensions) and flattened."""
+        if self.pool > 1:
+            x = nn.functional.avg_pool2d(x, self.pool, ceil_mode=True)
+        return x.flatten(1)
+
     def extract(self, x) -> list[torch.Tensor]:
-        out = [x.flatten(1)]  # pixels are features too: they anchor brightness and layout
+        out = [self._flat(x)]  # pixels are features too: they anchor brightness and layout
         for layer in self.features:
             x = layer(x)
             if isinstance(layer, nn.ReLU):
-                out.append(x.flatten(1))
+                out.append(self._flat(x))
         pooled = x.mean(dim=(2, 3))
         if self.class_probs:  # their mean is the batch's class shares: matching it holds every class
             out.append(self.classifier(pooled).softmax(1))
