@@ -1,0 +1,134 @@
+"""Class-conditional PRISM on the demo federation, with and without privacy, and the conditional
+PCA-Gaussian reference released by the same mechanism: the table of docs/results.md
+("Class-conditional generation").
+
+Every row is judged by `prismfl evaluate`'s protocol: domain FID of 10,000 samples (labels drawn
+from the model's class shares) against the test set, label agreement, class KL, and train on
+synthetic / test on real (the evaluation CNN trained on 60,000 generated labelled images for its
+fixed schedule). One JSON file per row in --out, written when the row finishes; finished rows are
+skipped, so several processes can share the work (give each its own --only) and a stopped run resumes.
+
+Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conditional.py --only "no DP;eps 10" --seeds 0,1,2
+      .venv/bin/python benchmarks/conditional.py --table      # the markdown table of what finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prismfl import rundir
+from prismfl.config import load_config
+from prismfl.eval.evaluate import evaluate_file, evaluate_reference
+from prismfl.fl import simulate
+from prismfl.progress import set_enabled
+
+CONFIG = "configs/fmnist-noniid.toml"
+VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
+    "no DP": (math.inf, []),
+    "eps 10": (10.0, ["privacy.epsilon=10.0"]),
+    "eps 1": (1.0, ["privacy.epsilon=1.0"]),
+    "eps 0.2": (0.2, ["privacy.epsilon=0.2"]),
+    "eps 1, pool 4": (1.0, ["privacy.epsilon=1.0", "loss.pool=4"]),
+    "eps 0.2, pool 4": (0.2, ["privacy.epsilon=0.2", "loss.pool=4"]),
+    "eps 10, pool 4": (10.0, ["privacy.epsilon=10.0", "loss.pool=4"]),
+    "no DP, pool 4": (math.inf, ["loss.pool=4"]),
+    "pca-gaussian": (math.inf, None),
+    "pca-gaussian eps 10": (10.0, None),
+    "pca-gaussian eps 1": (1.0, None),
+    "pca-gaussian eps 0.2": (0.2, None),
+}
+KEYS = ("domain_fid", "label_agreement", "class_kl", "confident_share", "recall", "tstr_accuracy", "real_accuracy")
+
+
+def run_row(name: str, seed: int, a) -> dict:
+    epsilon, overrides = VARIANTS[name]
+    t0 = time.perf_counter()
+    if overrides is None:  # a reference: no training; its randomness is the seed (and, with DP, the OS)
+        result = evaluate_reference("pca-gaussian", "fashion-mnist", n=a.samples, seed=seed, synthetic=a.synthetic,
+                                    epsilon=epsilon)  # fmt: skip
+        extra = {}
+    else:
+        cfg = load_config(a.config, [*overrides, f"seed={seed}", "train.sample_every=0"])
+        run = Path(a.runs) / f"{name}@{seed}".replace(" ", "_").replace(",", "")
+        shutil.rmtree(run, ignore_errors=True)
+        simulate.train(cfg, run, log=lambda *_: None)
+        records = rundir.read_metrics(run)
+        result = evaluate_file(run / rundir.MODEL, a.samples, 0, synthetic=a.synthetic)
+        shutil.copy(run / "samples.png", Path(a.out) / f"{name}@{seed}.png".replace(" ", "_").replace(",", ""))
+        extra = {"train_seconds": round(sum(r["seconds"] for r in records), 1), "model_bytes": result["model_bytes"],
+                 "upload_MB": round(sum(r["upload_bytes"] for r in records) / 1e6, 2),
+                 "epsilon_spent": records[-1]["epsilon"]}  # fmt: skip
+    return {"name": name, "seed": seed, "epsilon": epsilon, "overrides": overrides,
+            "seconds": round(time.perf_counter() - t0, 1), **{k: result.get(k) for k in KEYS},
+            "per_class_fid": result.get("per_class_fid"), "tstr_per_class": result.get("tstr_per_class"),
+            "class_histogram": result["class_histogram"], **extra, "protocol": result["protocol"],
+            "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}  # fmt: skip
+
+
+def table(out: Path) -> str:
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        rows.setdefault(r["name"], []).append(r)
+    lines = ["| row | seeds | domain FID | label agreement | class KL | train on synthetic | train s |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cell(rs, key, digits):
+        v = [r[key] for r in rs if r.get(key) is not None]
+        if not v:
+            return "-"
+        return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v):.{digits}f}" if len(v) > 1 else "")
+
+    for name in VARIANTS:
+        if name in rows:
+            rs = rows[name]
+            lines.append(f"| {name} | {len(rs)} | {cell(rs, 'domain_fid', 1)} | {cell(rs, 'label_agreement', 3)} | "
+                         f"{cell(rs, 'class_kl', 3)} | {cell(rs, 'tstr_accuracy', 3)} | {cell(rs, 'train_seconds', 0)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default=CONFIG)
+    p.add_argument("--only", default="", help="row names separated by ; (default: all)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--samples", type=int, default=10000)
+    p.add_argument("--synthetic", type=int, default=60000)
+    p.add_argument("--runs", default="runs/conditional")
+    p.add_argument("--out", default="docs/benchmarks/conditional")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the finished rows")
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.table:
+        print(table(out))
+        return
+    set_enabled(False)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in a.only.split(";")] if a.only else list(VARIANTS)
+    for name in names:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown row {name!r}; expected one of {', '.join(VARIANTS)}")
+    for name in names:
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            path = out / f"{name}@{seed}.json".replace(" ", "_").replace(",", "")
+            if path.exists():
+                continue
+            row = run_row(name, seed, a)
+            path.write_text(json.dumps(row, indent=1) + "\n")
+            print(f"{name}@{seed}: FID {row['domain_fid']:.1f}, agreement {row['label_agreement']:.3f}, "
+                  f"KL {row['class_kl']:.3f}, train-on-synthetic {row['tstr_accuracy']:.3f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
