@@ -352,3 +352,42 @@ def test_pooled_features_are_block_means_of_the_maps():
     assert [f.shape[1] for f in pooled] == [196, 4 * 196, 4 * 196, 8 * 49, 8 * 49, 16 * 16, 16 * 16]  # 7 -> 4: ceil
     blocks = x.reshape(3, 1, 14, 2, 14, 2).mean(dim=(3, 5)).flatten(1)  # the pixels, 2x2 block means
     assert torch.allclose(pooled[0], blocks, atol=1e-6)
+
+
+@needs_fmnist
+def test_private_conditional_run_releases_noisy_class_counts(tmp_path):
+    from prismfl import rundir
+    from prismfl.config import load_config
+    from prismfl.fl import simulate, task
+
+    cfg = load_config(SMOKE, ["model.conditional=true", "privacy.epsilon=8.0", "train.rounds=1"])
+    simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
+    state = rundir.load_checkpoint(tmp_path / "dp")
+    exact = task.prepare_federation(cfg).table
+    released = torch.stack([c["stats"]["class_counts"] for c in state["clients"]["clients"]])
+    assert released.shape == exact.shape and not torch.equal(released, torch.from_numpy(exact).double())
+    assert float((released - torch.from_numpy(exact)).abs().max()) < 6 * 12  # noise std z sqrt(2L + 1), L = 7
+    shares = state["server"]["class_shares"]
+    assert torch.allclose(shares, released.sum(0) / released.sum(), atol=1e-12)  # the released counts, summed
+    table = (tmp_path / "dp" / "partition.txt").read_text()
+    assert " ".join(str(int(v)) for v in exact[0]) not in " ".join(table.split())  # the exact table is not shown
+
+
+@needs_fmnist
+def test_cli_evaluate_a_conditional_run(conditional_run, tmp_path, run_cli):
+    from test_run import _write_small_fmnist
+
+    root = _write_small_fmnist(tmp_path, 1200, 300)
+    code, out, err = run_cli("evaluate", str(conditional_run / "model.prism"), "--n", "200", "--data-root", str(root),
+                             "--synthetic", "300", "--out", str(tmp_path / "c.json"))  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "c.json").read_text())
+    assert r["conditional"] is True and 0 <= r["label_agreement"] <= 1 and len(r["per_class_fid"]) == 10
+    assert 0 <= r["tstr_accuracy"] <= 1 and r["tstr_images"] == 300 and len(r["tstr_per_class"]) == 10
+    assert "300 generated labelled images" in r["protocol"]["train_on_synthetic"]
+    assert "train-on-synth" in out and "FID per class" in out
+    code, _, err = run_cli("evaluate", str(conditional_run / "model.prism"), "--n", "200", "--data-root", str(root),
+                           "--synthetic", "1")  # fmt: skip
+    assert code == 2 and "--synthetic must be 0 or in 2.." in err
+    code, _, err = run_cli("evaluate", "real", "--epsilon", "1")
+    assert code == 2 and "--epsilon is for the pca-gaussian reference" in err

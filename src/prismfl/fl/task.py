@@ -132,8 +132,10 @@ def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") 
         model = build_model(cfg)
         masked.configure(model, rng=generator_for(cfg.seed, "clip-reference"))
         masked.set_scores(model, initial_scores(cfg, masked.num_maskable(model)))
-        with torch.no_grad():
-            reference = model(torch.randn(1000, model.z_dim, generator=generator_for(cfg.seed, "clip-z")))
+        z = torch.randn(1000, model.z_dim, generator=generator_for(cfg.seed, "clip-z"))
+        with torch.no_grad():  # a conditional generator: every class in turn
+            classes = getattr(model, "num_classes", 0)
+            reference = model(z) if not classes else model(z, torch.arange(1000) % classes)
     return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
 
 
