@@ -191,6 +191,19 @@ def test_fedavg_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
 
 
 @needs_fmnist
+def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
+    """The class counts travel in the set-up replies; the class shares and the model file are the same."""
+    conditional = 'model.conditional=true model.arch="mlp-up" train.rounds=2'
+    sim_out, sim_states = simulate_with_states(load_config(SMOKE, conditional.split()), tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": conditional}, grid)
+    assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
+    assert torch.equal(per_round[-1]["class_shares"], sim_states[-1]["class_shares"])
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+    assert modelfile.load(sim_out / "model.prism").spec.num_classes == 10
+
+
+@needs_fmnist
 @pytest.mark.parametrize("method", ["local", "central"])
 def test_local_and_central_run_on_flower_as_in_the_simulator(method, tmp_path):
     overrides = f'train.method="{method}" train.rounds=2'
