@@ -386,6 +386,11 @@ def test_cli_evaluate_a_conditional_run(conditional_run, tmp_path, run_cli):
     assert 0 <= r["tstr_accuracy"] <= 1 and r["tstr_images"] == 300 and len(r["tstr_per_class"]) == 10
     assert "300 generated labelled images" in r["protocol"]["train_on_synthetic"]
     assert "train-on-synth" in out and "FID per class" in out
+    code, _, err = run_cli(
+        "evaluate", str(conditional_run), "--n", "200", "--data-root", str(root), "--synthetic", "300"
+    )
+    report = (conditional_run / "report.md").read_text()
+    assert code == 0 and "one row per class" in report and "| Sandal |" in report and "tstr_accuracy" in report
     code, _, err = run_cli("evaluate", str(conditional_run / "model.prism"), "--n", "200", "--data-root", str(root),
                            "--synthetic", "1")  # fmt: skip
     assert code == 2 and "--synthetic must be 0 or in 2.." in err

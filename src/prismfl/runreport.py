@@ -30,6 +30,11 @@ def run_report(run_dir: Path) -> Path:
         f"'{cfg['loss']['moment']}' matching, tracker {cfg['loss']['tracker']}",
         f"- wall time of the rounds: {sum(r['seconds'] for r in records):.0f} s",
         "",
+        *(
+            ["Samples of the class-conditional model, one row per class (top to bottom: class 0, 1, ...):", ""]
+            if cfg["model"].get("conditional")
+            else []
+        ),
         "![samples](samples.png)",
         "",
         "![curves](curves.png)",
@@ -83,10 +88,17 @@ def run_report(run_dir: Path) -> Path:
         q = json.loads(evaluation.read_text())
         lines += ["## Quality", "", "| metric | value |", "|---|---|"]
         for key in ("domain_fid", "precision", "recall", "density", "coverage", "confident_share", "class_kl",
-                    "inception_fid"):  # fmt: skip
+                    "inception_fid", "label_agreement", "tstr_accuracy", "real_accuracy"):  # fmt: skip
             if key in q:
                 lines.append(f"| {key} | {q[key]:.4f} |")
         names = q.get("class_names") or [str(i) for i in range(len(q["class_histogram"]))]
+        if q.get("per_class_fid"):
+            accs = q.get("tstr_per_class") or [None] * len(names)
+            lines += ["", "| class | samples classified as it | domain FID of its samples | train-on-synthetic acc. |",
+                      "|---|---|---|---|"]  # fmt: skip
+            for name, count, fid, acc in zip(names, q["class_histogram"], q["per_class_fid"], accs):
+                lines.append(f"| {name} | {count} | {'-' if fid is None else f'{fid:.1f}'} | "
+                             f"{'-' if acc is None else f'{acc:.3f}'} |")  # fmt: skip
         lines += ["", "Classes of the samples: " + ", ".join(f"{a} {b}" for a, b in zip(names, q["class_histogram"])),
                   "", *[f"- {k}: {v}" for k, v in q["protocol"].items()], ""]  # fmt: skip
     path = run_dir / "report.md"
