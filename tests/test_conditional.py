@@ -396,3 +396,38 @@ def test_cli_evaluate_a_conditional_run(conditional_run, tmp_path, run_cli):
     assert code == 2 and "--synthetic must be 0 or in 2.." in err
     code, _, err = run_cli("evaluate", "real", "--epsilon", "1")
     assert code == 2 and "--epsilon is for the pca-gaussian reference" in err
+
+
+def test_a_means_only_release_has_the_smaller_sensitivity_and_no_second_moments():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(40, 1, 2, 2, generator=gen)
+    labels = torch.tensor([0, 1, 3, 3] * 10)
+    clip = [1.5, 0.8]
+    release = private_feature_stats(_extract, images, clip, 4.0, 1e-5, generator=torch.Generator().manual_seed(9),
+                                    labels=labels, num_classes=4, second=False)  # fmt: skip
+    assert release.sensitivity == pytest.approx(math.sqrt(2 + 1))
+    std = release.noise_multiplier * math.sqrt(3)
+    noise = torch.Generator().manual_seed(9)
+    scaled = [f.double() * torch.clamp(c / f.double().norm(dim=1, keepdim=True), max=1.0) / c
+              for f, c in zip(_extract(images), clip)]  # fmt: skip
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    sums = [onehot.T @ f + std * torch.randn(4, f.shape[1], generator=noise, dtype=torch.float64) for f in scaled]
+    counts = onehot.sum(0) + std * torch.randn(4, generator=noise, dtype=torch.float64)  # no squares drawn between
+    assert torch.allclose(release.stats.class_counts, counts.clamp_min(0))
+    for c in range(4):
+        if counts[c] >= 1:
+            got = release.stats.of_class(c)
+            for i in range(2):
+                assert torch.allclose(got.mean[i].double(), clip[i] * sums[i][c] / counts[c], atol=1e-5)
+                assert float(got.var[i].abs().max()) == 0.0
+
+
+def test_means_only_loss_matches_means_and_weighs_layers_by_their_public_scale():
+    from prismfl.loss.matching import MeanVarMatching
+
+    stats = FeatureStats([torch.tensor([1.0, 2.0]), torch.tensor([0.5])], [torch.zeros(2), torch.zeros(1)], 10)
+    loss = MeanVarMatching(stats, "layer", "mean", scales=[2.0, 0.5])
+    assert len(loss.targets) == 2 and [float(w) for w in loss.weights] == pytest.approx([0.25, 4.0])
+    fake = [torch.tensor([[1.0, 2.0], [1.0, 2.0]], requires_grad=True), torch.tensor([[0.0], [1.0]])]
+    surrogate, value = loss(fake)
+    assert value == pytest.approx(0.0)  # the means agree; the spread of the second layer is not matched

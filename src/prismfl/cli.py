@@ -270,6 +270,9 @@ def privacy(
         int, typer.Option("--layers", help="feature layers released (8 for the demo: 7 without loss.class_term)")
     ] = 8,
     images: Annotated[int, typer.Option("--images", help="images a client holds, to show the noise on a mean")] = 5500,
+    means_only: Annotated[
+        bool, typer.Option("--means-only", help="loss.moment = 'mean': only the means are released")
+    ] = False,
 ):
     """Print the Gaussian noise prismfl would add to each client's feature statistics."""
     import math
@@ -279,10 +282,12 @@ def privacy(
     if images < 1 or layers < 1:
         raise PrismError(f"--images and --layers must be at least 1, got {images} and {layers}")
     z = noise_multiplier(epsilon, delta)
-    sens = math.sqrt(2 * layers + 1)
+    sens = math.sqrt((1 if means_only else 2) * layers + 1)
     typer.echo("mechanism        Gaussian, one release of clipped feature sums per client (docs/privacy.md)")
     typer.echo(f"noise multiplier {z:.4f}   (analytic Gaussian calibration, dp-accounting)")
-    typer.echo(f"sensitivity      {sens:.4f}   (sqrt(2 x {layers} layers + 1), clip-normalised L2)")
+    typer.echo(
+        f"sensitivity      {sens:.4f}   (sqrt({1 if means_only else 2} x {layers} layers + 1), clip-normalised L2)"
+    )
     typer.echo(f"noise std        {z * sens:.4f}   per coordinate of the released sums, in clip units")
     typer.echo(f"on a mean        {z * sens / images:.6f}   per coordinate for a client of {images} images")
     typer.echo(f"guarantee        epsilon={spent_epsilon(z, delta):.4f}, delta={delta:g} per client, record-level")

@@ -103,16 +103,20 @@ def private_feature_stats(
     labels: torch.Tensor | None = None,
     num_classes: int = 0,
     class_names: list[str] | None = None,
+    second: bool = True,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
     Per class (`labels`): an image adds its vector r(x) to its own class's block of sums only, and
     its 1 to its class's count; every class's block and count is released with the same noise,
     including the classes the client does not hold (which classes it holds is private too). One image
-    still moves one block by ||r(x)|| <= sqrt(2L + 1): the sensitivity is unchanged."""
+    still moves one block by ||r(x)|| <= sqrt(2L + 1): the sensitivity is unchanged.
+
+    `second = False` (loss.moment = "mean"): r(x) = [u_1/C_1, ..., u_L/C_L, 1], the means only, with
+    sensitivity sqrt(L + 1); nothing is released about second moments (the variances are zeros)."""
     z = noise_multiplier(epsilon, delta)
     n_layers = len(clip)
-    sensitivity = math.sqrt(2 * n_layers + 1)
+    sensitivity = math.sqrt((2 if second else 1) * n_layers + 1)
     if z * sensitivity >= len(images):
         raise ConfigError(
             f"privacy.epsilon={epsilon} is out of reach for a client with {len(images)} images: the noise "
@@ -137,7 +141,12 @@ def private_feature_stats(
         def noisy(t: torch.Tensor) -> torch.Tensor:
             return t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64)
 
-        sums, squares, count = [noisy(s) for s in sums], [noisy(q) for q in squares], noisy(count)
+        sums = [noisy(s) for s in sums]
+        if second:
+            squares = [noisy(q) for q in squares]
+        count = noisy(count)
+    if not second:  # not released: zero second moments give zero variances
+        squares = [torch.zeros_like(q) for q in squares]
     n = count.clamp_min(1.0) if labels is None else count
     stats = stats_from_sums([c * s for s, c in zip(sums, clip)], [c * c * q for q, c in zip(squares, clip)], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings)
@@ -175,7 +184,8 @@ class Private:
         p = ctx.cfg.privacy
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
-                                        class_names=ctx.fed.class_names if ctx.fed is not None else None)  # fmt: skip
+                                        class_names=ctx.fed.class_names if ctx.fed is not None else None,
+                                        second=ctx.cfg.loss.moment != "mean")  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         return release.stats, release.summary()

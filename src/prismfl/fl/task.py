@@ -145,6 +145,8 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
     privacy, those whose noisy count is above three noise deviations (post-processing of the release)."""
     loss = cfg.loss
     trackers = {"tracker": loss.tracker, "tracker_beta": loss.tracker_beta, "tracker_lr": loss.tracker_lr}
+    if privacy and loss.moment == "mean":  # no variances released: each layer weighed by its public clip bound
+        trackers["scales"] = privacy["clip"]
     if not cfg.model.conditional:
         return MeanVarMatching(stats, loss.normalize, loss.moment, **trackers).to(device)
     min_count = max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0

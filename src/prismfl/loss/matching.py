@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 NORMALIZATIONS = ("none", "layer", "dim")
-MOMENTS = ("second", "variance")
+MOMENTS = ("second", "variance", "mean")  # "mean": match the means only (DP-MERF's choice at small epsilon)
 
 
 @dataclass
@@ -42,6 +42,8 @@ class FeatureStats:
         return [v + m * m for m, v in zip(self.mean, self.var)]
 
     def targets(self, moment: str = "variance") -> list[torch.Tensor]:
+        if moment == "mean":
+            return [*self.mean]
         return [*self.mean, *(self.second if moment == "second" else self.var)]
 
 
@@ -132,16 +134,22 @@ class TrackerState:
         return tracker
 
 
-def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance") -> list[torch.Tensor]:
+def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance",
+                  scales: list[float] | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Weight of each matched statistic, so that no layer drowns the others.
 
     'none': GFMN's raw squared error. 'layer': each layer's error relative to the size of its
     real statistics (sum of variances for the mean gap, of squared variances for the variance
-    gap), so every layer weighs about the same. 'dim': each feature standardised by its own
-    real variance.
+    gap), so every layer weighs about the same; or, given `scales` (a typical feature norm per layer
+    from public data: the clip bounds of a private release), relative to scale^2 and scale^4.
+    'dim': each feature standardised by its own real variance. Moment "mean": the mean gaps' only.
     """
+    if moment == "mean":
+        return layer_weights(real, normalize, "variance", scales)[: len(real.mean)]
     if normalize == "none":
         return [torch.ones(()) for _ in real.targets()]
+    if normalize == "layer" and scales is not None:
+        return [torch.tensor(1.0 / s**2) for s in scales] + [torch.tensor(1.0 / s**4) for s in scales]
     if normalize == "layer":
         seconds = real.second if moment == "second" else real.var
         return [1.0 / v.sum().clamp_min(1e-12) for v in real.var] + [
@@ -154,8 +162,10 @@ def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance") 
 
 
 def moments(fake: list[torch.Tensor], moment: str, unbiased: bool = False) -> list[torch.Tensor]:
-    """Per-layer batch means, then second moments or variances (unbiased: times b / (b - 1))."""
+    """Per-layer batch means, then second moments or variances (unbiased: times b / (b - 1)); "mean": means."""
     mean = [f.mean(0) for f in fake]
+    if moment == "mean":
+        return mean
     second = [(f * f).mean(0) for f in fake]
     if moment == "variance":  # E[x^2] - E[x]^2: one pass, several times faster than torch.var
         b = fake[0].shape[0]
@@ -177,6 +187,7 @@ class MeanVarMatching:
         tracker_beta: float = 0.9,
         tracker_lr: float = 1e-5,
         tracker_betas=(0.5, 0.999),
+        scales: list[float] | None = None,
     ):
         if moment not in MOMENTS:
             raise ValueError(f"unknown moment {moment!r}; expected one of {MOMENTS}")
@@ -186,7 +197,7 @@ class MeanVarMatching:
         self.tracker = tracker
         self.tracker_beta = tracker_beta
         self.targets = real.targets(moment)
-        self.weights = layer_weights(real, normalize, moment)
+        self.weights = layer_weights(real, normalize, moment, scales)
         self.tracker_lr = tracker_lr
         self.tracker_betas = tracker_betas
 
@@ -261,7 +272,7 @@ class ConditionalMatching(MeanVarMatching):
         self.shares = {c: float(counts[c]) / total for c in self.classes}
         # every class's statistics are weighed by the scale of the layer over all the client's images
         # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
-        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment)
+        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, trackers.get("scales"))
         self.targets, self.weights = [], []
         for c in self.classes:
             self.targets += real.of_class(c).targets(moment)
