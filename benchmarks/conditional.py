@@ -46,6 +46,7 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, pool 4, means": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"']),
     "eps 0.2, pool 4, means": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", 'loss.moment="mean"']),
     "no DP, means": (math.inf, ['loss.moment="mean"']),
+    "no DP, pool 4, means": (math.inf, ["loss.pool=4", 'loss.moment="mean"']),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
