@@ -431,3 +431,18 @@ def test_means_only_loss_matches_means_and_weighs_layers_by_their_public_scale()
     fake = [torch.tensor([[1.0, 2.0], [1.0, 2.0]], requires_grad=True), torch.tensor([[0.0], [1.0]])]
     surrogate, value = loss(fake)
     assert value == pytest.approx(0.0)  # the means agree; the spread of the second layer is not matched
+
+
+@pytest.mark.parametrize("moment", ["variance", "second", "mean"])
+def test_conditional_fake_statistics_are_each_groups_own(moment):
+    loss = ConditionalMatching(_class_stats(), "none", moment)
+    gen = torch.Generator().manual_seed(3)
+    fake = [torch.randn(8, 2, generator=gen)]
+    labels = torch.tensor([0, 2, 2, 0, 2, 0, 2, 2])  # groups of 3 and 5
+    got = loss.fake_stats(fake, labels)
+    want = []
+    for c in (0, 2):
+        f = fake[0][labels == c]
+        extra = {"variance": [f.var(0, unbiased=True)], "second": [(f * f).mean(0)], "mean": []}[moment]
+        want += [f.mean(0), *extra]
+    assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))

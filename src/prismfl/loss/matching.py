@@ -288,10 +288,16 @@ class ConditionalMatching(MeanVarMatching):
     def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
         if labels is None or labels.shape != (fake[0].shape[0],):
             raise ValueError("per-class matching needs the class of every generated image")
-        out = []
-        for c in self.classes:
-            rows = labels == c
-            if int(rows.sum()) < 2:
-                raise ValueError(f"class {c} has fewer than two generated images in the batch")
-            out += moments([f[rows] for f in fake], self.moment, unbiased=True)
-        return out
+        # per-class sums as one product with the (classes x batch) indicator: one pass over each layer,
+        # and one gradient buffer in the backward pass (a gather per class would make one per class)
+        member = (labels[None, :] == torch.tensor(self.classes, device=labels.device)[:, None]).to(fake[0].dtype)
+        n = member.sum(1, keepdim=True)
+        if float(n.min()) < 2:
+            raise ValueError("every class needs at least two generated images in the batch")
+        means = [member @ f / n for f in fake]
+        if self.moment == "mean":
+            return [m[i] for i in range(len(self.classes)) for m in means]
+        seconds = [member @ (f * f) / n for f in fake]
+        if self.moment == "variance":  # unbiased within each class's small group
+            seconds = [(s - m * m) * (n / (n - 1)) for s, m in zip(seconds, means)]
+        return [t[i] for i in range(len(self.classes)) for t in (*means, *seconds)]
