@@ -446,3 +446,23 @@ def test_conditional_fake_statistics_are_each_groups_own(moment):
         extra = {"variance": [f.var(0, unbiased=True)], "second": [(f * f).mean(0)], "mean": []}[moment]
         want += [f.mean(0), *extra]
     assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+
+
+def test_a_checkpoint_whose_class_counts_do_not_fit_its_statistics_is_refused():
+    from prismfl.fl.simulate import restore_clients
+    from prismfl.safestate import StateError
+
+    state = {"k": 0, "stats": {"mean": [torch.zeros(3, 2)], "var": [torch.zeros(3, 2)], "count": 5,
+                               "class_counts": torch.ones(4, dtype=torch.float64)},
+             "privacy": None, "state": {"optimizer": None, "tracker": {"vectors": [], "optimizer": None}},
+             "held_round": 0, "replica": None, "own": None}  # fmt: skip
+    with pytest.raises(StateError, match="per-class statistics do not match its class counts"):
+        restore_clients({"clients": [state], "replicas": {}}, 1e-5)
+    state["stats"]["class_counts"] = torch.ones(3, dtype=torch.float64)
+    assert restore_clients({"clients": [state], "replicas": {}}, 1e-5)[0].stats.class_counts.tolist() == [1, 1, 1]
+
+
+@needs_fmnist
+def test_cli_info_shows_the_classes(conditional_run, run_cli):
+    code, out, err = run_cli("info", str(conditional_run / "model.prism"))
+    assert code == 0 and "classes=10 (conditional)" in out and out.count("class shares: ") == 1

@@ -179,7 +179,11 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
         spec, meta = model.spec, model.info
     net = build_generator(spec)
     typer.echo(f"architecture {spec.name}: z_dim={spec.z_dim} width={spec.width} "
-               f"channels={spec.channels} size={spec.img_size} seed={spec.weight_seed}")  # fmt: skip
+               f"channels={spec.channels} size={spec.img_size} seed={spec.weight_seed}"
+               + (f" classes={spec.num_classes} (conditional)" if spec.num_classes else ""))  # fmt: skip
+    shares = getattr(model, "class_shares", None) if source.suffix != ".toml" else None
+    if shares:
+        typer.echo("class shares: " + " ".join(f"{v:.3f}" for v in shares))
     typer.echo(f"{'layer':<24} {'shape':<22} {'weights':>12}")
     for name, shape in masked.layer_table(net):
         typer.echo(f"{name:<24} {'x'.join(map(str, shape)):<22} {int(__import__('math').prod(shape)):>12,}")

@@ -180,6 +180,13 @@ class ClientRuntime:
         s = d["stats"]
         stats = None if s is None else FeatureStats(list(s["mean"]), list(s["var"]), int(s["count"]),
                                                     s.get("class_counts"))  # fmt: skip
+        counts = None if stats is None else stats.class_counts
+        if counts is not None and not (
+            isinstance(counts, torch.Tensor) and counts.dtype == torch.float64 and counts.dim() == 1
+            and all(isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == len(counts) for m in stats.mean)
+            and bool(torch.isfinite(counts).all())
+        ):  # fmt: skip
+            raise ValueError(f"client {d['k']}: its per-class statistics do not match its class counts")
         return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
                    int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
 
