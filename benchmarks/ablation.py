@@ -61,7 +61,10 @@ VARIANTS = {
 
 
 def central_curve(overrides: list[str], steps: int, every: int, config: str, grid: str = "") -> list[dict]:
-    cfg = load_config(config, overrides + ["partition.num_clients=1", "partition.scheme=iid"])
+    # issue 12's central ablation is of the unconditional generator (the demo is conditional since issue 15)
+    cfg = load_config(
+        config, ["model.conditional=false", *overrides, "partition.num_clients=1", "partition.scheme=iid"]
+    )
     fed = task.prepare_federation(cfg)
     net, _, _ = task.build_feature_net(cfg, fed)
     model = task.build_model(cfg)

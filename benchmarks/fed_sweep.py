@@ -81,7 +81,10 @@ def main() -> None:
         if name in done["results"]:
             continue
         seeded = [] if seed is None else [f"seed={seed}"]
-        cfg = load_config(a.config, a.set + VARIANTS[variant] + seeded + ["train.sample_every=0"])
+        # issue 12's sweep is of the unconditional demo (class-conditional since issue 15: benchmarks/conditional.py)
+        cfg = load_config(
+            a.config, ["model.conditional=false", *a.set, *VARIANTS[variant], *seeded, "train.sample_every=0"]
+        )
         run = Path(a.runs) / name.replace(" ", "_").replace(",", "")
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()

@@ -41,7 +41,10 @@ QUALITY = {
 
 def step_setup(overrides: list[str], batch: int) -> dict:
     """Generator, feature net (with the config's optional layers), loss and scores of one variant."""
-    cfg = load_config("configs/fmnist-noniid.toml", overrides + [f"train.batch_size={batch}"])
+    # the unconditional generator, as measured before the demo became class-conditional (issue 15)
+    cfg = load_config(
+        "configs/fmnist-noniid.toml", ["model.conditional=false", *overrides, f"train.batch_size={batch}"]
+    )
     size = cfg.data.resize or 28
     net = task.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1

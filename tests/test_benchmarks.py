@@ -38,7 +38,11 @@ def test_variant_tables_name_real_config_keys():
 
     for name in ("ablation", "fed_sweep"):
         for overrides in load(name).VARIANTS.values():
-            load_config(ROOT / "configs" / "fmnist-noniid.toml", overrides)  # raises on an unknown key or value
+            # as the scripts load them: the unconditional demo plus the variant (raises on an unknown key or value)
+            load_config(ROOT / "configs" / "fmnist-noniid.toml", ["model.conditional=false", *overrides])
+    for _, overrides in load("conditional").VARIANTS.values():
+        if overrides is not None:
+            load_config(ROOT / "configs" / "fmnist-noniid.toml", overrides)
 
 
 def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():
