@@ -103,7 +103,7 @@ def test_per_class_private_release_is_the_closed_form():
     sums = [s + std * torch.randn(s.shape, generator=noise, dtype=torch.float64) for s in sums]
     squares = [q + std * torch.randn(q.shape, generator=noise, dtype=torch.float64) for q in squares]
     counts = onehot.sum(0) + std * torch.randn(4, generator=noise, dtype=torch.float64)
-    assert torch.allclose(release.stats.class_counts, counts.clamp_min(0))
+    assert torch.allclose(release.stats.class_counts, counts)  # as released: the server sums them unclamped
     for c in range(4):
         if counts[c] < 1:
             continue
@@ -413,7 +413,7 @@ def test_a_means_only_release_has_the_smaller_sensitivity_and_no_second_moments(
     onehot = torch.nn.functional.one_hot(labels, 4).double()
     sums = [onehot.T @ f + std * torch.randn(4, f.shape[1], generator=noise, dtype=torch.float64) for f in scaled]
     counts = onehot.sum(0) + std * torch.randn(4, generator=noise, dtype=torch.float64)  # no squares drawn between
-    assert torch.allclose(release.stats.class_counts, counts.clamp_min(0))
+    assert torch.allclose(release.stats.class_counts, counts)
     for c in range(4):
         if counts[c] >= 1:
             got = release.stats.of_class(c)
@@ -466,3 +466,55 @@ def test_a_checkpoint_whose_class_counts_do_not_fit_its_statistics_is_refused():
 def test_cli_info_shows_the_classes(conditional_run, run_cli):
     code, out, err = run_cli("info", str(conditional_run / "model.prism"))
     assert code == 0 and "classes=10 (conditional)" in out and out.count("class shares: ") == 1
+
+
+def test_conditional_config_needs_two_images_of_every_class_per_batch():
+    from prismfl.config import load_config
+    from prismfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.batch_size >= 20"):
+        load_config(SMOKE, ["model.conditional=true", "train.batch_size=16"])
+    with pytest.raises(ConfigError, match="releases no variances"):
+        load_config(SMOKE, ['loss.moment="mean"', 'loss.normalize="dim"', "privacy.epsilon=1.0"])
+
+
+def test_a_client_with_no_class_above_the_noise_is_a_clear_error():
+    from prismfl.config import load_config
+    from prismfl.errors import PrismError
+    from prismfl.fl.client import ClientRuntime
+
+    cfg = load_config(SMOKE, ["model.conditional=true"])
+    client = ClientRuntime(4, _class_stats(), {"noise_std": 100.0, "clip": [1.0]})
+    with pytest.raises(PrismError, match="client 4: no class has at least 300 images"):
+        client.loss(cfg, "cpu")
+
+
+@needs_fmnist
+def test_train_on_synthetic_judges_images_of_another_size_at_the_datasets(monkeypatch):
+    from prismfl.eval import classifier
+
+    calls = {}
+
+    def fake_train(net, images, labels, **kwargs):
+        calls["shape"] = tuple(images.shape)
+        return net.eval()
+
+    monkeypatch.setattr(classifier, "train_classifier", fake_train)
+    monkeypatch.setattr(classifier, "domain_classifier", lambda *a, **k: (None, {"test_accuracy": 0.9}))
+    r = classifier.train_on_synthetic(torch.zeros(6, 1, 32, 32), torch.arange(6) % 3, "fashion-mnist")
+    assert calls["shape"] == (6, 1, 28, 28) and 0 <= r["tstr_accuracy"] <= 1
+
+
+def test_resume_accepts_a_checkpoint_written_before_the_new_config_keys(tmp_path, monkeypatch):
+    from prismfl import rundir
+    from prismfl.config import load_config
+    from prismfl.errors import PrismError
+
+    cfg = load_config(SMOKE)
+    old = cfg.to_dict()
+    del old["model"]["conditional"], old["loss"]["pool"]  # a checkpoint of the version before this change
+    (tmp_path / rundir.CHECKPOINT).write_bytes(b"x")
+    monkeypatch.setattr(rundir, "load_checkpoint", lambda out: {"config": old, "transport": "simulator"})
+    assert rundir.check(tmp_path, cfg, resume=True, transport="simulator")["config"] is old
+    with pytest.raises(PrismError, match="configuration differs"):
+        rundir.check(tmp_path, load_config(SMOKE, ["train.rounds=9"]), resume=True, transport="simulator")

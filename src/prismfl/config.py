@@ -205,6 +205,12 @@ class RunConfig:
             self.arch_spec().validate()
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
+        classes = self.arch_spec().num_classes
+        if classes and self.train.batch_size < 2 * classes:
+            raise ConfigError(f"model.conditional needs train.batch_size >= {2 * classes} (two generated images of "
+                              "every class a client may hold)")  # fmt: skip
+        if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
+            raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
         if self.model.conditional and self.train.method not in ("prism", "central"):
             raise ConfigError(f"model.conditional is implemented for the prism and central methods, not "
                               f"{self.train.method!r}")  # fmt: skip

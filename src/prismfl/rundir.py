@@ -128,7 +128,7 @@ def check(out: Path, cfg: RunConfig, *, resume: bool, transport: str) -> dict | 
         raise PrismError(f"--out {out} is a file; choose a directory")
     if resume and (out / CHECKPOINT).exists():
         state = load_checkpoint(out)
-        if state["config"] != cfg.to_dict():
+        if checkpoint_config(state).to_dict() != cfg.to_dict():  # keys added since are at their defaults
             raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
         if state["transport"] != transport:
             raise PrismError(f"{out} was trained by the {state['transport']}; resume it there")

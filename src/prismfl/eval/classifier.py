@@ -83,6 +83,9 @@ def train_on_synthetic(images: torch.Tensor, labels: torch.Tensor, dataset: str,
     if len(images) != len(labels) or len(images) < 2:
         raise ValueError("train-on-synthetic needs at least two images, one label each")
     _, meta = domain_classifier(dataset, root, info.size)
+    if images.shape[-1] != info.size:  # a generator at another size (data.resize): judged at the dataset's
+        images = torch.nn.functional.interpolate(images, size=(info.size, info.size), mode="bilinear",
+                                                 antialias=True, align_corners=False)  # fmt: skip
     test = load_split(dataset, "test", root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

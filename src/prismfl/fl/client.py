@@ -164,7 +164,10 @@ class ClientRuntime:
         if self.stats is None:
             raise PrismError(f"client {self.k} holds no data for method {cfg.train.method!r}")
         if self._loss is None:
-            self._loss = task.client_loss(cfg, self.stats, device, self.privacy)
+            try:
+                self._loss = task.client_loss(cfg, self.stats, device, self.privacy)
+            except ValueError as exc:  # e.g. no class of a conditional client above the privacy noise
+                raise PrismError(f"client {self.k}: {exc}") from None
         return self._loss
 
     def state_dict(self) -> dict:
@@ -198,7 +201,7 @@ def reported_counts(client: ClientRuntime, exact) -> tuple[list[int], list[float
     counts = None if client.stats is None else client.stats.class_counts
     if counts is None:
         return [int(c) for c in exact], None
-    row = [int(c) for c in exact] if client.privacy is None else [int(round(float(c))) for c in counts]
+    row = [int(c) for c in exact] if client.privacy is None else [max(0, int(round(float(c)))) for c in counts]
     return row, [float(c) for c in counts]
 
 

@@ -91,7 +91,8 @@ def stats_from_sums(sums, squares, n) -> FeatureStats:
         mean = [s / div * (counts >= 1)[:, None] for s in sums]
         var = [(q / div - m * m).clamp_min(0) * (counts >= 1)[:, None] for q, m in zip(squares, mean)]
         total = int(round(float(counts.clamp_min(0).sum())))
-        return FeatureStats([m.float() for m in mean], [v.float() for v in var], total, counts.clamp_min(0))
+        # the counts as released (noisy ones may be negative): summed over clients they stay unbiased
+        return FeatureStats([m.float() for m in mean], [v.float() for v in var], total, counts.clone())
     mean = [s / n for s in sums]
     var = [(q / n - m * m).clamp_min(0) for q, m in zip(squares, mean)]
     return FeatureStats([m.float() for m in mean], [v.float() for v in var], int(round(float(n))))
