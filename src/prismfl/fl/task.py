@@ -144,13 +144,13 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
     """The client's matching loss; per class for a conditional model, over the classes it holds: with
     privacy, those whose noisy count is above three noise deviations (post-processing of the release)."""
     loss = cfg.loss
-    trackers = {"tracker": loss.tracker, "tracker_beta": loss.tracker_beta, "tracker_lr": loss.tracker_lr}
+    options = {"tracker": loss.tracker, "tracker_beta": loss.tracker_beta, "tracker_lr": loss.tracker_lr}
     if privacy and loss.moment == "mean":  # no variances released: each layer weighed by its public clip bound
-        trackers["scales"] = privacy["clip"]
+        options["scales"] = privacy["clip"]
     if not cfg.model.conditional:
-        return MeanVarMatching(stats, loss.normalize, loss.moment, **trackers).to(device)
+        return MeanVarMatching(stats, loss.normalize, loss.moment, **options).to(device)
     min_count = max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0
-    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count, **trackers).to(device)
+    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count, **options).to(device)
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

@@ -261,19 +261,19 @@ class ConditionalMatching(MeanVarMatching):
     variances of its small class groups are unbiased (b / (b - 1))."""
 
     def __init__(self, real: FeatureStats, normalize: str = "layer", moment: str = "variance", *,
-                 min_count: float = 1.0, **trackers):  # fmt: skip
+                 min_count: float = 1.0, **options):  # fmt: skip
         if real.class_counts is None:
             raise ValueError("per-class matching needs per-class statistics")
         counts = real.class_counts.double()
         self.classes = [c for c in range(len(counts)) if float(counts[c]) >= min_count]
         if not self.classes:
             raise ValueError(f"no class has at least {min_count:g} images: nothing to match")
-        super().__init__(real.of_class(self.classes[0]), normalize, moment, **trackers)
+        super().__init__(real.of_class(self.classes[0]), normalize, moment, **options)
         total = float(counts[self.classes].sum())
         self.shares = {c: float(counts[c]) / total for c in self.classes}
         # every class's statistics are weighed by the scale of the layer over all the client's images
         # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
-        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, trackers.get("scales"))
+        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, options.get("scales"))
         self.targets, self.weights = [], []
         for c in self.classes:
             self.targets += real.of_class(c).targets(moment)
