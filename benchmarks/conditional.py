@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismfl import rundir
+from prismfl import privacy, rundir  # noqa: F401 - privacy imported now: later edits cannot reach a running job
 from prismfl.config import load_config
 from prismfl.eval.evaluate import evaluate_file, evaluate_reference
 from prismfl.fl import simulate
@@ -47,6 +47,19 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 0.2, pool 4, means": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", 'loss.moment="mean"']),
     "no DP, means": (math.inf, ['loss.moment="mean"']),
     "no DP, pool 4, means": (math.inf, ["loss.pool=4", 'loss.moment="mean"']),
+    # issue 13: the clients' releases pooled by the server (privacy.pool), every class trained by every client
+    "eps 10, pooled": (10.0, ["privacy.epsilon=10.0", "privacy.pool=1.0", 'privacy.pool_classes="all"']),
+    "eps 1, pooled": (1.0, ["privacy.epsilon=1.0", "privacy.pool=1.0", 'privacy.pool_classes="all"']),
+    "eps 0.2, pooled": (0.2, ["privacy.epsilon=0.2", "privacy.pool=1.0", 'privacy.pool_classes="all"']),
+    "eps 1, pooled own": (1.0, ["privacy.epsilon=1.0", "privacy.pool=1.0"]),
+    "eps 1, pool 4, pooled": (
+        1.0,
+        ["privacy.epsilon=1.0", "loss.pool=4", "privacy.pool=1.0", 'privacy.pool_classes="all"'],
+    ),
+    "eps 0.2, pool 4, pooled": (
+        0.2,
+        ["privacy.epsilon=0.2", "loss.pool=4", "privacy.pool=1.0", 'privacy.pool_classes="all"'],
+    ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),

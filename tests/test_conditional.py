@@ -324,9 +324,26 @@ def test_clients_report_exact_counts_without_privacy_and_the_released_ones_with_
     )
     exact = np.array([2, 0, 8])
     assert reported_counts(ClientRuntime(0, stats), exact) == ([2, 0, 8], [2.6, 0.0, 6.6])
-    assert reported_counts(ClientRuntime(0, stats, {"epsilon": 1.0}), exact) == ([3, 0, 7], [2.6, 0.0, 6.6])
+    assert reported_counts(ClientRuntime(0, stats, {"epsilon": 1.0}), exact, True) == ([3, 0, 7], [2.6, 0.0, 6.6])
     plain = FeatureStats([torch.zeros(2)], [torch.zeros(2)], 10)
     assert reported_counts(ClientRuntime(0, plain), exact) == ([2, 0, 8], None)
+    # an unconditional release holds one noisy count: the row is that total, never the exact classes
+    noisy = FeatureStats([torch.zeros(2)], [torch.zeros(2)], 11)
+    assert reported_counts(ClientRuntime(0, noisy, {"epsilon": 1.0}), exact, True) == ([11], None)
+    assert reported_counts(ClientRuntime(0, None), exact, True) == ([], None)  # holds no data for the method
+
+
+def test_the_server_class_table_from_reported_rows():
+    from prismfl.errors import PrismError
+    from prismfl.fl.client import NOISY_TOTAL, class_table_of
+
+    table, names = class_table_of([[1, 2], [], [3, 0]], ["a", "b"])
+    assert table.tolist() == [[1, 2], [0, 0], [3, 0]] and names == ["a", "b"]
+    table, names = class_table_of([[7], [], [5]], ["a", "b"])
+    assert table.tolist() == [[7], [0], [5]] and names == [NOISY_TOTAL]
+    for bad in ([[1, 2], [3]], [[1, 2, 3], [1, 2, 3]]):
+        with pytest.raises(PrismError, match="different lengths"):
+            class_table_of(bad, ["a", "b"])
 
 
 def test_flower_server_sums_the_class_counts_the_clients_report():
@@ -371,6 +388,25 @@ def test_private_conditional_run_releases_noisy_class_counts(tmp_path):
     assert torch.allclose(shares, released.sum(0) / released.sum(), atol=1e-12)  # the released counts, summed
     table = (tmp_path / "dp" / "partition.txt").read_text()
     assert " ".join(str(int(v)) for v in exact[0]) not in " ".join(table.split())  # the exact table is not shown
+
+
+@needs_fmnist
+def test_private_unconditional_run_shows_only_noisy_totals(tmp_path):
+    """An unconditional release holds one noisy count: partition.txt shows it per client, and neither
+    the exact class counts nor the exact totals (issue 13: they were sent exactly at set-up)."""
+    from prismfl.config import load_config
+    from prismfl.fl import simulate, task
+    from prismfl.fl.client import NOISY_TOTAL
+
+    cfg = load_config(SMOKE, ["privacy.epsilon=8.0", "train.rounds=1"])
+    simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
+    exact = task.prepare_federation(cfg).table
+    lines = (tmp_path / "dp" / "partition.txt").read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("client"))
+    assert NOISY_TOTAL.split()[0] in lines[head] and "T-shirt" not in lines[head]
+    totals = [int(line.split()[1]) for line in lines[head + 1 : head + 4]]
+    assert totals != exact.sum(axis=1).tolist()  # noisy (std about 12 here)
+    assert all(abs(t - e) < 6 * 12 for t, e in zip(totals, exact.sum(axis=1)))
 
 
 @needs_fmnist
@@ -456,7 +492,7 @@ def test_a_checkpoint_whose_class_counts_do_not_fit_its_statistics_is_refused():
                                "class_counts": torch.ones(4, dtype=torch.float64)},
              "privacy": None, "state": {"optimizer": None, "tracker": {"vectors": [], "optimizer": None}},
              "held_round": 0, "replica": None, "own": None}  # fmt: skip
-    with pytest.raises(StateError, match="per-class statistics do not match its class counts"):
+    with pytest.raises(StateError, match="client 0: its statistics: .*inconsistent shapes"):
         restore_clients({"clients": [state], "replicas": {}}, 1e-5)
     state["stats"]["class_counts"] = torch.ones(3, dtype=torch.float64)
     assert restore_clients({"clients": [state], "replicas": {}}, 1e-5)[0].stats.class_counts.tolist() == [1, 1, 1]

@@ -204,6 +204,46 @@ def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_pat
 
 
 @needs_fmnist
+def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp_path, monkeypatch):
+    """privacy.pool: the noisy sums travel in the set-up replies, the pooled statistics in one
+    query.pool message per node; the rounds then match the simulator's. The noise is made
+    reproducible here only (every client draws it from the same OS seed)."""
+    import prismfl.privacy
+
+    monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)
+    pooled = ('privacy.epsilon=4 privacy.pool=1 privacy.pool_classes="all" model.conditional=true '
+              'model.arch="mlp-up" train.batch_size=20 train.rounds=2')  # fmt: skip
+    sim_out, sim_states = simulate_with_states(load_config(SMOKE, pooled.split()), tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": pooled}, grid)
+    assert sum(m.metadata.message_type == "query.pool" for m in grid.sent) == 3
+    assert all("shared" in m.content for m in grid.received if m.metadata.message_type == "query")
+    assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+
+
+@needs_fmnist
+def test_a_client_refuses_pooled_statistics_of_another_shape(tmp_path):
+    """A pool message whose statistics do not fit the client's is an error reply, and the run stops
+    with a line naming the client, before any round."""
+    from prismfl.flower import server_app
+    from prismfl.loss.matching import FeatureStats
+
+    real = server_app.GridTransport.share_pool
+
+    def forged(self, pooled):
+        real(self, FeatureStats([m[:, :1] for m in pooled.mean], [v[:, :1] for v in pooled.var], pooled.count,
+                                pooled.class_counts))  # fmt: skip
+
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    overrides = "privacy.epsilon=4 privacy.pool=1 model.conditional=true train.batch_size=20 train.rounds=1"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_app.GridTransport, "share_pool", forged)
+        with pytest.raises(PrismError, match=r"client \d .* did not take the pooled statistics: .*do not match"):
+            run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides}))
+
+
+@needs_fmnist
 @pytest.mark.parametrize("method", ["local", "central"])
 def test_local_and_central_run_on_flower_as_in_the_simulator(method, tmp_path):
     overrides = f'train.method="{method}" train.rounds=2'

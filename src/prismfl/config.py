@@ -83,6 +83,9 @@ class PrivacyConfig:
     epsilon: float = float("inf")  # inf: no privacy; otherwise record-level (epsilon, delta)-DP per client
     delta: float = 1e-5
     clip: float = 1.0  # per-layer clip bound = clip x median feature norm on non-private reference images
+    # pooling (docs/privacy.md): the clients' releases, already DP, summed by the server and sent back
+    pool: float = 0.0  # weight of the pooled statistics in each client's targets (0: its own release only)
+    pool_classes: str = "own"  # conditional: "own" classes the client holds; "all": every class, pooled ones too
 
 
 @dataclass
@@ -228,6 +231,7 @@ class RunConfig:
             raise ConfigError(f"train.smoothing must be in [0, 0.5), got {self.train.smoothing}")
         if not self.privacy.epsilon > 0:
             raise ConfigError(f"privacy.epsilon must be > 0 (inf turns privacy off), got {self.privacy.epsilon}")
+        self.check_pool()
         if not 0 < self.privacy.delta < 1:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {self.privacy.delta}")
         if not self.privacy.clip > 0:
@@ -250,6 +254,17 @@ class RunConfig:
                 "or use loss.features = 'random'"
             )
         return self
+
+    def check_pool(self) -> None:
+        p = self.privacy
+        _one_of("privacy.pool_classes", p.pool_classes, ("own", "all"))
+        if not (math.isfinite(p.pool) and 0 <= p.pool <= 1):
+            raise ConfigError(f"privacy.pool must be in [0, 1] (the pooled statistics' weight), got {p.pool}")
+        if p.pool > 0 and math.isinf(p.epsilon):
+            raise ConfigError("privacy.pool shares the clients' statistics with the server: only private releases "
+                              "may leave a client (set privacy.epsilon)")  # fmt: skip
+        if p.pool_classes == "all" and not (p.pool > 0 and self.model.conditional):
+            raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

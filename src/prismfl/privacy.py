@@ -70,6 +70,7 @@ class PrivateRelease:
     sensitivity: float  # L2, in clip-normalised units: sqrt(2L + 1)
     clip: list[float]  # C_l per feature layer
     warnings: list[str] = field(default_factory=list)  # classes the noise swamps (per-class releases)
+    shared: dict | None = None  # the noisy sums in feature units, what pooling sends the server (pool_releases)
 
     def summary(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
@@ -148,8 +149,98 @@ def private_feature_stats(
     if not second:  # not released: zero second moments give zero variances
         squares = [torch.zeros_like(q) for q in squares]
     n = count.clamp_min(1.0) if labels is None else count
-    stats = stats_from_sums([c * s for s, c in zip(sums, clip)], [c * c * q for q, c in zip(squares, clip)], n)
-    return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings)
+    shared = {"sums": [c * s for s, c in zip(sums, clip)], "squares": [c * c * q for q, c in zip(squares, clip)],
+              "counts": count.reshape(-1)}  # fmt: skip
+    stats = stats_from_sums(shared["sums"], shared["squares"], n)
+    return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings, shared)
+
+
+def min_count(privacy: dict | None) -> float:
+    """The smallest (noisy) class count a class's statistics are used with: three noise deviations
+    under privacy (a count below that is mostly noise), one image otherwise. Post-processing."""
+    return max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0
+
+
+def check_shared(shared: dict, like: dict | None, num_classes: int) -> None:
+    """A client's shared release has the shape of the first one (`like`) and only finite float64 values:
+    a StateError otherwise (it came over the network)."""
+    from prismfl.safestate import StateError, require
+
+    require(shared, {"sums": list, "squares": list, "counts": torch.Tensor}, "a client's shared statistics")
+    tensors = [*shared["sums"], *shared["squares"], shared["counts"]]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and bool(torch.isfinite(t).all())
+               for t in tensors):  # fmt: skip
+        raise StateError("a client's shared statistics are not finite float64 tensors")
+    if shared["counts"].shape != (max(num_classes, 1),):
+        raise StateError(f"a client's shared statistics hold {tuple(shared['counts'].shape)} counts for "
+                         f"{max(num_classes, 1)}")  # fmt: skip
+    shapes = [t.shape for t in tensors]
+    if like is None:
+        if len(shared["sums"]) != len(shared["squares"]) or any(
+            a.shape != b.shape or a.dim() != (2 if num_classes else 1) or (num_classes and a.shape[0] != num_classes)
+            for a, b in zip(shared["sums"], shared["squares"])
+        ):  # fmt: skip
+            raise StateError("a client's shared statistics have inconsistent shapes")
+    elif shapes != [t.shape for t in [*like["sums"], *like["squares"], like["counts"]]]:
+        raise StateError("the clients' shared statistics differ in shape")
+
+
+def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float) -> FeatureStats:
+    """The pooled statistics of all clients' releases (post-processing: each release is already DP):
+    the sum of their noisy sums over the sum of their noisy counts. Per class, only the clients whose
+    noisy count of the class is at least `min_count` contribute (the others' blocks would add noise
+    and no signal); a class no client holds gets count 0. The noise on a pooled sum is sqrt(K) times a
+    client's, over K times the images."""
+    if not shared:
+        raise ValueError("no client shared its statistics")
+    first = None
+    for k in sorted(shared):
+        check_shared(shared[k], first, num_classes)
+        first = first or shared[k]
+    parts = list(shared.values())
+    if not num_classes:
+        sums = [sum(p["sums"][i] for p in parts) for i in range(len(first["sums"]))]
+        squares = [sum(p["squares"][i] for p in parts) for i in range(len(first["squares"]))]
+        return stats_from_sums(sums, squares, sum(float(p["counts"][0]) for p in parts))
+    use = torch.stack([(p["counts"] >= min_count).double() for p in parts])  # clients x classes
+
+    def total(key: str, i: int) -> torch.Tensor:
+        return sum(w[:, None] * p[key][i] for w, p in zip(use, parts))
+
+    counts = (use * torch.stack([p["counts"] for p in parts])).sum(0)
+    sums = [total("sums", i) for i in range(len(first["sums"]))]
+    squares = [total("squares", i) for i in range(len(first["squares"]))]
+    return stats_from_sums(sums, squares, counts)
+
+
+def mix_stats(own: FeatureStats, pooled: FeatureStats, weight: float, *, all_classes: bool = False,
+              min_count: float = 1.0) -> FeatureStats:  # fmt: skip
+    """A client's targets: weight x pooled + (1 - weight) x own, for the means and the raw second
+    moments (the variance follows). Per class: mixed where both hold the class (count >= min_count);
+    own only where the pool lacks it; with `all_classes`, pooled alone for the classes the client
+    lacks, and the class weights (counts) are the pool's, so every client aims at the global mix."""
+    w = float(weight)
+    shapes = [t.shape for t in (*own.mean, *own.var)], [t.shape for t in (*pooled.mean, *pooled.var)]
+    if shapes[0] != shapes[1] or (own.class_counts is None) != (pooled.class_counts is None):
+        raise ValueError("the pooled statistics do not match the client's own (layers, shapes or classes)")
+    if own.class_counts is None:
+        mean = [w * p.double() + (1 - w) * o.double() for p, o in zip(pooled.mean, own.mean)]
+        second = [w * p.double() + (1 - w) * o.double() for p, o in zip(pooled.second, own.second)]
+        var = [(q - m * m).clamp_min(0).float() for q, m in zip(second, mean)]
+        return FeatureStats([m.float() for m in mean], var, own.count)
+    has_own = own.class_counts >= min_count
+    has_pool = pooled.class_counts >= min_count
+    w_pool = torch.where(has_own & has_pool, w, torch.where(has_own, 0.0, torch.where(has_pool, 1.0, 0.0)))
+    if not all_classes:
+        w_pool = w_pool * has_own
+    pool_only = has_pool if all_classes else torch.zeros_like(has_pool)
+    w_pool, w_own = w_pool[:, None], ((1 - w_pool) * has_own)[:, None]
+    mean = [w_pool * p.double() + w_own * o.double() for p, o in zip(pooled.mean, own.mean)]
+    second = [w_pool * p.double() + w_own * o.double() for p, o in zip(pooled.second, own.second)]
+    var = [(q - m * m).clamp_min(0) for q, m in zip(second, mean)]
+    counts = torch.where(pool_only, pooled.class_counts, torch.where(has_own, own.class_counts, 0.0)).double()
+    return FeatureStats([m.float() for m in mean], [v.float() for v in var],
+                        int(round(float(counts.clamp_min(0).sum()))), counts)  # fmt: skip
 
 
 def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float,
@@ -180,7 +271,8 @@ class Private:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def release(self, ctx, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict]:
+    def release(self, ctx, images: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict, dict | None]:  # fmt: skip
         p = ctx.cfg.privacy
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
@@ -188,4 +280,4 @@ class Private:
                                         second=ctx.cfg.loss.moment != "mean")  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
-        return release.stats, release.summary()
+        return release.stats, release.summary(), release.shared if ctx.cfg.privacy.pool > 0 else None

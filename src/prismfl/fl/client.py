@@ -158,7 +158,24 @@ class ClientRuntime:
     held_round: int = 0
     replica: torch.Tensor | None = None
     own: torch.Tensor | None = None
+    shared: dict | None = None  # its release's noisy sums, until the server pools them (never checkpointed)
     _loss: MeanVarMatching | None = None
+
+    @classmethod
+    def released(cls, k: int, release: tuple) -> ClientRuntime:
+        """A client from `Method.release`'s (statistics, privacy parameters, shared sums)."""
+        stats, privacy, shared = release
+        return cls(k, stats, privacy, shared=shared)
+
+    def take_pool(self, cfg: RunConfig, pooled: FeatureStats) -> None:
+        """Train from now on against the mix of the pooled statistics and its own (privacy.pool)."""
+        from prismfl.privacy import min_count, mix_stats
+
+        if self.stats is None:
+            return
+        self.stats = mix_stats(self.stats, pooled, cfg.privacy.pool, all_classes=cfg.privacy.pool_classes == "all",
+                               min_count=min_count(self.privacy))  # fmt: skip
+        self.shared, self._loss = None, None
 
     def loss(self, cfg: RunConfig, device: str) -> MeanVarMatching:
         if self.stats is None:
@@ -171,38 +188,53 @@ class ClientRuntime:
         return self._loss
 
     def state_dict(self) -> dict:
-        stats = None if self.stats is None else {"mean": self.stats.mean, "var": self.stats.var,
-                                                  "count": self.stats.count}  # fmt: skip
-        if self.stats is not None and self.stats.class_counts is not None:
-            stats["class_counts"] = self.stats.class_counts
+        stats = None if self.stats is None else self.stats.to_tree()
         return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
                 "held_round": self.held_round, "replica": self.replica, "own": self.own}  # fmt: skip
 
     @classmethod
     def from_state_dict(cls, d: dict, tracker_lr: float) -> ClientRuntime:
-        s = d["stats"]
-        stats = None if s is None else FeatureStats(list(s["mean"]), list(s["var"]), int(s["count"]),
-                                                    s.get("class_counts"))  # fmt: skip
-        counts = None if stats is None else stats.class_counts
-        if counts is not None and not (
-            isinstance(counts, torch.Tensor) and counts.dtype == torch.float64 and counts.dim() == 1
-            and all(isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == len(counts) for m in stats.mean)
-            and bool(torch.isfinite(counts).all())
-        ):  # fmt: skip
-            raise ValueError(f"client {d['k']}: its per-class statistics do not match its class counts")
+        try:
+            stats = None if d["stats"] is None else FeatureStats.from_tree(d["stats"])
+        except ValueError as exc:
+            raise ValueError(f"client {d['k']}: its statistics: {exc}") from None
         return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
                    int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
 
 
-def reported_counts(client: ClientRuntime, exact) -> tuple[list[int], list[float] | None]:
-    """What a client tells the server about its classes at setup: its row of the class table, and for a
+NOISY_TOTAL = "images (noisy)"  # the class table's one column when private clients released no per-class counts
+
+
+def reported_counts(client: ClientRuntime, exact, private: bool = False) -> tuple[list[int], list[float] | None]:
+    """What a client tells the server about its data at setup: its row of the class table, and for a
     conditional model the class counts of its statistics (the server's class shares are their sum).
-    With privacy both come from the release's noisy counts: the exact ones would leak."""
+
+    With privacy (`private`) both come from the release's noisy counts, since the exact ones would
+    leak: per class for a conditional model; an unconditional release holds one noisy count, so
+    the row is that total alone (the table's one column is NOISY_TOTAL); a client that holds no data
+    for the method reports an empty row (zeros in the table)."""
     counts = None if client.stats is None else client.stats.class_counts
+    reported = None if counts is None else [float(c) for c in counts]
+    if not private:
+        return [int(c) for c in exact], reported
+    if client.stats is None:
+        return [], None
     if counts is None:
-        return [int(c) for c in exact], None
-    row = [int(c) for c in exact] if client.privacy is None else [max(0, int(round(float(c)))) for c in counts]
-    return row, [float(c) for c in counts]
+        return [max(0, int(client.stats.count))], None
+    return [max(0, int(round(float(c)))) for c in counts], reported
+
+
+def class_table_of(rows: list[list[int]], class_names: list[str]):
+    """The server's class table (clients x classes) from the rows the clients reported, and its
+    column names: the classes, or NOISY_TOTAL when private clients reported one noisy total each."""
+    import numpy as np
+
+    widths = {len(r) for r in rows if r}
+    if len(widths) != 1 or next(iter(widths)) not in (1, len(class_names)):
+        raise PrismError(f"the clients reported class counts of different lengths for {len(class_names)} classes")
+    width = widths.pop()
+    table = np.array([r or [0] * width for r in rows], dtype=np.int64)
+    return table, class_names if width == len(class_names) else [NOISY_TOTAL]
 
 
 def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, *, round_: int, steps: int,

@@ -44,6 +44,7 @@ class Setup:
     feature_meta: dict  # what the loss's feature net was trained on
     privacy: dict | None  # the release's parameters (without the clip bounds), None without privacy
     class_counts: list[float] | None = None  # conditional models: the clients' statistics' class counts, summed
+    shared: dict[int, dict] | None = None  # privacy.pool: each client's released noisy sums (fresh runs only)
 
 
 class Transport(Protocol):
@@ -61,6 +62,10 @@ class Transport(Protocol):
         """The clients' states for the checkpoint, where this process holds them (else None)."""
         ...
 
+    def share_pool(self, pooled) -> None:
+        """Give every client the pooled statistics (privacy.pool): each mixes them into its targets."""
+        ...
+
 
 def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool = False, log=print,
         on_round=None) -> Path:  # fmt: skip
@@ -76,6 +81,8 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             f"delta={p['delta']:g} (noise std {p['noise_std']:.2f} in clipped units)")  # fmt: skip
     if ckpt is None:
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
+        if cfg.privacy.pool > 0:
+            pool_statistics(cfg, method, setup, transport, log)
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
         if method.spec.num_classes:
             state["class_shares"] = class_shares(setup.class_counts, method.spec.num_classes)
@@ -162,6 +169,26 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     runreport.run_report(out)
     log(f"done: {what}; samples.png, curves.png and report.md in {out}")
     return out
+
+
+def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Transport, log) -> None:
+    """privacy.pool: sum the clients' private releases into pooled statistics (post-processing) and
+    send them back to every client, which mixes them into its own targets."""
+    from prismfl import privacy
+
+    if not setup.shared:
+        raise PrismError("privacy.pool is set but no client shared its statistics")
+    try:
+        pooled = privacy.pool_releases(setup.shared, num_classes=method.spec.num_classes,
+                                       min_count=privacy.min_count(setup.privacy))  # fmt: skip
+    except ValueError as exc:
+        raise PrismError(f"pooling the clients' statistics: {exc}") from None
+    transport.share_pool(pooled)
+    what = f"{len(setup.shared)} clients' releases"
+    if method.spec.num_classes:
+        what += f" (per class; pooled counts {', '.join(f'{float(c):.0f}' for c in pooled.class_counts)})"
+    log(f"privacy: pooled {what}; each client's targets are {cfg.privacy.pool:g} x pooled + "
+        f"{1 - cfg.privacy.pool:g} x its own, over {cfg.privacy.pool_classes} classes")  # fmt: skip
 
 
 def class_shares(counts: list[float] | None, num_classes: int):

@@ -9,6 +9,7 @@ state as one that was never interrupted.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from prismfl.config import RunConfig
 from prismfl.fl import faults, task
-from prismfl.fl.client import ClientContext, ClientRuntime, client_context, reported_counts
+from prismfl.fl.client import ClientContext, ClientRuntime, class_table_of, client_context, reported_counts
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
@@ -41,29 +42,37 @@ class InProcess:
         if checkpoint is None:  # each client computes (and, with privacy on, privatises) its statistics once
             for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics"):
                 if method.holds_data(k):
-                    client = ClientRuntime(k, *method.release(ctx, *method.client_data(ctx, k)))
+                    client = ClientRuntime.released(k, method.release(ctx, *method.client_data(ctx, k)))
                     method.init_client(ctx, client)
                     self.clients[k] = client
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
             self.clients = restore_clients(checkpoint["clients"], cfg.loss.tracker_lr)
             self.sent = {k: t.numpy().tobytes() for k, t in checkpoint["clients"].get("sent", {}).items()}
         first = next(iter(self.clients.values())).privacy
-        table, counts = ctx.fed.table.copy(), []
-        for k, client in self.clients.items():
-            row, reported = reported_counts(client, table[k])
-            table[k] = row
+        private, rows, counts = not math.isinf(cfg.privacy.epsilon), [], []
+        for k in range(cfg.partition.num_clients):
+            client = self.clients.get(k, ClientRuntime(k, None))
+            row, reported = reported_counts(client, ctx.fed.table[k], private)
+            rows.append(row)
             if reported is not None:
                 counts.append(reported)
+        table, names = class_table_of(rows, ctx.fed.class_names)
+        shared = {k: c.shared for k, c in self.clients.items() if c.shared is not None}
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
             class_table=table,
             class_counts=np.sum(counts, axis=0).tolist() if counts else None,
-            class_names=ctx.fed.class_names,
+            class_names=names,
             source=ctx.fed.train.source,
             feature_meta=ctx.feature_meta,
             privacy=first and {key: v for key, v in first.items() if key != "clip"},
+            shared=shared or None,
         )
+
+    def share_pool(self, pooled) -> None:
+        for client in self.clients.values():
+            client.take_pool(self.cfg, pooled)
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
         """Every client's round, then the faults of `cfg.faults` (fl/faults.py): lost uploads, hostile ones."""

@@ -149,8 +149,9 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
         options["scales"] = privacy["clip"]
     if not cfg.model.conditional:
         return MeanVarMatching(stats, loss.normalize, loss.moment, **options).to(device)
-    min_count = max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0
-    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count, **options).to(device)
+    from prismfl.privacy import min_count
+
+    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count(privacy), **options).to(device)
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Two messages reach a client. "query" (once, at the start): the server's RunConfig in; the client
 computes its feature statistics (the only use of its images; privatised when privacy is on) and
-answers with what the run directory records about it. "train" (each round it is chosen): the
+answers with what the run directory records about it (with privacy.pool, also its release's noisy
+sums; the pooled statistics come back once in "query.pool"). "train" (each round it is chosen): the
 round's wire messages in (for PRISM, the broadcasts that bring its replica of the global scores up
 to date); one upload out. What a client keeps between messages (its statistics, Adam and tracker
 state, replica) lives in Flower's Context.state as a safestate blob (no pickles). What a process
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,6 +30,7 @@ from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
 from prismfl.flower.payload import STATE, from_array, to_array, wire_messages
 from prismfl.flower.settings import client_config, node_settings
+from prismfl.loss.matching import FeatureStats
 
 log = logging.getLogger("flwr").info
 
@@ -65,12 +68,12 @@ def setup(message: Message, context: Context) -> Message:
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     method, ctx = run_context(cfg_json)
     k = node.partition_id
-    client = ClientRuntime(k, *method.release(ctx, *method.client_data(ctx, k))) if method.holds_data(k) \
+    client = ClientRuntime.released(k, method.release(ctx, *method.client_data(ctx, k))) if method.holds_data(k) \
         else ClientRuntime(k, None)  # fmt: skip
     method.init_client(ctx, client)
     _save(context, cfg_json, json.dumps(ctx.feature_recipe, sort_keys=True), client)
     log(f"prismfl client {k}: {len(ctx.fed.parts[k])} images, statistics ready, {ctx.num_weights:,} weights")
-    row, counts = reported_counts(client, ctx.fed.table[k])
+    row, counts = reported_counts(client, ctx.fed.table[k], not math.isinf(cfg.privacy.epsilon))
     reply = {
         "partition-id": k,
         "class-counts": row,
@@ -81,7 +84,24 @@ def setup(message: Message, context: Context) -> Message:
     }
     if counts is not None:
         reply["statistics-class-counts"] = counts
-    return Message(RecordDict({"prismfl": ConfigRecord(reply)}), reply_to=message)
+    content = RecordDict({"prismfl": ConfigRecord(reply)})
+    if client.shared is not None:  # privacy.pool: the release's noisy sums (DP), for the server to pool
+        content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
+    return Message(content, reply_to=message)
+
+
+def pool(message: Message, context: Context) -> Message:
+    """privacy.pool: the pooled statistics in; the client mixes them into its targets (once, before round 1)."""
+    if NODE not in context.state:
+        raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
+    cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
+    cfg = config_from_dict(json.loads(cfg_json))
+    saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
+    client = ClientRuntime.from_state_dict(saved, cfg.loss.tracker_lr)
+    tree = safestate.from_bytes(from_array(message.content["pooled"]["000"], STATE), "pooled statistics")
+    client.take_pool(cfg, FeatureStats.from_tree(tree))
+    _save(context, cfg_json, recipe_json, client)
+    return Message(RecordDict({"prismfl": ConfigRecord({"partition-id": client.k})}), reply_to=message)
 
 
 def train(message: Message, context: Context) -> Message:
@@ -114,6 +134,7 @@ def make_client_app(mods=()) -> ClientApp:
     """The ClientApp; `mods` are Flower client mods (the tests use one to inject faults)."""
     app = ClientApp(mods=list(mods))
     app.query()(setup)
+    app.query("pool")(pool)
     app.train()(train)
     return app
 

@@ -24,15 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from prismfl import safestate
 from prismfl.data.sources import dataset_info
 from prismfl.errors import PrismError
 from prismfl.fl import engine, task
+from prismfl.fl.client import class_table_of
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
-from prismfl.flower.payload import from_array, wire_record
+from prismfl.flower.payload import STATE, from_array, to_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
 
 log = logging.getLogger("flwr").info
@@ -85,14 +87,17 @@ def _error(reply: Message) -> str:
     return f"error {reply.error.code}: {reply.error.reason}"
 
 
-def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int) -> tuple[dict[int, int], list[dict]]:
-    """Send the RunConfig to every node; return {partition id: node id} and the setup replies by partition."""
+def setup_clients(grid: Grid, s: ServerSettings, n: int,
+                  table_hash: int) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
+    """Send the RunConfig to every node; return {partition id: node id}, the setup replies by partition
+    and the noisy sums the clients shared (privacy.pool; decoded, not yet checked)."""
     k = s.cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
     request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict())})})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     node_of: dict[int, int] = {}
     infos: dict[int, dict] = {}
+    shared: dict[int, dict] = {}
     for node in nodes:
         reply = got.replies.get(node)
         if reply is None:
@@ -107,10 +112,15 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int) -> tup
             raise PrismError(f"SuperNode {node} built another model ({info['num-weights']} weights): "
                              "are server and clients running the same prismfl version?")  # fmt: skip
         node_of[pid], infos[pid] = node, info
+        if "shared" in reply.content:
+            try:
+                shared[pid] = safestate.from_bytes(from_array(reply.content["shared"]["000"], STATE), "shared sums")
+            except (KeyError, ValueError, TypeError, safestate.StateError) as exc:
+                raise PrismError(f"SuperNode {node}'s shared statistics: {type(exc).__name__}: {exc}") from None
     missing = sorted(set(range(k)) - set(node_of))
     if missing:
         raise PrismError(f"no SuperNode holds partition(s) {missing}")
-    return node_of, [infos[i] for i in range(k)]
+    return node_of, [infos[i] for i in range(k)], shared
 
 
 def class_counts(infos: list[dict]) -> list[float] | None:
@@ -141,19 +151,33 @@ class GridTransport:
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
-        self.node_of, infos = setup_clients(self.grid, self.s, n, table_hash)
+        self.node_of, infos, shared = setup_clients(self.grid, self.s, n, table_hash)
         first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
         privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}
+        table, names = class_table_of([list(info["class-counts"]) for info in infos],
+                                      list(dataset_info(cfg.data.dataset).class_names))  # fmt: skip
         return Setup(
             num_weights=n,
             table_hash=table_hash,
-            class_table=np.array([info["class-counts"] for info in infos], dtype=np.int64),
+            class_table=table,
             class_counts=class_counts(infos),
-            class_names=list(dataset_info(cfg.data.dataset).class_names),
+            class_names=names,
             source=infos[0]["source"],
             feature_meta=first["feature_net"],
             privacy=privacy,
+            shared=shared or None,
         )
+
+    def share_pool(self, pooled) -> None:
+        data = to_array(safestate.to_bytes(pooled.to_tree()), STATE)
+        request = RecordDict({"pooled": ArrayRecord({"000": data})})
+        got = exchange(self.grid, dict.fromkeys(self.node_of.values(), request), f"{MessageType.QUERY}.pool",
+                       self.s.reply_timeout, "pool")  # fmt: skip
+        for k, node in self.node_of.items():
+            reply = got.replies.get(node)
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else _error(reply)
+                raise PrismError(f"client {k} (SuperNode {node}) did not take the pooled statistics: {why}")
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
         contents = {}

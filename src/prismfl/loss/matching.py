@@ -36,6 +36,33 @@ class FeatureStats:
         return FeatureStats([m[c] for m in self.mean], [v[c] for v in self.var],
                             int(round(float(self.class_counts[c]))))  # fmt: skip
 
+    def to_tree(self) -> dict:
+        """A safestate tree (ClientRuntime's state, the pooled statistics on Flower's wire)."""
+        tree = {"mean": self.mean, "var": self.var, "count": self.count}
+        if self.class_counts is not None:
+            tree["class_counts"] = self.class_counts
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> FeatureStats:
+        """The inverse of to_tree; a ValueError where the tree does not hold consistent statistics."""
+        try:
+            mean, var, counts = list(tree["mean"]), list(tree["var"]), tree.get("class_counts")
+            stats = cls(mean, var, int(tree["count"]), counts)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not feature statistics: {type(exc).__name__}: {exc}") from None
+        rows = 1 if counts is None else len(counts) if isinstance(counts, torch.Tensor) and counts.dim() == 1 else -1
+        if not (
+            len(mean) == len(var) > 0
+            and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and bool(torch.isfinite(t).all())
+                    for t in (*mean, *var))
+            and all(m.shape == v.shape and m.dim() == (1 if counts is None else 2) for m, v in zip(mean, var))
+            and (counts is None or (rows > 0 and counts.dtype == torch.float64 and bool(torch.isfinite(counts).all())
+                                    and all(m.shape[0] == rows for m in mean)))
+        ):  # fmt: skip
+            raise ValueError("feature statistics of inconsistent shapes, types or non-finite values")
+        return stats
+
     @property
     def second(self) -> list[torch.Tensor]:
         """Raw second moments E[f^2] = var + mean^2."""

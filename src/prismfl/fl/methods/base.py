@@ -102,11 +102,12 @@ class Method:
         return ctx.fed.images(idx), ctx.fed.labels(idx) if self.spec.num_classes else None
 
     def release(self, ctx: ClientContext, images: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict | None]:  # fmt: skip
+                labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict | None, dict | None]:  # fmt: skip
         """The client's feature statistics, per class with `labels` (exact; `privacy.Private` releases
-        them with DP instead)."""
+        them with DP instead), the release's parameters (privacy only) and what it shares for pooling
+        (privacy.pool > 0 only: its noisy sums)."""
         return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, labels=labels,
-                             num_classes=self.spec.num_classes), None  # fmt: skip
+                             num_classes=self.spec.num_classes), None, None  # fmt: skip
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         """Round-0 state of a new client (every client derives it from the run seed: 0 bytes)."""
