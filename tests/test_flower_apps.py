@@ -223,6 +223,33 @@ def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp
 
 
 @needs_fmnist
+def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch):
+    """privacy.secagg: public keys in the set-up replies, masked vectors in query.secagg, the pooled
+    statistics in query.pool; the masks cancel exactly, so the rounds match the simulator's. No
+    message the server receives holds a client's plain vector."""
+    import prismfl.privacy
+
+    monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)
+    overrides = "privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=2"
+    sim_out, sim_states = simulate_with_states(load_config(SMOKE, overrides.split()), tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides}, grid)
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("query.secagg") == 3 and kinds.count("query.pool") == 3
+    assert not any("shared" in m.content for m in grid.received)
+    assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+
+
+@needs_fmnist
+def test_secure_aggregation_stops_when_a_client_does_not_send_its_masked_vector(tmp_path):
+    grid = LocalGrid(make_client_app(), nodes_for(3), silent=lambda node, group: node == 101 and group == "secagg")
+    overrides = "privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=1"
+    with pytest.raises(PrismError, match=r"client\(s\) \[1\] sent no masked vector.*start the run again"):
+        run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides}))
+
+
+@needs_fmnist
 def test_a_client_refuses_pooled_statistics_of_another_shape(tmp_path):
     """A pool message whose statistics do not fit the client's is an error reply, and the run stops
     with a line naming the client, before any round."""

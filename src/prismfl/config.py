@@ -86,6 +86,10 @@ class PrivacyConfig:
     # pooling (docs/privacy.md): the clients' releases, already DP, summed by the server and sent back
     pool: float = 0.0  # weight of the pooled statistics in each client's targets (0: its own release only)
     pool_classes: str = "own"  # conditional: "own" classes the client holds; "all": every class, pooled ones too
+    # distributed noise (prismfl/secagg.py): each client adds 1/sqrt(K - colluders) of the noise and the
+    # server learns only the sum of the clients' vectors, by secure aggregation; needs pool = 1
+    secagg: bool = False
+    colluders: int = 0  # clients assumed to collude with the server: the guarantee holds against them too
 
 
 @dataclass
@@ -265,6 +269,18 @@ class RunConfig:
                               "may leave a client (set privacy.epsilon)")  # fmt: skip
         if p.pool_classes == "all" and not (p.pool > 0 and self.model.conditional):
             raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
+        if not p.secagg:
+            if p.colluders:
+                raise ConfigError("privacy.colluders is for privacy.secagg = true")
+            return
+        if p.pool != 1 or (self.model.conditional and p.pool_classes != "all"):
+            raise ConfigError("privacy.secagg: no client's own statistics are private on their own, so every client "
+                              "trains against the secure sum alone: set privacy.pool = 1"
+                              + (" and privacy.pool_classes = 'all'" if self.model.conditional else ""))  # fmt: skip
+        if self.train.method != "prism":
+            raise ConfigError(f"privacy.secagg is implemented for the prism method, not {self.train.method!r}")
+        if not 0 <= p.colluders < self.partition.num_clients:
+            raise ConfigError(f"privacy.colluders must be in [0, {self.partition.num_clients - 1}], got {p.colluders}")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -105,6 +105,7 @@ def private_feature_stats(
     num_classes: int = 0,
     class_names: list[str] | None = None,
     second: bool = True,
+    noise_share: float = 1.0,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
@@ -114,7 +115,11 @@ def private_feature_stats(
     still moves one block by ||r(x)|| <= sqrt(2L + 1): the sensitivity is unchanged.
 
     `second = False` (loss.moment = "mean"): r(x) = [u_1/C_1, ..., u_L/C_L, 1], the means only, with
-    sensitivity sqrt(L + 1); nothing is released about second moments (the variances are zeros)."""
+    sensitivity sqrt(L + 1); nothing is released about second moments (the variances are zeros).
+
+    `noise_share < 1` (distributed noise, secagg.py): the client adds only that fraction of the noise's
+    standard deviation; its release is then NOT (epsilon, delta)-DP alone, only the secure sum of all
+    clients' releases is. Its `stats` must not be used; `shared` goes to secure aggregation."""
     z = noise_multiplier(epsilon, delta)
     n_layers = len(clip)
     sensitivity = math.sqrt((2 if second else 1) * n_layers + 1)
@@ -134,10 +139,11 @@ def private_feature_stats(
         count = torch.tensor(float(len(images)), dtype=torch.float64)
     else:
         count = torch.bincount(labels.long(), minlength=num_classes).double()
-    warnings = weak_classes(sums, count, z * sensitivity, class_names) if labels is not None else []
+    warn = labels is not None and noise_share == 1  # distributed noise: a client's own share says nothing
+    warnings = weak_classes(sums, count, z * sensitivity, class_names) if warn else []
     if z > 0:
         gen = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
-        std = z * sensitivity
+        std = z * sensitivity * noise_share
 
         def noisy(t: torch.Tensor) -> torch.Tensor:
             return t + std * torch.randn(t.shape, generator=gen, dtype=torch.float64)
@@ -201,7 +207,7 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
     if not num_classes:
         sums = [sum(p["sums"][i] for p in parts) for i in range(len(first["sums"]))]
         squares = [sum(p["squares"][i] for p in parts) for i in range(len(first["squares"]))]
-        return stats_from_sums(sums, squares, sum(float(p["counts"][0]) for p in parts))
+        return stats_of_sum({"sums": sums, "squares": squares, "counts": sum(p["counts"] for p in parts)}, 0)
     use = torch.stack([(p["counts"] >= min_count).double() for p in parts])  # clients x classes
 
     def total(key: str, i: int) -> torch.Tensor:
@@ -211,6 +217,12 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
     sums = [total("sums", i) for i in range(len(first["sums"]))]
     squares = [total("squares", i) for i in range(len(first["squares"]))]
     return stats_from_sums(sums, squares, counts)
+
+
+def stats_of_sum(summed: dict, num_classes: int) -> FeatureStats:
+    """The statistics of summed noisy sums (pooled, or the secure sum of secagg.aggregate)."""
+    counts = summed["counts"].double()
+    return stats_from_sums(summed["sums"], summed["squares"], counts if num_classes else float(counts.reshape(-1)[0]))
 
 
 def mix_stats(own: FeatureStats, pooled: FeatureStats, weight: float, *, all_classes: bool = False,
@@ -272,12 +284,21 @@ class Private:
         return getattr(self.inner, name)
 
     def release(self, ctx, images: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[FeatureStats, dict, dict | None]:  # fmt: skip
+                labels: torch.Tensor | None = None) -> tuple[FeatureStats | None, dict, object]:  # fmt: skip
+        """(statistics, parameters, shared): with privacy.pool, `shared` is the release's noisy sums;
+        with privacy.secagg, the client's side of secure aggregation, and no statistics of its own."""
         p = ctx.cfg.privacy
+        share = 1 / math.sqrt(ctx.cfg.partition.num_clients - p.colluders) if p.secagg else 1.0
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
                                         class_names=ctx.fed.class_names if ctx.fed is not None else None,
-                                        second=ctx.cfg.loss.moment != "mean")  # fmt: skip
+                                        second=ctx.cfg.loss.moment != "mean", noise_share=share)  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
-        return release.stats, release.summary(), release.shared if ctx.cfg.privacy.pool > 0 else None
+        summary = release.summary()
+        if p.secagg:
+            from prismfl.secagg import SecAggClient
+
+            summary.update(secagg=True, colluders=p.colluders, client_noise_std=summary["noise_std"] * share)
+            return None, summary, SecAggClient.of_release(release.shared)
+        return release.stats, summary, release.shared if p.pool > 0 else None

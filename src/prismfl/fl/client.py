@@ -158,7 +158,9 @@ class ClientRuntime:
     held_round: int = 0
     replica: torch.Tensor | None = None
     own: torch.Tensor | None = None
-    shared: dict | None = None  # its release's noisy sums, until the server pools them (never checkpointed)
+    # what it shares until the server pools it: its release's noisy sums (privacy.pool), or its side of
+    # secure aggregation (privacy.secagg; kept in the client's own saved state between Flower messages)
+    shared: object = None
     _loss: MeanVarMatching | None = None
 
     @classmethod
@@ -171,9 +173,10 @@ class ClientRuntime:
         """Train from now on against the mix of the pooled statistics and its own (privacy.pool)."""
         from prismfl.privacy import min_count, mix_stats
 
-        if self.stats is None:
-            return
-        self.stats = mix_stats(self.stats, pooled, cfg.privacy.pool, all_classes=cfg.privacy.pool_classes == "all",
+        if self.stats is None and self.shared is None:
+            return  # holds no data for this method
+        own = pooled if self.stats is None else self.stats  # secagg: no statistics of its own
+        self.stats = mix_stats(own, pooled, cfg.privacy.pool, all_classes=cfg.privacy.pool_classes == "all",
                                min_count=min_count(self.privacy))  # fmt: skip
         self.shared, self._loss = None, None
 
@@ -189,8 +192,11 @@ class ClientRuntime:
 
     def state_dict(self) -> dict:
         stats = None if self.stats is None else self.stats.to_tree()
+        from prismfl.secagg import SecAggClient
+
+        secagg = self.shared.to_tree() if isinstance(self.shared, SecAggClient) else None
         return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
-                "held_round": self.held_round, "replica": self.replica, "own": self.own}  # fmt: skip
+                "held_round": self.held_round, "replica": self.replica, "own": self.own, "secagg": secagg}  # fmt: skip
 
     @classmethod
     def from_state_dict(cls, d: dict, tracker_lr: float) -> ClientRuntime:
@@ -198,11 +204,17 @@ class ClientRuntime:
             stats = None if d["stats"] is None else FeatureStats.from_tree(d["stats"])
         except ValueError as exc:
             raise ValueError(f"client {d['k']}: its statistics: {exc}") from None
+        shared = None
+        if d.get("secagg") is not None:
+            from prismfl.secagg import SecAggClient
+
+            shared = SecAggClient.from_tree(d["secagg"])
         return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
-                   int(d["held_round"]), d["replica"], d["own"])  # fmt: skip
+                   int(d["held_round"]), d["replica"], d["own"], shared)  # fmt: skip
 
 
 NOISY_TOTAL = "images (noisy)"  # the class table's one column when private clients released no per-class counts
+NOT_REPORTED = "not reported"  # secure aggregation: no client reports anything of its own
 
 
 def reported_counts(client: ClientRuntime, exact, private: bool = False) -> tuple[list[int], list[float] | None]:
@@ -230,6 +242,8 @@ def class_table_of(rows: list[list[int]], class_names: list[str]):
     import numpy as np
 
     widths = {len(r) for r in rows if r}
+    if not widths:
+        return np.zeros((len(rows), 1), dtype=np.int64), [NOT_REPORTED]
     if len(widths) != 1 or next(iter(widths)) not in (1, len(class_names)):
         raise PrismError(f"the clients reported class counts of different lengths for {len(class_names)} classes")
     width = widths.pop()

@@ -44,7 +44,9 @@ class Setup:
     feature_meta: dict  # what the loss's feature net was trained on
     privacy: dict | None  # the release's parameters (without the clip bounds), None without privacy
     class_counts: list[float] | None = None  # conditional models: the clients' statistics' class counts, summed
-    shared: dict[int, dict] | None = None  # privacy.pool: each client's released noisy sums (fresh runs only)
+    # fresh runs only: privacy.pool: each client's released noisy sums; privacy.secagg: each client's
+    # public key and vector layout for secure aggregation
+    shared: dict[int, dict] | None = None
 
 
 class Transport(Protocol):
@@ -66,6 +68,11 @@ class Transport(Protocol):
         """Give every client the pooled statistics (privacy.pool): each mixes them into its targets."""
         ...
 
+    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
+        """Secure aggregation (privacy.secagg): send every client the participants' public keys; return
+        the masked vectors that came back, by client."""
+        ...
+
 
 def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool = False, log=print,
         on_round=None) -> Path:  # fmt: skip
@@ -75,17 +82,25 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     ckpt = rundir.check(out, cfg, resume=resume, transport=transport.name)
     setup = transport.setup(method, ckpt, log)  # bad data fails here, before anything is written
     model_info = {"method": cfg.train.method, "feature_net": setup.feature_meta, "privacy": setup.privacy}
-    if setup.privacy:
+    if setup.privacy and setup.privacy.get("secagg"):
+        p = setup.privacy
+        log(f"privacy: the clients' summed statistics released once with epsilon={p['epsilon']:.3f}, "
+            f"delta={p['delta']:g}, by secure aggregation with distributed noise (each client adds std "
+            f"{p['client_noise_std']:.2f}, the sum carries >= {p['noise_std']:.2f}, against up to "
+            f"{p['colluders']} colluding clients)")  # fmt: skip
+    elif setup.privacy:
         p = setup.privacy
         log(f"privacy: each client's statistics released once with epsilon={p['epsilon']:.3f}, "
             f"delta={p['delta']:g} (noise std {p['noise_std']:.2f} in clipped units)")  # fmt: skip
     if ckpt is None:
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
-        if cfg.privacy.pool > 0:
-            pool_statistics(cfg, method, setup, transport, log)
+        pooled = pool_statistics(cfg, method, setup, transport, log) if cfg.privacy.pool > 0 else None
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
         if method.spec.num_classes:
-            state["class_shares"] = class_shares(setup.class_counts, method.spec.num_classes)
+            counts = setup.class_counts
+            if counts is None and pooled is not None:  # secagg: the class counts of the secure sum
+                counts = pooled.class_counts.tolist()
+            state["class_shares"] = class_shares(counts, method.spec.num_classes)
     else:
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
         method.check_state(state, setup.num_weights)
@@ -171,24 +186,56 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     return out
 
 
-def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Transport, log) -> None:
-    """privacy.pool: sum the clients' private releases into pooled statistics (post-processing) and
-    send them back to every client, which mixes them into its own targets."""
+def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Transport, log):
+    """privacy.pool: sum the clients' private releases into pooled statistics (post-processing), or
+    with privacy.secagg learn only their secure sum; send the pooled statistics back to every client,
+    which mixes them into its own targets. Returns them."""
     from prismfl import privacy
 
     if not setup.shared:
         raise PrismError("privacy.pool is set but no client shared its statistics")
-    try:
-        pooled = privacy.pool_releases(setup.shared, num_classes=method.spec.num_classes,
-                                       min_count=privacy.min_count(setup.privacy))  # fmt: skip
-    except ValueError as exc:
-        raise PrismError(f"pooling the clients' statistics: {exc}") from None
+    if cfg.privacy.secagg:
+        pooled = secure_sum(method, setup, transport, log)
+    else:
+        try:
+            pooled = privacy.pool_releases(setup.shared, num_classes=method.spec.num_classes,
+                                           min_count=privacy.min_count(setup.privacy))  # fmt: skip
+        except ValueError as exc:
+            raise PrismError(f"pooling the clients' statistics: {exc}") from None
     transport.share_pool(pooled)
-    what = f"{len(setup.shared)} clients' releases"
+    p = cfg.privacy
+    what = f"{len(setup.shared)} clients' " + ("secure sum" if p.secagg else "releases")
     if method.spec.num_classes:
         what += f" (per class; pooled counts {', '.join(f'{float(c):.0f}' for c in pooled.class_counts)})"
-    log(f"privacy: pooled {what}; each client's targets are {cfg.privacy.pool:g} x pooled + "
-        f"{1 - cfg.privacy.pool:g} x its own, over {cfg.privacy.pool_classes} classes")  # fmt: skip
+    how = "the pooled statistics alone" if p.pool == 1 else f"{p.pool:g} x pooled + {1 - p.pool:g} x its own"
+    if method.spec.num_classes:
+        how += " over every class" if p.pool_classes == "all" else " over the classes it holds"
+    log(f"privacy: pooled {what}; each client trains against {how}")
+    return pooled
+
+
+def secure_sum(method: Method, setup: Setup, transport: Transport, log):
+    """Secure aggregation (prismfl/secagg.py): relay the public keys, collect the masked vectors, sum
+    them (the masks cancel) into the statistics of the noisy sum. Every client must answer."""
+    import json
+
+    from prismfl import privacy, secagg
+
+    t0 = time.perf_counter()
+    layouts = {json.dumps(s.get("layout")) for s in setup.shared.values()}
+    if len(layouts) != 1:
+        raise PrismError("the clients' secure-aggregation vectors differ in layout")
+    layout = next(iter(setup.shared.values()))["layout"]
+    keys = {k: s.get("public_key") for k, s in setup.shared.items()}
+    masked = transport.secagg_masked(keys, secagg.context_of(setup.table_hash, keys))
+    missing = sorted(set(keys) - set(masked))
+    if missing:
+        raise PrismError(f"secure aggregation: client(s) {missing} sent no masked vector, so the sum cannot be "
+                         "unmasked (no dropout recovery); start the run again")  # fmt: skip
+    summed = secagg.aggregate({k: masked[k] for k in keys}, layout)
+    log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
+        f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return privacy.stats_of_sum(summed, method.spec.num_classes)
 
 
 def class_shares(counts: list[float] | None, num_classes: int):

@@ -57,7 +57,8 @@ class InProcess:
             if reported is not None:
                 counts.append(reported)
         table, names = class_table_of(rows, ctx.fed.class_names)
-        shared = {k: c.shared for k, c in self.clients.items() if c.shared is not None}
+        shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
+                  if c.shared is not None}  # fmt: skip
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
@@ -73,6 +74,9 @@ class InProcess:
     def share_pool(self, pooled) -> None:
         for client in self.clients.values():
             client.take_pool(self.cfg, pooled)
+
+    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
+        return {k: self.clients[k].shared.masked(k, keys, context).tobytes() for k in keys}
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
         """Every client's round, then the faults of `cfg.faults` (fl/faults.py): lost uploads, hostile ones."""

@@ -3,7 +3,8 @@
 Two messages reach a client. "query" (once, at the start): the server's RunConfig in; the client
 computes its feature statistics (the only use of its images; privatised when privacy is on) and
 answers with what the run directory records about it (with privacy.pool, also its release's noisy
-sums; the pooled statistics come back once in "query.pool"). "train" (each round it is chosen): the
+sums; with privacy.secagg, its public key, then its masked vector in "query.secagg"; the pooled
+statistics come back once in "query.pool"). "train" (each round it is chosen): the
 round's wire messages in (for PRISM, the broadcasts that bring its replica of the global scores up
 to date); one upload out. What a client keeps between messages (its statistics, Adam and tracker
 state, replica) lives in Flower's Context.state as a safestate blob (no pickles). What a process
@@ -28,9 +29,10 @@ from prismfl.fl import task
 from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
-from prismfl.flower.payload import STATE, from_array, to_array, wire_messages
+from prismfl.flower.payload import SECAGG, STATE, from_array, to_array, wire_messages
 from prismfl.flower.settings import client_config, node_settings
 from prismfl.loss.matching import FeatureStats
+from prismfl.secagg import SecAggClient
 
 log = logging.getLogger("flwr").info
 
@@ -84,20 +86,43 @@ def setup(message: Message, context: Context) -> Message:
     }
     if counts is not None:
         reply["statistics-class-counts"] = counts
+    if cfg.privacy.secagg:  # its public key and vector layout; the vector itself goes masked, in query.secagg
+        public = client.shared.public()
+        reply["secagg-public-key"], reply["secagg-layout"] = public["public_key"], json.dumps(public["layout"])
     content = RecordDict({"prismfl": ConfigRecord(reply)})
-    if client.shared is not None:  # privacy.pool: the release's noisy sums (DP), for the server to pool
+    if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
     return Message(content, reply_to=message)
 
 
-def pool(message: Message, context: Context) -> Message:
-    """privacy.pool: the pooled statistics in; the client mixes them into its targets (once, before round 1)."""
+def _restore(context: Context):
+    """(cfg_json, recipe_json, cfg, client) from the client's saved state."""
     if NODE not in context.state:
         raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
     cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
     cfg = config_from_dict(json.loads(cfg_json))
     saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
-    client = ClientRuntime.from_state_dict(saved, cfg.loss.tracker_lr)
+    return cfg_json, recipe_json, cfg, ClientRuntime.from_state_dict(saved, cfg.loss.tracker_lr)
+
+
+def secagg(message: Message, context: Context) -> Message:
+    """privacy.secagg: the participants' public keys in; the client's vector plus its pairwise masks out."""
+    _, _, _, client = _restore(context)
+    if not isinstance(client.shared, SecAggClient):
+        raise PrismError(f"client {client.k} has no secure-aggregation state (set up without privacy.secagg?)")
+    request = message.content["prismfl"]
+    peers, keys = list(request["peers"]), list(request["keys"])
+    if len(peers) != len(keys) or len(set(peers)) != len(peers):
+        raise PrismError("the secure-aggregation request's peers and keys do not match")
+    masked = client.shared.masked(client.k, dict(zip(peers, keys)), bytes(request["context"]))
+    content = RecordDict({"masked": ArrayRecord({"000": to_array(masked.tobytes(), SECAGG)}),
+                          "prismfl": ConfigRecord({"partition-id": client.k})})  # fmt: skip
+    return Message(content, reply_to=message)
+
+
+def pool(message: Message, context: Context) -> Message:
+    """privacy.pool: the pooled statistics in; the client mixes them into its targets (once, before round 1)."""
+    cfg_json, recipe_json, cfg, client = _restore(context)
     tree = safestate.from_bytes(from_array(message.content["pooled"]["000"], STATE), "pooled statistics")
     client.take_pool(cfg, FeatureStats.from_tree(tree))
     _save(context, cfg_json, recipe_json, client)
@@ -135,6 +160,7 @@ def make_client_app(mods=()) -> ClientApp:
     app = ClientApp(mods=list(mods))
     app.query()(setup)
     app.query("pool")(pool)
+    app.query("secagg")(secagg)
     app.train()(train)
     return app
 

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord
 
 WIRE = "prismfl/wire"
 STATE = "prismfl/state"
+SECAGG = "prismfl/secagg"  # a masked vector of 64-bit words (secagg.py)
 
 
 def to_array(data: bytes, stype: str = WIRE) -> Array:

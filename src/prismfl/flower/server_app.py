@@ -34,7 +34,7 @@ from prismfl.fl import engine, task
 from prismfl.fl.client import class_table_of
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
-from prismfl.flower.payload import STATE, from_array, to_array, wire_record
+from prismfl.flower.payload import SECAGG, STATE, from_array, to_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
 
 log = logging.getLogger("flwr").info
@@ -112,6 +112,12 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int,
             raise PrismError(f"SuperNode {node} built another model ({info['num-weights']} weights): "
                              "are server and clients running the same prismfl version?")  # fmt: skip
         node_of[pid], infos[pid] = node, info
+        if "secagg-public-key" in info:
+            try:
+                shared[pid] = {"public_key": bytes(info["secagg-public-key"]),
+                               "layout": json.loads(info["secagg-layout"])}  # fmt: skip
+            except (KeyError, ValueError, TypeError) as exc:
+                raise PrismError(f"SuperNode {node}'s secure-aggregation key: {type(exc).__name__}: {exc}") from None
         if "shared" in reply.content:
             try:
                 shared[pid] = safestate.from_bytes(from_array(reply.content["shared"]["000"], STATE), "shared sums")
@@ -167,6 +173,21 @@ class GridTransport:
             privacy=privacy,
             shared=shared or None,
         )
+
+    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
+        request = RecordDict({"prismfl": ConfigRecord({"peers": list(keys), "keys": list(keys.values()),
+                                                       "context": context})})  # fmt: skip
+        got = exchange(self.grid, {self.node_of[k]: request for k in keys}, f"{MessageType.QUERY}.secagg",
+                       self.s.reply_timeout, "secagg")  # fmt: skip
+        masked = {}
+        for k in keys:
+            reply = got.replies.get(self.node_of[k])
+            if reply is not None and not reply.has_error():
+                try:
+                    masked[k] = from_array(reply.content["masked"]["000"], SECAGG)
+                except (KeyError, ValueError, TypeError):
+                    pass  # a missing vector: the engine stops with the list of clients it lacks
+        return masked
 
     def share_pool(self, pooled) -> None:
         data = to_array(safestate.to_bytes(pooled.to_tree()), STATE)

@@ -1,0 +1,185 @@
+"""Secure aggregation with distributed noise (privacy.secagg, issue 13): the masks cancel exactly,
+a masked vector hides its client's, the distributed noise adds up to one central release's, hostile
+keys and messages are refused, and a run trains every client against the secure sum alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl import secagg
+from prismfl.config import load_config
+from prismfl.errors import ConfigError
+from prismfl.secagg import SecAggClient, SecAggError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+D = torch.float64
+
+
+def release(gen, rows=0, dims=(5, 3)):
+    shape = (lambda d: (rows, d)) if rows else (lambda d: (d,))
+    return {"sums": [100 * torch.randn(shape(d), generator=gen, dtype=D) for d in dims],
+            "squares": [100 * torch.rand(shape(d), generator=gen, dtype=D) for d in dims],
+            "counts": 50 * torch.rand(max(rows, 1), generator=gen, dtype=D)}  # fmt: skip
+
+
+def run_protocol(clients: dict[int, SecAggClient], context=b"run"):
+    keys = {k: c.public()["public_key"] for k, c in clients.items()}
+    masked = {k: c.masked(k, keys, context).tobytes() for k, c in clients.items()}
+    return masked, secagg.aggregate(masked, clients[min(clients)].layout)
+
+
+def test_the_masks_cancel_and_the_sum_is_exact_in_fixed_point():
+    gen = torch.Generator().manual_seed(0)
+    parts = {k: release(gen, rows=3) for k in (0, 2, 5, 7)}  # ids need not be contiguous
+    clients = {k: SecAggClient.of_release(p) for k, p in parts.items()}
+    masked, total = run_protocol(clients)
+    for key in ("sums", "squares"):
+        for i in range(2):
+            want = sum(p[key][i] for p in parts.values())
+            assert total[key][i].shape == want.shape
+            assert float((total[key][i] - want).abs().max()) <= 4 * 2.0**-secagg.FRACTION_BITS  # one rounding each
+    exact = sum(secagg.encode(secagg.flatten(p)[0]).view(np.int64).astype(object) for p in parts.values())
+    assert total["counts"].tolist() == [float(v) / 2**secagg.FRACTION_BITS for v in exact[-3:]]
+
+
+def test_a_masked_vector_looks_nothing_like_its_clients_vector():
+    gen = torch.Generator().manual_seed(1)
+    clients = {k: SecAggClient.of_release(release(gen, dims=(4000,))) for k in range(3)}
+    masked, _ = run_protocol(clients)
+    for k, c in clients.items():
+        words = np.frombuffer(masked[k], dtype=np.uint64)
+        assert (words != c.words).mean() > 0.999
+        top = (words >> np.uint64(63)).astype(float)  # the sign bit of the plain words is 0 or 1 by sign only
+        assert abs(top.mean() - 0.5) < 0.05
+    # two clients alone: each masked vector is the other's negated mask away from the sum, never from its own
+    assert not np.array_equal(np.frombuffer(masked[0], dtype=np.uint64), clients[0].words)
+
+
+def test_masks_bind_the_run_context_and_the_participants():
+    gen = torch.Generator().manual_seed(2)
+    parts = {k: release(gen) for k in range(3)}
+    clients = {k: SecAggClient.of_release(p) for k, p in parts.items()}
+    keys = {k: c.public()["public_key"] for k, c in clients.items()}
+    mixed = {k: c.masked(k, keys, b"run-a" if k else b"run-b").tobytes() for k, c in clients.items()}
+    total = secagg.aggregate(mixed, clients[0].layout)
+    want = sum(p["sums"][0] for p in parts.values())
+    assert float((total["sums"][0] - want).abs().max()) > 1e3  # the masks did not cancel: garbage, not the sum
+
+
+def test_the_distributed_noise_adds_up_to_one_central_release():
+    """K = 4 clients adding std sigma / sqrt(K) each: one client's share has std sigma / 2, and the sum
+    of the K shares has std sigma, what one central release of the summed data would carry."""
+    from prismfl.privacy import private_feature_stats
+
+    images = torch.rand(50, 2000, dtype=torch.float32)
+    extract = lambda x: [x]  # noqa: E731
+    clip, k = [40.0], 4  # rows have norm about 26: nothing is clipped
+    exact = private_feature_stats(extract, images, clip, math.inf, 1e-5).shared["sums"][0] / clip[0]
+    shares = []
+    for i in range(k):
+        rel = private_feature_stats(extract, images, clip, 1.0, 1e-5, generator=torch.Generator().manual_seed(i),
+                                    noise_share=1 / math.sqrt(k))  # fmt: skip
+        shares.append(rel.shared["sums"][0] / clip[0] - exact)
+    sigma = rel.noise_multiplier * rel.sensitivity
+    assert float(shares[0].std()) == pytest.approx(sigma / 2, rel=0.05)
+    assert float(sum(shares).std()) == pytest.approx(sigma, rel=0.05)
+
+
+def test_hostile_keys_layouts_and_messages_are_refused():
+    gen = torch.Generator().manual_seed(3)
+    a, b = SecAggClient.of_release(release(gen)), SecAggClient.of_release(release(gen))
+    keys = {0: a.public()["public_key"], 1: b.public()["public_key"]}
+    with pytest.raises(SecAggError, match="does not hold its own key"):
+        a.masked(0, {0: keys[1], 1: keys[1]}, b"x")
+    with pytest.raises(SecAggError, match="not 32 bytes"):
+        a.masked(0, {0: keys[0], 1: b"short"}, b"x")
+    with pytest.raises(SecAggError, match="unusable"):
+        a.masked(0, {0: keys[0], 1: bytes(32)}, b"x")  # the all-zero point: a small-order key
+    with pytest.raises(SecAggError, match="not .* bytes"):
+        secagg.aggregate({0: a.masked(0, keys, b"x").tobytes(), 1: b"\0" * 8}, a.layout)
+    for layout in ([[5]], [[5], [5], [1], [2]], [[0], [0], [1]], [[1 << 40], [1], [1]], "[[5]]"):
+        with pytest.raises(SecAggError):
+            secagg.check_layout(layout)
+    with pytest.raises(SecAggError, match="over"):
+        secagg.encode(torch.tensor([2.0**39], dtype=D))
+    with pytest.raises(SecAggError, match="not finite"):
+        secagg.encode(torch.tensor([float("nan")], dtype=D))
+
+
+def test_a_client_state_round_trips_and_a_damaged_one_is_refused():
+    from prismfl import safestate
+
+    gen = torch.Generator().manual_seed(4)
+    a, b = SecAggClient.of_release(release(gen)), SecAggClient.of_release(release(gen))
+    keys = {0: a.public()["public_key"], 1: b.public()["public_key"]}
+    back = SecAggClient.from_tree(safestate.from_bytes(safestate.to_bytes(a.to_tree())))
+    assert np.array_equal(back.masked(0, keys, b"x"), a.masked(0, keys, b"x"))
+    tree = a.to_tree()
+    tree["words"] = tree["words"][:-1]
+    with pytest.raises(SecAggError, match="not usable"):
+        SecAggClient.from_tree(tree)
+
+
+@pytest.mark.parametrize(
+    "overrides, why",
+    [
+        (["privacy.epsilon=1", "privacy.secagg=true"], "privacy.pool = 1"),
+        (["privacy.epsilon=1", "privacy.pool=0.5", "privacy.secagg=true"], "privacy.pool = 1"),
+        (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "model.conditional=true",
+          "train.batch_size=20"], "pool_classes = 'all'"),
+        (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", 'train.method="fedavg"'], "prism"),
+        (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.colluders=3"], r"\[0, 2\]"),
+        (["privacy.epsilon=1", "privacy.colluders=1"], "for privacy.secagg"),
+        (["privacy.pool=1", "privacy.secagg=true"], "only private releases"),
+    ],
+)  # fmt: skip
+def test_secagg_settings_are_checked(overrides, why):
+    with pytest.raises(ConfigError, match=why):
+        load_config(SMOKE, overrides)
+
+
+@needs_fmnist
+def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monkeypatch):
+    """The server learns only the sum: the engine's secure sum equals the sum of the clients' noisy
+    vectors, every client's targets are its statistics, no client reports anything of its own at
+    set-up, and no private key is left in the checkpoint."""
+    from prismfl import privacy, rundir
+    from prismfl.fl import simulate
+    from prismfl.fl.client import NOT_REPORTED
+
+    vectors, sums = [], []
+    real_of_release, real_aggregate = SecAggClient.of_release.__func__, secagg.aggregate
+
+    def of_release(cls, shared):
+        vectors.append(shared)
+        return real_of_release(cls, shared)
+
+    def aggregate(masked, layout):
+        sums.append(real_aggregate(masked, layout))
+        return sums[-1]
+
+    monkeypatch.setattr(SecAggClient, "of_release", classmethod(of_release))
+    monkeypatch.setattr(secagg, "aggregate", aggregate)
+    overrides = ["privacy.epsilon=2", "privacy.pool=1", "privacy.secagg=true", "privacy.colluders=1",
+                 "train.rounds=1"]  # fmt: skip
+    logs: list[str] = []
+    out = simulate.train(load_config(SMOKE, overrides), tmp_path / "run", log=logs.append)
+    assert len(vectors) == 3 and len(sums) == 1
+    want = sum(v["sums"][0] for v in vectors)
+    assert float((sums[0]["sums"][0] - want).abs().max()) < 3 * 2.0**-secagg.FRACTION_BITS
+    assert any("secure aggregation: 3 clients" in line for line in logs)
+    assert any("against up to 1 colluding clients" in line for line in logs)
+    assert NOT_REPORTED in (out / "partition.txt").read_text()
+    ckpt = rundir.load_checkpoint(out)
+    pooled = privacy.stats_of_sum(sums[0], 0)
+    for c in ckpt["clients"]["clients"]:
+        assert c["secagg"] is None
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(c["stats"]["mean"], pooled.mean))
+        assert c["privacy"]["client_noise_std"] == pytest.approx(c["privacy"]["noise_std"] / math.sqrt(2))
