@@ -33,6 +33,7 @@ from prismfl.fl import simulate
 from prismfl.progress import set_enabled
 
 CONFIG = "configs/fmnist-noniid.toml"
+SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true"]
 VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP": (math.inf, []),
     "eps 10": (10.0, ["privacy.epsilon=10.0"]),
@@ -60,6 +61,12 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         0.2,
         ["privacy.epsilon=0.2", "loss.pool=4", "privacy.pool=1.0", 'privacy.pool_classes="all"'],
     ),
+    # distributed noise: the server learns only the secure sum of the clients' statistics (privacy.secagg)
+    "eps 10, secagg": (10.0, ["privacy.epsilon=10.0", *SECAGG]),
+    "eps 1, secagg": (1.0, ["privacy.epsilon=1.0", *SECAGG]),
+    "eps 0.2, secagg": (0.2, ["privacy.epsilon=0.2", *SECAGG]),
+    "eps 1, pool 4, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG]),
+    "eps 0.2, pool 4, secagg": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
@@ -80,13 +87,15 @@ def run_row(name: str, seed: int, a) -> dict:
         cfg = load_config(a.config, [*overrides, f"seed={seed}", "train.sample_every=0"])
         run = Path(a.runs) / f"{name}@{seed}".replace(" ", "_").replace(",", "")
         shutil.rmtree(run, ignore_errors=True)
-        simulate.train(cfg, run, log=lambda *_: None)
+        lines: list[str] = []
+        simulate.train(cfg, run, log=lambda line: lines.append(str(line)))
         records = rundir.read_metrics(run)
         result = evaluate_file(run / rundir.MODEL, a.samples, 0, synthetic=a.synthetic)
         shutil.copy(run / "samples.png", Path(a.out) / f"{name}@{seed}.png".replace(" ", "_").replace(",", ""))
         extra = {"train_seconds": round(sum(r["seconds"] for r in records), 1), "model_bytes": result["model_bytes"],
                  "upload_MB": round(sum(r["upload_bytes"] for r in records) / 1e6, 2),
-                 "epsilon_spent": records[-1]["epsilon"]}  # fmt: skip
+                 "epsilon_spent": records[-1]["epsilon"],
+                 "setup_log": [s for s in lines if s.startswith(("secure aggregation", "privacy"))]}  # fmt: skip
     return {"name": name, "seed": seed, "epsilon": epsilon, "overrides": overrides,
             "seconds": round(time.perf_counter() - t0, 1), **{k: result.get(k) for k in KEYS},
             "per_class_fid": result.get("per_class_fid"), "tstr_per_class": result.get("tstr_per_class"),
