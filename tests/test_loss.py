@@ -119,3 +119,46 @@ def test_small_cnn_class_and_covariance_layers():
     assert torch.allclose(products[:, 0], pooled[:, 0] ** 2)
     assert torch.allclose(products[:, 1], pooled[:, 0] * pooled[:, 1])
     assert torch.allclose(products[:, 16], pooled[:, 1] ** 2)  # row 1 of the upper triangle starts at (1, 1)
+
+
+def test_public_pca_finds_the_principal_axes():
+    from prismfl.fl.task import public_pca
+
+    gen = torch.Generator().manual_seed(0)
+    # 4 pixels: variance 9 along (1, 1, 0, 0)/sqrt(2), 1 along (0, 0, 1, 0), 0.01 elsewhere, mean 0.5
+    a = 3 * torch.randn(2000, generator=gen)
+    b = torch.randn(2000, generator=gen)
+    x = 0.5 + torch.stack([a / 2**0.5, a / 2**0.5, b, 0.1 * torch.randn(2000, generator=gen)], 1)
+    pca = public_pca(x.reshape(2000, 1, 2, 2), 2)
+    assert torch.allclose(pca["mean"], torch.full((4,), 0.5), atol=0.1)
+    first, second = pca["basis"][:, 0], pca["basis"][:, 1]
+    assert abs(float(first @ torch.tensor([1, 1, 0, 0.0]) / 2**0.5)) > 0.999
+    assert abs(float(second[2])) > 0.999
+    assert torch.allclose(pca["basis"].T @ pca["basis"], torch.eye(2), atol=1e-5)
+
+
+def test_small_cnn_pca_layers_are_coordinates_and_their_products():
+    net = features.random_cnn(1, 4, seed=0)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = net.extract(x)
+    mean = torch.full((784,), 0.1)
+    basis = torch.linalg.qr(torch.randn(784, 3, generator=torch.Generator().manual_seed(1)))[0]
+    net.pca = (mean, basis)
+    more = net.extract(x)
+    assert len(more) == len(plain) + 2 and all(torch.equal(a, b) for a, b in zip(plain, more))
+    coords = (x.flatten(1) - 0.1) @ basis
+    assert torch.allclose(more[-2], coords, atol=1e-6)
+    assert more[-1].shape == (5, 6)  # upper triangle of 3 x 3, diagonal included
+    assert torch.allclose(more[-1][:, 1], coords[:, 0] * coords[:, 1], atol=1e-6)
+
+
+def test_loss_pca_needs_the_public_feature_net():
+    from pathlib import Path
+
+    from prismfl.config import load_config
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    with pytest.raises(ConfigError, match="public"):
+        load_config(smoke, ["loss.pca=10"])
+    with pytest.raises(ConfigError, match="0..256"):
+        load_config(smoke, ['loss.features="public"', "loss.pca=300"])

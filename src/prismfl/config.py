@@ -56,6 +56,7 @@ class LossConfig:
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
+    pca: int = 0  # also match the mean and covariance of the images' top-k public principal components (0: off)
 
 
 @dataclass
@@ -156,6 +157,11 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
+        if not 0 <= self.loss.pca <= 256:
+            raise ConfigError(f"loss.pca must be an integer in 0..256 (principal components), got {self.loss.pca}")
+        if self.loss.pca and self.loss.features != "public":
+            raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
+                              "= 'public'")  # fmt: skip
         if not 1 <= self.loss.pool <= 8:
             raise ConfigError(f"loss.pool must be an integer in 1..8, got {self.loss.pool}")
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):

@@ -221,7 +221,22 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
                 "sha256": meta["sha256"]}  # fmt: skip
         recipe["cache_spec"] = spec
-    return ready_feature_net(cfg, net, device), meta, recipe
+        if cfg.loss.pca:
+            pca_spec = {"kind": "public-pca", "version": 1, "dataset": cfg.data.dataset, "source": fed.train.source,
+                        "resize": cfg.data.resize, "holdout_sha256": holdout, "components": cfg.loss.pca}  # fmt: skip
+            cached_state_dict("pca", pca_spec, lambda: (public_pca(fed.images(fed.public_idx), cfg.loss.pca),
+                                                        {"images": len(fed.public_idx)}), log)  # fmt: skip
+            recipe["pca_spec"] = pca_spec
+    return ready_feature_net(cfg, net, device, recipe), meta, recipe
+
+
+def public_pca(images: torch.Tensor, k: int) -> dict:
+    """The mean image and the top-k principal components (D x k, float32) of public images."""
+    x = images.reshape(len(images), -1).double()
+    mean = x.mean(0)
+    _, vecs = torch.linalg.eigh(torch.cov((x - mean).T))
+    basis = vecs.flip(1)[:, : min(k, x.shape[1])]
+    return {"mean": mean.float(), "basis": basis.float().contiguous()}
 
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
@@ -243,13 +258,23 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
         state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         net.load_state_dict(state)
-    return ready_feature_net(cfg, net, device)
+    return ready_feature_net(cfg, net, device, recipe)
 
 
-def ready_feature_net(cfg: RunConfig, net, device: str = "cpu"):
-    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only)."""
+def ready_feature_net(cfg: RunConfig, net, device: str = "cpu", recipe: dict | None = None):
+    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only); the
+    public principal components (loss.pca) come from this machine's cache entry the recipe names."""
+    from prismfl.cache import cached_state_dict
+    from prismfl.errors import PrismError
     from prismfl.loss.features import SmallCNN, freeze
 
     if isinstance(net, SmallCNN):
         net.class_probs, net.covariance, net.pool = cfg.loss.class_term, cfg.loss.covariance, cfg.loss.pool
+        if cfg.loss.pca:
+
+            def missing():
+                raise PrismError("the public principal components are no longer in this machine's cache")
+
+            pca, _ = cached_state_dict("pca", (recipe or {})["pca_spec"], missing, lambda *_: None)
+            net.pca = (pca["mean"].to(device), pca["basis"].to(device))
     return freeze(net).to(device)

@@ -25,6 +25,10 @@ class SmallCNN(nn.Module):
         self.class_probs = False  # loss.class_term: the head's class probabilities are one more feature layer
         self.covariance = False  # loss.covariance: products of the pooled last-layer features, another layer
         self.pool = 1  # loss.pool: spatial maps are average-pooled by this factor before they are features
+        # loss.pca: (mean image, D x k basis) of the public images' top principal components; the image's
+        # coordinates on them and their pairwise products are two more layers (a class's mean and covariance
+        # in that subspace: what the pca-gaussian reference fits)
+        self.pca: tuple[torch.Tensor, torch.Tensor] | None = None
         ws = [width, 2 * width, 4 * width]
         layers, cin = [], channels
         for w in ws:
@@ -44,6 +48,7 @@ class SmallCNN(nn.Module):
         return x.flatten(1)
 
     def extract(self, x) -> list[torch.Tensor]:
+        image = x
         out = [self._flat(x)]  # pixels are features too: they anchor brightness and layout
         for layer in self.features:
             x = layer(x)
@@ -55,6 +60,11 @@ class SmallCNN(nn.Module):
         if self.covariance:  # their mean is the pooled features' second-moment matrix: an FID-like match
             i, j = torch.triu_indices(pooled.shape[1], pooled.shape[1], device=pooled.device)
             out.append(pooled[:, i] * pooled[:, j])
+        if self.pca is not None:
+            mean, basis = self.pca
+            coords = (image.flatten(1) - mean) @ basis
+            i, j = torch.triu_indices(basis.shape[1], basis.shape[1], device=coords.device)
+            out += [coords, coords[:, i] * coords[:, j]]
         return out
 
 
