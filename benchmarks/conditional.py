@@ -34,6 +34,7 @@ from prismfl.progress import set_enabled
 
 CONFIG = "configs/fmnist-noniid.toml"
 SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true"]
+MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
 VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP": (math.inf, []),
     "eps 10": (10.0, ["privacy.epsilon=10.0"]),
@@ -67,6 +68,13 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 0.2, secagg": (0.2, ["privacy.epsilon=0.2", *SECAGG]),
     "eps 1, pool 4, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG]),
     "eps 0.2, pool 4, secagg": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG]),
+    # the public principal components' mean and covariance per class among the matched statistics (loss.pca)
+    "no DP, pca 50": (math.inf, ["loss.pca=50"]),
+    "eps 10, pool 4, means, pca 50": (10.0, ["privacy.epsilon=10.0", *MEANS_PCA]),
+    "eps 1, pool 4, means, pca 50": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA]),
+    "eps 0.2, pool 4, means, pca 50": (0.2, ["privacy.epsilon=0.2", *MEANS_PCA]),
+    "eps 1, pool 4, means, pca 50, secagg": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA, *SECAGG]),
+    "eps 0.2, pool 4, means, pca 50, secagg": (0.2, ["privacy.epsilon=0.2", *MEANS_PCA, *SECAGG]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
