@@ -183,3 +183,13 @@ def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monke
         assert c["secagg"] is None
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(c["stats"]["mean"], pooled.mean))
         assert c["privacy"]["client_noise_std"] == pytest.approx(c["privacy"]["noise_std"] / math.sqrt(2))
+
+
+def test_cli_privacy_prints_the_secure_sum_shares(run_cli):
+    code, out, _ = run_cli("privacy", "--epsilon", "1", "--layers", "1", "--secagg", "4", "--colluders", "0")
+    assert code == 0
+    z = 3.7306  # noise multiplier at (1, 1e-5), checked against the closed form in test_privacy.py
+    share = z * math.sqrt(3) / 2
+    assert f"each of 4 clients adds std {share:.4f}" in out and f"std {2 * share:.4f}" in out
+    code, _, err = run_cli("privacy", "--epsilon", "1", "--secagg", "4", "--colluders", "4")
+    assert code != 0 and "--colluders" in err

@@ -277,6 +277,10 @@ def privacy(
     means_only: Annotated[
         bool, typer.Option("--means-only", help="loss.moment = 'mean': only the means are released")
     ] = False,
+    secagg: Annotated[
+        int, typer.Option("--secagg", help="privacy.secagg with this many clients: each adds a share of the noise")
+    ] = 0,
+    colluders: Annotated[int, typer.Option("--colluders", help="privacy.colluders, with --secagg")] = 0,
 ):
     """Print the Gaussian noise prismfl would add to each client's feature statistics."""
     import math
@@ -295,6 +299,12 @@ def privacy(
     typer.echo(f"noise std        {z * sens:.4f}   per coordinate of the released sums, in clip units")
     typer.echo(f"on a mean        {z * sens / images:.6f}   per coordinate for a client of {images} images")
     typer.echo(f"guarantee        epsilon={spent_epsilon(z, delta):.4f}, delta={delta:g} per client, record-level")
+    if secagg:
+        if not 0 <= colluders < secagg:
+            raise PrismError(f"--colluders must be in [0, {secagg - 1}], got {colluders}")
+        share = z * sens / math.sqrt(secagg - colluders)
+        typer.echo(f"secure sum       each of {secagg} clients adds std {share:.4f}; the server sees only the sum, "
+                   f"std {share * math.sqrt(secagg):.4f} >= {z * sens:.4f} even with {colluders} colluding clients")  # fmt: skip
 
 
 @app.command()
