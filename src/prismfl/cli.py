@@ -303,8 +303,9 @@ def privacy(
         if not 0 <= colluders < secagg:
             raise PrismError(f"--colluders must be in [0, {secagg - 1}], got {colluders}")
         share = z * sens / math.sqrt(secagg - colluders)
+        total = share * math.sqrt(secagg)
         typer.echo(f"secure sum       each of {secagg} clients adds std {share:.4f}; the server sees only the sum, "
-                   f"std {share * math.sqrt(secagg):.4f} >= {z * sens:.4f} even with {colluders} colluding clients")  # fmt: skip
+                   f"std {total:.4f} >= {z * sens:.4f} even with {colluders} colluding clients")  # fmt: skip
 
 
 @app.command()
