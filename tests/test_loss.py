@@ -162,3 +162,30 @@ def test_loss_pca_needs_the_public_feature_net():
         load_config(smoke, ["loss.pca=10"])
     with pytest.raises(ConfigError, match="0..256"):
         load_config(smoke, ['loss.features="public"', "loss.pca=300"])
+
+
+def test_small_cnn_random_fourier_features_of_the_pca_coordinates():
+    """The rff layer is sqrt(2/D) cos(c W + b): each image's vector has norm about 1, and the mean
+    of k(x, y) = phi(x) . phi(y) approaches the Gaussian kernel exp(-||c_x - c_y||^2 / (2 bandwidth^2))."""
+    from pathlib import Path
+
+    from prismfl.config import load_config
+    from prismfl.fl.task import rff_params
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    cfg = load_config(smoke, ['loss.features="public"', "loss.pca=3", "loss.rff=20000"])
+    freqs, phases = rff_params(cfg, 3, 2.0)
+    assert torch.equal(freqs, rff_params(cfg, 3, 2.0)[0])  # from the run seed
+    net = features.random_cnn(1, 4, seed=0)
+    basis = torch.linalg.qr(torch.randn(784, 3, generator=torch.Generator().manual_seed(1)))[0]
+    net.pca, net.rff = (torch.zeros(784), basis), (freqs, phases)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = net.extract(x)
+    assert len(out) == len(features.random_cnn(1, 4, seed=0).extract(x)) + 3 and out[-1].shape == (2, 20000)
+    coords = x.flatten(1) @ basis
+    assert torch.allclose(out[-1], (2 / 20000) ** 0.5 * torch.cos(coords @ freqs + phases))
+    kernel = float(out[-1][0] @ out[-1][1])
+    want = float(torch.exp(-((coords[0] - coords[1]) ** 2).sum() / (2 * 2.0**2)))
+    assert abs(kernel - want) < 0.03
+    with pytest.raises(ConfigError, match="loss.pca > 0"):
+        load_config(smoke, ['loss.features="public"', "loss.rff=10"])

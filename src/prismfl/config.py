@@ -57,6 +57,7 @@ class LossConfig:
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
     pca: int = 0  # also match the mean and covariance of the images' top-k public principal components (0: off)
+    rff: int = 0  # and the mean of this many random Fourier features of those components: an MMD (0: off)
 
 
 @dataclass
@@ -162,6 +163,10 @@ class RunConfig:
         if self.loss.pca and self.loss.features != "public":
             raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
                               "= 'public'")  # fmt: skip
+        if not 0 <= self.loss.rff <= 65536:
+            raise ConfigError(f"loss.rff must be an integer in 0..65536 (random features), got {self.loss.rff}")
+        if self.loss.rff and not self.loss.pca:
+            raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
         if not 1 <= self.loss.pool <= 8:
             raise ConfigError(f"loss.pool must be an integer in 1..8, got {self.loss.pool}")
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):

@@ -222,7 +222,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
                 "sha256": meta["sha256"]}  # fmt: skip
         recipe["cache_spec"] = spec
         if cfg.loss.pca:
-            pca_spec = {"kind": "public-pca", "version": 1, "dataset": cfg.data.dataset, "source": fed.train.source,
+            pca_spec = {"kind": "public-pca", "version": 2, "dataset": cfg.data.dataset, "source": fed.train.source,
                         "resize": cfg.data.resize, "holdout_sha256": holdout, "components": cfg.loss.pca}  # fmt: skip
             cached_state_dict("pca", pca_spec, lambda: (public_pca(fed.images(fed.public_idx), cfg.loss.pca),
                                                         {"images": len(fed.public_idx)}), log)  # fmt: skip
@@ -231,12 +231,24 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
 
 
 def public_pca(images: torch.Tensor, k: int) -> dict:
-    """The mean image and the top-k principal components (D x k, float32) of public images."""
+    """The mean image and the top-k principal components (D x k, float32) of public images, and the
+    median distance between two images' coordinates on them (the random features' bandwidth)."""
     x = images.reshape(len(images), -1).double()
     mean = x.mean(0)
     _, vecs = torch.linalg.eigh(torch.cov((x - mean).T))
     basis = vecs.flip(1)[:, : min(k, x.shape[1])]
-    return {"mean": mean.float(), "basis": basis.float().contiguous()}
+    coords = (x - mean) @ basis
+    half = len(coords) // 2
+    bandwidth = (coords[:half] - coords[half : 2 * half]).norm(dim=1).median()
+    return {"mean": mean.float(), "basis": basis.float().contiguous(), "bandwidth": bandwidth.float().reshape(1)}
+
+
+def rff_params(cfg: RunConfig, components: int, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Fourier features of a Gaussian kernel of this bandwidth on the principal coordinates:
+    frequencies N(0, 1 / bandwidth^2) and phases U(0, 2 pi), from the run seed (public)."""
+    gen = generator_for(cfg.seed, "rff")
+    freqs = torch.randn(components, cfg.loss.rff, generator=gen) / bandwidth
+    return freqs, 2 * torch.pi * torch.rand(cfg.loss.rff, generator=gen)
 
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
@@ -277,4 +289,9 @@ def ready_feature_net(cfg: RunConfig, net, device: str = "cpu", recipe: dict | N
 
             pca, _ = cached_state_dict("pca", (recipe or {})["pca_spec"], missing, lambda *_: None)
             net.pca = (pca["mean"].to(device), pca["basis"].to(device))
+            if cfg.loss.rff:
+                if "bandwidth" not in pca:
+                    raise PrismError("the cached principal components predate loss.rff; delete the cache entry")
+                freqs, phases = rff_params(cfg, pca["basis"].shape[1], float(pca["bandwidth"][0]))
+                net.rff = (freqs.to(device), phases.to(device))
     return freeze(net).to(device)

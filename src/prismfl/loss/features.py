@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ class SmallCNN(nn.Module):
         # coordinates on them and their pairwise products are two more layers (a class's mean and covariance
         # in that subspace: what the pca-gaussian reference fits)
         self.pca: tuple[torch.Tensor, torch.Tensor] | None = None
+        # loss.rff: (k x D frequencies, D phases) of random Fourier features of those coordinates: the mean of
+        # sqrt(2/D) cos(c W + b) is a Gaussian kernel's mean embedding, so matching it is an MMD (DP-MERF's)
+        self.rff: tuple[torch.Tensor, torch.Tensor] | None = None
         ws = [width, 2 * width, 4 * width]
         layers, cin = [], channels
         for w in ws:
@@ -65,6 +69,9 @@ class SmallCNN(nn.Module):
             coords = (image.flatten(1) - mean) @ basis
             i, j = torch.triu_indices(basis.shape[1], basis.shape[1], device=coords.device)
             out += [coords, coords[:, i] * coords[:, j]]
+            if self.rff is not None:
+                freqs, phases = self.rff
+                out.append(math.sqrt(2.0 / len(phases)) * torch.cos(coords @ freqs + phases))
         return out
 
 
