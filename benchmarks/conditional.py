@@ -66,6 +66,7 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 10, secagg": (10.0, ["privacy.epsilon=10.0", *SECAGG]),
     "eps 1, secagg": (1.0, ["privacy.epsilon=1.0", *SECAGG]),
     "eps 0.2, secagg": (0.2, ["privacy.epsilon=0.2", *SECAGG]),
+    "eps 10, pool 4, secagg": (10.0, ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG]),
     "eps 1, pool 4, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG]),
     "eps 0.2, pool 4, secagg": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG]),
     # the public principal components' mean and covariance per class among the matched statistics (loss.pca)
@@ -75,6 +76,8 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 0.2, pool 4, means, pca 50": (0.2, ["privacy.epsilon=0.2", *MEANS_PCA]),
     "eps 1, pool 4, means, pca 50, secagg": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA, *SECAGG]),
     "eps 0.2, pool 4, means, pca 50, secagg": (0.2, ["privacy.epsilon=0.2", *MEANS_PCA, *SECAGG]),
+    "eps 1, pool 4, means, pca 50, rff, secagg": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA, "loss.rff=2000", *SECAGG]),
+    "eps 1, pool 4, means, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"', *SECAGG]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
