@@ -157,9 +157,9 @@ def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monke
     vectors, sums = [], []
     real_of_release, real_aggregate = SecAggClient.of_release.__func__, secagg.aggregate
 
-    def of_release(cls, shared):
+    def of_release(cls, shared, clip=None):
         vectors.append(shared)
-        return real_of_release(cls, shared)
+        return real_of_release(cls, shared, clip)
 
     def aggregate(masked, layout):
         sums.append(real_aggregate(masked, layout))
@@ -193,3 +193,51 @@ def test_cli_privacy_prints_the_secure_sum_shares(run_cli):
     assert f"each of 4 clients adds std {share:.4f}" in out and f"std {2 * share:.4f}" in out
     code, _, err = run_cli("privacy", "--epsilon", "1", "--secagg", "4", "--colluders", "4")
     assert code != 0 and "--colluders" in err
+
+
+def test_james_stein_shrinkage_of_noisy_sums_by_hand_and_by_its_error():
+    from prismfl.privacy import shrink_sums
+
+    # one layer of 5 coordinates, n = 2, sigma = 1, clip 1: mean noise tau = 0.5, tau^2 = 0.25
+    sums = torch.tensor([2.0, 0.0, 4.0, 2.0, 2.0], dtype=D)  # means [1, 0, 2, 1, 1], average 1, spread 2
+    out = shrink_sums({"sums": [sums], "squares": [sums.clone()], "counts": torch.tensor([2.0], dtype=D)}, 1.0, [1.0])
+    factor = 1 - (5 - 3) * 0.25 / 2.0  # 0.75
+    assert torch.allclose(out["sums"][0] / 2, 1 + factor * (sums / 2 - 1))
+    # the squares carry noise sigma C^2 / n as well: the same factor here (clip 1)
+    assert torch.allclose(out["squares"][0], out["sums"][0])
+    # on many noisy vectors the shrunk means are closer to the truth than the noisy ones
+    gen = torch.Generator().manual_seed(0)
+    truth = 0.3 * torch.randn(3, 500, generator=gen, dtype=D)  # 3 classes, n = 10 each
+    noisy = 10 * truth + 4.0 * torch.randn(3, 500, generator=gen, dtype=D)
+    summed = {"sums": [noisy], "squares": [noisy.clone()], "counts": torch.full((3,), 10.0, dtype=D)}
+    shrunk = shrink_sums(summed, 4.0, [1.0])["sums"][0] / 10
+    assert float(((shrunk - truth) ** 2).sum()) < 0.8 * float(((noisy / 10 - truth) ** 2).sum())
+    # classes under the count threshold are left alone
+    kept = shrink_sums(summed, 4.0, [1.0], min_count=20.0)["sums"][0]
+    assert torch.equal(kept, noisy)
+
+
+@needs_fmnist
+def test_a_secagg_run_with_shrinkage(tmp_path):
+    from prismfl.fl import simulate
+
+    logs: list[str] = []
+    overrides = ["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.shrink=true", "train.rounds=1"]
+    simulate.train(load_config(SMOKE, overrides), tmp_path / "run", log=logs.append)
+    assert any("secure aggregation: 3 clients" in line for line in logs)
+    with pytest.raises(ConfigError, match="set privacy.epsilon"):
+        load_config(SMOKE, ["privacy.shrink=true"])
+
+
+def test_a_clients_own_release_is_shrunk_when_asked():
+    from prismfl.privacy import private_feature_stats
+
+    images = torch.rand(200, 2000, dtype=torch.float32)
+    extract = lambda x: [x]  # noqa: E731
+    exact = private_feature_stats(extract, images, [40.0], math.inf, 1e-5).stats
+    plain = private_feature_stats(extract, images, [40.0], 0.5, 1e-5, generator=torch.Generator().manual_seed(3))
+    shrunk = private_feature_stats(extract, images, [40.0], 0.5, 1e-5, generator=torch.Generator().manual_seed(3),
+                                   shrink=True)  # fmt: skip
+    err = lambda s: float(((s.mean[0] - exact.mean[0]) ** 2).sum())  # noqa: E731
+    assert err(shrunk.stats) < 0.5 * err(plain.stats)
+    assert shrunk.epsilon == plain.epsilon  # post-processing: the same guarantee

@@ -92,6 +92,7 @@ class PrivacyConfig:
     # server learns only the sum of the clients' vectors, by secure aggregation; needs pool = 1
     secagg: bool = False
     colluders: int = 0  # clients assumed to collude with the server: the guarantee holds against them too
+    shrink: bool = False  # James-Stein shrinkage of the released means and second moments (post-processing)
 
 
 @dataclass
@@ -280,6 +281,8 @@ class RunConfig:
                               "may leave a client (set privacy.epsilon)")  # fmt: skip
         if p.pool_classes == "all" and not (p.pool > 0 and self.model.conditional):
             raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
+        if p.shrink and math.isinf(p.epsilon):
+            raise ConfigError("privacy.shrink pulls noisy statistics toward their layer averages: set privacy.epsilon")
         if not p.secagg:
             if p.colluders:
                 raise ConfigError("privacy.colluders is for privacy.secagg = true")

@@ -106,6 +106,7 @@ def private_feature_stats(
     class_names: list[str] | None = None,
     second: bool = True,
     noise_share: float = 1.0,
+    shrink: bool = False,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
@@ -157,6 +158,8 @@ def private_feature_stats(
     n = count.clamp_min(1.0) if labels is None else count
     shared = {"sums": [c * s for s, c in zip(sums, clip)], "squares": [c * c * q for q, c in zip(squares, clip)],
               "counts": count.reshape(-1)}  # fmt: skip
+    if shrink and z > 0 and noise_share == 1:
+        shared = shrink_sums(shared, z * sensitivity, clip, min_count=max(1.0, 3 * z * sensitivity))
     stats = stats_from_sums(shared["sums"], shared["squares"], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings, shared)
 
@@ -217,6 +220,40 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
     sums = [total("sums", i) for i in range(len(first["sums"]))]
     squares = [total("squares", i) for i in range(len(first["squares"]))]
     return stats_from_sums(sums, squares, counts)
+
+
+def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float = 1.0) -> dict:
+    """Positive-part James-Stein shrinkage of noisy sums (privacy.shrink; post-processing). Per class
+    row with noisy count n >= min_count and per layer l of D >= 4 coordinates, the mean m = S / n
+    carries Gaussian noise of known std tau = sigma C_l / n on every coordinate (sigma: the noise on
+    the sums in clip units), the second moment q = Q / n noise sigma C_l^2 / n; each is pulled toward
+    its layer's average by max(0, 1 - (D - 3) tau^2 / ||x - avg||^2), which lowers the expected
+    squared error whatever the true values are. Where the noise dominates (the second moments of
+    large feature maps) what is left is the layer's average: a flat target, not noise to imitate."""
+    counts = summed["counts"].double().reshape(-1)
+    rows = summed["sums"][0].dim() == 2
+
+    def shrink(t: torch.Tensor, scale: float) -> torch.Tensor:
+        out = t.clone()
+        for r in range(len(counts)) if rows else [None]:
+            n = float(counts[r] if rows else counts[0])
+            if n < min_count:
+                continue
+            x = out[r] if rows else out
+            d = x.numel()
+            if d < 4:
+                continue
+            m = x / n
+            avg = m.mean()
+            spread = float(((m - avg) ** 2).sum())
+            tau2 = (sigma * scale / n) ** 2
+            factor = max(0.0, 1.0 - (d - 3) * tau2 / spread) if spread > 0 else 0.0
+            x.copy_((avg + factor * (m - avg)) * n)
+        return out
+
+    sums = [shrink(s, c) for s, c in zip(summed["sums"], clip)]
+    return {"sums": sums, "squares": [shrink(q, c * c) for q, c in zip(summed["squares"], clip)],
+            "counts": summed["counts"]}  # fmt: skip
 
 
 def stats_of_sum(summed: dict, num_classes: int) -> FeatureStats:
@@ -292,7 +329,8 @@ class Private:
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
                                         class_names=ctx.fed.class_names if ctx.fed is not None else None,
-                                        second=ctx.cfg.loss.moment != "mean", noise_share=share)  # fmt: skip
+                                        second=ctx.cfg.loss.moment != "mean", noise_share=share,
+                                        shrink=p.shrink)  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         summary = release.summary()
@@ -300,5 +338,5 @@ class Private:
             from prismfl.secagg import SecAggClient
 
             summary.update(secagg=True, colluders=p.colluders, client_noise_std=summary["noise_std"] * share)
-            return None, summary, SecAggClient.of_release(release.shared)
+            return None, summary, SecAggClient.of_release(release.shared, release.clip)
         return release.stats, summary, release.shared if p.pool > 0 else None

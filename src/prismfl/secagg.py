@@ -121,18 +121,20 @@ def mask(private, my_id: int, peer_id: int, peer_key: bytes, context: bytes, wor
 class SecAggClient:
     """A client's side: its fixed-point noisy vector and its X25519 key pair (never leaves it)."""
 
-    def __init__(self, words: np.ndarray, layout: list[list[int]], private: bytes | None = None):
-        self.words, self.layout = words, layout
+    def __init__(self, words: np.ndarray, layout: list[list[int]], private: bytes | None = None,
+                 clip: list[float] | None = None):  # fmt: skip
+        self.words, self.layout, self.clip = words, layout, clip or []
         self.key = key_pair(private)
 
     @classmethod
-    def of_release(cls, shared: dict) -> SecAggClient:
+    def of_release(cls, shared: dict, clip: list[float] | None = None) -> SecAggClient:
         vector, layout = flatten(shared)
-        return cls(encode(vector), layout)
+        return cls(encode(vector), layout, clip=clip)
 
     def public(self) -> dict:
-        """What goes to the server at set-up: the public key and the vector's layout."""
-        return {"public_key": raw(self.key.public_key()), "layout": self.layout}
+        """What goes to the server at set-up: the public key, the vector's layout and the public clip
+        bounds (the scale of its layers, for privacy.shrink)."""
+        return {"public_key": raw(self.key.public_key()), "layout": self.layout, "clip": self.clip}
 
     def masked(self, my_id: int, keys: dict[int, bytes], context: bytes) -> np.ndarray:
         """Its vector plus the masks it shares with every other participant (+ with higher ids, - with
@@ -149,18 +151,28 @@ class SecAggClient:
 
     def to_tree(self) -> dict:
         """For the client's own saved state between messages (Flower's Context.state)."""
+        private = torch.frombuffer(bytearray(raw(self.key)), dtype=torch.uint8)
         return {"words": torch.from_numpy(self.words.view(np.int64).copy()), "layout": self.layout,
-                "private": torch.frombuffer(bytearray(raw(self.key)), dtype=torch.uint8)}  # fmt: skip
+                "private": private, "clip": self.clip}  # fmt: skip
 
     @classmethod
     def from_tree(cls, tree: dict) -> SecAggClient:
         try:
             words, layout, private = tree["words"], tree["layout"], bytes(tree["private"].numpy().tobytes())
+            clip = check_clip(tree.get("clip", []))
             if check_layout(layout) != len(words) or words.dtype != torch.int64 or len(private) != KEY_BYTES:
                 raise SecAggError("inconsistent")
         except (KeyError, TypeError, AttributeError, SecAggError) as exc:
             raise SecAggError(f"the client's secure-aggregation state is not usable: {exc}") from None
-        return cls(words.numpy().view(np.uint64).copy(), layout, private)
+        return cls(words.numpy().view(np.uint64).copy(), layout, private, clip)
+
+
+def check_clip(clip) -> list[float]:
+    """Clip bounds that came over the network: a list of positive finite numbers (or empty)."""
+    if not (isinstance(clip, list) and len(clip) <= 1000
+            and all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in clip)):  # fmt: skip
+        raise SecAggError("secure-aggregation clip bounds are not a list of positive numbers")
+    return [float(c) for c in clip]
 
 
 def context_of(table_hash: int, participants) -> bytes:

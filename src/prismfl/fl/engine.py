@@ -233,6 +233,16 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
         raise PrismError(f"secure aggregation: client(s) {missing} sent no masked vector, so the sum cannot be "
                          "unmasked (no dropout recovery); start the run again")  # fmt: skip
     summed = secagg.aggregate({k: masked[k] for k in keys}, layout)
+    if method.cfg.privacy.shrink:
+        clips = {json.dumps(s.get("clip")) for s in setup.shared.values()}
+        if len(clips) != 1:
+            raise PrismError("the clients' secure-aggregation clip bounds differ")
+        clip = secagg.check_clip(next(iter(setup.shared.values())).get("clip"))
+        if len(clip) != len(summed["sums"]):
+            raise PrismError(f"{len(clip)} clip bounds for {len(summed['sums'])} feature layers")
+        p = setup.privacy
+        sigma = p["noise_std"] * (len(keys) / (len(keys) - p.get("colluders", 0))) ** 0.5
+        summed = privacy.shrink_sums(summed, sigma, clip, min_count=privacy.min_count(p))
     log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
         f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return privacy.stats_of_sum(summed, method.spec.num_classes)

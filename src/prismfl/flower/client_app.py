@@ -89,6 +89,7 @@ def setup(message: Message, context: Context) -> Message:
     if cfg.privacy.secagg:  # its public key and vector layout; the vector itself goes masked, in query.secagg
         public = client.shared.public()
         reply["secagg-public-key"], reply["secagg-layout"] = public["public_key"], json.dumps(public["layout"])
+        reply["secagg-clip"] = json.dumps(public["clip"])
     content = RecordDict({"prismfl": ConfigRecord(reply)})
     if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})

@@ -114,8 +114,8 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int,
         node_of[pid], infos[pid] = node, info
         if "secagg-public-key" in info:
             try:
-                shared[pid] = {"public_key": bytes(info["secagg-public-key"]),
-                               "layout": json.loads(info["secagg-layout"])}  # fmt: skip
+                layout, clip = json.loads(info["secagg-layout"]), json.loads(info["secagg-clip"])
+                shared[pid] = {"public_key": bytes(info["secagg-public-key"]), "layout": layout, "clip": clip}
             except (KeyError, ValueError, TypeError) as exc:
                 raise PrismError(f"SuperNode {node}'s secure-aggregation key: {type(exc).__name__}: {exc}") from None
         if "shared" in reply.content:
