@@ -159,7 +159,7 @@ def private_feature_stats(
     shared = {"sums": [c * s for s, c in zip(sums, clip)], "squares": [c * c * q for q, c in zip(squares, clip)],
               "counts": count.reshape(-1)}  # fmt: skip
     if shrink and z > 0 and noise_share == 1:
-        shared = shrink_sums(shared, z * sensitivity, clip, min_count=max(1.0, 3 * z * sensitivity))
+        shared = shrink_sums(shared, z * sensitivity, clip, min_count=count_floor(z * sensitivity))
     stats = stats_from_sums(shared["sums"], shared["squares"], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings, shared)
 
@@ -167,7 +167,11 @@ def private_feature_stats(
 def min_count(privacy: dict | None) -> float:
     """The smallest (noisy) class count a class's statistics are used with: three noise deviations
     under privacy (a count below that is mostly noise), one image otherwise. Post-processing."""
-    return max(1.0, 3 * privacy["noise_std"]) if privacy else 1.0
+    return count_floor(privacy["noise_std"]) if privacy else 1.0
+
+
+def count_floor(noise_std: float) -> float:
+    return max(1.0, 3 * noise_std)
 
 
 def check_shared(shared: dict, like: dict | None, num_classes: int) -> None:
@@ -207,19 +211,13 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
         check_shared(shared[k], first, num_classes)
         first = first or shared[k]
     parts = list(shared.values())
-    if not num_classes:
-        sums = [sum(p["sums"][i] for p in parts) for i in range(len(first["sums"]))]
-        squares = [sum(p["squares"][i] for p in parts) for i in range(len(first["squares"]))]
-        return stats_of_sum({"sums": sums, "squares": squares, "counts": sum(p["counts"] for p in parts)}, 0)
-    use = torch.stack([(p["counts"] >= min_count).double() for p in parts])  # clients x classes
-
-    def total(key: str, i: int) -> torch.Tensor:
-        return sum(w[:, None] * p[key][i] for w, p in zip(use, parts))
-
-    counts = (use * torch.stack([p["counts"] for p in parts])).sum(0)
-    sums = [total("sums", i) for i in range(len(first["sums"]))]
-    squares = [total("squares", i) for i in range(len(first["squares"]))]
-    return stats_from_sums(sums, squares, counts)
+    # each client's weight: per class, 1 where its noisy count reaches min_count (a column for the rows)
+    use = [(p["counts"] >= min_count).double() if num_classes else torch.ones(1, dtype=torch.float64) for p in parts]
+    rows = [u[:, None] if num_classes else u[0] for u in use]
+    summed = {key: [sum(w * p[key][i] for w, p in zip(rows, parts)) for i in range(len(first[key]))]
+              for key in ("sums", "squares")}  # fmt: skip
+    summed["counts"] = sum(u * p["counts"] for u, p in zip(use, parts))
+    return stats_of_sum(summed, num_classes)
 
 
 def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float = 1.0) -> dict:
@@ -272,24 +270,23 @@ def mix_stats(own: FeatureStats, pooled: FeatureStats, weight: float, *, all_cla
     shapes = [t.shape for t in (*own.mean, *own.var)], [t.shape for t in (*pooled.mean, *pooled.var)]
     if shapes[0] != shapes[1] or (own.class_counts is None) != (pooled.class_counts is None):
         raise ValueError("the pooled statistics do not match the client's own (layers, shapes or classes)")
+    counts = None
     if own.class_counts is None:
-        mean = [w * p.double() + (1 - w) * o.double() for p, o in zip(pooled.mean, own.mean)]
-        second = [w * p.double() + (1 - w) * o.double() for p, o in zip(pooled.second, own.second)]
-        var = [(q - m * m).clamp_min(0).float() for q, m in zip(second, mean)]
-        return FeatureStats([m.float() for m in mean], var, own.count)
-    has_own = own.class_counts >= min_count
-    has_pool = pooled.class_counts >= min_count
-    w_pool = torch.where(has_own & has_pool, w, torch.where(has_own, 0.0, torch.where(has_pool, 1.0, 0.0)))
-    if not all_classes:
-        w_pool = w_pool * has_own
-    pool_only = has_pool if all_classes else torch.zeros_like(has_pool)
-    w_pool, w_own = w_pool[:, None], ((1 - w_pool) * has_own)[:, None]
+        w_pool, w_own = w, 1 - w
+    else:  # per class row: the weights of the pool and of its own statistics, and the row's count
+        has_own = own.class_counts >= min_count
+        has_pool = pooled.class_counts >= min_count
+        w_pool = torch.where(has_own & has_pool, w, torch.where(has_own, 0.0, torch.where(has_pool, 1.0, 0.0)))
+        if not all_classes:
+            w_pool = w_pool * has_own
+        pool_only = has_pool if all_classes else torch.zeros_like(has_pool)
+        w_pool, w_own = w_pool[:, None], ((1 - w_pool) * has_own)[:, None]
+        counts = torch.where(pool_only, pooled.class_counts, torch.where(has_own, own.class_counts, 0.0)).double()
     mean = [w_pool * p.double() + w_own * o.double() for p, o in zip(pooled.mean, own.mean)]
     second = [w_pool * p.double() + w_own * o.double() for p, o in zip(pooled.second, own.second)]
-    var = [(q - m * m).clamp_min(0) for q, m in zip(second, mean)]
-    counts = torch.where(pool_only, pooled.class_counts, torch.where(has_own, own.class_counts, 0.0)).double()
-    return FeatureStats([m.float() for m in mean], [v.float() for v in var],
-                        int(round(float(counts.clamp_min(0).sum()))), counts)  # fmt: skip
+    var = [(q - m * m).clamp_min(0).float() for q, m in zip(second, mean)]
+    count = own.count if counts is None else int(round(float(counts.clamp_min(0).sum())))
+    return FeatureStats([m.float() for m in mean], var, count, counts)
 
 
 def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float,

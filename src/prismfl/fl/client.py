@@ -191,9 +191,9 @@ class ClientRuntime:
         return self._loss
 
     def state_dict(self) -> dict:
-        stats = None if self.stats is None else self.stats.to_tree()
         from prismfl.secagg import SecAggClient
 
+        stats = None if self.stats is None else self.stats.to_tree()
         secagg = self.shared.to_tree() if isinstance(self.shared, SecAggClient) else None
         return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
                 "held_round": self.held_round, "replica": self.replica, "own": self.own, "secagg": secagg}  # fmt: skip

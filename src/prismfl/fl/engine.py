@@ -221,11 +221,14 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
 
     from prismfl import privacy, secagg
 
+    def agreed(key: str, what: str):
+        """The one value every client sent under `key` (they must agree)."""
+        if len({json.dumps(s.get(key)) for s in setup.shared.values()}) != 1:
+            raise PrismError(f"the clients' secure-aggregation {what} differ")
+        return next(iter(setup.shared.values())).get(key)
+
     t0 = time.perf_counter()
-    layouts = {json.dumps(s.get("layout")) for s in setup.shared.values()}
-    if len(layouts) != 1:
-        raise PrismError("the clients' secure-aggregation vectors differ in layout")
-    layout = next(iter(setup.shared.values()))["layout"]
+    layout = agreed("layout", "vector layouts")
     keys = {k: s.get("public_key") for k, s in setup.shared.items()}
     masked = transport.secagg_masked(keys, secagg.context_of(setup.table_hash, keys))
     missing = sorted(set(keys) - set(masked))
@@ -234,10 +237,7 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
                          "unmasked (no dropout recovery); start the run again")  # fmt: skip
     summed = secagg.aggregate({k: masked[k] for k in keys}, layout)
     if method.cfg.privacy.shrink:
-        clips = {json.dumps(s.get("clip")) for s in setup.shared.values()}
-        if len(clips) != 1:
-            raise PrismError("the clients' secure-aggregation clip bounds differ")
-        clip = secagg.check_clip(next(iter(setup.shared.values())).get("clip"))
+        clip = secagg.check_clip(agreed("clip", "clip bounds"))
         if len(clip) != len(summed["sums"]):
             raise PrismError(f"{len(clip)} clip bounds for {len(summed['sums'])} feature layers")
         p = setup.privacy

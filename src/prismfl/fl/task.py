@@ -254,8 +254,6 @@ def rff_params(cfg: RunConfig, components: int, bandwidth: float) -> tuple[torch
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     """The feature net `build_feature_net` made, without the data: from the seed, the user's weights
     file, or this machine's cache (a missing or altered cache entry is a PrismError, never a rebuild)."""
-    from prismfl.cache import cached_state_dict
-    from prismfl.errors import PrismError
     from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
 
     if recipe["kind"] == "random":
@@ -263,31 +261,33 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     elif recipe["kind"] == "vgg19bn":
         net = load_vgg19bn(cfg.loss.vgg_weights)
     else:
-
-        def missing():
-            raise PrismError("the public feature net is no longer in this machine's cache")
-
-        state, _ = cached_state_dict("features", recipe["cache_spec"], missing, lambda *_: None)
+        state = cached_only("features", recipe["cache_spec"], "the public feature net")
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         net.load_state_dict(state)
     return ready_feature_net(cfg, net, device, recipe)
 
 
+def cached_only(name: str, spec: dict, what: str) -> dict:
+    """A state this machine's cache holds for `spec`; a PrismError, never a rebuild, when it does not."""
+    from prismfl.cache import cached_state_dict
+    from prismfl.errors import PrismError
+
+    def missing():
+        raise PrismError(f"{what} is no longer in this machine's cache")
+
+    return cached_state_dict(name, spec, missing, lambda *_: None)[0]
+
+
 def ready_feature_net(cfg: RunConfig, net, device: str = "cpu", recipe: dict | None = None):
     """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only); the
     public principal components (loss.pca) come from this machine's cache entry the recipe names."""
-    from prismfl.cache import cached_state_dict
     from prismfl.errors import PrismError
     from prismfl.loss.features import SmallCNN, freeze
 
     if isinstance(net, SmallCNN):
         net.class_probs, net.covariance, net.pool = cfg.loss.class_term, cfg.loss.covariance, cfg.loss.pool
         if cfg.loss.pca:
-
-            def missing():
-                raise PrismError("the public principal components are no longer in this machine's cache")
-
-            pca, _ = cached_state_dict("pca", (recipe or {})["pca_spec"], missing, lambda *_: None)
+            pca = cached_only("pca", (recipe or {})["pca_spec"], "the public principal components")
             net.pca = (pca["mean"].to(device), pca["basis"].to(device))
             if cfg.loss.rff:
                 if "bandwidth" not in pca:

@@ -96,14 +96,23 @@ def setup(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-def _restore(context: Context):
-    """(cfg_json, recipe_json, cfg, client) from the client's saved state."""
+def _saved_run(context: Context) -> tuple[str, str]:
+    """(config JSON, feature-net recipe JSON) that the setup message saved in this client's state."""
     if NODE not in context.state:
         raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
-    cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
-    cfg = config_from_dict(json.loads(cfg_json))
+    return context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
+
+
+def _saved_client(context: Context, tracker_lr: float) -> ClientRuntime:
     saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
-    return cfg_json, recipe_json, cfg, ClientRuntime.from_state_dict(saved, cfg.loss.tracker_lr)
+    return ClientRuntime.from_state_dict(saved, tracker_lr)
+
+
+def _restore(context: Context):
+    """(cfg_json, recipe_json, cfg, client) from the client's saved state."""
+    cfg_json, recipe_json = _saved_run(context)
+    cfg = config_from_dict(json.loads(cfg_json))
+    return cfg_json, recipe_json, cfg, _saved_client(context, cfg.loss.tracker_lr)
 
 
 def secagg(message: Message, context: Context) -> Message:
@@ -132,15 +141,12 @@ def pool(message: Message, context: Context) -> Message:
 
 def train(message: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    if NODE not in context.state:
-        raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
-    cfg_json, recipe_json = context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
+    cfg_json, recipe_json = _saved_run(context)
     try:
         method, ctx = train_context(cfg_json, recipe_json)
     except PrismError:  # this process cannot see the cache setup used: load the data and rebuild it
         method, ctx = run_context(cfg_json)
-    saved = safestate.from_bytes(from_array(context.state[BLOBS]["client"], STATE), "client state")
-    client = ClientRuntime.from_state_dict(saved, ctx.cfg.loss.tracker_lr)
+    client = _saved_client(context, ctx.cfg.loss.tracker_lr)
     request = message.content["prismfl"]
     check = int(request["check-crc32"]) if "check-crc32" in request else None
     messages = wire_messages(message.content["broadcast"]) if "broadcast" in message.content else []
