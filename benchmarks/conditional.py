@@ -80,6 +80,13 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, pool 4, secagg, shrink": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "privacy.shrink=true"]),
     "eps 0.2, pool 4, secagg, shrink": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, "privacy.shrink=true"]),
     "eps 1, pool 4, means, pca 50, rff, secagg": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA, "loss.rff=2000", *SECAGG]),
+    # issue 12: a server optimiser on the global scores (heavy-ball momentum; the clients get the full scores)
+    "no DP, momentum 0.5": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.5"]),
+    "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
+    "eps 1, pool 4, momentum 0.5, secagg": (
+        1.0,
+        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'train.broadcast="float32"', "train.server_momentum=0.5"],
+    ),
     "eps 1, pool 4, means, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"', *SECAGG]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),

@@ -73,6 +73,7 @@ class TrainConfig:
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
+    server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
     upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
@@ -186,6 +187,11 @@ class RunConfig:
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
+        if not 0 <= self.train.server_momentum < 1:
+            raise ConfigError(f"train.server_momentum must be in [0, 1), got {self.train.server_momentum}")
+        if self.train.server_momentum and (self.train.method != "prism" or self.train.broadcast != "float32"):
+            raise ConfigError("train.server_momentum keeps a velocity only the server holds: it needs "
+                              "train.method = 'prism' and train.broadcast = 'float32'")  # fmt: skip
         _one_of("faults.attack", self.faults.attack, ATTACKS)
         _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
         for key in ("dropout", "straggler", "byzantine"):

@@ -89,6 +89,18 @@ def blend(global_scores: torch.Tensor, aggregate: torch.Tensor, lam: float | Non
     return lam * aggregate + (1.0 - lam) * global_scores
 
 
+def momentum_step(global_scores: torch.Tensor, aggregate: torch.Tensor, velocity: torch.Tensor, beta: float,
+                  step: float, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A server optimiser on the global scores (FedAvgM, heavy ball, in logit space): the round's
+    pseudo-gradient g = s_hat - s_old feeds v <- beta v + g, and s_next = s_old + step v, clamped to the
+    logits the smoothing allows (so one round still cannot switch a weight off for good). `step` is
+    MADA's lambda (1 without MADA); beta = 0 is the plain blend up to float rounding.
+    Returns (s_next, v)."""
+    velocity = beta * velocity + (aggregate - global_scores)
+    bound = math.log((1.0 - smoothing) / smoothing) if smoothing > 0 else math.log((1 - 1e-6) / 1e-6)
+    return (global_scores + step * velocity).clamp(-bound, bound), velocity
+
+
 def apply_round(
     global_scores: torch.Tensor, counts: torch.Tensor, m: int, lam: float | None, smoothing: float
 ) -> torch.Tensor:

@@ -101,7 +101,9 @@ class Prism(Method):
         return {"num_weights": num_weights, "table_hash": table_hash,
                 "scores": task.initial_scores(self.cfg, num_weights),
                 "synced": [0] * k,  # the round whose global scores each client holds (None: unknown)
-                "delta_sizes": {}, "deltas": {}}  # fmt: skip
+                "delta_sizes": {}, "deltas": {},
+                # train.server_momentum: the server's velocity (clients get the full scores, never this)
+                **({"velocity": torch.zeros(num_weights)} if self.cfg.train.server_momentum else {})}  # fmt: skip
 
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
@@ -136,7 +138,12 @@ class Prism(Method):
         proposal = aggregate.aggregate_scores(counts, m, smoothing)
         lam = aggregate.mada_lambda(old, proposal, task.generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
             else None  # fmt: skip
-        new = aggregate.blend(old, proposal, lam)
+        beta = self.cfg.train.server_momentum
+        if beta:
+            step = 1.0 if lam is None else lam
+            new, state["velocity"] = aggregate.momentum_step(old, proposal, state["velocity"], beta, step, smoothing)
+        else:
+            new = aggregate.blend(old, proposal, lam)
         delta = wire.encode_delta(counts, m, lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
         state["scores"] = new
         state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
@@ -168,6 +175,12 @@ class Prism(Method):
         )
         if not ok:
             raise StateError("the checkpoint's record of what each client holds is not usable")
+        if self.cfg.train.server_momentum:
+            v = state.get("velocity")
+            if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
+                    and bool(torch.isfinite(v).all())):  # fmt: skip
+                raise StateError(f"the checkpoint's server velocity is not {num_weights:,} finite float32 values "
+                                 "(was it written without train.server_momentum?)")  # fmt: skip
 
     def client_lost(self, state: dict, k: int) -> None:
         state["synced"][k] = None
