@@ -83,6 +83,7 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     # issue 12: a server optimiser on the global scores (heavy-ball momentum; the clients get the full scores)
     "no DP, momentum 0.5": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.5"]),
     "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
+    "no DP, momentum 0.9": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.9"]),
     "eps 1, pool 4, momentum 0.5, secagg": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'train.broadcast="float32"', "train.server_momentum=0.5"],

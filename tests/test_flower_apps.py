@@ -204,6 +204,19 @@ def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_pat
 
 
 @needs_fmnist
+def test_server_momentum_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
+    """train.server_momentum: the velocity lives in the server state and in every client's replica; with
+    2 of 3 clients a round, some clients catch up over rounds they missed."""
+    momentum = "train.server_momentum=0.8 train.rounds=3 train.client_fraction=0.67"
+    sim_out, sim_states = simulate_with_states(load_config(SMOKE, momentum.split()), tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": momentum}, grid)
+    assert len(per_round) == 3 and float(sim_states[-1]["velocity"].abs().max()) > 0
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(per_round, sim_states) for k in ("scores", "velocity"))
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+
+
+@needs_fmnist
 def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp_path, monkeypatch):
     """privacy.pool: the noisy sums travel in the set-up replies, the pooled statistics in one
     query.pool message per node; the rounds then match the simulator's. The noise is made

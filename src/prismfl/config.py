@@ -189,9 +189,9 @@ class RunConfig:
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         if not 0 <= self.train.server_momentum < 1:
             raise ConfigError(f"train.server_momentum must be in [0, 1), got {self.train.server_momentum}")
-        if self.train.server_momentum and (self.train.method != "prism" or self.train.broadcast != "float32"):
-            raise ConfigError("train.server_momentum keeps a velocity only the server holds: it needs "
-                              "train.method = 'prism' and train.broadcast = 'float32'")  # fmt: skip
+        if self.train.server_momentum and self.train.method != "prism":
+            raise ConfigError(f"train.server_momentum is a server optimiser of PRISM's global scores: it needs "
+                              f"train.method = 'prism', not {self.train.method!r}")  # fmt: skip
         _one_of("faults.attack", self.faults.attack, ATTACKS)
         _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
         for key in ("dropout", "straggler", "byzantine"):

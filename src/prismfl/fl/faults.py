@@ -51,6 +51,8 @@ def forge(cfg: RunConfig, *, honest: bytes, replica: torch.Tensor | None, rnd: i
           num_weights: int, earlier: bytes | None) -> bytes:  # fmt: skip
     """What hostile client k sends in round rnd instead of its `honest` upload (module doc)."""
     attack = cfg.faults.attack
+    if replica is not None:
+        replica = replica[:num_weights]  # the scores (with server momentum the velocity follows them)
     if attack == "replay":
         return earlier if earlier is not None else honest
     gen = task.generator_for(cfg.seed, "attack", rnd, k)

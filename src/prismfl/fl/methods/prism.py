@@ -3,6 +3,11 @@ global scores, blended with the old ones by MADA's lambda (or not, `train.mada =
 PRISM-dagger), and broadcasts the round as a delta (counts + lambda) from which clients rebuild the
 new scores bit for bit. A client that missed rounds catches up with their deltas, or with the full
 float32 state when that is smaller.
+
+With a server optimiser (`train.server_momentum` = beta > 0) the global state is the scores and the
+server's velocity: a client's replica holds both (2N float32, scores first), a delta still carries only
+counts + lambda (both sides run the same `aggregate.momentum_step`), and the full state is two float32
+messages of the same round, the scores then the velocity.
 """
 
 from __future__ import annotations
@@ -33,25 +38,43 @@ def prune(deltas: dict[int, torch.Tensor], state_size: int) -> None:
         del deltas[min(deltas)]
 
 
-def apply_broadcast(global_scores: torch.Tensor, message: bytes, *, round_: int, table_hash: int) -> torch.Tensor:
-    """Client side: rebuild the new global scores from the previous ones and the round's delta."""
-    d = wire.decode_delta(message, global_scores.cpu(), round_=round_, table_hash=table_hash)
-    return aggregate.apply_round(global_scores.cpu(), d.counts, d.m, d.lam, d.smoothing)
+def apply_broadcast(replica: torch.Tensor, message: bytes, *, round_: int, table_hash: int,
+                    beta: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """Client side: rebuild the new global state from the previous one and the round's delta (the
+    scores; with server momentum beta > 0, the scores and the velocity, concatenated)."""
+    n = len(replica) // 2 if beta else len(replica)
+    scores = replica[:n].cpu()
+    d = wire.decode_delta(message, scores, round_=round_, table_hash=table_hash)
+    if not beta:
+        return aggregate.apply_round(scores, d.counts, d.m, d.lam, d.smoothing)
+    proposal = aggregate.aggregate_scores(d.counts, d.m, d.smoothing)
+    step = 1.0 if d.lam is None else d.lam
+    return torch.cat(aggregate.momentum_step(scores, proposal, replica[n:].cpu(), beta, step, d.smoothing))
 
 
 MEMO_SIZE = 8
 
 
 def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int, table_hash: int,
-             memo: OrderedDict | None = None) -> tuple[int, torch.Tensor]:  # fmt: skip
-    """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`.
+             memo: OrderedDict | None = None, beta: float = 0.0) -> tuple[int, torch.Tensor]:  # fmt: skip
+    """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`
+    (with server momentum beta > 0: scores and velocity; a full state is then two messages).
 
     `memo` (one per process) keeps the last few results keyed by (round, message, replica) checksums:
     the clients a process serves decode each round's delta once, not once each (0.6 s for 1.4M weights).
     """
-    for data in messages:
+    messages = list(messages)
+    while messages:
+        data = messages.pop(0)
         if wire.parse(data, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_STATE:
             held, scores = wire.decode_state(data, num_weights=num_weights, table_hash=table_hash)
+            if beta:
+                if not messages:
+                    raise wire.UnexpectedMessage("a full state without the server's velocity (server momentum)")
+                at, velocity = wire.decode_state(messages.pop(0), num_weights=num_weights, table_hash=table_hash)
+                if at != held:
+                    raise wire.UnexpectedMessage(f"the velocity is of round {at}, the scores of round {held}")
+                scores = torch.cat([scores, velocity])
             continue
         # a delta takes the replica one round forward; it names the round it must be applied to
         key = (held + 1, zlib.crc32(data), scores_crc(scores))
@@ -59,7 +82,7 @@ def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weig
             memo.move_to_end(key)
             scores = memo[key]
         else:
-            scores = apply_broadcast(scores, data, round_=held + 1, table_hash=table_hash)
+            scores = apply_broadcast(scores, data, round_=held + 1, table_hash=table_hash, beta=beta)
             if memo is not None:
                 memo[key] = scores
                 while len(memo) > MEMO_SIZE:
@@ -75,19 +98,22 @@ class Prism(Method):
     def __init__(self, cfg, mada: bool | None = None):
         super().__init__(cfg)
         self.mada = cfg.train.mada if mada is None else mada
+        self.beta = cfg.train.server_momentum  # > 0: the global state is the scores and a velocity
 
     # ---- client side
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
-        client.held_round, client.replica = 0, task.initial_scores(self.cfg, ctx.num_weights)
+        scores = task.initial_scores(self.cfg, ctx.num_weights)
+        client.held_round, client.replica = 0, torch.cat([scores, torch.zeros_like(scores)]) if self.beta else scores
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
-        held, scores = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
-                                table_hash=ctx.table_hash, memo=ctx.replica_memo)  # fmt: skip
-        if held != down.round - 1 or (down.check is not None and scores_crc(scores) != down.check):
+        held, replica = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
+                                 table_hash=ctx.table_hash, memo=ctx.replica_memo, beta=self.beta)  # fmt: skip
+        scores = replica[: ctx.num_weights]
+        if held != down.round - 1 or (down.check is not None and scores_crc(replica) != down.check):
             raise PrismError(f"client {client.k}: its replica of round {held} does not match the server's "
                              f"round {down.round - 1}")  # fmt: skip
-        client.held_round, client.replica = held, scores
+        client.held_round, client.replica = held, replica
         t0 = time.perf_counter()
         result = train_round(ctx, client, scores, round_=down.round, steps=down.steps)
         data = wire.encode_upload(result.mask.cpu(), scores.cpu(), round_=down.round, table_hash=ctx.table_hash,
@@ -108,15 +134,19 @@ class Prism(Method):
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
         scores, th = state["scores"], state["table_hash"]
-        full = wire.encode_state(scores, round_=rnd - 1, table_hash=th)
-        crc = scores_crc(scores)
+        full = [wire.encode_state(scores, round_=rnd - 1, table_hash=th)]
+        global_state = scores
+        if self.beta:  # the velocity too, for a client that rebuilds later rounds from their deltas
+            full.append(wire.encode_state(state["velocity"], round_=rnd - 1, table_hash=th))
+            global_state = torch.cat([scores, state["velocity"]])
+        crc = scores_crc(global_state)
         downlinks, down = {}, 0
         for k in chosen:
             synced = state["synced"][k]
             rounds = None
             if self.cfg.train.broadcast == "delta" and synced is not None:
-                rounds = catch_up_rounds(synced, rnd - 1, state["delta_sizes"], len(full))
-            messages = [full] if rounds is None else [state["deltas"][r].numpy().tobytes() for r in rounds]
+                rounds = catch_up_rounds(synced, rnd - 1, state["delta_sizes"], sum(len(m) for m in full))
+            messages = full if rounds is None else [state["deltas"][r].numpy().tobytes() for r in rounds]
             down += sum(len(m) for m in messages)
             downlinks[k] = Downlink(rnd, messages, self.cfg.train.local_steps, crc)
             state["synced"][k] = rnd - 1
@@ -138,17 +168,17 @@ class Prism(Method):
         proposal = aggregate.aggregate_scores(counts, m, smoothing)
         lam = aggregate.mada_lambda(old, proposal, task.generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
             else None  # fmt: skip
-        beta = self.cfg.train.server_momentum
-        if beta:
+        if self.beta:
             step = 1.0 if lam is None else lam
-            new, state["velocity"] = aggregate.momentum_step(old, proposal, state["velocity"], beta, step, smoothing)
+            new, state["velocity"] = aggregate.momentum_step(old, proposal, state["velocity"], self.beta, step,
+                                                             smoothing)  # fmt: skip
         else:
             new = aggregate.blend(old, proposal, lam)
         delta = wire.encode_delta(counts, m, lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
         state["scores"] = new
         state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
         state["delta_sizes"][rnd] = len(delta)
-        prune(state["deltas"], wire.HEADER.size + 4 * state["num_weights"])
+        prune(state["deltas"], (2 if self.beta else 1) * (wire.HEADER.size + 4 * state["num_weights"]))
         return Outcome(
             lam=lam,
             upload_bytes=sum(len(uploads[k][0]) for k in uploads),
@@ -175,7 +205,7 @@ class Prism(Method):
         )
         if not ok:
             raise StateError("the checkpoint's record of what each client holds is not usable")
-        if self.cfg.train.server_momentum:
+        if self.beta:
             v = state.get("velocity")
             if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
                     and bool(torch.isfinite(v).all())):  # fmt: skip
