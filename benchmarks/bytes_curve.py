@@ -2,6 +2,8 @@
 their clients uploaded so far, and the bytes each run needed to reach given FIDs.
 
 Run: .venv/bin/python benchmarks/bytes_curve.py RUN_DIR [RUN_DIR ...] --out docs/img/bytes-to-fid.png
+     .venv/bin/python benchmarks/bytes_curve.py RUN_DIR --x seconds --out docs/img/hour-fid.png
+     (--x seconds: the quick FID against the rounds' cumulative wall time instead of the bytes)
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 from prismfl import rundir
 
 
-def curve(run: Path) -> list[tuple[int, float, int]]:
-    """(round, quick domain FID, cumulative upload bytes) for every round with a quick FID."""
+def curve(run: Path, x: str = "bytes") -> list[tuple[int, float, float]]:
+    """(round, quick domain FID, cumulative upload bytes or round seconds) for every round with a quick FID."""
     records, total, out = rundir.read_metrics(run), 0, []
     for r in records:
-        total += r["upload_bytes"]
+        total += r["upload_bytes"] if x == "bytes" else r["seconds"]
         if r.get("domain_fid") is not None:
             out.append((r["round"], r["domain_fid"], total))
     return out
@@ -33,7 +35,9 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("bytes-to-fid.png"))
     p.add_argument("--targets", default="80,60,50", help="FIDs to report the bytes needed for")
+    p.add_argument("--x", choices=("bytes", "seconds"), default="bytes", help="what the x axis counts")
     a = p.parse_args()
+    unit, scale = ("MB", 1e6) if a.x == "bytes" else ("min", 60.0)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,15 +46,18 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     summary = {}
     for run in a.runs:
-        points = curve(run)
+        points = curve(run, a.x)
         method = rundir.checkpoint_config(rundir.load_checkpoint(run)).train.method
-        ax.plot([b / 1e6 for *_, b in points], [f for _, f, _ in points], marker=".", label=f"{run.name} ({method})")
+        ax.plot([b / scale for *_, b in points], [f for _, f, _ in points], marker=".", label=f"{run.name} ({method})")
         targets = {t: bytes_to_reach(points, float(t)) for t in a.targets.split(",")}
-        summary[run.name] = {"method": method, "curve": points, "bytes_to_reach": targets}
-        print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / 1e6:.1f} MB'}" for t, b in
+        summary[run.name] = {"method": method, "curve": points, f"{a.x}_to_reach": targets}
+        print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / scale:.1f} {unit}'}" for t, b in
                                  targets.items()))  # fmt: skip
-    ax.set(xscale="log", xlabel="MB uploaded by all clients (cumulative)", ylabel="quick domain FID (v2)",
-           title="quality per uploaded byte")  # fmt: skip
+    if a.x == "bytes":
+        ax.set(xscale="log", xlabel="MB uploaded by all clients (cumulative)", title="quality per uploaded byte")
+    else:
+        ax.set(xlabel="minutes of rounds (cumulative wall time)", title="quality against training time")
+    ax.set(ylabel="quick domain FID (v2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

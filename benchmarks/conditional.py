@@ -84,9 +84,14 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP, momentum 0.5": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.5"]),
     "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
     "no DP, momentum 0.9": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.9"]),
-    "eps 1, pool 4, momentum 0.5, secagg": (
+    "no DP, momentum 0.8, 9 rounds": (math.inf, ["train.server_momentum=0.8", "train.rounds=9"]),
+    "eps 1, pool 4, secagg, momentum 0.8": (
         1.0,
-        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'train.broadcast="float32"', "train.server_momentum=0.5"],
+        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],
+    ),
+    "eps 10, pool 4, secagg, momentum 0.8": (
+        10.0,
+        ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],
     ),
     "eps 1, pool 4, means, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"', *SECAGG]),
     "pca-gaussian": (math.inf, None),
