@@ -31,8 +31,8 @@ data:
 demo: $(STAMP) data
 	rm -rf $(DEMO_OUT)
 	$(BIN)/prismfl train --config configs/fmnist-noniid.toml --out $(DEMO_OUT)
-	# train-on-synthetic with 20,000 generated images to keep the demo near 10 minutes (docs/results.md uses 60,000)
-	$(BIN)/prismfl evaluate $(DEMO_OUT) --synthetic 20000 --out $(DEMO_OUT)/quality.json
+	# train-on-synthetic with 10,000 generated images to keep the demo near 10 minutes (docs/results.md uses 60,000)
+	$(BIN)/prismfl evaluate $(DEMO_OUT) --synthetic 10000 --out $(DEMO_OUT)/quality.json
 	@echo "demo done: see $(DEMO_OUT)/samples.png, $(DEMO_OUT)/curves.png, $(DEMO_OUT)/quality.json"
 
 test: $(STAMP) data

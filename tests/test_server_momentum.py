@@ -46,11 +46,17 @@ def test_no_momentum_is_the_blend_and_no_mada_steps_all_the_way():
 @pytest.mark.parametrize("overrides, message", [
     (["train.server_momentum=1.0"], "[0, 1)"),
     (["train.server_momentum=-0.1"], "[0, 1)"),
-    (["train.server_momentum=0.5", 'train.method="fedavg"'], "train.method = 'prism'"),
 ])  # fmt: skip
 def test_bad_momentum_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(SMOKE, overrides)
+
+
+def test_the_baselines_ignore_the_server_momentum_of_a_shared_config():
+    demo = Path(__file__).resolve().parents[1] / "configs" / "fmnist-noniid.toml"
+    assert load_config(demo).train.server_momentum > 0  # the demo uses it
+    for method in ("fedavg", "central", "local"):
+        assert load_config(demo, [f'train.method="{method}"', "model.conditional=false"]).train.method == method
 
 
 @needs_fmnist

@@ -74,6 +74,7 @@ class TrainConfig:
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
     broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
     server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
+    # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
     upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
@@ -189,9 +190,6 @@ class RunConfig:
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         if not 0 <= self.train.server_momentum < 1:
             raise ConfigError(f"train.server_momentum must be in [0, 1), got {self.train.server_momentum}")
-        if self.train.server_momentum and self.train.method != "prism":
-            raise ConfigError(f"train.server_momentum is a server optimiser of PRISM's global scores: it needs "
-                              f"train.method = 'prism', not {self.train.method!r}")  # fmt: skip
         _one_of("faults.attack", self.faults.attack, ATTACKS)
         _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
         for key in ("dropout", "straggler", "byzantine"):

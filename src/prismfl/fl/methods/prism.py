@@ -128,8 +128,8 @@ class Prism(Method):
                 "scores": task.initial_scores(self.cfg, num_weights),
                 "synced": [0] * k,  # the round whose global scores each client holds (None: unknown)
                 "delta_sizes": {}, "deltas": {},
-                # train.server_momentum: the server's velocity (clients get the full scores, never this)
-                **({"velocity": torch.zeros(num_weights)} if self.cfg.train.server_momentum else {})}  # fmt: skip
+                # train.server_momentum: the server's velocity (the clients' replicas hold it too)
+                **({"velocity": torch.zeros(num_weights)} if self.beta else {})}  # fmt: skip
 
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
