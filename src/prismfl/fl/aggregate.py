@@ -3,8 +3,9 @@ scores from a broadcast delta. Plain functions over CPU tensors.
 
 A round is: count how many uploads kept each weight (`count_masks`), turn the counts into
 smoothed logits (`aggregate_scores`), measure MADA's lambda (`mada_lambda`, the only random step,
-done by the server alone), and blend (`apply_round`). Clients that receive the counts and lambda
-call the same `apply_round` and hold the same global scores, bit for bit.
+done by the server alone), and blend (`apply_round`), or, with a server optimiser, take a momentum
+step (`momentum_step`). Clients that receive the counts and lambda call the same function and hold
+the same global scores, bit for bit.
 """
 
 from __future__ import annotations
