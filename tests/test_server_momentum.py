@@ -10,6 +10,7 @@ import torch
 from conftest import needs_fmnist
 from prismfl import rundir
 from prismfl.config import ConfigError, load_config
+from prismfl.errors import PrismError
 from prismfl.fl import aggregate, simulate, wire
 from prismfl.fl.methods import prism
 
@@ -155,6 +156,9 @@ def test_a_late_client_gets_scores_and_velocity_as_two_full_state_messages():
     held, again = prism.catch_up(torch.cat([start, torch.zeros(n)]), 0, plan.downlinks[1].messages,
                                  num_weights=n, table_hash=table, beta=0.8)  # fmt: skip
     assert held == 5 and torch.equal(again, replica)
+    # a replica without its velocity is refused with a clear line
+    with pytest.raises(PrismError, match="scores and velocity"):
+        prism.catch_up(start, 0, plan.downlinks[1].messages, num_weights=n, table_hash=table, beta=0.8)
     # a full state without its velocity, or with a velocity of another round, is refused
     with pytest.raises(wire.UnexpectedMessage, match="velocity"):
         prism.catch_up(torch.zeros(2 * n), 3, full[:1], num_weights=n, table_hash=table, beta=0.8)

@@ -63,6 +63,9 @@ def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weig
     `memo` (one per process) keeps the last few results keyed by (round, message, replica) checksums:
     the clients a process serves decode each round's delta once, not once each (0.6 s for 1.4M weights).
     """
+    if scores.numel() != (2 if beta else 1) * num_weights:
+        raise PrismError(f"a replica of {scores.numel():,} values for {num_weights:,} weights"
+                         f"{' (scores and velocity)' if beta else ''}: a damaged or foreign client state")  # fmt: skip
     messages = list(messages)
     while messages:
         data = messages.pop(0)
