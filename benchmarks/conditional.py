@@ -83,7 +83,8 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, pool 4, secagg, shrink": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "privacy.shrink=true"]),
     "eps 0.2, pool 4, secagg, shrink": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, "privacy.shrink=true"]),
     "eps 1, pool 4, means, pca 50, rff, secagg": (1.0, ["privacy.epsilon=1.0", *MEANS_PCA, "loss.rff=2000", *SECAGG]),
-    # issue 12: a server optimiser on the global scores (heavy-ball momentum; the clients get the full scores)
+    # issue 12: a server optimiser on the global scores (heavy-ball momentum). The first three rows ran with the
+    # float32 broadcast, which gives the same run as the deltas (tests/test_server_momentum.py)
     "no DP, momentum 0.5": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.5"]),
     "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
     "no DP, momentum 0.9": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.9"]),

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+PROB_FLOOR = 1e-6  # without smoothing, a probability stays in [PROB_FLOOR, 1 - PROB_FLOOR]: finite logits
+
 
 def logit(theta: torch.Tensor) -> torch.Tensor:
     return torch.log(theta) - torch.log1p(-theta)
@@ -47,7 +49,7 @@ def aggregate_scores(counts: torch.Tensor, m: int, smoothing: float = 0.01) -> t
     """
     theta = smoothing + (1.0 - 2.0 * smoothing) * (counts.to(torch.float64) / m)
     if smoothing == 0:
-        theta = theta.clamp(1e-6, 1 - 1e-6)
+        theta = theta.clamp(PROB_FLOOR, 1 - PROB_FLOOR)
     return logit(theta).to(torch.float32)
 
 
@@ -98,7 +100,7 @@ def momentum_step(global_scores: torch.Tensor, aggregate: torch.Tensor, velocity
     MADA's lambda (1 without MADA); beta = 0 is the plain blend up to float rounding.
     Returns (s_next, v)."""
     velocity = beta * velocity + (aggregate - global_scores)
-    bound = math.log((1.0 - smoothing) / smoothing) if smoothing > 0 else math.log((1 - 1e-6) / 1e-6)
+    bound = math.log((1.0 - smoothing) / smoothing) if smoothing > 0 else math.log((1 - PROB_FLOOR) / PROB_FLOOR)
     return (global_scores + step * velocity).clamp(-bound, bound), velocity
 
 

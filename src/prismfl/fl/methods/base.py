@@ -156,8 +156,7 @@ class Method:
             if kind == "weights list" and len(values) != k_clients:
                 raise StateError(f"the checkpoint's '{key}' holds {len(values)} entries for {k_clients} clients")
             for v in values:
-                if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
-                        and bool(torch.isfinite(v).all())):  # fmt: skip
+                if not is_weights(v, num_weights):
                     raise StateError(f"the checkpoint's '{key}' is not {num_weights:,} finite float32 values")
 
     def client_lost(self, state: dict, k: int) -> None:
@@ -200,6 +199,12 @@ class Method:
     def _upload_floats(self, ctx: ClientContext, k: int, values: torch.Tensor, rnd: int, result, t0: float) -> Upload:
         data = wire.encode_state(values.cpu(), round_=rnd, table_hash=ctx.table_hash, client=k)
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
+
+
+def is_weights(v, num_weights: int) -> bool:
+    """A state tensor of one value per weight: num_weights finite float32 values."""
+    return (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
+            and bool(torch.isfinite(v).all()))  # fmt: skip
 
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:

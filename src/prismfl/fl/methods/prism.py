@@ -21,7 +21,7 @@ import torch
 from prismfl.errors import PrismError
 from prismfl.fl import aggregate, task, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
-from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
+from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, is_weights, masked_final_model, scores_crc
 from prismfl.modelfile import PrismModel
 
 
@@ -55,7 +55,7 @@ def apply_broadcast(replica: torch.Tensor, message: bytes, *, round_: int, table
 MEMO_SIZE = 8
 
 
-def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int, table_hash: int,
+def catch_up(replica: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int, table_hash: int,
              memo: OrderedDict | None = None, beta: float = 0.0) -> tuple[int, torch.Tensor]:  # fmt: skip
     """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`
     (with server momentum beta > 0: scores and velocity; a full state is then two messages).
@@ -63,35 +63,35 @@ def catch_up(scores: torch.Tensor, held: int, messages: list[bytes], *, num_weig
     `memo` (one per process) keeps the last few results keyed by (round, message, replica) checksums:
     the clients a process serves decode each round's delta once, not once each (0.6 s for 1.4M weights).
     """
-    if scores.numel() != (2 if beta else 1) * num_weights:
-        raise PrismError(f"a replica of {scores.numel():,} values for {num_weights:,} weights"
+    if replica.numel() != (2 if beta else 1) * num_weights:
+        raise PrismError(f"a replica of {replica.numel():,} values for {num_weights:,} weights"
                          f"{' (scores and velocity)' if beta else ''}: a damaged or foreign client state")  # fmt: skip
     messages = list(messages)
     while messages:
         data = messages.pop(0)
         if wire.parse(data, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_STATE:
-            held, scores = wire.decode_state(data, num_weights=num_weights, table_hash=table_hash)
+            held, replica = wire.decode_state(data, num_weights=num_weights, table_hash=table_hash)
             if beta:
                 if not messages:
                     raise wire.UnexpectedMessage("a full state without the server's velocity (server momentum)")
                 at, velocity = wire.decode_state(messages.pop(0), num_weights=num_weights, table_hash=table_hash)
                 if at != held:
                     raise wire.UnexpectedMessage(f"the velocity is of round {at}, the scores of round {held}")
-                scores = torch.cat([scores, velocity])
+                replica = torch.cat([replica, velocity])
             continue
         # a delta takes the replica one round forward; it names the round it must be applied to
-        key = (held + 1, zlib.crc32(data), scores_crc(scores))
+        key = (held + 1, zlib.crc32(data), scores_crc(replica))
         if memo is not None and key in memo:
             memo.move_to_end(key)
-            scores = memo[key]
+            replica = memo[key]
         else:
-            scores = apply_broadcast(scores, data, round_=held + 1, table_hash=table_hash, beta=beta)
+            replica = apply_broadcast(replica, data, round_=held + 1, table_hash=table_hash, beta=beta)
             if memo is not None:
-                memo[key] = scores
+                memo[key] = replica
                 while len(memo) > MEMO_SIZE:
                     memo.popitem(last=False)
         held += 1
-    return held, scores
+    return held, replica
 
 
 class Prism(Method):
@@ -208,12 +208,9 @@ class Prism(Method):
         )
         if not ok:
             raise StateError("the checkpoint's record of what each client holds is not usable")
-        if self.beta:
-            v = state.get("velocity")
-            if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
-                    and bool(torch.isfinite(v).all())):  # fmt: skip
-                raise StateError(f"the checkpoint's server velocity is not {num_weights:,} finite float32 values "
-                                 "(was it written without train.server_momentum?)")  # fmt: skip
+        if self.beta and not is_weights(state.get("velocity"), num_weights):
+            raise StateError(f"the checkpoint's server velocity is not {num_weights:,} finite float32 values "
+                             "(was it written without train.server_momentum?)")  # fmt: skip
 
     def client_lost(self, state: dict, k: int) -> None:
         state["synced"][k] = None
