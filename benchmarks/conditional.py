@@ -89,6 +89,15 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
     "no DP, momentum 0.9": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.9"]),
     "no DP, momentum 0.8, 9 rounds": (math.inf, ["train.server_momentum=0.8", "train.rounds=9"]),
+    # issue 12's schedule lever: the clients' learning rate decays over the rounds (a cosine to 0.1 x lr)
+    "no DP, momentum 0.8, 9 rounds, cosine lr": (
+        math.inf,
+        ["train.server_momentum=0.8", "train.rounds=9", 'train.lr_schedule="cosine"'],
+    ),
+    "no DP, momentum 0.8, 9 rounds, cosine lr 0.2": (
+        math.inf,
+        ["train.server_momentum=0.8", "train.rounds=9", 'train.lr_schedule="cosine"', "train.lr=0.2"],
+    ),
     "eps 1, pool 4, secagg, momentum 0.8": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],

@@ -68,6 +68,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 0.1
     dense_lr: float = 1e-3  # Adam learning rate of the fedavg baseline's float weights
+    # the clients' learning rate across rounds: "constant", or "cosine" from lr in round 1 down to
+    # lr_floor x lr in the last round (fl.client.round_lr; the same for every method)
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.1
     client_fraction: float = 1.0
     mada: bool = True  # prism: blend rounds with MADA; false is the paper's PRISM-dagger
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
@@ -188,6 +192,9 @@ class RunConfig:
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
+        _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
+        if not 0 < self.train.lr_floor <= 1:
+            raise ConfigError(f"train.lr_floor must be in (0, 1], got {self.train.lr_floor}")
         if not 0 <= self.train.server_momentum < 1:
             raise ConfigError(f"train.server_momentum must be in [0, 1), got {self.train.server_momentum}")
         _one_of("faults.attack", self.faults.attack, ATTACKS)

@@ -7,6 +7,7 @@ statistics. What persists on a client across rounds (its Adam state and loss tra
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ def local_train(
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
+        for group in opt.param_groups:  # the saved state carries the lr of its round: this round's rules
+            group["lr"] = cfg.lr
     model.train()
     total, first = 0.0, None
     labels = loss_fn.labels(cfg.batch_size, device)  # a conditional loss: the classes of every batch
@@ -251,10 +254,22 @@ def class_table_of(rows: list[list[int]], class_names: list[str]):
     return table, class_names if width == len(class_names) else [NOISY_TOTAL]
 
 
+def round_lr(lr: float, round_: int, rounds: int, schedule: str = "constant", floor: float = 0.1) -> float:
+    """The clients' learning rate in round `round_` (1-based) of `rounds` (train.lr_schedule): `lr`
+    throughout, or a cosine from `lr` in round 1 to `floor * lr` in round `rounds` (and after it)."""
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    t = min(max((round_ - 1) / (rounds - 1), 0.0), 1.0)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, *, round_: int, steps: int,
                 lr: float | None = None) -> LocalResult:  # fmt: skip
     """One round of local training from `start` (scores, or a dense model's weights) with the
-    client's persistent state; every random draw comes from the (seed, round, client) stream."""
+    client's persistent state, at the round's learning rate (`lr`, default train.lr, under
+    train.lr_schedule); every random draw comes from the (seed, round, client) stream."""
+    train = ctx.cfg.train
+    lr = round_lr(train.lr if lr is None else lr, round_, train.rounds, train.lr_schedule, train.lr_floor)
     gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
     uniforms = task.upload_uniforms(ctx.cfg, round_, client.k, ctx.num_weights)
     return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
