@@ -98,6 +98,11 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         ["train.server_momentum=0.8", "train.rounds=9", 'train.lr_schedule="cosine"', "train.lr=0.2"],
     ),
+    # issue 12's loss lever: the public feature net trained for 30 epochs on augmented public images
+    "no DP, momentum 0.8, 9 rounds, augmented features": (
+        math.inf,
+        ["train.server_momentum=0.8", "train.rounds=9", 'loss.feature_training="augmented"'],
+    ),
     "eps 1, pool 4, secagg, momentum 0.8": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],

@@ -53,6 +53,9 @@ class LossConfig:
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
+    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before) or
+    # "augmented" (30 epochs, one-cycle AdamW, mirrored and shifted images: a stronger classifier)
+    feature_training: str = "plain"
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
@@ -120,6 +123,7 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
+FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 
@@ -174,6 +178,7 @@ class RunConfig:
             raise ConfigError(f"loss.rff must be an integer in 0..65536 (random features), got {self.loss.rff}")
         if self.loss.rff and not self.loss.pca:
             raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
+        _one_of("loss.feature_training", self.loss.feature_training, FEATURE_TRAINING)
         if not 1 <= self.loss.pool <= 8:
             raise ConfigError(f"loss.pool must be an integer in 1..8, got {self.loss.pool}")
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):

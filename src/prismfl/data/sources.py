@@ -19,13 +19,14 @@ class DatasetInfo:
     channels: int
     size: int  # native image size (square)
     class_names: tuple[str, ...]  # the labels the evaluation classifier predicts
+    mirror: bool = True  # an image mirrored left-right shows the same class (not so for digits)
 
 
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo(
         1, 28, ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
     ),
-    "mnist": DatasetInfo(1, 28, tuple(str(i) for i in range(10))),
+    "mnist": DatasetInfo(1, 28, tuple(str(i) for i in range(10)), mirror=False),
     "cifar10": DatasetInfo(3, 32, cifar.CLASS_NAMES),
     "celeba": DatasetInfo(3, 32, celeba.CLASS_NAMES),  # CenterCrop 160 -> 32; the label is "Male"
 }

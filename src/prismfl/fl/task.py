@@ -176,6 +176,17 @@ def upload_uniforms(cfg: RunConfig, round_: int, k: int, n: int) -> torch.Tensor
 PUBLIC_EPOCHS = 10
 
 
+def feature_training(cfg: RunConfig) -> dict:
+    """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
+    epochs of Adam at 1e-3; "augmented", 30 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05)
+    on batches shifted by up to 2 pixels and, where the dataset allows it, mirrored (docs/quality.md:
+    FashionMNIST test accuracy 0.81 -> 0.88 on 5,000 public images)."""
+    if cfg.loss.feature_training == "plain":
+        return {"epochs": PUBLIC_EPOCHS}
+    return {"epochs": 30, "lr": 3e-3, "weight_decay": 0.05, "one_cycle": True, "shift": 2,
+            "mirror": dataset_info(cfg.data.dataset).mirror}  # fmt: skip
+
+
 def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
     """The loss's feature network, a record of what it was trained on (never client data), and a
     recipe from which `feature_net_from_recipe` rebuilds it without loading any data."""
@@ -199,14 +210,16 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
             "resize": cfg.data.resize, "holdout_sha256": holdout, "width": cfg.loss.feature_width,
             "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
         }  # fmt: skip
+        recipe_args = feature_training(cfg)
+        if cfg.loss.feature_training != "plain":  # the plain recipe keeps the cache entries it always had
+            spec.update(training=cfg.loss.feature_training, **recipe_args)
 
         def build():
             log(f"training the public feature net on {len(fed.public_idx)} held-out images (cached afterwards)")
             labels = torch.from_numpy(fed.train.labels[fed.public_idx])
             trained = train_classifier(
                 SmallCNN(channels, cfg.loss.feature_width, fed.num_classes),
-                fed.images(fed.public_idx), labels, epochs=PUBLIC_EPOCHS, seed=cfg.seed,
-                desc="public feature net",
+                fed.images(fed.public_idx), labels, seed=cfg.seed, desc="public feature net", **recipe_args,
             )  # fmt: skip
             return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(fed.public_idx)}
 
