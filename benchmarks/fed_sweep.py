@@ -60,7 +60,7 @@ VARIANTS = {
 }
 
 
-PINNED = ["model.conditional=false", "train.rounds=12", "train.server_momentum=0.0"]
+PINNED = ["model.conditional=false", "train.rounds=12", "train.server_momentum=0.0", 'loss.feature_training="plain"']
 
 
 def main() -> None:
