@@ -40,9 +40,13 @@ def test_variant_tables_name_real_config_keys():
         for overrides in load(name).VARIANTS.values():
             # as the scripts load them: the unconditional demo plus the variant (raises on an unknown key or value)
             load_config(ROOT / "configs" / "fmnist-noniid.toml", ["model.conditional=false", *overrides])
-    for _, overrides in load("conditional").VARIANTS.values():
-        if overrides is not None:
-            load_config(ROOT / "configs" / "fmnist-noniid.toml", overrides)
+    conditional = load("conditional")
+    for _, overrides in conditional.VARIANTS.values():
+        if overrides is not None:  # as the script loads them: its pinned settings, then the row's
+            load_config(ROOT / "configs" / "fmnist-noniid.toml", [*conditional.BASE, *overrides])
+    sweep = load("fed_sweep")
+    for overrides in sweep.VARIANTS.values():
+        load_config(ROOT / "configs" / "fmnist-noniid.toml", [*sweep.PINNED, *overrides])
 
 
 def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():
