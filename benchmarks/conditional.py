@@ -104,6 +104,18 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         ["train.server_momentum=0.8", "train.rounds=9", 'loss.feature_training="augmented"'],
     ),
+    "no DP, momentum 0.8, 9 rounds, one-cycle features": (
+        math.inf,
+        ["train.server_momentum=0.8", "train.rounds=9", 'loss.feature_training="one-cycle"'],
+    ),
+    "eps 1, pool 4, secagg, augmented features": (
+        1.0,
+        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
+    ),
+    "eps 10, pool 4, secagg, augmented features": (
+        10.0,
+        ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
+    ),
     "eps 1, pool 4, secagg, momentum 0.8": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],

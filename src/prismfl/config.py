@@ -53,8 +53,8 @@ class LossConfig:
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
-    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before) or
-    # "augmented" (30 epochs, one-cycle AdamW, mirrored and shifted images: a stronger classifier)
+    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before),
+    # "one-cycle" (15 epochs of one-cycle AdamW) or "augmented" (30 such epochs of mirrored, shifted images)
     feature_training: str = "plain"
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
@@ -123,7 +123,7 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
-FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
+FEATURE_TRAINING = ("plain", "one-cycle", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 
