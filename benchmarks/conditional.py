@@ -39,6 +39,7 @@ CONFIG = "configs/fmnist-noniid.toml"
 BASE = ["train.rounds=12", "train.server_momentum=0.0", 'loss.feature_training="plain"']
 SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true"]
 MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
+NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation since the momentum rows
 VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP": (math.inf, []),
     "eps 10": (10.0, ["privacy.epsilon=10.0"]),
@@ -89,25 +90,13 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP, momentum 0.5": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.5"]),
     "no DP, momentum 0.8": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.8"]),
     "no DP, momentum 0.9": (math.inf, ['train.broadcast="float32"', "train.server_momentum=0.9"]),
-    "no DP, momentum 0.8, 9 rounds": (math.inf, ["train.server_momentum=0.8", "train.rounds=9"]),
+    "no DP, momentum 0.8, 9 rounds": (math.inf, NINE),
     # issue 12's schedule lever: the clients' learning rate decays over the rounds (a cosine to 0.1 x lr)
-    "no DP, momentum 0.8, 9 rounds, cosine lr": (
-        math.inf,
-        ["train.server_momentum=0.8", "train.rounds=9", 'train.lr_schedule="cosine"'],
-    ),
-    "no DP, momentum 0.8, 9 rounds, cosine lr 0.2": (
-        math.inf,
-        ["train.server_momentum=0.8", "train.rounds=9", 'train.lr_schedule="cosine"', "train.lr=0.2"],
-    ),
+    "no DP, momentum 0.8, 9 rounds, cosine lr": (math.inf, [*NINE, 'train.lr_schedule="cosine"']),
+    "no DP, momentum 0.8, 9 rounds, cosine lr 0.2": (math.inf, [*NINE, 'train.lr_schedule="cosine"', "train.lr=0.2"]),
     # issue 12's loss lever: the public feature net trained for 30 epochs on augmented public images
-    "no DP, momentum 0.8, 9 rounds, augmented features": (
-        math.inf,
-        ["train.server_momentum=0.8", "train.rounds=9", 'loss.feature_training="augmented"'],
-    ),
-    "no DP, momentum 0.8, 9 rounds, one-cycle features": (
-        math.inf,
-        ["train.server_momentum=0.8", "train.rounds=9", 'loss.feature_training="one-cycle"'],
-    ),
+    "no DP, momentum 0.8, 9 rounds, augmented features": (math.inf, [*NINE, 'loss.feature_training="augmented"']),
+    "no DP, momentum 0.8, 9 rounds, one-cycle features": (math.inf, [*NINE, 'loss.feature_training="one-cycle"']),
     "eps 1, pool 4, secagg, augmented features": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],

@@ -21,8 +21,7 @@ import torch
 from prismfl.config import FEATURE_TRAINING, load_config
 from prismfl.data.sources import load_split, to_float
 from prismfl.fl import task
-from prismfl.loss.features import SmallCNN
-from prismfl.supervised import predict, train_classifier
+from prismfl.supervised import predict
 
 
 def main() -> None:
@@ -33,8 +32,6 @@ def main() -> None:
     a = p.parse_args()
     base = load_config(a.config)
     fed = task.prepare_federation(base)
-    images = fed.images(fed.public_idx)
-    labels = torch.from_numpy(fed.train.labels[fed.public_idx])
     test = load_split(base.data.dataset, "test", base.data.root or None)
     test_images, test_labels = to_float(test.images, base.data.resize or None), torch.from_numpy(test.labels)
     rows = []
@@ -42,13 +39,12 @@ def main() -> None:
         cfg = load_config(a.config, [f'loss.feature_training="{recipe}"'])
         args = task.feature_training(cfg)
         t0 = time.perf_counter()
-        net = train_classifier(SmallCNN(images.shape[1], cfg.loss.feature_width, fed.num_classes), images, labels,
-                               seed=cfg.seed, desc=f"public feature net ({recipe})", **args)  # fmt: skip
+        net = task.train_public_net(cfg, fed, desc=f"public feature net ({recipe})")
         seconds = time.perf_counter() - t0
         accuracy = float((predict(net, test_images).argmax(1) == test_labels).float().mean())
         rows.append({"recipe": recipe, **args, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1)})
         print(f"{recipe:10s} test accuracy {accuracy:.4f}  {seconds:.0f} s  {args}")
-    record = {"command": "benchmarks/feature_net.py", "config": a.config, "public_images": len(images),
+    record = {"command": "benchmarks/feature_net.py", "config": a.config, "public_images": len(fed.public_idx),
               "date": date.today().isoformat(),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "rows": rows}  # fmt: skip

@@ -39,8 +39,7 @@ def train_classifier(
             order = torch.randperm(len(images), generator=gen)
             for start in range(0, len(images), batch_size):
                 idx = order[start : start + batch_size]
-                batch = augment(images[idx], gen, shift, mirror) if shift or mirror else images[idx]
-                loss = F.cross_entropy(net(batch), labels[idx])
+                loss = F.cross_entropy(net(augment(images[idx], gen, shift, mirror)), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -52,7 +51,8 @@ def train_classifier(
 
 def augment(images: torch.Tensor, gen: torch.Generator, shift: int, mirror: bool) -> torch.Tensor:
     """A batch mirrored left-right image by image with probability 1/2 (`mirror`), then moved as a
-    whole by up to `shift` pixels each way (the edges replicated)."""
+    whole by up to `shift` pixels each way (the edges replicated); neither: the batch as it is, and
+    nothing drawn from `gen`."""
     if mirror:
         flip = torch.rand(len(images), generator=gen) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)

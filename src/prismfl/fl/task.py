@@ -190,12 +190,23 @@ def feature_training(cfg: RunConfig) -> dict:
     return {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(cfg.data.dataset).mirror}
 
 
+def train_public_net(cfg: RunConfig, fed: Federation, desc: str = "public feature net"):
+    """The loss's public feature net trained on the federation's public hold-out (never client data)
+    by the config's recipe (feature_training); not cached: build_feature_net caches it."""
+    from prismfl.loss.features import SmallCNN
+    from prismfl.supervised import train_classifier
+
+    net = SmallCNN(fed.train.images.shape[1], cfg.loss.feature_width, fed.num_classes)
+    labels = torch.from_numpy(fed.train.labels[fed.public_idx])
+    return train_classifier(net, fed.images(fed.public_idx), labels, seed=cfg.seed, desc=desc,
+                            **feature_training(cfg))  # fmt: skip
+
+
 def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=print):
     """The loss's feature network, a record of what it was trained on (never client data), and a
     recipe from which `feature_net_from_recipe` rebuilds it without loading any data."""
     from prismfl.cache import cached_state_dict
     from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
-    from prismfl.supervised import train_classifier
 
     channels = fed.train.images.shape[1]
     kind = cfg.loss.features
@@ -213,17 +224,12 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
             "resize": cfg.data.resize, "holdout_sha256": holdout, "width": cfg.loss.feature_width,
             "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
         }  # fmt: skip
-        recipe_args = feature_training(cfg)
         if cfg.loss.feature_training != "plain":  # the plain recipe keeps the cache entries it always had
-            spec.update(training=cfg.loss.feature_training, **recipe_args)
+            spec.update(training=cfg.loss.feature_training, **feature_training(cfg))
 
         def build():
             log(f"training the public feature net on {len(fed.public_idx)} held-out images (cached afterwards)")
-            labels = torch.from_numpy(fed.train.labels[fed.public_idx])
-            trained = train_classifier(
-                SmallCNN(channels, cfg.loss.feature_width, fed.num_classes),
-                fed.images(fed.public_idx), labels, seed=cfg.seed, desc="public feature net", **recipe_args,
-            )  # fmt: skip
+            trained = train_public_net(cfg, fed)
             return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(fed.public_idx)}
 
         state, meta = cached_state_dict("features", spec, build, log)
