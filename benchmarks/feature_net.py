@@ -32,6 +32,9 @@ def main() -> None:
     a = p.parse_args()
     base = load_config(a.config)
     fed = task.prepare_federation(base)
+    if not len(fed.public_idx):
+        raise SystemExit(f"{a.config}: no public hold-out (loss.features must be \"public\" and "
+                         "partition.public_holdout > 0)")  # fmt: skip
     test = load_split(base.data.dataset, "test", base.data.root or None)
     test_images, test_labels = to_float(test.images, base.data.resize or None), torch.from_numpy(test.labels)
     rows = []
