@@ -105,6 +105,12 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         10.0,
         ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
     ),
+    "eps 0.2, pool 4, secagg, augmented features": (
+        0.2,
+        ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
+    ),
+    # the private rows' protocol (12 rounds, no momentum) without privacy, with the augmented net: their reference
+    "no DP, augmented features": (math.inf, ['loss.feature_training="augmented"']),
     "eps 1, pool 4, secagg, momentum 0.8": (
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],
