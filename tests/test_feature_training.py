@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from prismfl.config import ConfigError, load_config
 from prismfl.fl import task
 from prismfl.loss.features import SmallCNN
@@ -62,3 +63,26 @@ def test_augmented_training_is_seeded_and_differs_from_plain():
 
     a, b = trained(shift=2, mirror=True), trained(shift=2, mirror=True)
     assert torch.equal(a, b) and not torch.equal(a, trained())
+
+
+@needs_fmnist
+def test_the_public_net_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
+    """Its initial weights come from the run's seed, not from the process's global generator (which this
+    torch seeds at random per process), so a fresh cache trains the same net for the same seed; and the
+    global generator is left as it was."""
+    monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path))
+    cfg = load_config(SMOKE, ['loss.features="public"', "partition.public_holdout=200"])
+    fed = task.prepare_federation(cfg)
+
+    def weights(run_cfg, global_seed):
+        torch.manual_seed(global_seed)
+        net = task.train_public_net(run_cfg, fed)
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(global_seed)))
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    a = weights(cfg, 1)
+    assert torch.equal(a, weights(cfg, 2))
+    assert not torch.equal(a, weights(load_config(SMOKE, ['loss.features="public"', "partition.public_holdout=200",
+                                                          "seed=1"]), 1))  # fmt: skip
+    _, _, recipe = task.build_feature_net(cfg, fed, log=lambda *_: None)
+    assert recipe["cache_spec"]["version"] == task.PUBLIC_NET_VERSION == 2

@@ -174,6 +174,9 @@ def upload_uniforms(cfg: RunConfig, round_: int, k: int, n: int) -> torch.Tensor
 
 
 PUBLIC_EPOCHS = 10
+# the public feature net's cache version: 2 draws its initial weights from the run's seed (1 did not, so two
+# machines trained different nets for one seed; the figures measured before 2026-11-26 afternoon used 1)
+PUBLIC_NET_VERSION = 2
 
 
 def feature_training(cfg: RunConfig) -> dict:
@@ -193,10 +196,12 @@ def feature_training(cfg: RunConfig) -> dict:
 def train_public_net(cfg: RunConfig, fed: Federation, desc: str = "public feature net"):
     """The loss's public feature net trained on the federation's public hold-out (never client data)
     by the config's recipe (feature_training); not cached: build_feature_net caches it."""
-    from prismfl.loss.features import SmallCNN
+    from prismfl.loss.features import seeded_cnn
     from prismfl.supervised import train_classifier
 
-    net = SmallCNN(fed.train.images.shape[1], cfg.loss.feature_width, fed.num_classes)
+    # its initial weights from the run's seed (version 1 drew them from the process's unseeded generator)
+    net = seeded_cnn(fed.train.images.shape[1], cfg.loss.feature_width, fed.num_classes,
+                     derived_seed(cfg.seed, "public-features"))  # fmt: skip
     labels = torch.from_numpy(fed.train.labels[fed.public_idx])
     return train_classifier(net, fed.images(fed.public_idx), labels, seed=cfg.seed, desc=desc,
                             **feature_training(cfg))  # fmt: skip
@@ -220,11 +225,11 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
     else:
         holdout = hashlib.sha256(fed.public_idx.astype("<i8").tobytes()).hexdigest()
         spec = {
-            "kind": "public-cnn", "version": 1, "dataset": cfg.data.dataset, "source": fed.train.source,
-            "resize": cfg.data.resize, "holdout_sha256": holdout, "width": cfg.loss.feature_width,
-            "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
+            "kind": "public-cnn", "version": PUBLIC_NET_VERSION, "dataset": cfg.data.dataset,
+            "source": fed.train.source, "resize": cfg.data.resize, "holdout_sha256": holdout,
+            "width": cfg.loss.feature_width, "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
         }  # fmt: skip
-        if cfg.loss.feature_training != "plain":  # the plain recipe keeps the cache entries it always had
+        if cfg.loss.feature_training != "plain":  # the plain recipe's spec is as it always was, bar the version
             spec.update(training=cfg.loss.feature_training, **feature_training(cfg))
 
         def build():

@@ -136,12 +136,16 @@ def load_vgg19bn(path: str | Path) -> VGG19BNFeatures:
     return net.eval()
 
 
-def random_cnn(channels: int, width: int, seed: int) -> SmallCNN:
+def seeded_cnn(channels: int, width: int, num_classes: int, seed: int) -> SmallCNN:
     """SmallCNN with PyTorch's default init drawn under `seed`; the global generator is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = SmallCNN(channels, width)
-    return net.eval()
+        return SmallCNN(channels, width, num_classes)
+
+
+def random_cnn(channels: int, width: int, seed: int) -> SmallCNN:
+    """The seeded SmallCNN, untrained, in eval mode: loss.features = "random"."""
+    return seeded_cnn(channels, width, 10, seed).eval()
 
 
 def freeze(net: nn.Module) -> nn.Module:
