@@ -45,11 +45,18 @@ def test_the_recipes():
     assert fashion == {"epochs": 30, **one_cycle, "shift": 2, "mirror": True}
     digits = load_config(SMOKE, ['loss.feature_training="augmented"', 'data.dataset="mnist"'])
     assert task.feature_training(digits)["mirror"] is False  # a mirrored 2 is not a 2
+    shorter = load_config(SMOKE, ['loss.feature_training="augmented"', "loss.feature_epochs=12"])
+    assert task.feature_training(shorter) == {**fashion, "epochs": 12}
+    assert task.feature_training(load_config(SMOKE, ["loss.feature_epochs=3"])) == {"epochs": 3}
 
 
 def test_a_bad_recipe_is_refused():
     with pytest.raises(ConfigError, match="loss.feature_training"):
         load_config(SMOKE, ['loss.feature_training="fancy"'])
+    with pytest.raises(ConfigError, match="loss.feature_epochs must be >= 0"):
+        load_config(SMOKE, ["loss.feature_epochs=-1"])
+    with pytest.raises(ConfigError, match="loss.feature_epochs = 5,000 is over"):
+        load_config(SMOKE, ["loss.feature_epochs=5000"])
 
 
 def test_augmented_training_is_seeded_and_differs_from_plain():

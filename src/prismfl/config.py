@@ -56,6 +56,7 @@ class LossConfig:
     # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before),
     # "one-cycle" (15 epochs of one-cycle AdamW) or "augmented" (30 such epochs of mirrored, shifted images)
     feature_training: str = "plain"
+    feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10, 15 or 30)
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
@@ -221,6 +222,8 @@ class RunConfig:
         _positive("model.z_dim", self.model.z_dim)
         _positive("model.width", self.model.width)
         _positive("loss.feature_width", self.loss.feature_width)
+        if self.loss.feature_epochs < 0:
+            raise ConfigError(f"loss.feature_epochs must be >= 0 (0: the recipe's own), got {self.loss.feature_epochs}")
         _positive("train.rounds", self.train.rounds)
         _positive("train.local_steps", self.train.local_steps)
         _positive("train.batch_size", self.train.batch_size)
@@ -228,6 +231,7 @@ class RunConfig:
                                  ("train.local_steps", self.train.local_steps, 10**7),
                                  ("train.rounds", self.train.rounds, 10**6),
                                  ("loss.feature_width", self.loss.feature_width, 1024),
+                                 ("loss.feature_epochs", self.loss.feature_epochs, 1000),
                                  ("partition.num_clients", self.partition.num_clients, 65535)):  # fmt: skip
             if value > high:
                 raise ConfigError(f"{key} = {value:,} is over prismfl's limit of {high:,}")

@@ -183,14 +183,17 @@ def feature_training(cfg: RunConfig) -> dict:
     """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
     epochs of Adam at 1e-3; "one-cycle", 15 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05);
     "augmented", 30 such epochs on batches shifted by up to 2 pixels and, where the dataset allows it,
-    mirrored (docs/quality.md: each recipe's test accuracy and what it does to the samples)."""
+    mirrored (docs/quality.md: each recipe's test accuracy and what it does to the samples);
+    loss.feature_epochs, when set, replaces the recipe's number of epochs."""
     recipe = cfg.loss.feature_training
-    if recipe == "plain":
-        return {"epochs": PUBLIC_EPOCHS}
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}
-    if recipe == "one-cycle":
-        return {"epochs": 15, **one_cycle}
-    return {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(cfg.data.dataset).mirror}
+    if recipe == "plain":
+        args = {"epochs": PUBLIC_EPOCHS}
+    elif recipe == "one-cycle":
+        args = {"epochs": 15, **one_cycle}
+    else:
+        args = {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(cfg.data.dataset).mirror}
+    return {**args, "epochs": cfg.loss.feature_epochs or args["epochs"]}
 
 
 def train_public_net(cfg: RunConfig, fed: Federation, desc: str = "public feature net"):
@@ -227,7 +230,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         spec = {
             "kind": "public-cnn", "version": PUBLIC_NET_VERSION, "dataset": cfg.data.dataset,
             "source": fed.train.source, "resize": cfg.data.resize, "holdout_sha256": holdout,
-            "width": cfg.loss.feature_width, "epochs": PUBLIC_EPOCHS, "seed": cfg.seed,
+            "width": cfg.loss.feature_width, "epochs": feature_training(cfg)["epochs"], "seed": cfg.seed,
         }  # fmt: skip
         if cfg.loss.feature_training != "plain":  # the plain recipe's spec is as it always was, bar the version
             spec.update(training=cfg.loss.feature_training, **feature_training(cfg))
