@@ -109,6 +109,10 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         0.2,
         ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
     ),
+    "eps 1, pool 2, secagg, augmented features": (
+        1.0,
+        ["privacy.epsilon=1.0", "loss.pool=2", *SECAGG, 'loss.feature_training="augmented"'],
+    ),
     # the private rows' protocol (12 rounds, no momentum) without privacy, with the augmented net: their reference
     "no DP, augmented features": (math.inf, ['loss.feature_training="augmented"']),
     "eps 1, pool 4, secagg, momentum 0.8": (
