@@ -113,6 +113,8 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         1.0,
         ["privacy.epsilon=1.0", "loss.pool=2", *SECAGG, 'loss.feature_training="augmented"'],
     ),
+    # the reference that reads no private data: the same training on the 5,000 public images alone
+    "public only, augmented features": (math.inf, ['train.method="public"', 'loss.feature_training="augmented"']),
     # the private rows' protocol (12 rounds, no momentum) without privacy, with the augmented net: their reference
     "no DP, augmented features": (math.inf, ['loss.feature_training="augmented"']),
     "eps 1, pool 4, secagg, momentum 0.8": (

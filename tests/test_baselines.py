@@ -49,6 +49,33 @@ def test_central_takes_as_many_steps_as_the_federation(tmp_path):
     assert modelfile.load(out / rundir.MODEL).info["method"] == "central"
 
 
+def test_public_trains_on_the_public_hold_out_only(tmp_path):
+    """The reference that reads no private data: one pooled client holding the public images, which no
+    client holds; a config with privacy or without a hold-out is refused."""
+    from prismfl.config import ConfigError
+    from prismfl.fl import task
+
+    public = ['train.method="public"', 'loss.features="public"', "train.rounds=1", "train.sample_every=0"]
+    cfg = load_config(SMOKE, public)
+    out = simulate.train(cfg, tmp_path / "public", **QUIET)
+    (pooled,) = rundir.load_checkpoint(out)["clients"]["clients"]
+    assert pooled["k"] == 0 and pooled["stats"]["count"] == 500  # smoke.toml's partition.public_holdout
+    assert modelfile.load(out / rundir.MODEL).info["method"] == "public"
+    fed = task.prepare_federation(cfg)
+    ctx = type("Ctx", (), {"fed": fed})()
+    from prismfl.fl.methods.registry import build
+
+    idx = build(cfg).client_indices(ctx, 0)
+    assert len(idx) == 500 and set(idx.tolist()) == set(fed.public_idx.tolist())
+    assert not set(idx.tolist()) & set(int(i) for part in fed.parts for i in part)
+    with pytest.raises(ConfigError, match="nothing to make private"):
+        load_config(SMOKE, [*public, "privacy.epsilon=1.0"])
+    with pytest.raises(ConfigError, match="loss.features = 'public' and partition.public_holdout > 0"):
+        load_config(SMOKE, [*public, "partition.public_holdout=0"])
+    with pytest.raises(ConfigError, match="loss.features = 'public' and partition.public_holdout > 0"):
+        load_config(SMOKE, ['train.method="public"'])  # the random feature net: no hold-out
+
+
 @pytest.mark.parametrize("method", ["fedavg", "local", "central"])
 def test_resume_reaches_the_same_state(method, tmp_path, monkeypatch):
     from test_run import assert_same_run, kill_during

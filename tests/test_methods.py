@@ -43,7 +43,7 @@ def floats(values, rnd: int = 1, client: int = 0) -> tuple[bytes, torch.Tensor]:
 
 
 def test_registry_names_every_method_and_privacy_wraps():
-    assert sorted(REGISTRY) == ["central", "fedavg", "local", "prism"]
+    assert sorted(REGISTRY) == ["central", "fedavg", "local", "prism", "public"]
     assert type(method("prism")).__name__ == "Prism"
     private = method("fedavg", "privacy.epsilon=10")
     assert isinstance(private, Private) and private.name == "fedavg"

@@ -55,7 +55,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set train.rounds=5")] = [],  # noqa: B006
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
-    method: Annotated[str | None, typer.Option("--method", help="prism, fedavg, local or central")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="prism, fedavg, local, central or public")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ):
     """Train a federation in one process and write metrics, checkpoints, grids and model.prism."""

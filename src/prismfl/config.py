@@ -13,7 +13,7 @@ from typing import Any
 
 from prismfl.errors import ConfigError
 
-BASELINES = ("fedavg", "local", "central")  # fl/methods/: the baselines in PRISM's harness
+BASELINES = ("fedavg", "local", "central", "public")  # fl/methods/: the baselines in PRISM's harness
 METHODS = ("prism", *BASELINES)  # fl/methods/__init__.py registers each
 
 
@@ -66,7 +66,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "prism"  # prism, or a baseline: fedavg, local, central (fl/methods/)
+    method: str = "prism"  # prism, or a baseline: fedavg, local, central, public (fl/methods/)
     rounds: int = 20
     local_steps: int = 50
     batch_size: int = 64
@@ -212,7 +212,7 @@ class RunConfig:
             raise ConfigError(f"robust.trim must be in [0, 0.5), got {self.robust.trim}")
         if not self.robust.tolerance > 0:
             raise ConfigError(f"robust.tolerance must be > 0, got {self.robust.tolerance}")
-        if self.robust.rule != "none" and self.train.method in ("local", "central"):
+        if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
             raise ConfigError(f"robust.rule needs a method whose clients' uploads are aggregated, not "
                               f"{self.train.method!r}")  # fmt: skip
         if self.robust.rule == "trimmed" and self.train.method != "prism":
@@ -250,8 +250,8 @@ class RunConfig:
                               "every class a client may hold)")  # fmt: skip
         if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
-        if self.model.conditional and self.train.method not in ("prism", "central"):
-            raise ConfigError(f"model.conditional is implemented for the prism and central methods, not "
+        if self.model.conditional and self.train.method not in ("prism", "central", "public"):
+            raise ConfigError(f"model.conditional is implemented for the prism, central and public methods, not "
                               f"{self.train.method!r}")  # fmt: skip
         if not self.partition.alpha > 0:
             raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
@@ -259,6 +259,12 @@ class RunConfig:
             raise ConfigError(f"data.subset must be >= 0 (0 uses every image), got {self.data.subset}")
         if self.partition.public_holdout < 0:
             raise ConfigError(f"partition.public_holdout must be >= 0, got {self.partition.public_holdout}")
+        if self.train.method == "public" and (not self.partition.public_holdout or self.loss.features != "public"):
+            raise ConfigError("train.method = 'public' trains on the public hold-out, which exists with "
+                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
+        if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
+            raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
+                              "leave privacy.epsilon unset")  # fmt: skip
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
         if not 0 < self.train.client_fraction <= 1:

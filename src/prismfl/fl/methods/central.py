@@ -39,3 +39,14 @@ class Central(OwnScores):
 
     def final_model(self, state: dict, rounds: int, info: dict):
         return masked_final_model(self.cfg, self.spec, state, rounds, info)
+
+
+class PublicOnly(Central):
+    """The reference that reads no private data: Central's training on the public hold-out (the images
+    the public feature net learns from, which no client holds) instead of the clients' pooled data.
+    A federated or private model is worth its privacy cost only where it beats this."""
+
+    name = "public"
+
+    def client_indices(self, ctx: ClientContext, k: int):
+        return np.sort(ctx.fed.public_idx)

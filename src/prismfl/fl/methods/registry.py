@@ -7,12 +7,18 @@ import math
 
 from prismfl.config import RunConfig
 from prismfl.fl.methods.base import Method
-from prismfl.fl.methods.central import Central
+from prismfl.fl.methods.central import Central, PublicOnly
 from prismfl.fl.methods.fedavg import FedAvg
 from prismfl.fl.methods.local import Local
 from prismfl.fl.methods.prism import Prism
 
-REGISTRY: dict[str, type[Method]] = {"prism": Prism, "fedavg": FedAvg, "local": Local, "central": Central}
+REGISTRY: dict[str, type[Method]] = {
+    "prism": Prism,
+    "fedavg": FedAvg,
+    "local": Local,
+    "central": Central,
+    "public": PublicOnly,
+}
 
 
 def build(cfg: RunConfig) -> Method:
