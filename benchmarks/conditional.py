@@ -40,6 +40,14 @@ BASE = ["train.rounds=12", "train.server_momentum=0.0", 'loss.feature_training="
 SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true"]
 MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
 NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation since the momentum rows
+AUGMENTED = 'loss.feature_training="augmented"'  # issue 12's loss lever: the better-trained public net
+
+
+def secagg(epsilon: float, pool: int, extra: str) -> tuple[float, list[str]]:
+    """A row with the secure sum of feature maps pooled `pool` x `pool`, at `epsilon`, plus one override."""
+    return epsilon, [f"privacy.epsilon={epsilon}", f"loss.pool={pool}", *SECAGG, extra]
+
+
 VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP": (math.inf, []),
     "eps 10": (10.0, ["privacy.epsilon=10.0"]),
@@ -95,36 +103,18 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "no DP, momentum 0.8, 9 rounds, cosine lr": (math.inf, [*NINE, 'train.lr_schedule="cosine"']),
     "no DP, momentum 0.8, 9 rounds, cosine lr 0.2": (math.inf, [*NINE, 'train.lr_schedule="cosine"', "train.lr=0.2"]),
     # issue 12's loss lever: the public feature net trained for 30 epochs on augmented public images
-    "no DP, momentum 0.8, 9 rounds, augmented features": (math.inf, [*NINE, 'loss.feature_training="augmented"']),
+    "no DP, momentum 0.8, 9 rounds, augmented features": (math.inf, [*NINE, AUGMENTED]),
     "no DP, momentum 0.8, 9 rounds, one-cycle features": (math.inf, [*NINE, 'loss.feature_training="one-cycle"']),
-    "eps 1, pool 4, secagg, augmented features": (
-        1.0,
-        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
-    ),
-    "eps 10, pool 4, secagg, augmented features": (
-        10.0,
-        ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
-    ),
-    "eps 0.2, pool 4, secagg, augmented features": (
-        0.2,
-        ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, 'loss.feature_training="augmented"'],
-    ),
-    "eps 1, pool 2, secagg, augmented features": (
-        1.0,
-        ["privacy.epsilon=1.0", "loss.pool=2", *SECAGG, 'loss.feature_training="augmented"'],
-    ),
+    "eps 1, pool 4, secagg, augmented features": secagg(1.0, 4, AUGMENTED),
+    "eps 10, pool 4, secagg, augmented features": secagg(10.0, 4, AUGMENTED),
+    "eps 0.2, pool 4, secagg, augmented features": secagg(0.2, 4, AUGMENTED),
+    "eps 1, pool 2, secagg, augmented features": secagg(1.0, 2, AUGMENTED),
     # the reference that reads no private data: the same training on the 5,000 public images alone
-    "public only, augmented features": (math.inf, ['train.method="public"', 'loss.feature_training="augmented"']),
+    "public only, augmented features": (math.inf, ['train.method="public"', AUGMENTED]),
     # the private rows' protocol (12 rounds, no momentum) without privacy, with the augmented net: their reference
-    "no DP, augmented features": (math.inf, ['loss.feature_training="augmented"']),
-    "eps 1, pool 4, secagg, momentum 0.8": (
-        1.0,
-        ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],
-    ),
-    "eps 10, pool 4, secagg, momentum 0.8": (
-        10.0,
-        ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, "train.server_momentum=0.8"],
-    ),
+    "no DP, augmented features": (math.inf, [AUGMENTED]),
+    "eps 1, pool 4, secagg, momentum 0.8": secagg(1.0, 4, "train.server_momentum=0.8"),
+    "eps 10, pool 4, secagg, momentum 0.8": secagg(10.0, 4, "train.server_momentum=0.8"),
     "eps 1, pool 4, means, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"', *SECAGG]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
