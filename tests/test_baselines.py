@@ -54,6 +54,7 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     client holds; a config with privacy or without a hold-out is refused."""
     from prismfl.config import ConfigError
     from prismfl.fl import task
+    from prismfl.fl.methods.registry import build
 
     public = ['train.method="public"', 'loss.features="public"', "train.rounds=1", "train.sample_every=0"]
     cfg = load_config(SMOKE, public)
@@ -63,8 +64,6 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     assert modelfile.load(out / rundir.MODEL).info["method"] == "public"
     fed = task.prepare_federation(cfg)
     ctx = type("Ctx", (), {"fed": fed})()
-    from prismfl.fl.methods.registry import build
-
     idx = build(cfg).client_indices(ctx, 0)
     assert len(idx) == 500 and set(idx.tolist()) == set(fed.public_idx.tolist())
     assert not set(idx.tolist()) & set(int(i) for part in fed.parts for i in part)

@@ -227,13 +227,14 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         meta = {"kind": "vgg19bn", "trained_on": f"user-supplied weights {cfg.loss.vgg_weights}"}
     else:
         holdout = hashlib.sha256(fed.public_idx.astype("<i8").tobytes()).hexdigest()
+        recipe_args = feature_training(cfg)
         spec = {
             "kind": "public-cnn", "version": PUBLIC_NET_VERSION, "dataset": cfg.data.dataset,
             "source": fed.train.source, "resize": cfg.data.resize, "holdout_sha256": holdout,
-            "width": cfg.loss.feature_width, "epochs": feature_training(cfg)["epochs"], "seed": cfg.seed,
+            "width": cfg.loss.feature_width, "epochs": recipe_args["epochs"], "seed": cfg.seed,
         }  # fmt: skip
         if cfg.loss.feature_training != "plain":  # the plain recipe's spec is as it always was, bar the version
-            spec.update(training=cfg.loss.feature_training, **feature_training(cfg))
+            spec.update(training=cfg.loss.feature_training, **recipe_args)
 
         def build():
             log(f"training the public feature net on {len(fed.public_idx)} held-out images (cached afterwards)")
