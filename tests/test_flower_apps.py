@@ -217,6 +217,20 @@ def test_server_momentum_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
 
 
 @needs_fmnist
+def test_a_warm_start_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
+    """train.warm_start: partition 0's node trains the round-0 scores on the public hold-out and sends
+    them in its set-up reply; the server starts from them and sends every client the full state."""
+    warm = 'loss.features="public" train.warm_start=30 train.rounds=2'
+    sim_out, sim_states = simulate_with_states(load_config(SMOKE, warm.split()), tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": warm}, grid)
+    assert len(per_round) == 2 and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
+    assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))  # the bytes too
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+    assert modelfile.load(sim_out / "model.prism").info["warm_start"]["steps"] == 30
+
+
+@needs_fmnist
 def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp_path, monkeypatch):
     """privacy.pool: the noisy sums travel in the set-up replies, the pooled statistics in one
     query.pool message per node; the rounds then match the simulator's. The noise is made

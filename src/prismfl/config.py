@@ -84,6 +84,9 @@ class TrainConfig:
     server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
     # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
     upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
+    # prism: the global scores of round 0 trained for this many steps on the public hold-out (the images the
+    # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed
+    warm_start: int = 0
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
@@ -229,6 +232,7 @@ class RunConfig:
         _positive("train.batch_size", self.train.batch_size)
         for key, value, high in (("train.batch_size", self.train.batch_size, 65536),
                                  ("train.local_steps", self.train.local_steps, 10**7),
+                                 ("train.warm_start", self.train.warm_start, 10**7),
                                  ("train.rounds", self.train.rounds, 10**6),
                                  ("loss.feature_width", self.loss.feature_width, 1024),
                                  ("loss.feature_epochs", self.loss.feature_epochs, 1000),
@@ -265,6 +269,14 @@ class RunConfig:
         if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
                               "leave privacy.epsilon unset")  # fmt: skip
+        if self.train.warm_start < 0:
+            raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
+        if self.train.warm_start and self.train.method != "prism":
+            raise ConfigError(f"train.warm_start trains prism's round-0 global scores on the public hold-out; "
+                              f"method {self.train.method!r} has none")  # fmt: skip
+        if self.train.warm_start and (not self.partition.public_holdout or self.loss.features != "public"):
+            raise ConfigError("train.warm_start trains on the public hold-out, which exists with "
+                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
         if not 0 < self.train.client_fraction <= 1:

@@ -8,6 +8,7 @@ statistics. What persists on a client across rounds (its Adam state and loss tra
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -16,10 +17,12 @@ from torch import nn
 
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
-from prismfl.fl import task
+from prismfl.fl import task, wire
 from prismfl.fl.task import Federation
-from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState
+from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState, feature_stats
 from prismfl.model import masked
+from prismfl.progress import bar as progress_bar
+from prismfl.progress import line as progress_line
 
 
 @dataclass
@@ -275,3 +278,40 @@ def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, 
     return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
                        state=client.state, cfg=ctx.local_config(steps, lr), generator=gen,
                        uniforms=uniforms)  # fmt: skip
+
+
+def exact_stats(ctx: ClientContext, images: torch.Tensor, labels: torch.Tensor | None,
+                num_classes: int) -> FeatureStats:  # fmt: skip
+    """The exact statistics of `images` in the run's feature net, per class with `labels`."""
+    return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, labels=labels, num_classes=num_classes)
+
+
+WARM_CHUNK = 100  # steps between the warm start's progress updates
+
+
+def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
+    """Round-0 global scores trained on the public hold-out (train.warm_start): the seed's N(0, 1)
+    scores, then `steps` Adam steps of the run's matching loss against the exact statistics of the
+    public images (no client holds them, so they cost no privacy), every draw from the run's
+    "warm-start" stream. Computed once, where the public images are (the simulator; on Flower the
+    node with partition-id 0), and broadcast to the clients as the full state of round 0.
+    Returns the scores as a wire state message of round 0, and what was done (for the model's info)."""
+    cfg, idx = ctx.cfg, ctx.fed.public_idx
+    if not len(idx):
+        raise PrismError("train.warm_start needs the public hold-out (partition.public_holdout > 0)")
+    classes = task.arch_spec(cfg).num_classes
+    stats = exact_stats(ctx, ctx.fed.images(idx), ctx.fed.labels(idx) if classes else None, classes)
+    loss = task.client_loss(cfg, stats, ctx.device)
+    scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)
+    state, gen = ClientState(), task.generator_for(cfg.seed, "warm-start", device=ctx.device)
+    value, t0 = float("nan"), time.perf_counter()
+    bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {len(idx):,} public images", unit="x100 steps")
+    for done in bar:
+        result = local_train(ctx.model, scores, loss, ctx.extract, state=state,
+                             cfg=ctx.local_config(min(WARM_CHUNK, steps - done)), generator=gen)  # fmt: skip
+        scores, value = result.scores, result.loss
+        bar.set_postfix(loss=f"{value:.4f}")
+        if (done // WARM_CHUNK + 1) % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)
+            progress_line(f"warm start: {done + WARM_CHUNK:,}/{steps:,} steps, loss {value:.4f}")
+    info = {"steps": steps, "images": len(idx), "loss": value, "seconds": round(time.perf_counter() - t0, 1)}
+    return wire.encode_state(scores.cpu(), round_=0, table_hash=ctx.table_hash), info

@@ -47,6 +47,10 @@ class Setup:
     # fresh runs only: privacy.pool: each client's released noisy sums; privacy.secagg: each client's
     # public key and vector layout for secure aggregation
     shared: dict[int, dict] | None = None
+    # fresh runs with train.warm_start only: the round-0 global scores trained on the public hold-out, as a
+    # wire state message (decoded and checked like any message), and what the warm start did
+    warm_start: bytes | None = None
+    warm_info: dict | None = None
 
 
 class Transport(Protocol):
@@ -96,6 +100,10 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
         pooled = pool_statistics(cfg, method, setup, transport, log) if cfg.privacy.pool > 0 else None
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
+        if cfg.train.warm_start:
+            warm_start(method, state, setup, log)
+            # (its time stays in the log: a model file is the same bytes whoever trained it, however fast)
+            model_info["warm_start"] = {k: v for k, v in (setup.warm_info or {}).items() if k != "seconds"}
         if method.spec.num_classes:
             counts = setup.class_counts
             if counts is None and pooled is not None:  # secagg: the class counts of the secure sum
@@ -103,6 +111,8 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             state["class_shares"] = class_shares(counts, method.spec.num_classes)
     else:
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
+        if "warm_start" in ckpt["model_info"]:
+            model_info["warm_start"] = ckpt["model_info"]["warm_start"]
         method.check_state(state, setup.num_weights)
         if ckpt["clients"] is None:  # the clients kept their own state, and have started afresh since
             method.clients_restarted(state)
@@ -184,6 +194,20 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     runreport.run_report(out)
     log(f"done: {what}; samples.png, curves.png and report.md in {out}")
     return out
+
+
+def warm_start(method: Method, state: dict, setup: Setup, log) -> None:
+    """train.warm_start: round 1 starts from the scores the transport trained on the public hold-out."""
+    if setup.warm_start is None:
+        raise PrismError("train.warm_start is set but the transport brought no warm-start scores")
+    try:
+        method.warm_start(state, setup.warm_start)
+    except wire.WireError as exc:
+        raise PrismError(f"the warm-start scores do not decode: {type(exc).__name__}: {exc}") from None
+    info = setup.warm_info or {}
+    log(f"warm start: {info.get('steps', 0):,} steps on {info.get('images', 0):,} public images "
+        f"(loss {info.get('loss', float('nan')):.4f}, {info.get('seconds', 0.0):.0f} s); every client gets "
+        "these scores as the full state of round 0")  # fmt: skip
 
 
 def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Transport, log):

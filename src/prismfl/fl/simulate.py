@@ -17,7 +17,14 @@ import torch
 
 from prismfl.config import RunConfig
 from prismfl.fl import faults, task
-from prismfl.fl.client import ClientContext, ClientRuntime, class_table_of, client_context, reported_counts
+from prismfl.fl.client import (
+    ClientContext,
+    ClientRuntime,
+    class_table_of,
+    client_context,
+    reported_counts,
+    warm_start,
+)
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
@@ -59,6 +66,8 @@ class InProcess:
         table, names = class_table_of(rows, ctx.fed.class_names)
         shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
                   if c.shared is not None}  # fmt: skip
+        warm, warm_info = warm_start(ctx, cfg.train.warm_start) if checkpoint is None and cfg.train.warm_start \
+            else (None, None)  # fmt: skip
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
@@ -69,6 +78,8 @@ class InProcess:
             feature_meta=ctx.feature_meta,
             privacy=first and {key: v for key, v in first.items() if key != "clip"},
             shared=shared or None,
+            warm_start=warm,
+            warm_info=warm_info,
         )
 
     def share_pool(self, pooled) -> None:

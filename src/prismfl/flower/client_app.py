@@ -26,7 +26,7 @@ from prismfl import safestate
 from prismfl.config import config_from_dict
 from prismfl.errors import PrismError
 from prismfl.fl import task
-from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context
+from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context, warm_start
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
 from prismfl.flower.payload import SECAGG, STATE, from_array, to_array, wire_messages
@@ -86,11 +86,17 @@ def setup(message: Message, context: Context) -> Message:
     }
     if counts is not None:
         reply["statistics-class-counts"] = counts
+    warm = None
+    if k == 0 and int(message.content["prismfl"].get("warm-start", 0)):  # a fresh run's train.warm_start
+        warm, warm_info = warm_start(ctx, cfg.train.warm_start)
+        reply["warm-start-info"] = json.dumps(warm_info)
     if cfg.privacy.secagg:  # its public key and vector layout; the vector itself goes masked, in query.secagg
         public = client.shared.public()
         reply["secagg-public-key"], reply["secagg-layout"] = public["public_key"], json.dumps(public["layout"])
         reply["secagg-clip"] = json.dumps(public["clip"])
     content = RecordDict({"prismfl": ConfigRecord(reply)})
+    if warm is not None:  # the round-0 scores trained on the public hold-out, a wire state message
+        content["warm-start"] = ArrayRecord({"000": to_array(warm)})
     if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
     return Message(content, reply_to=message)

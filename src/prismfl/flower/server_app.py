@@ -87,13 +87,15 @@ def _error(reply: Message) -> str:
     return f"error {reply.error.code}: {reply.error.reason}"
 
 
-def setup_clients(grid: Grid, s: ServerSettings, n: int,
-                  table_hash: int) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
+def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int,
+                  fresh: bool = True) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
     """Send the RunConfig to every node; return {partition id: node id}, the setup replies by partition
-    and the noisy sums the clients shared (privacy.pool; decoded, not yet checked)."""
+    (partition 0's with its "warm-start" message on a `fresh` run with train.warm_start) and the noisy
+    sums the clients shared (privacy.pool; decoded, not yet checked)."""
     k = s.cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
-    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict())})})
+    warm = s.cfg.train.warm_start if fresh else 0
+    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict()), "warm-start": warm})})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     node_of: dict[int, int] = {}
     infos: dict[int, dict] = {}
@@ -118,6 +120,11 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int,
                 shared[pid] = {"public_key": bytes(info["secagg-public-key"]), "layout": layout, "clip": clip}
             except (KeyError, ValueError, TypeError) as exc:
                 raise PrismError(f"SuperNode {node}'s secure-aggregation key: {type(exc).__name__}: {exc}") from None
+        if pid == 0 and "warm-start" in reply.content:
+            try:
+                info["warm-start"] = from_array(reply.content["warm-start"]["000"])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise PrismError(f"SuperNode {node}'s warm-start scores: {type(exc).__name__}: {exc}") from None
         if "shared" in reply.content:
             try:
                 shared[pid] = safestate.from_bytes(from_array(reply.content["shared"]["000"], STATE), "shared sums")
@@ -135,6 +142,18 @@ def class_counts(infos: list[dict]) -> list[float] | None:
     if reported and len({len(r) for r in reported}) != 1:
         raise PrismError("the clients reported class counts of different lengths")
     return np.sum(reported, axis=0).tolist() if reported else None
+
+
+def warm_info(info: dict) -> dict | None:
+    """What partition 0's warm start reports (numbers only: a node's reply is not trusted to be well formed)."""
+    try:
+        got = json.loads(info.get("warm-start-info", "null"))
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(got, dict):
+        return None
+    keep = ("steps", "images", "loss", "seconds")
+    return {key: v for key, v in got.items() if key in keep and type(v) in (int, float)}
 
 
 class GridTransport:
@@ -157,7 +176,7 @@ class GridTransport:
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
-        self.node_of, infos, shared = setup_clients(self.grid, self.s, n, table_hash)
+        self.node_of, infos, shared = setup_clients(self.grid, self.s, n, table_hash, fresh=checkpoint is None)
         first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
         privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}
         table, names = class_table_of([list(info["class-counts"]) for info in infos],
@@ -172,6 +191,8 @@ class GridTransport:
             feature_meta=first["feature_net"],
             privacy=privacy,
             shared=shared or None,
+            warm_start=infos[0].get("warm-start"),
+            warm_info=warm_info(infos[0]),
         )
 
     def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:

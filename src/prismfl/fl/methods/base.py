@@ -22,9 +22,10 @@ import torch
 
 from prismfl import modelfile
 from prismfl.config import RunConfig
+from prismfl.errors import PrismError
 from prismfl.fl import aggregate, task, wire
-from prismfl.fl.client import ClientContext, ClientRuntime
-from prismfl.loss.matching import FeatureStats, feature_stats
+from prismfl.fl.client import ClientContext, ClientRuntime, exact_stats
+from prismfl.loss.matching import FeatureStats
 from prismfl.modelfile import PrismModel
 
 
@@ -106,8 +107,7 @@ class Method:
         """The client's feature statistics, per class with `labels` (exact; `privacy.Private` releases
         them with DP instead), the release's parameters (privacy only) and what it shares for pooling
         (privacy.pool > 0 only: its noisy sums)."""
-        return feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, labels=labels,
-                             num_classes=self.spec.num_classes), None, None  # fmt: skip
+        return exact_stats(ctx, images, labels, self.spec.num_classes), None, None
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         """Round-0 state of a new client (every client derives it from the run seed: 0 bytes)."""
@@ -158,6 +158,10 @@ class Method:
             for v in values:
                 if not is_weights(v, num_weights):
                     raise StateError(f"the checkpoint's '{key}' is not {num_weights:,} finite float32 values")
+
+    def warm_start(self, state: dict, message: bytes) -> None:
+        """train.warm_start: replace the round-0 global scores by the wire state `message`."""
+        raise PrismError(f"method {self.name!r} has no global scores to warm-start")
 
     def client_lost(self, state: dict, k: int) -> None:
         """Client k failed this round: the server no longer knows what it holds."""

@@ -134,6 +134,15 @@ class Prism(Method):
                 # train.server_momentum: the server's velocity (the clients' replicas hold it too)
                 **({"velocity": torch.zeros(num_weights)} if self.beta else {})}  # fmt: skip
 
+    def warm_start(self, state: dict, message: bytes) -> None:
+        """The round-0 scores trained on the public hold-out (decoded like any message: a state of round 0
+        for this model); no client holds them yet, so each gets the full state when first chosen."""
+        held, scores = wire.decode_state(message, num_weights=state["num_weights"], table_hash=state["table_hash"])
+        if held != 0:
+            raise wire.UnexpectedMessage(f"warm-start scores of round {held}, not of round 0")
+        state["scores"] = scores
+        state["synced"] = [None] * len(state["synced"])
+
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
         scores, th = state["scores"], state["table_hash"]
