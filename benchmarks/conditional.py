@@ -41,6 +41,7 @@ SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true
 MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
 NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation since the momentum rows
 AUGMENTED = 'loss.feature_training="augmented"'  # issue 12's loss lever: the better-trained public net
+WARM = ["train.warm_start=1500", "train.rounds=5", "train.server_momentum=0.8", AUGMENTED]  # round 0 from public data
 
 
 def secagg(epsilon: float, pool: int, extra: str) -> tuple[float, list[str]]:
@@ -116,6 +117,15 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, pool 4, secagg, momentum 0.8": secagg(1.0, 4, "train.server_momentum=0.8"),
     "eps 10, pool 4, secagg, momentum 0.8": secagg(10.0, 4, "train.server_momentum=0.8"),
     "eps 1, pool 4, means, secagg": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", 'loss.moment="mean"', *SECAGG]),
+    # issue 12's score-initialisation lever: the global scores of round 0 trained for 1,500 steps on the public
+    # hold-out (train.warm_start), then 5 federated rounds with momentum (2,500 client steps)
+    "no DP, warm start": (math.inf, WARM),
+    "eps 10, pool 4, secagg, warm start": (10.0, ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, *WARM]),
+    "eps 1, pool 4, secagg, warm start": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, *WARM]),
+    "eps 0.2, pool 4, secagg, warm start": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, *WARM]),
+    # the public-only references for it: its warm start alone (1,500 steps), and as many steps as it takes in all
+    "public only, 1,500 steps": (math.inf, ['train.method="public"', "train.rounds=3", AUGMENTED]),
+    "public only, 4,000 steps": (math.inf, ['train.method="public"', "train.rounds=8", AUGMENTED]),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
