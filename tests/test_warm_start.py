@@ -1,9 +1,9 @@
 """train.warm_start: prism's round-0 global scores trained on the public hold-out, then federated.
 
-Checked here: the refusals; that the scores the engine starts from are exactly what fl.client.warm_start
-computes (deterministic in the seed), that they lower the public matching loss, that every client gets
-them as a full state in round 1, that the model records the warm start (also after a resume), and that
-scores which do not decode stop the run with one line.
+Checked here: the refusals, and that the baselines ignore it; that the scores the engine starts from
+are exactly what fl.client.warm_start computes (deterministic in the seed), that they lower the
+public matching loss, that every client gets them as a full state in round 1, that the model records
+the warm start (also after a resume), and that scores which do not decode stop the run with one line.
 """
 
 from pathlib import Path
@@ -29,7 +29,6 @@ QUIET = {"log": lambda *_: None}
     [
         (["train.warm_start=-1"], "must be >= 0"),
         (["train.warm_start=20000000"], "over prismfl's limit"),
-        (['loss.features="public"', "train.warm_start=10", 'train.method="central"'], "has none"),
         (["train.warm_start=10"], "loss.features = 'public'"),  # smoke's features are random: no hold-out
         (['loss.features="public"', "train.warm_start=10", "partition.public_holdout=0"], "public_holdout > 0"),
     ],
@@ -37,6 +36,17 @@ QUIET = {"log": lambda *_: None}
 def test_bad_warm_starts_are_refused_with_one_line(overrides, says):
     with pytest.raises(ConfigError, match=says):
         load_config(SMOKE, overrides)
+
+
+@needs_fmnist
+def test_the_baselines_ignore_it_as_they_ignore_the_server_momentum(tmp_path, monkeypatch):
+    """A config serves --method central as it is: no warm start is trained, none is recorded."""
+    cfg = load_config(
+        SMOKE, ["train.warm_start=10", 'train.method="central"', "train.rounds=1", "train.sample_every=0"]
+    )
+    monkeypatch.setattr(simulate, "warm_start", lambda *a: pytest.fail("a baseline trained a warm start"))
+    out = simulate.train(cfg, tmp_path / "central", **QUIET)
+    assert "warm_start" not in rundir.load_checkpoint(out)["model_info"]
 
 
 def public_loss(ctx, scores: torch.Tensor) -> float:

@@ -85,7 +85,8 @@ class TrainConfig:
     # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
     upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
     # prism: the global scores of round 0 trained for this many steps on the public hold-out (the images the
-    # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed
+    # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed.
+    # Ignored by the baselines, as server_momentum is
     warm_start: int = 0
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
@@ -271,10 +272,12 @@ class RunConfig:
                               "leave privacy.epsilon unset")  # fmt: skip
         if self.train.warm_start < 0:
             raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
-        if self.train.warm_start and self.train.method != "prism":
-            raise ConfigError(f"train.warm_start trains prism's round-0 global scores on the public hold-out; "
-                              f"method {self.train.method!r} has none")  # fmt: skip
-        if self.train.warm_start and (not self.partition.public_holdout or self.loss.features != "public"):
+        # (prism only: the baselines ignore it, as they ignore the server momentum)
+        if (
+            self.train.warm_start
+            and self.train.method == "prism"
+            and (not self.partition.public_holdout or self.loss.features != "public")
+        ):
             raise ConfigError("train.warm_start trains on the public hold-out, which exists with "
                               "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
         if not self.train.lr > 0:

@@ -100,7 +100,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
         pooled = pool_statistics(cfg, method, setup, transport, log) if cfg.privacy.pool > 0 else None
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
-        if cfg.train.warm_start:
+        if cfg.train.warm_start and method.warm_starts:
             warm_start(method, state, setup, log)
             # (its time stays in the log: a model file is the same bytes whoever trained it, however fast)
             model_info["warm_start"] = {k: v for k, v in (setup.warm_info or {}).items() if k != "seconds"}

@@ -66,8 +66,9 @@ class InProcess:
         table, names = class_table_of(rows, ctx.fed.class_names)
         shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
                   if c.shared is not None}  # fmt: skip
-        warm, warm_info = warm_start(ctx, cfg.train.warm_start) if checkpoint is None and cfg.train.warm_start \
-            else (None, None)  # fmt: skip
+        warm, warm_info = None, None
+        if checkpoint is None and cfg.train.warm_start and method.warm_starts:  # public images: no privacy cost
+            warm, warm_info = warm_start(ctx, cfg.train.warm_start)
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,

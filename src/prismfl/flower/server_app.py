@@ -90,7 +90,7 @@ def _error(reply: Message) -> str:
 def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int,
                   fresh: bool = True) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
     """Send the RunConfig to every node; return {partition id: node id}, the setup replies by partition
-    (partition 0's with its "warm-start" message on a `fresh` run with train.warm_start) and the noisy
+    (partition 0's with its "warm-start" message when `fresh`: a new prism run with train.warm_start) and the noisy
     sums the clients shared (privacy.pool; decoded, not yet checked)."""
     k = s.cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
@@ -176,7 +176,9 @@ class GridTransport:
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
-        self.node_of, infos, shared = setup_clients(self.grid, self.s, n, table_hash, fresh=checkpoint is None)
+        self.node_of, infos, shared = setup_clients(
+            self.grid, self.s, n, table_hash, fresh=checkpoint is None and method.warm_starts
+        )
         first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
         privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}
         table, names = class_table_of([list(info["class-counts"]) for info in infos],

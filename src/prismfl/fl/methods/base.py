@@ -159,6 +159,8 @@ class Method:
                 if not is_weights(v, num_weights):
                     raise StateError(f"the checkpoint's '{key}' is not {num_weights:,} finite float32 values")
 
+    warm_starts = False  # True: train.warm_start applies (prism); the baselines ignore it
+
     def warm_start(self, state: dict, message: bytes) -> None:
         """train.warm_start: replace the round-0 global scores by the wire state `message`."""
         raise PrismError(f"method {self.name!r} has no global scores to warm-start")

@@ -96,6 +96,7 @@ def catch_up(replica: torch.Tensor, held: int, messages: list[bytes], *, num_wei
 
 class Prism(Method):
     name = "prism"
+    warm_starts = True
     STATE = {"scores": "weights"}
 
     def __init__(self, cfg, mada: bool | None = None):
