@@ -60,7 +60,13 @@ VARIANTS = {
 }
 
 
-PINNED = ["model.conditional=false", "train.rounds=12", "train.server_momentum=0.0", 'loss.feature_training="plain"']
+PINNED = [
+    "model.conditional=false",
+    "train.rounds=12",
+    "train.server_momentum=0.0",
+    'loss.feature_training="plain"',
+    "train.warm_start=0",
+]
 
 
 def main() -> None:

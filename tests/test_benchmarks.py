@@ -38,8 +38,10 @@ def test_variant_tables_name_real_config_keys():
 
     for name in ("ablation", "fed_sweep"):
         for overrides in load(name).VARIANTS.values():
-            # as the scripts load them: the unconditional demo plus the variant (raises on an unknown key or value)
-            load_config(ROOT / "configs" / "fmnist-noniid.toml", ["model.conditional=false", *overrides])
+            # as the scripts load them: the unconditional demo, cold, plus the variant (raises on a bad key or value)
+            load_config(
+                ROOT / "configs" / "fmnist-noniid.toml", ["model.conditional=false", "train.warm_start=0", *overrides]
+            )
     conditional = load("conditional")
     for _, overrides in conditional.VARIANTS.values():
         if overrides is not None:  # as the script loads them: its pinned settings, then the row's
