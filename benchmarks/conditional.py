@@ -123,6 +123,8 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 10, pool 4, secagg, warm start": (10.0, ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, *WARM]),
     "eps 1, pool 4, secagg, warm start": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, *WARM]),
     "eps 0.2, pool 4, secagg, warm start": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, *WARM]),
+    # the demo's settings since (a shorter warm start and 3 rounds: the demo within about 10 minutes)
+    "no DP, warm start 1000, 3 rounds": (math.inf, [*WARM, "train.warm_start=1000", "train.rounds=3"]),
     # the public-only references for it: its warm start alone (1,500 steps), and as many steps as it takes in all
     "public only, 1,500 steps": (math.inf, ['train.method="public"', "train.rounds=3", AUGMENTED]),
     "public only, 4,000 steps": (math.inf, ['train.method="public"', "train.rounds=8", AUGMENTED]),
