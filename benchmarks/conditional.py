@@ -120,6 +120,7 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     # issue 12's score-initialisation lever: the global scores of round 0 trained for 1,500 steps on the public
     # hold-out (train.warm_start), then 5 federated rounds with momentum (2,500 client steps)
     "no DP, warm start": (math.inf, WARM),
+    "no DP, pool 4, warm start": (math.inf, ["loss.pool=4", *WARM]),  # the private rows' loss without noise
     "eps 10, pool 4, secagg, warm start": (10.0, ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, *WARM]),
     "eps 1, pool 4, secagg, warm start": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, *WARM]),
     "eps 0.2, pool 4, secagg, warm start": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, *WARM]),
