@@ -148,6 +148,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_images(self) -> int:
+        """How many training images the run holds out as public (the public feature net's, which no client
+        holds): partition.public_holdout with loss.features = "public", otherwise none."""
+        return self.partition.public_holdout if self.loss.features == "public" else 0
+
     def arch_spec(self):
         """The generator this configuration builds (model.generators.ArchSpec), not yet validated."""
         from prismfl.data.sources import dataset_info
@@ -264,22 +269,18 @@ class RunConfig:
             raise ConfigError(f"data.subset must be >= 0 (0 uses every image), got {self.data.subset}")
         if self.partition.public_holdout < 0:
             raise ConfigError(f"partition.public_holdout must be >= 0, got {self.partition.public_holdout}")
-        if self.train.method == "public" and (not self.partition.public_holdout or self.loss.features != "public"):
-            raise ConfigError("train.method = 'public' trains on the public hold-out, which exists with "
-                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
+        needs_holdout = "trains on the public hold-out, which exists with loss.features = 'public' and " \
+            "partition.public_holdout > 0"  # fmt: skip
+        if self.train.method == "public" and not self.public_images():
+            raise ConfigError(f"train.method = 'public' {needs_holdout}")
         if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
                               "leave privacy.epsilon unset")  # fmt: skip
         if self.train.warm_start < 0:
             raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
         # (prism only: the baselines ignore it, as they ignore the server momentum)
-        if (
-            self.train.warm_start
-            and self.train.method == "prism"
-            and (not self.partition.public_holdout or self.loss.features != "public")
-        ):
-            raise ConfigError("train.warm_start trains on the public hold-out, which exists with "
-                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
+        if self.train.warm_start and self.train.method == "prism" and not self.public_images():
+            raise ConfigError(f"train.warm_start {needs_holdout}")
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
         if not 0 < self.train.client_fraction <= 1:

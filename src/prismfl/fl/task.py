@@ -84,7 +84,7 @@ def prepare_federation(cfg: RunConfig) -> Federation:
             np.random.default_rng(derived_seed(cfg.seed, "subset")).permutation(len(train))[: cfg.data.subset]
         )
         train = Split(train.images[keep], train.labels[keep], f"{train.source}, random subset of {cfg.data.subset:,}")
-    holdout = cfg.partition.public_holdout if cfg.loss.features == "public" else 0
+    holdout = cfg.public_images()
     if holdout >= len(train):
         from prismfl.errors import ConfigError
 

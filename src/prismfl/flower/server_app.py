@@ -88,14 +88,14 @@ def _error(reply: Message) -> str:
 
 
 def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int,
-                  fresh: bool = True) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
+                  warm: bool = True) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
     """Send the RunConfig to every node; return {partition id: node id}, the setup replies by partition
-    (partition 0's with its "warm-start" message when `fresh`: a new prism run with train.warm_start) and the noisy
-    sums the clients shared (privacy.pool; decoded, not yet checked)."""
+    (with `warm`, a new prism run's train.warm_start: partition 0's with its "warm-start" message) and the
+    noisy sums the clients shared (privacy.pool; decoded, not yet checked)."""
     k = s.cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
-    warm = s.cfg.train.warm_start if fresh else 0
-    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict()), "warm-start": warm})})
+    steps = s.cfg.train.warm_start if warm else 0
+    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict()), "warm-start": steps})})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     node_of: dict[int, int] = {}
     infos: dict[int, dict] = {}
@@ -177,7 +177,7 @@ class GridTransport:
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
         self.node_of, infos, shared = setup_clients(
-            self.grid, self.s, n, table_hash, fresh=checkpoint is None and method.warm_starts
+            self.grid, self.s, n, table_hash, warm=checkpoint is None and method.warm_starts
         )
         first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
         privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}
