@@ -44,9 +44,9 @@ AUGMENTED = 'loss.feature_training="augmented"'  # issue 12's loss lever: the be
 WARM = ["train.warm_start=1500", "train.rounds=5", "train.server_momentum=0.8", AUGMENTED]  # round 0 from public data
 
 
-def secagg(epsilon: float, pool: int, extra: str) -> tuple[float, list[str]]:
-    """A row with the secure sum of feature maps pooled `pool` x `pool`, at `epsilon`, plus one override."""
-    return epsilon, [f"privacy.epsilon={epsilon}", f"loss.pool={pool}", *SECAGG, extra]
+def secagg(epsilon: float, pool: int, *extra: str) -> tuple[float, list[str]]:
+    """A row with the secure sum of feature maps pooled `pool` x `pool`, at `epsilon`, plus more overrides."""
+    return epsilon, [f"privacy.epsilon={epsilon}", f"loss.pool={pool}", *SECAGG, *extra]
 
 
 VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
@@ -121,9 +121,9 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     # hold-out (train.warm_start), then 5 federated rounds with momentum (2,500 client steps)
     "no DP, warm start": (math.inf, WARM),
     "no DP, pool 4, warm start": (math.inf, ["loss.pool=4", *WARM]),  # the private rows' loss without noise
-    "eps 10, pool 4, secagg, warm start": (10.0, ["privacy.epsilon=10.0", "loss.pool=4", *SECAGG, *WARM]),
-    "eps 1, pool 4, secagg, warm start": (1.0, ["privacy.epsilon=1.0", "loss.pool=4", *SECAGG, *WARM]),
-    "eps 0.2, pool 4, secagg, warm start": (0.2, ["privacy.epsilon=0.2", "loss.pool=4", *SECAGG, *WARM]),
+    "eps 10, pool 4, secagg, warm start": secagg(10.0, 4, *WARM),
+    "eps 1, pool 4, secagg, warm start": secagg(1.0, 4, *WARM),
+    "eps 0.2, pool 4, secagg, warm start": secagg(0.2, 4, *WARM),
     # the demo's settings since (a shorter warm start and 3 rounds: the demo within about 10 minutes)
     "no DP, warm start 1000, 3 rounds": (math.inf, [*WARM, "train.warm_start=1000", "train.rounds=3"]),
     # the public-only references for it: its warm start alone (1,500 steps), and as many steps as it takes in all
