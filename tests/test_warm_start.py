@@ -16,7 +16,7 @@ from prismfl import rundir
 from prismfl.config import ConfigError, load_config
 from prismfl.errors import PrismError
 from prismfl.fl import engine, simulate, task, wire
-from prismfl.fl.client import ClientState, client_context, local_train, warm_start
+from prismfl.fl.client import ClientState, client_context, exact_stats, local_train, warm_start
 from prismfl.fl.methods.registry import build
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -51,11 +51,7 @@ def test_the_baselines_ignore_it_as_they_ignore_the_server_momentum(tmp_path, mo
 
 def public_loss(ctx, scores: torch.Tensor) -> float:
     """The run's matching loss against the public images' statistics, at `scores`, over 20 fixed batches."""
-    from prismfl.loss.matching import feature_stats
-
-    idx = ctx.fed.public_idx
-    stats = feature_stats(lambda x: ctx.extract(x), ctx.fed.images(idx))
-    loss = task.client_loss(ctx.cfg, stats)
+    loss = task.client_loss(ctx.cfg, exact_stats(ctx, ctx.fed.images(ctx.fed.public_idx), None, 0))
     result = local_train(ctx.model, scores, loss, ctx.extract, state=ClientState(),
                          cfg=ctx.local_config(20, lr=1e-12), generator=torch.Generator().manual_seed(7))  # fmt: skip
     return result.loss
