@@ -64,6 +64,15 @@ def test_forward_uses_a_sampled_mask():
     assert 250 < out.item() < 350
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_forward_samples_on_the_device_of_the_scores():
+    # the uniforms come from the run's generator on the scores' device: a CUDA run once failed here
+    layer = masked.MaskedLinear(1000, 1).cuda()
+    layer.rng = torch.Generator(device="cuda").manual_seed(1)
+    out = layer(torch.ones(1, 1000, device="cuda"))
+    assert out.device.type == "cuda"
+
+
 def test_fixed_mask_and_score_round_trip():
     net = build_generator(ArchSpec("mlp", 4, 8, 1, 8, 0))
     n = masked.num_maskable(net)

@@ -75,7 +75,7 @@ class MaskedLayer(nn.Module):
             return self.weight * self.fixed_mask
         theta = torch.sigmoid(self.scores)
         # uniform < theta: the same Bernoulli draw as torch.bernoulli, about 3x faster on a CPU
-        sample = (torch.rand(theta.shape, generator=self.rng) < theta.detach()).to(theta.dtype)
+        sample = (torch.rand(theta.shape, generator=self.rng, device=theta.device) < theta.detach()).to(theta.dtype)
         return self.weight * straight_through(theta, sample, self.estimator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
