@@ -41,6 +41,7 @@ SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true
 MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
 NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation since the momentum rows
 AUGMENTED = 'loss.feature_training="augmented"'  # issue 12's loss lever: the better-trained public net
+SHRINK_PUBLIC = ["privacy.shrink=true", 'privacy.shrink_to="public"']
 WARM = ["train.warm_start=1500", "train.rounds=5", "train.server_momentum=0.8", AUGMENTED]  # round 0 from public data
 
 
@@ -129,6 +130,13 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     # the public-only references for it: its warm start alone (1,500 steps), and as many steps as it takes in all
     "public only, 1,500 steps": (math.inf, ['train.method="public"', "train.rounds=3", AUGMENTED]),
     "public only, 4,000 steps": (math.inf, ['train.method="public"', "train.rounds=8", AUGMENTED]),
+    # issue 13: the secure sum shrunk toward the public images' own clipped statistics (privacy.shrink_to)
+    "eps 10, pool 4, secagg, warm start, shrink public": secagg(10.0, 4, *WARM, *SHRINK_PUBLIC),
+    "eps 1, pool 4, secagg, warm start, shrink public": secagg(1.0, 4, *WARM, *SHRINK_PUBLIC),
+    "eps 0.2, pool 4, secagg, warm start, shrink public": secagg(0.2, 4, *WARM, *SHRINK_PUBLIC),
+    "eps 10, secagg, warm start, shrink public": secagg(10.0, 1, *WARM, *SHRINK_PUBLIC),  # full-size feature maps
+    "eps 1, secagg, warm start, shrink public": secagg(1.0, 1, *WARM, *SHRINK_PUBLIC),
+    "eps 0.2, secagg, warm start, shrink public": secagg(0.2, 1, *WARM, *SHRINK_PUBLIC),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),

@@ -250,20 +250,24 @@ def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp
 
 
 @needs_fmnist
-def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shrink", ["", 'loss.features="public" privacy.shrink=true privacy.shrink_to="public"'])
+def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch, shrink):
     """privacy.secagg: public keys in the set-up replies, masked vectors in query.secagg, the pooled
     statistics in query.pool; the masks cancel exactly, so the rounds match the simulator's. No
-    message the server receives holds a client's plain vector."""
+    message the server receives holds a client's plain vector. With privacy.shrink_to = "public",
+    partition 0's set-up reply carries the public statistics the server shrinks the secure sum toward."""
     import prismfl.privacy
 
     monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)
-    overrides = "privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=2"
+    overrides = f"privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=2 {shrink}".strip()
     sim_out, sim_states = simulate_with_states(load_config(SMOKE, overrides.split()), tmp_path / "sim")
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides}, grid)
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("query.secagg") == 3 and kinds.count("query.pool") == 3
     assert not any("shared" in m.content for m in grid.received)
+    targets = [m for m in grid.received if "shrink-target" in m.content]
+    assert len(targets) == (1 if shrink else 0)
     assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
     assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
 

@@ -217,6 +217,46 @@ def test_james_stein_shrinkage_of_noisy_sums_by_hand_and_by_its_error():
     assert torch.equal(kept, noisy)
 
 
+def test_james_stein_toward_a_public_target_by_hand_and_by_its_error():
+    from prismfl.privacy import shrink_sums
+
+    # one class row, 4 coordinates, n = 2, sigma = 1, clip 1: tau^2 = 0.25; target t, m - t = [1, 0, 1, 0]
+    sums = torch.tensor([[4.0, 2.0, 0.0, 2.0]], dtype=D)  # means [2, 1, 0, 1]
+    goal = torch.tensor([[1.0, 1.0, -1.0, 1.0]], dtype=D)
+    summed = {"sums": [sums], "squares": [sums.clone()], "counts": torch.tensor([2.0], dtype=D)}
+    out = shrink_sums(summed, 1.0, [1.0], target={"means": [goal], "seconds": [goal]})
+    factor = 1 - (4 - 2) * 0.25 / 2.0  # 0.75: k = D - 2 toward a fixed target
+    assert torch.allclose(out["sums"][0] / 2, goal + factor * (sums / 2 - goal))
+    assert torch.allclose(out["squares"][0], out["sums"][0])
+    # noise far above the spread: the release becomes the target itself (times the count)
+    loud = shrink_sums(summed, 100.0, [1.0], target={"means": [goal], "seconds": [goal]})
+    assert torch.allclose(loud["sums"][0], 2 * goal)
+    # a target near the truth beats both the noisy means and the shrinkage toward the layer average
+    gen = torch.Generator().manual_seed(1)
+    truth = 0.3 * torch.randn(3, 500, generator=gen, dtype=D) + 1.0
+    near = truth + 0.05 * torch.randn(3, 500, generator=gen, dtype=D)
+    noisy = 10 * truth + 4.0 * torch.randn(3, 500, generator=gen, dtype=D)
+    summed = {"sums": [noisy], "squares": [noisy.clone()], "counts": torch.full((3,), 10.0, dtype=D)}
+    err = lambda m: float(((m - truth) ** 2).sum())  # noqa: E731
+    toward = shrink_sums(summed, 4.0, [1.0], target={"means": [near], "seconds": [near]})["sums"][0] / 10
+    flat = shrink_sums(summed, 4.0, [1.0])["sums"][0] / 10
+    assert err(toward) < 0.2 * err(flat) < 0.2 * err(noisy / 10)
+
+
+def test_the_public_target_clips_as_the_release_does_per_class():
+    from prismfl.privacy import public_target
+
+    # 2-d features; clip 5: [6, 8] (norm 10) becomes [3, 4]; class 2 holds no image: the overall average
+    images = torch.tensor([[6.0, 8.0], [1.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 1])
+    got = public_target(lambda x: [x], images, [5.0], labels=labels, num_classes=3)
+    means = torch.tensor([[2.0, 2.0], [0.0, 2.0], [4.0 / 3, 2.0]], dtype=D)
+    seconds = torch.tensor([[5.0, 8.0], [0.0, 4.0], [10.0 / 3, 20.0 / 3]], dtype=D)
+    assert torch.allclose(got["means"][0], means) and torch.allclose(got["seconds"][0], seconds)
+    pooled = public_target(lambda x: [x], images, [5.0])
+    assert torch.allclose(pooled["means"][0], means[2]) and torch.allclose(pooled["seconds"][0], seconds[2])
+
+
 @needs_fmnist
 def test_a_secagg_run_with_shrinkage(tmp_path):
     from prismfl.fl import simulate
@@ -227,6 +267,98 @@ def test_a_secagg_run_with_shrinkage(tmp_path):
     assert any("secure aggregation: 3 clients" in line for line in logs)
     with pytest.raises(ConfigError, match="set privacy.epsilon"):
         load_config(SMOKE, ["privacy.shrink=true"])
+
+
+PUBLIC_SHRINK = ['loss.features="public"', "privacy.shrink=true", 'privacy.shrink_to="public"']
+
+
+@needs_fmnist
+def test_the_secure_sum_is_shrunk_toward_the_public_statistics(tmp_path, monkeypatch):
+    """privacy.shrink_to = "public": the server shrinks the secure sum toward the public hold-out's
+    clipped statistics, which the simulator computes as a client would, and every client trains
+    against the result."""
+    from prismfl import privacy, rundir
+    from prismfl.fl import simulate
+    from prismfl.fl.client import client_context
+    from prismfl.fl.methods import registry
+
+    calls = []
+    real = privacy.shrink_sums
+
+    def shrink_sums(summed, sigma, clip, min_count=1.0, target=None):
+        calls.append((summed, sigma, clip, min_count, target))
+        return real(summed, sigma, clip, min_count, target)
+
+    monkeypatch.setattr(privacy, "shrink_sums", shrink_sums)
+    overrides = ["privacy.epsilon=2", "privacy.pool=1", "privacy.secagg=true", *PUBLIC_SHRINK, "train.rounds=1"]
+    cfg = load_config(SMOKE, overrides)
+    out = simulate.train(cfg, tmp_path / "run", log=lambda line: None)
+    assert len(calls) == 1  # the server's, on the secure sum (no client shrinks its share of the noise)
+    summed, sigma, clip, min_count, target = calls[0]
+    method = registry.build(cfg)
+    ctx = client_context(cfg, method.build_model, "cpu", log=lambda line: None)
+    want = privacy.public_target(ctx.extract, ctx.fed.images(ctx.fed.public_idx), clip)
+    assert all(torch.equal(a, b) for a, b in zip(target["means"] + target["seconds"], want["means"] + want["seconds"]))
+    pooled = privacy.stats_of_sum(real(summed, sigma, clip, min_count, want), 0)
+    flat = privacy.stats_of_sum(real(summed, sigma, clip, min_count), 0)
+    ckpt = rundir.load_checkpoint(out)
+    for c in ckpt["clients"]["clients"]:
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(c["stats"]["mean"], pooled.mean))
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(pooled.mean, flat.mean))
+
+
+@needs_fmnist
+def test_a_bad_shrinkage_target_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    from prismfl.errors import PrismError
+    from prismfl.fl import simulate
+    from prismfl.fl.client import ClientContext
+
+    real = ClientContext.shrink_target
+
+    def wrong_shape(self):
+        t = real(self)
+        return {"means": [x[:-1] for x in t["means"]], "seconds": t["seconds"]}
+
+    monkeypatch.setattr(ClientContext, "shrink_target", wrong_shape)
+    overrides = ["privacy.epsilon=2", "privacy.pool=1", "privacy.secagg=true", *PUBLIC_SHRINK, "train.rounds=1"]
+    with pytest.raises(PrismError, match="privacy.shrink_to = 'public': the shrinkage target's means have shapes"):
+        simulate.train(load_config(SMOKE, overrides), tmp_path / "run", log=lambda line: None)
+
+
+def test_shrink_to_is_checked():
+    with pytest.raises(ConfigError, match="did you mean 'public'"):
+        load_config(SMOKE, ["privacy.epsilon=1", "privacy.shrink=true", 'privacy.shrink_to="publc"'])
+    with pytest.raises(ConfigError, match="set privacy.shrink = true"):
+        load_config(SMOKE, ["privacy.epsilon=1", 'privacy.shrink_to="public"', 'loss.features="public"'])
+    with pytest.raises(ConfigError, match="needs loss.features = 'public'"):
+        load_config(SMOKE, ["privacy.epsilon=1", "privacy.shrink=true", 'privacy.shrink_to="public"'])
+
+
+@needs_fmnist
+def test_a_clients_own_release_is_shrunk_toward_the_public_statistics(tmp_path, monkeypatch):
+    """Without secure aggregation each client shrinks its own release, toward the same public target."""
+    import prismfl.privacy
+    from prismfl import rundir
+    from prismfl.fl import simulate
+    from prismfl.fl.client import client_context
+    from prismfl.fl.methods import registry
+    from prismfl.privacy import private_feature_stats
+
+    monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)  # reproducible noise, here only
+    cfg = load_config(SMOKE, ["privacy.epsilon=2", *PUBLIC_SHRINK, "train.rounds=1"])
+    out = simulate.train(cfg, tmp_path / "run", log=lambda line: None)
+    method = registry.build(cfg)
+    ctx = client_context(cfg, method.build_model, "cpu", log=lambda line: None)
+    images, _ = method.client_data(ctx, 0)
+
+    def release(target):
+        return private_feature_stats(ctx.extract, images, ctx.privacy_clip(), 2.0, cfg.privacy.delta, shrink=True,
+                                     generator=torch.Generator().manual_seed(12345), target=target).stats  # fmt: skip
+
+    want, flat = release(ctx.shrink_target()), release(None)
+    got = rundir.load_checkpoint(out)["clients"]["clients"][0]["stats"]["mean"]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want.mean))
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, flat.mean))
 
 
 def test_a_clients_own_release_is_shrunk_when_asked():

@@ -107,6 +107,9 @@ class PrivacyConfig:
     secagg: bool = False
     colluders: int = 0  # clients assumed to collude with the server: the guarantee holds against them too
     shrink: bool = False  # James-Stein shrinkage of the released means and second moments (post-processing)
+    # what shrink pulls toward: "layer" (each layer's average) or "public" (the public hold-out's own
+    # clipped statistics, per class: public data, so still post-processing)
+    shrink_to: str = "layer"
 
 
 @dataclass
@@ -325,6 +328,13 @@ class RunConfig:
             raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
         if p.shrink and math.isinf(p.epsilon):
             raise ConfigError("privacy.shrink pulls noisy statistics toward their layer averages: set privacy.epsilon")
+        _one_of("privacy.shrink_to", p.shrink_to, ("layer", "public"))
+        if p.shrink_to == "public" and not p.shrink:
+            raise ConfigError("privacy.shrink_to says where privacy.shrink pulls the statistics: "
+                              "set privacy.shrink = true")  # fmt: skip
+        if p.shrink_to == "public" and not self.public_images():
+            raise ConfigError("privacy.shrink_to = 'public' pulls toward the public hold-out's statistics: it needs "
+                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
         if not p.secagg:
             if p.colluders:
                 raise ConfigError("privacy.colluders is for privacy.secagg = true")

@@ -107,6 +107,7 @@ def private_feature_stats(
     second: bool = True,
     noise_share: float = 1.0,
     shrink: bool = False,
+    target: dict | None = None,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
@@ -117,6 +118,9 @@ def private_feature_stats(
 
     `second = False` (loss.moment = "mean"): r(x) = [u_1/C_1, ..., u_L/C_L, 1], the means only, with
     sensitivity sqrt(L + 1); nothing is released about second moments (the variances are zeros).
+
+    `shrink`: James-Stein shrinkage of the release (shrink_sums), toward `target` when given
+    (public_target), else toward each layer's average.
 
     `noise_share < 1` (distributed noise, secagg.py): the client adds only that fraction of the noise's
     standard deviation; its release is then NOT (epsilon, delta)-DP alone, only the secure sum of all
@@ -159,7 +163,7 @@ def private_feature_stats(
     shared = {"sums": [c * s for s, c in zip(sums, clip)], "squares": [c * c * q for q, c in zip(squares, clip)],
               "counts": count.reshape(-1)}  # fmt: skip
     if shrink and z > 0 and noise_share == 1:
-        shared = shrink_sums(shared, z * sensitivity, clip, min_count=count_floor(z * sensitivity))
+        shared = shrink_sums(shared, z * sensitivity, clip, min_count=count_floor(z * sensitivity), target=target)
     stats = stats_from_sums(shared["sums"], shared["squares"], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings, shared)
 
@@ -220,18 +224,22 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
     return stats_of_sum(summed, num_classes)
 
 
-def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float = 1.0) -> dict:
+def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float = 1.0,
+                target: dict | None = None) -> dict:  # fmt: skip
     """Positive-part James-Stein shrinkage of noisy sums (privacy.shrink; post-processing). Per class
     row with noisy count n >= min_count and per layer l of D >= 4 coordinates, the mean m = S / n
     carries Gaussian noise of known std tau = sigma C_l / n on every coordinate (sigma: the noise on
     the sums in clip units), the second moment q = Q / n noise sigma C_l^2 / n; each is pulled toward
-    its layer's average by max(0, 1 - (D - 3) tau^2 / ||x - avg||^2), which lowers the expected
-    squared error whatever the true values are. Where the noise dominates (the second moments of
-    large feature maps) what is left is the layer's average: a flat target, not noise to imitate."""
+    a target t by max(0, 1 - k tau^2 / ||x - t||^2), which lowers the expected squared error whatever
+    the true values are. The target is the layer's average of x (k = D - 3), or, given `target`
+    (privacy.shrink = "public": the same clipped statistics of the public images, public_target;
+    fixed before any noise is drawn, k = D - 2). Where the noise dominates (the second moments of
+    large feature maps) what is left is the target: the layer's flat average, or the public images'
+    own statistics, not noise to imitate."""
     counts = summed["counts"].double().reshape(-1)
     rows = summed["sums"][0].dim() == 2
 
-    def shrink(t: torch.Tensor, scale: float) -> torch.Tensor:
+    def shrink(t: torch.Tensor, scale: float, goal: torch.Tensor | None) -> torch.Tensor:
         out = t.clone()
         for r in range(len(counts)) if rows else [None]:
             n = float(counts[r] if rows else counts[0])
@@ -242,16 +250,58 @@ def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float 
             if d < 4:
                 continue
             m = x / n
-            avg = m.mean()
+            avg = m.mean() if goal is None else (goal[r] if rows else goal).to(m)
             spread = float(((m - avg) ** 2).sum())
             tau2 = (sigma * scale / n) ** 2
-            factor = max(0.0, 1.0 - (d - 3) * tau2 / spread) if spread > 0 else 0.0
+            k = d - 3 if goal is None else d - 2
+            factor = max(0.0, 1.0 - k * tau2 / spread) if spread > 0 else 0.0
             x.copy_((avg + factor * (m - avg)) * n)
         return out
 
-    sums = [shrink(s, c) for s, c in zip(summed["sums"], clip)]
-    return {"sums": sums, "squares": [shrink(q, c * c) for q, c in zip(summed["squares"], clip)],
-            "counts": summed["counts"]}  # fmt: skip
+    goals = target or {"means": [None] * len(clip), "seconds": [None] * len(clip)}
+    sums = [shrink(s, c, g) for s, c, g in zip(summed["sums"], clip, goals["means"])]
+    squares = [shrink(q, c * c, g) for q, c, g in zip(summed["squares"], clip, goals["seconds"])]
+    return {"sums": sums, "squares": squares, "counts": summed["counts"]}
+
+
+@torch.no_grad()
+def public_target(extract, images: torch.Tensor, clip: list[float], *, labels: torch.Tensor | None = None,
+                  num_classes: int = 0, batch: int = 500) -> dict:  # fmt: skip
+    """The shrinkage target of privacy.shrink = "public": the public images' means and raw second
+    moments of the features clipped exactly as a private release clips them (per class with
+    `labels`; a class without public images gets the average over all public images)."""
+    sums, squares = feature_sums(extract, images, batch, lambda fs: [clip_rows(f, c) for f, c in zip(fs, clip)],
+                                 labels, num_classes)  # fmt: skip
+    if labels is None:
+        n = float(len(images))
+        return {"means": [(s / n).cpu() for s in sums], "seconds": [(q / n).cpu() for q in squares]}
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()[:, None]
+    held = counts > 0
+
+    def per_class(t: torch.Tensor) -> torch.Tensor:
+        t = t.cpu()
+        overall = t.sum(0, keepdim=True) / counts.sum()
+        return torch.where(held, t / counts.clamp_min(1), overall)
+
+    return {"means": [per_class(s) for s in sums], "seconds": [per_class(q) for q in squares]}
+
+
+def check_target(target: dict, like: dict) -> None:
+    """A shrinkage target (public_target) matches the sums it pulls (`like`: layers and shapes) and holds
+    only finite float64 values: a StateError otherwise (on Flower it comes from partition 0's node)."""
+    from prismfl.safestate import StateError, require
+
+    require(target, {"means": list, "seconds": list}, "the shrinkage target")
+    shapes = [t.shape for t in like["sums"]]
+    for key in ("means", "seconds"):
+        got = target[key]
+        if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in got):
+            raise StateError("the shrinkage target is not float64 tensors")
+        if [t.shape for t in got] != shapes:
+            raise StateError(f"the shrinkage target's {key} have shapes {[tuple(t.shape) for t in got]}, "
+                             f"the sums {[tuple(x) for x in shapes]}")  # fmt: skip
+        if not all(bool(torch.isfinite(t).all()) for t in got):
+            raise StateError("the shrinkage target holds values that are not finite")
 
 
 def stats_of_sum(summed: dict, num_classes: int) -> FeatureStats:
@@ -327,7 +377,7 @@ class Private:
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
                                         class_names=ctx.fed.class_names if ctx.fed is not None else None,
                                         second=ctx.cfg.loss.moment != "mean", noise_share=share,
-                                        shrink=p.shrink)  # fmt: skip
+                                        shrink=p.shrink, target=ctx.shrink_target())  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         summary = release.summary()

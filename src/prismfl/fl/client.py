@@ -122,6 +122,7 @@ class ClientContext:
     num_weights: int
     table_hash: int
     _clip: list[float] | None = None
+    _shrink_target: dict | None = None
     replica_memo: OrderedDict = field(default_factory=OrderedDict)  # methods' decoded broadcasts (fl.methods.prism)
 
     def privacy_clip(self) -> list[float]:
@@ -129,6 +130,21 @@ class ClientContext:
         if self._clip is None:
             self._clip = task.privacy_clip(self.cfg, self.fed, self.extract, self.device)
         return self._clip
+
+    def shrink_target(self) -> dict | None:
+        """privacy.shrink_to = "public": the public hold-out's clipped statistics that a private release
+        is shrunk toward (privacy.public_target), computed once; None for any other setting."""
+        p = self.cfg.privacy
+        if not (p.shrink and p.shrink_to == "public"):
+            return None
+        if self._shrink_target is None:
+            from prismfl.privacy import public_target
+
+            idx, classes = self.fed.public_idx, task.arch_spec(self.cfg).num_classes
+            self._shrink_target = public_target(lambda x: self.extract(x.to(self.device)), self.fed.images(idx),
+                                                self.privacy_clip(), labels=self.fed.labels(idx) if classes else None,
+                                                num_classes=classes)  # fmt: skip
+        return self._shrink_target
 
     def local_config(self, steps: int, lr: float | None = None) -> LocalConfig:
         return LocalConfig(steps, self.cfg.train.batch_size, self.cfg.train.lr if lr is None else lr)

@@ -30,6 +30,7 @@ from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.progress import bar as progress_bar
 from prismfl.progress import line as progress_line
 from prismfl.progress import visible as progress_visible
+from prismfl.safestate import StateError
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Setup:
     # wire state message (decoded and checked like any message), and what the warm start did
     warm_start: bytes | None = None
     warm_info: dict | None = None
+    # privacy.secagg with privacy.shrink_to = "public": the public hold-out's clipped statistics that the
+    # server shrinks the secure sum toward (privacy.public_target; checked before use)
+    shrink_target: dict | None = None
 
 
 class Transport(Protocol):
@@ -266,7 +270,16 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
             raise PrismError(f"{len(clip)} clip bounds for {len(summed['sums'])} feature layers")
         p = setup.privacy
         sigma = p["noise_std"] * (len(keys) / (len(keys) - p.get("colluders", 0))) ** 0.5
-        summed = privacy.shrink_sums(summed, sigma, clip, min_count=privacy.min_count(p))
+        target = None
+        if method.cfg.privacy.shrink_to == "public":
+            if setup.shrink_target is None:
+                raise PrismError("privacy.shrink_to = 'public': the clients sent no public statistics to shrink toward")
+            try:
+                privacy.check_target(setup.shrink_target, summed)
+            except StateError as exc:
+                raise PrismError(f"privacy.shrink_to = 'public': {exc}") from None
+            target = setup.shrink_target
+        summed = privacy.shrink_sums(summed, sigma, clip, min_count=privacy.min_count(p), target=target)
     log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
         f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return privacy.stats_of_sum(summed, method.spec.num_classes)

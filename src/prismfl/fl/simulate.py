@@ -69,6 +69,7 @@ class InProcess:
         warm, warm_info = None, None
         if checkpoint is None and cfg.train.warm_start and method.warm_starts:  # public images: no privacy cost
             warm, warm_info = warm_start(ctx, cfg.train.warm_start)
+        target = ctx.shrink_target() if cfg.privacy.secagg and checkpoint is None else None  # the server shrinks
         return Setup(
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
@@ -81,6 +82,7 @@ class InProcess:
             shared=shared or None,
             warm_start=warm,
             warm_info=warm_info,
+            shrink_target=target,
         )
 
     def share_pool(self, pooled) -> None:

@@ -97,6 +97,9 @@ def setup(message: Message, context: Context) -> Message:
     content = RecordDict({"prismfl": ConfigRecord(reply)})
     if warm is not None:  # the round-0 scores trained on the public hold-out, a wire state message
         content["warm-start"] = ArrayRecord({"000": to_array(warm)})
+    target = ctx.shrink_target() if k == 0 and cfg.privacy.secagg else None  # privacy.shrink_to = "public"
+    if target is not None:  # the public hold-out's clipped statistics, which the server shrinks the secure sum toward
+        content["shrink-target"] = ArrayRecord({"000": to_array(safestate.to_bytes(target), STATE)})
     if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
     return Message(content, reply_to=message)

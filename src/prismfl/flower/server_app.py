@@ -125,6 +125,12 @@ def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int,
                 info["warm-start"] = from_array(reply.content["warm-start"]["000"])
             except (KeyError, ValueError, TypeError) as exc:
                 raise PrismError(f"SuperNode {node}'s warm-start scores: {type(exc).__name__}: {exc}") from None
+        if pid == 0 and "shrink-target" in reply.content:
+            try:
+                blob = from_array(reply.content["shrink-target"]["000"], STATE)
+                info["shrink-target"] = safestate.from_bytes(blob, "shrinkage target")
+            except (KeyError, ValueError, TypeError, safestate.StateError) as exc:
+                raise PrismError(f"SuperNode {node}'s shrinkage target: {type(exc).__name__}: {exc}") from None
         if "shared" in reply.content:
             try:
                 shared[pid] = safestate.from_bytes(from_array(reply.content["shared"]["000"], STATE), "shared sums")
@@ -195,6 +201,7 @@ class GridTransport:
             shared=shared or None,
             warm_start=infos[0].get("warm-start"),
             warm_info=warm_info(infos[0]),
+            shrink_target=infos[0].get("shrink-target"),
         )
 
     def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
