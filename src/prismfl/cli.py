@@ -281,14 +281,21 @@ def privacy(
         int, typer.Option("--secagg", help="privacy.secagg with this many clients: each adds a share of the noise")
     ] = 0,
     colluders: Annotated[int, typer.Option("--colluders", help="privacy.colluders, with --secagg")] = 0,
+    audit: Annotated[
+        int, typer.Option("--audit", help="also attack the real release with this many canary trials each way")
+    ] = 0,
 ):
-    """Print the Gaussian noise prismfl would add to each client's feature statistics."""
+    """Print the Gaussian noise prismfl would add to each client's feature statistics; with --audit, an
+    empirical lower bound on epsilon from a canary attack on the implementation (prismfl/audit.py)."""
     import math
 
     from prismfl.privacy import noise_multiplier, spent_epsilon
 
     if images < 1 or layers < 1:
         raise PrismError(f"--images and --layers must be at least 1, got {images} and {layers}")
+    if audit < 0 or (audit and means_only):
+        raise PrismError(f"--audit takes a number of trials >= 0, got {audit}" if audit < 0 else
+                         "--audit attacks the release of means and second moments, not --means-only")  # fmt: skip
     z = noise_multiplier(epsilon, delta)
     sens = math.sqrt((1 if means_only else 2) * layers + 1)
     typer.echo("mechanism        Gaussian, one release of clipped feature sums per client (docs/privacy.md)")
@@ -306,6 +313,16 @@ def privacy(
         total = share * math.sqrt(secagg)
         typer.echo(f"secure sum       each of {secagg} clients adds std {share:.4f}; the server sees only the sum, "
                    f"std {total:.4f} >= {z * sens:.4f} even with {colluders} colluding clients")  # fmt: skip
+    if audit:
+        from prismfl.audit import audit as run_audit
+
+        got = run_audit(audit, epsilon=epsilon, delta=delta, secagg=secagg, layers=layers)
+        what = f"the secure sum of {secagg} releases" if secagg else "one release"
+        typer.echo(f"audit            epsilon >= {got.lower_bound:.3f} with {got.confidence:.0%} confidence: a canary "
+                   f"attack on {what}, {got.trials:,} trials with and without it")  # fmt: skip
+        if got.lower_bound > epsilon:
+            raise PrismError(f"the audit's lower bound {got.lower_bound:.3f} exceeds the claimed epsilon {epsilon:g}: "
+                             "the release leaks more than its accountant says")  # fmt: skip
 
 
 @app.command()
