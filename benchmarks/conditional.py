@@ -137,6 +137,11 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 10, secagg, warm start, shrink public": secagg(10.0, 1, *WARM, *SHRINK_PUBLIC),  # full-size feature maps
     "eps 1, secagg, warm start, shrink public": secagg(1.0, 1, *WARM, *SHRINK_PUBLIC),
     "eps 0.2, secagg, warm start, shrink public": secagg(0.2, 1, *WARM, *SHRINK_PUBLIC),
+    # with a public set of 500 images (50 a class): a noisier target, and a feature net trained on them
+    "no DP, warm start, 500 public": (math.inf, [*WARM, "partition.public_holdout=500"]),
+    "eps 1, secagg, warm start, shrink public, 500 public": secagg(
+        1.0, 1, *WARM, *SHRINK_PUBLIC, "partition.public_holdout=500"
+    ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
