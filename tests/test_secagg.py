@@ -228,6 +228,9 @@ def test_james_stein_toward_a_public_target_by_hand_and_by_its_error():
     factor = 1 - (4 - 2) * 0.25 / 2.0  # 0.75: k = D - 2 toward a fixed target
     assert torch.allclose(out["sums"][0] / 2, goal + factor * (sums / 2 - goal))
     assert torch.allclose(out["squares"][0], out["sums"][0])
+    kept: dict = {}
+    shrink_sums(summed, 1.0, [1.0], target={"means": [goal], "seconds": [goal]}, kept=kept)
+    assert kept == {"means": [0.75], "seconds": [0.75]}
     # noise far above the spread: the release becomes the target itself (times the count)
     loud = shrink_sums(summed, 100.0, [1.0], target={"means": [goal], "seconds": [goal]})
     assert torch.allclose(loud["sums"][0], 2 * goal)
@@ -285,15 +288,17 @@ def test_the_secure_sum_is_shrunk_toward_the_public_statistics(tmp_path, monkeyp
     calls = []
     real = privacy.shrink_sums
 
-    def shrink_sums(summed, sigma, clip, min_count=1.0, target=None):
+    def shrink_sums(summed, sigma, clip, min_count=1.0, target=None, kept=None):
         calls.append((summed, sigma, clip, min_count, target))
-        return real(summed, sigma, clip, min_count, target)
+        return real(summed, sigma, clip, min_count, target, kept)
 
     monkeypatch.setattr(privacy, "shrink_sums", shrink_sums)
     overrides = ["privacy.epsilon=2", "privacy.pool=1", "privacy.secagg=true", *PUBLIC_SHRINK, "train.rounds=1"]
     cfg = load_config(SMOKE, overrides)
-    out = simulate.train(cfg, tmp_path / "run", log=lambda line: None)
+    logs: list[str] = []
+    out = simulate.train(cfg, tmp_path / "run", log=logs.append)
     assert len(calls) == 1  # the server's, on the secure sum (no client shrinks its share of the noise)
+    assert any("shrunk toward the public images' statistics; it keeps on average" in str(x) for x in logs)
     summed, sigma, clip, min_count, target = calls[0]
     method = registry.build(cfg)
     ctx = client_context(cfg, method.build_model, "cpu", log=lambda line: None)

@@ -225,7 +225,7 @@ def pool_releases(shared: dict[int, dict], *, num_classes: int, min_count: float
 
 
 def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float = 1.0,
-                target: dict | None = None) -> dict:  # fmt: skip
+                target: dict | None = None, kept: dict | None = None) -> dict:  # fmt: skip
     """Positive-part James-Stein shrinkage of noisy sums (privacy.shrink; post-processing). Per class
     row with noisy count n >= min_count and per layer l of D >= 4 coordinates, the mean m = S / n
     carries Gaussian noise of known std tau = sigma C_l / n on every coordinate (sigma: the noise on
@@ -235,11 +235,13 @@ def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float 
     (privacy.shrink = "public": the same clipped statistics of the public images, public_target;
     fixed before any noise is drawn, k = D - 2). Where the noise dominates (the second moments of
     large feature maps) what is left is the target: the layer's flat average, or the public images'
-    own statistics, not noise to imitate."""
+    own statistics, not noise to imitate. `kept`, when given, receives the factors ("means",
+    "seconds": one per class row and layer): how much of the release's departure from the target
+    survived."""
     counts = summed["counts"].double().reshape(-1)
     rows = summed["sums"][0].dim() == 2
 
-    def shrink(t: torch.Tensor, scale: float, goal: torch.Tensor | None) -> torch.Tensor:
+    def shrink(t: torch.Tensor, scale: float, goal: torch.Tensor | None, factors: list) -> torch.Tensor:
         out = t.clone()
         for r in range(len(counts)) if rows else [None]:
             n = float(counts[r] if rows else counts[0])
@@ -255,12 +257,15 @@ def shrink_sums(summed: dict, sigma: float, clip: list[float], min_count: float 
             tau2 = (sigma * scale / n) ** 2
             k = d - 3 if goal is None else d - 2
             factor = max(0.0, 1.0 - k * tau2 / spread) if spread > 0 else 0.0
+            factors.append(factor)
             x.copy_((avg + factor * (m - avg)) * n)
         return out
 
     goals = target or {"means": [None] * len(clip), "seconds": [None] * len(clip)}
-    sums = [shrink(s, c, g) for s, c, g in zip(summed["sums"], clip, goals["means"])]
-    squares = [shrink(q, c * c, g) for q, c, g in zip(summed["squares"], clip, goals["seconds"])]
+    kept = {} if kept is None else kept
+    kept["means"], kept["seconds"] = [], []
+    sums = [shrink(s, c, g, kept["means"]) for s, c, g in zip(summed["sums"], clip, goals["means"])]
+    squares = [shrink(q, c * c, g, kept["seconds"]) for q, c, g in zip(summed["squares"], clip, goals["seconds"])]
     return {"sums": sums, "squares": squares, "counts": summed["counts"]}
 
 

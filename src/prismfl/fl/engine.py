@@ -279,7 +279,12 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
             except StateError as exc:
                 raise PrismError(f"privacy.shrink_to = 'public': {exc}") from None
             target = setup.shrink_target
-        summed = privacy.shrink_sums(summed, sigma, clip, min_count=privacy.min_count(p), target=target)
+        kept: dict = {}
+        summed = privacy.shrink_sums(summed, sigma, clip, min_count=privacy.min_count(p), target=target, kept=kept)
+        toward = "the public images' statistics" if target is not None else "each layer's average"
+        log(f"privacy: the secure sum shrunk toward {toward}; it keeps on average "
+            f"{np.mean(kept['means'] or [0]):.0%} of its means' and {np.mean(kept['seconds'] or [0]):.0%} of its "
+            "second moments' departure from there (James-Stein, post-processing)")  # fmt: skip
     log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
         f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return privacy.stats_of_sum(summed, method.spec.num_classes)
