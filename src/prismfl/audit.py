@@ -31,6 +31,7 @@ import torch
 
 from prismfl.errors import PrismError
 from prismfl.privacy import private_feature_stats
+from prismfl.secagg import flatten
 
 MAX_TRIALS = 1_000_000
 
@@ -79,16 +80,13 @@ def canary_scores(trials: int, *, epsilon: float, delta: float, release_epsilon:
     share = 1 / math.sqrt(k) if secagg else 1.0
     eps = epsilon if release_epsilon is None else release_epsilon
 
-    def vector(shared: dict) -> torch.Tensor:  # the release in clip units (clip = 1), flattened
-        return torch.cat([*(s.reshape(-1) for s in shared["sums"]), *(q.reshape(-1) for q in shared["squares"]),
-                          shared["counts"].reshape(-1)])  # fmt: skip
-
     def release(parts: list[torch.Tensor], e: float, noise_seed: int | None) -> torch.Tensor:
         total = None
         for i, part in enumerate(parts):
             g = None if noise_seed is None else torch.Generator().manual_seed(noise_seed * k + i)
             out = private_feature_stats(extract, part, clip, e, delta, generator=g, noise_share=share)
-            total = vector(out.shared) if total is None else total + vector(out.shared)
+            vector = flatten(out.shared)[0]  # the release in clip units (clip = 1), as secure aggregation sends it
+            total = vector if total is None else total + vector
         return total
 
     exact = release(data, math.inf, None)  # what the attacker knows: D's statistics without noise
