@@ -382,7 +382,7 @@ class Private:
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.num_classes,
                                         class_names=ctx.fed.class_names if ctx.fed is not None else None,
                                         second=ctx.cfg.loss.moment != "mean", noise_share=share,
-                                        shrink=p.shrink, target=ctx.shrink_target())  # fmt: skip
+                                        shrink=p.shrink, target=None if p.secagg else ctx.shrink_target())  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         summary = release.summary()
