@@ -191,16 +191,21 @@ def test_fedavg_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
 
 
 @needs_fmnist
-def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
-    """The class counts travel in the set-up replies; the class shares and the model file are the same."""
+@pytest.mark.parametrize("modes", [1, 2])
+def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_path, modes):
+    """The class counts travel in the set-up replies; the class shares and the model file are the same.
+    With model.modes, every node fits the modes on the public hold-out and the counts are per mode."""
     conditional = 'model.conditional=true model.arch="mlp-up" train.rounds=2'
+    if modes > 1:
+        conditional += f' model.modes={modes} loss.features="public" train.batch_size=40'
     sim_out, sim_states = simulate_with_states(load_config(SMOKE, conditional.split()), tmp_path / "sim")
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": conditional}, grid)
     assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
     assert torch.equal(per_round[-1]["class_shares"], sim_states[-1]["class_shares"])
     assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
-    assert modelfile.load(sim_out / "model.prism").spec.num_classes == 10
+    spec = modelfile.load(sim_out / "model.prism").spec
+    assert (spec.num_classes, spec.modes, len(per_round[-1]["class_shares"])) == (10, modes, 10 * modes)
 
 
 @needs_fmnist

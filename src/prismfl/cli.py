@@ -180,10 +180,12 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
     net = build_generator(spec)
     typer.echo(f"architecture {spec.name}: z_dim={spec.z_dim} width={spec.width} "
                f"channels={spec.channels} size={spec.img_size} seed={spec.weight_seed}"
-               + (f" classes={spec.num_classes} (conditional)" if spec.num_classes else ""))  # fmt: skip
+               + (f" classes={spec.num_classes} (conditional)" if spec.num_classes else "")
+               + (f" modes={spec.modes} per class" if spec.modes > 1 else ""))  # fmt: skip
     shares = getattr(model, "class_shares", None) if source.suffix != ".toml" else None
     if shares:
-        typer.echo("class shares: " + " ".join(f"{v:.3f}" for v in shares))
+        per_class = [sum(shares[c * spec.modes : (c + 1) * spec.modes]) for c in range(spec.num_classes)]
+        typer.echo("class shares: " + " ".join(f"{v:.3f}" for v in per_class))
     typer.echo(f"{'layer':<24} {'shape':<22} {'weights':>12}")
     for name, shape in masked.layer_table(net):
         typer.echo(f"{name:<24} {'x'.join(map(str, shape)):<22} {int(__import__('math').prod(shape)):>12,}")

@@ -41,6 +41,7 @@ class ModelConfig:
     width: int = 512
     estimator: str = "plain"
     conditional: bool = False  # a class label beside z; clients match per-class statistics (mlp, mlp-up)
+    modes: int = 1  # conditional: each class split into this many modes fitted on public images (data/modes.py)
 
 
 @dataclass
@@ -164,7 +165,8 @@ class RunConfig:
         info = dataset_info(self.data.dataset)
         classes = len(info.class_names) if self.model.conditional else 0
         return ArchSpec(self.model.arch, self.model.z_dim, self.model.width, info.channels,
-                        self.data.resize or info.size, weight_seed=self.seed, num_classes=classes)  # fmt: skip
+                        self.data.resize or info.size, weight_seed=self.seed, num_classes=classes,
+                        modes=self.model.modes if classes else 1)  # fmt: skip
 
     def validate(self) -> RunConfig:
         from prismfl.data.partition import SCHEMES
@@ -253,14 +255,19 @@ class RunConfig:
                 raise ConfigError(f"{key} must be a finite number in (0, 100], got {value}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.model.modes != 1 and not self.model.conditional:
+            raise ConfigError("model.modes splits the classes of a class-conditional generator: set "
+                              "model.conditional = true, or leave model.modes at 1")  # fmt: skip
         try:
             self.arch_spec().validate()
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
-        classes = self.arch_spec().num_classes
-        if classes and self.train.batch_size < 2 * classes:
-            raise ConfigError(f"model.conditional needs train.batch_size >= {2 * classes} (two generated images of "
-                              "every class a client may hold)")  # fmt: skip
+        codes = self.arch_spec().codes
+        if codes and self.train.batch_size < 2 * codes:
+            modes = self.model.modes
+            what = "model.conditional" + (f" with {modes} modes" if modes > 1 else "")
+            raise ConfigError(f"{what} needs train.batch_size >= {2 * codes} (two generated images of every class"
+                              + (" mode" if modes > 1 else "") + " a client may hold)")  # fmt: skip
         if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
         if self.model.conditional and self.train.method not in ("prism", "central", "public"):
@@ -279,6 +286,9 @@ class RunConfig:
         if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
                               "leave privacy.epsilon unset")  # fmt: skip
+        if self.model.modes > 1 and not self.public_images():
+            raise ConfigError("model.modes > 1 fits its modes on the public hold-out, which exists with "
+                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
         if self.train.warm_start < 0:
             raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
         # (prism only: the baselines ignore it, as they ignore the server momentum)

@@ -47,7 +47,7 @@ def to_bytes(model: PrismModel) -> bytes:
     if model.mask.numel() != n:
         raise ValueError(f"mask has {model.mask.numel()} entries, the architecture {n}")
     payload = pack_mask(model.mask)
-    shares = check_class_shares(model.class_shares, model.spec.num_classes)
+    shares = check_class_shares(model.class_shares, model.spec.codes)
     header = {
         "format": "prismfl-model",
         "arch": model.spec.to_dict(),
@@ -85,11 +85,14 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
             raise ValueError("the header is not a table with an 'arch' table")
         required, allowed = set(ArchSpec().to_dict()), set(ArchSpec().__dict__)
         if not required <= set(header["arch"]) <= allowed:
-            raise ValueError(f"'arch' must have the keys {sorted(required)} (and num_classes for a conditional model)")
+            raise ValueError(f"'arch' must have the keys {sorted(required)} (and num_classes, modes for a "
+                             "conditional model)")  # fmt: skip
         spec = ArchSpec(**header["arch"]).validate()
         if "num_classes" in header["arch"] and not spec.num_classes:
             raise ValueError("num_classes is written only for a conditional model (> 0)")
-        shares = check_class_shares(header.get("class_shares"), spec.num_classes)
+        if "modes" in header["arch"] and spec.modes == 1:
+            raise ValueError("modes is written only when a class has several (> 1)")
+        shares = check_class_shares(header.get("class_shares"), spec.codes)
         n = header["num_weights"]
         if isinstance(n, bool) or not isinstance(n, int) or n != count_weights(spec):
             raise ValueError(f"num_weights {n!r} is not the {count_weights(spec):,} of architecture {spec.name!r}")
@@ -114,7 +117,8 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
 
 def check_class_shares(shares, num_classes: int) -> list[float] | None:
     """A conditional model's class shares: num_classes finite non-negative numbers summing to 1 (within
-    1e-6); None for an unconditional model. A ValueError says what is wrong."""
+    1e-6); None for an unconditional model. A ValueError says what is wrong. With modes (ArchSpec.modes > 1)
+    they are the shares of the condition codes: num_classes is spec.codes."""
     if not num_classes:
         if shares is not None:
             raise ValueError("class shares belong to a conditional model only")
@@ -150,7 +154,7 @@ def materialize(model: PrismModel, device: str = "cpu") -> torch.nn.Module:
     masked.set_fixed_mask(net, model.mask)
     calibrate_batchnorm(net, model.spec.weight_seed, n=BN_SAMPLES)
     if model.spec.num_classes:
-        net.class_shares = torch.tensor(check_class_shares(model.class_shares, model.spec.num_classes))
+        net.class_shares = torch.tensor(check_class_shares(model.class_shares, model.spec.codes))
     return net.to(device)
 
 
@@ -169,7 +173,9 @@ def per_class_labels(num_classes: int, k: int) -> torch.Tensor:
 def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.Tensor | None = None,
                     batch: int = 500) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """n images in [-1, 1] and, for a conditional generator, their classes: `labels` when given (then n
-    is len(labels)), else drawn from the model's class shares. The same seed, the same images and labels."""
+    is len(labels)), else drawn from the model's class shares. The same seed, the same images and labels.
+    With modes, the generator is given condition codes: drawn from the codes' shares (the classes returned
+    are code // modes), or for given classes, each image's mode drawn from its class's mode shares."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
     conditional = getattr(net, "num_classes", 0) > 0
@@ -177,16 +183,29 @@ def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.T
         raise ValueError("this model is not class-conditional: it cannot be asked for a class")
     if labels is not None:
         n = len(labels)
+    codes = labels
     if conditional and labels is None:
-        labels = torch.multinomial(net.class_shares.double(), n, replacement=True, generator=gen) if n else \
+        codes = torch.multinomial(net.class_shares.double(), n, replacement=True, generator=gen) if n else \
             torch.zeros(0, dtype=torch.long)  # fmt: skip
+        labels = codes // net.modes
+    elif labels is not None and net.modes > 1 and n:
+        if not (0 <= int(labels.min()) and int(labels.max()) < net.num_classes):
+            raise ValueError(f"class labels must be in 0..{net.num_classes - 1}")
+        codes = labels.long() * net.modes + torch.multinomial(mode_shares(net)[labels.long()], 1, generator=gen)[:, 0]
     device = next(net.buffers()).device
     out = []
     for start in range(0, n, batch):
         z = torch.randn(min(batch, n - start), net.z_dim, generator=gen).to(device)
-        y = None if labels is None else labels[start : start + len(z)].to(device)
+        y = None if codes is None else codes[start : start + len(z)].to(device)
         out.append((net(z) if y is None else net(z, y)).cpu())
     return (torch.cat(out) if out else torch.empty(0)), labels
+
+
+def mode_shares(net: torch.nn.Module) -> torch.Tensor:
+    """(classes, modes): each class's mode shares, from the codes' shares (uniform for a class of share 0)."""
+    shares = net.class_shares.double().reshape(net.num_classes, net.modes)
+    total = shares.sum(1, keepdim=True)
+    return torch.where(total > 0, shares / total.clamp_min(1e-300), torch.full_like(shares, 1.0 / net.modes))
 
 
 # ---------------------------------------------------------------- the dense (FedAvg) model file

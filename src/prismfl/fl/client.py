@@ -140,7 +140,7 @@ class ClientContext:
         if self._shrink_target is None:
             from prismfl.privacy import public_target
 
-            idx, classes = self.fed.public_idx, task.arch_spec(self.cfg).num_classes
+            idx, classes = self.fed.public_idx, task.arch_spec(self.cfg).codes
             self._shrink_target = public_target(lambda x: self.extract(x.to(self.device)), self.fed.images(idx),
                                                 self.privacy_clip(), labels=self.fed.labels(idx) if classes else None,
                                                 num_classes=classes)  # fmt: skip
@@ -315,7 +315,7 @@ def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
     cfg, idx = ctx.cfg, ctx.fed.public_idx
     if not len(idx):
         raise PrismError("train.warm_start needs the public hold-out (partition.public_holdout > 0)")
-    classes = task.arch_spec(cfg).num_classes
+    classes = task.arch_spec(cfg).codes
     stats = exact_stats(ctx, ctx.fed.images(idx), ctx.fed.labels(idx) if classes else None, classes)
     loss = task.client_loss(cfg, stats, ctx.device)
     scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)

@@ -112,7 +112,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             counts = setup.class_counts
             if counts is None and pooled is not None:  # secagg: the class counts of the secure sum
                 counts = pooled.class_counts.tolist()
-            state["class_shares"] = class_shares(counts, method.spec.num_classes)
+            state["class_shares"] = class_shares(counts, method.spec.codes)
     else:
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
         if "warm_start" in ckpt["model_info"]:
@@ -226,7 +226,7 @@ def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Tra
         pooled = secure_sum(method, setup, transport, log)
     else:
         try:
-            pooled = privacy.pool_releases(setup.shared, num_classes=method.spec.num_classes,
+            pooled = privacy.pool_releases(setup.shared, num_classes=method.spec.codes,
                                            min_count=privacy.min_count(setup.privacy))  # fmt: skip
         except ValueError as exc:
             raise PrismError(f"pooling the clients' statistics: {exc}") from None
@@ -287,7 +287,7 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
             "second moments' departure from there (James-Stein, post-processing)")  # fmt: skip
     log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
         f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
-    return privacy.stats_of_sum(summed, method.spec.num_classes)
+    return privacy.stats_of_sum(summed, method.spec.codes)
 
 
 def class_shares(counts: list[float] | None, num_classes: int):

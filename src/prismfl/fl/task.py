@@ -73,7 +73,22 @@ class Federation:
         return self.images(self.parts[k])
 
     def labels(self, idx: np.ndarray) -> torch.Tensor:
+        """The generator's condition of these images: their classes, or with model.modes > 1 their codes
+        (class * modes + the nearest of the class's modes fitted on the public hold-out)."""
+        if self.cfg.model.modes > 1:
+            return torch.from_numpy(self.codes[idx])
         return torch.from_numpy(self.train.labels[idx].astype(np.int64))
+
+    @cached_property
+    def codes(self) -> np.ndarray:
+        """Every training image's condition code under model.modes (data/modes.py): the modes are fitted on
+        the public images; a client computes its own images' codes from them (in one process: all at once)."""
+        from prismfl.data.modes import fit_modes
+
+        pub = self.public_idx
+        modes = fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, self.cfg.model.modes,
+                          derived_seed(self.cfg.seed, "modes"), scale=1 / 255)  # fmt: skip
+        return modes.codes(self.train.images, self.train.labels, scale=1 / 255)
 
 
 def prepare_federation(cfg: RunConfig) -> Federation:
@@ -134,8 +149,8 @@ def privacy_clip(cfg: RunConfig, fed: Federation, extract, device: str = "cpu") 
         masked.set_scores(model, initial_scores(cfg, masked.num_maskable(model)))
         z = torch.randn(1000, model.z_dim, generator=generator_for(cfg.seed, "clip-z"))
         with torch.no_grad():  # a conditional generator: every class in turn
-            classes = getattr(model, "num_classes", 0)
-            reference = model(z) if not classes else model(z, torch.arange(1000) % classes)
+            codes = getattr(model, "codes", 0)
+            reference = model(z) if not codes else model(z, torch.arange(1000) % codes)
     return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
 
 

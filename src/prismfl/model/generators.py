@@ -31,12 +31,21 @@ class ArchSpec:
     img_size: int = 28
     weight_seed: int = 0
     num_classes: int = 0  # > 0: a class-conditional generator (model.conditional)
+    modes: int = 1  # > 1: each class's condition split into this many modes (model.modes; data/modes.py)
+
+    @property
+    def codes(self) -> int:
+        """Condition codes the generator takes (class * modes + mode): num_classes x modes; 0 unconditional."""
+        return self.num_classes * self.modes
 
     def to_dict(self) -> dict:
-        """The fields, without num_classes for an unconditional model: its files keep the bytes they had."""
+        """The fields, without num_classes for an unconditional model and modes when 1: older files keep
+        the bytes they had."""
         d = dict(self.__dict__)
         if not self.num_classes:
             del d["num_classes"]
+        if self.modes == 1:
+            del d["modes"]
         return d
 
     def validate(self) -> ArchSpec:
@@ -46,13 +55,15 @@ class ArchSpec:
             raise ValueError(f"unknown architecture {self.name!r}; expected one of {ARCHITECTURES}")
         for key, low, high in (("z_dim", 1, MAX_Z_DIM), ("width", 1, MAX_WIDTH), ("channels", 1, 3),
                                ("img_size", 4, MAX_IMG_SIZE), ("weight_seed", 0, 2**63 - 1),
-                               ("num_classes", 0, MAX_CLASSES)):  # fmt: skip
+                               ("num_classes", 0, MAX_CLASSES), ("modes", 1, MAX_MODES)):  # fmt: skip
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{key} must be an integer in [{low}, {high:,}], got {value!r}")
         if self.num_classes and self.name not in CONDITIONAL_ARCHITECTURES:
             raise ValueError(f"a class-conditional generator is built for {' and '.join(CONDITIONAL_ARCHITECTURES)}, "
                              f"not {self.name!r}")  # fmt: skip
+        if self.modes > 1 and not self.num_classes:
+            raise ValueError("modes > 1 splits the classes of a class-conditional generator; this one has none")
         if self.channels == 2:
             raise ValueError("channels must be 1 (grey) or 3 (RGB), got 2")
         if self.name == "resnet" and self.img_size != 32:
@@ -66,13 +77,13 @@ class ArchSpec:
         return self
 
 
-MAX_Z_DIM, MAX_WIDTH, MAX_IMG_SIZE, MAX_CLASSES = 4096, 4096, 256, 1000
+MAX_Z_DIM, MAX_WIDTH, MAX_IMG_SIZE, MAX_CLASSES, MAX_MODES = 4096, 4096, 256, 1000, 64
 MAX_WEIGHTS = 50_000_000  # 14x the paper's ResNet; a generator above it needs several GB to build
 
 
 def count_weights(spec: ArchSpec) -> int:
     """Maskable weights of the architecture, computed from the spec without building anything."""
-    z, w, c, s = spec.z_dim + spec.num_classes, spec.width, spec.channels, spec.img_size
+    z, w, c, s = spec.z_dim + spec.codes, spec.width, spec.channels, spec.img_size
     if spec.name == "mlp":
         return z * w + w * 2 * w + 2 * w * c * s * s
     if spec.name == "mlp-up":
@@ -149,7 +160,8 @@ class DCGANGenerator(nn.Module):
 class MLPGenerator(nn.Module):
     """z -> w -> 2w -> pixels, all fully connected.
 
-    Class-conditional (spec.num_classes > 0): the input is z beside the one-hot class scaled by
+    Class-conditional (spec.num_classes > 0): the input is z beside the one-hot condition code (the class,
+    or with spec.modes > 1 the class's mode: class * modes + mode) scaled by
     sqrt(z_dim), so that the class moves the first layer as much as the noise does; and the hidden
     layers are normalised per sample (LayerNorm) instead of per batch, because a client's batches hold
     only its own classes: batch statistics would differ from client to client and from the sampler's.
@@ -158,23 +170,25 @@ class MLPGenerator(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         w = spec.width
-        self.z_dim, self.num_classes = spec.z_dim, spec.num_classes
+        self.z_dim, self.num_classes, self.modes, self.codes = spec.z_dim, spec.num_classes, spec.modes, spec.codes
         self.shape = (spec.channels, spec.img_size, spec.img_size)
-        self.fc1, self.bn1 = MaskedLinear(spec.z_dim + spec.num_classes, w), _norm1d(w, spec.num_classes)
+        self.fc1, self.bn1 = MaskedLinear(spec.z_dim + spec.codes, w), _norm1d(w, spec.num_classes)
         self.fc2, self.bn2 = MaskedLinear(w, 2 * w), _norm1d(2 * w, spec.num_classes)
         self.fc3 = MaskedLinear(2 * w, spec.channels * spec.img_size**2)
 
     def inputs(self, z, y=None):
-        """z, with the scaled one-hot class beside it for a conditional generator."""
+        """z, with the scaled one-hot condition code y (the class, or class * modes + mode) beside it for a
+        conditional generator."""
         if not self.num_classes:
             if y is not None:
                 raise ValueError("this generator is not class-conditional: it takes no labels")
             return z
         if y is None or y.shape != (z.shape[0],):
             raise ValueError(f"a class-conditional generator needs one label per noise vector ({z.shape[0]})")
-        if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
-            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
-        code = F.one_hot(y.long(), self.num_classes).to(z.dtype) * math.sqrt(self.z_dim)
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.codes):
+            what = "class labels" if self.modes == 1 else f"condition codes (class x {self.modes} + mode)"
+            raise ValueError(f"{what} must be in 0..{self.codes - 1}")
+        code = F.one_hot(y.long(), self.codes).to(z.dtype) * math.sqrt(self.z_dim)
         return torch.cat([z, code], 1)
 
     def pixels(self, z, y=None):

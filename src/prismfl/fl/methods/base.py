@@ -107,7 +107,7 @@ class Method:
         """The client's feature statistics, per class with `labels` (exact; `privacy.Private` releases
         them with DP instead), the release's parameters (privacy only) and what it shares for pooling
         (privacy.pool > 0 only: its noisy sums)."""
-        return exact_stats(ctx, images, labels, self.spec.num_classes), None, None
+        return exact_stats(ctx, images, labels, self.spec.codes), None, None
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         """Round-0 state of a new client (every client derives it from the run seed: 0 bytes)."""
@@ -147,7 +147,7 @@ class Method:
             shares = state.get("class_shares")
             ok = isinstance(shares, torch.Tensor) and shares.dtype == torch.float64
             try:
-                modelfile.check_class_shares(shares.tolist() if ok else None, self.spec.num_classes)
+                modelfile.check_class_shares(shares.tolist() if ok else None, self.spec.codes)
             except ValueError as exc:
                 raise StateError(f"the checkpoint's class shares: {exc}") from None
         k_clients = self.cfg.partition.num_clients

@@ -1,0 +1,72 @@
+"""Sub-class modes (model.modes, beyond the paper): every class split into K modes by k-means on public images.
+
+A class-conditional generator matched to one class's mean and variance draws that class's average
+garment with little variety (docs/quality.md: recall near 0.003). With modes, the generator's condition is
+(class, mode) and the clients match the statistics of each mode: a bag with a handle and a bag without one
+become two targets, so the generator must draw both. The modes are fitted on the public hold-out only (the
+images the public feature net learns from; no client's data, no privacy cost): per class, k-means on the
+coordinates of the class's top principal components. A client puts each of its images in the mode whose
+centre is nearest; as with classes, each image adds to one mode's statistics only, so a private release's
+sensitivity is unchanged. The condition code of class c, mode m is c * K + m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.vq import kmeans2
+
+COMPONENTS = 50  # principal components per class the modes are clustered in (at most the class's images - 1)
+
+
+@dataclass
+class Modes:
+    """Per class: the public images' mean (D,), top principal directions (D, d) and mode centres (K, d)."""
+
+    k: int
+    means: list[np.ndarray]
+    bases: list[np.ndarray]
+    centres: list[np.ndarray | None]  # None: the class had too few public images: all its images are mode 0
+
+    def codes(self, images: np.ndarray, labels: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """The condition code (label * k + nearest mode) of every image; images (N, ...) times `scale`
+        in [0, 1] (uint8 images: scale 1/255; converted a class at a time)."""
+        flat = images.reshape(len(images), -1)
+        labels = np.asarray(labels, dtype=np.int64)
+        if flat.shape[1] != self.means[0].shape[0] or len(labels) != len(flat):
+            raise ValueError(f"modes fitted on images of {self.means[0].shape[0]} values; got {flat.shape[1:]}, "
+                             f"{len(labels)} labels for {len(flat)} images")  # fmt: skip
+        if len(labels) and not (0 <= labels.min() and labels.max() < len(self.means)):
+            raise ValueError(f"labels must be in 0..{len(self.means) - 1}")
+        out = labels * self.k
+        for c, (mean, basis, centres) in enumerate(zip(self.means, self.bases, self.centres)):
+            rows = np.flatnonzero(labels == c)
+            if centres is None or not len(rows):
+                continue
+            coords = (flat[rows].astype(np.float64) * scale - mean) @ basis
+            out[rows] += ((coords[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        return out
+
+
+def fit_modes(images: np.ndarray, labels: np.ndarray, num_classes: int, k: int, seed: int,
+              scale: float = 1.0) -> Modes:  # fmt: skip
+    """K modes per class from (public) images times `scale` in [0, 1]: k-means++ (scipy) on the top principal
+    coordinates of each class. A class with fewer than 2k images keeps one mode (all its images mode 0)."""
+    if k < 1:
+        raise ValueError(f"modes must be >= 1, got {k}")
+    flat = images.reshape(len(images), -1).astype(np.float64) * scale
+    labels = np.asarray(labels, dtype=np.int64)
+    means, bases, centres = [], [], []
+    for c in range(num_classes):
+        x = flat[labels == c]
+        mean = x.mean(0) if len(x) else np.zeros(flat.shape[1])
+        basis, centre = np.zeros((flat.shape[1], 1)), None
+        if k > 1 and len(x) >= 2 * k:
+            _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+            basis = vt[: min(COMPONENTS, len(x) - 1)].T
+            centre, _ = kmeans2((x - mean) @ basis, k, iter=50, minit="++", seed=np.random.default_rng([seed, c]))
+        means.append(mean)
+        bases.append(basis)
+        centres.append(centre)
+    return Modes(k, means, bases, centres)

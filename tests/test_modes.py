@@ -1,0 +1,181 @@
+"""Sub-class modes (model.modes): k-means modes fitted on public images, condition codes class * K + mode,
+the generator and model file that carry them, sampling by class, and a run end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl import modelfile
+from prismfl.data.modes import Modes, fit_modes
+from prismfl.errors import ConfigError, ModelFileError
+from prismfl.model import masked
+from prismfl.model.generators import ArchSpec, build_generator, count_weights
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+MODES = ["model.conditional=true", "model.modes=2", 'loss.features="public"', "train.batch_size=40"]
+
+
+def _blobs(n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class 0: two kinds of 4x4 images (top row lit, or bottom row lit); class 1: one kind (left column)."""
+    images, labels, kinds = [], [], []
+    for i in range(n):
+        x = rng.uniform(0, 0.1, size=(1, 4, 4))
+        kind = i % 3
+        if kind == 0:
+            x[0, 0, :] += 0.9
+        elif kind == 1:
+            x[0, 3, :] += 0.9
+        else:
+            x[0, :, 0] += 0.9
+        images.append(x), labels.append(0 if kind < 2 else 1), kinds.append(kind)
+    return np.stack(images), np.array(labels), np.array(kinds)
+
+
+def test_modes_separate_the_kinds_within_a_class_and_codes_are_class_times_k_plus_mode():
+    images, labels, kinds = _blobs(300, np.random.default_rng(0))
+    modes = fit_modes(images, labels, 2, 2, seed=7)
+    codes = modes.codes(images, labels)
+    assert np.array_equal(codes // 2, labels)
+    # class 0's two kinds land in two different modes, each kind in one mode only
+    top, bottom = set(codes[kinds == 0].tolist()), set(codes[kinds == 1].tolist())
+    assert len(top) == len(bottom) == 1 and top != bottom and top | bottom == {0, 1}
+    # the same seed, the same modes; k = 1 gives the classes themselves
+    assert np.array_equal(fit_modes(images, labels, 2, 2, seed=7).codes(images, labels), codes)
+    assert np.array_equal(fit_modes(images, labels, 2, 1, seed=7).codes(images, labels), labels)
+    # uint8 images with scale 1/255 give the same codes as the same images in [0, 1]
+    as_bytes = np.round(images * 255).astype(np.uint8)
+    assert np.array_equal(modes.codes(as_bytes, labels, scale=1 / 255), modes.codes(as_bytes / 255, labels))
+
+
+def test_codes_are_the_nearest_centre_in_the_class_coordinates_by_hand():
+    # one class, pixels (a, b): mean (0, 0), basis the identity, centres (1, 0), (0, 1), (-1, -1)
+    modes = Modes(3, [np.zeros(2)], [np.eye(2)], [np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])])
+    points = np.array([[0.9, 0.2], [0.1, 2.0], [-0.3, -0.6], [0.6, 0.55]])
+    assert modes.codes(points, np.zeros(4, dtype=np.int64)).tolist() == [0, 1, 2, 0]  # (0.6, 0.55): 0.1825 < 0.2125
+
+
+def test_a_class_with_too_few_public_images_keeps_one_mode_and_bad_input_is_refused():
+    images, labels, _ = _blobs(30, np.random.default_rng(1))
+    labels[labels == 1] = 2  # class 1 has no image, class 2 has ten
+    modes = fit_modes(images, labels, 3, 6, seed=0)  # 6 modes need 12 images: class 2 has 10
+    codes = modes.codes(images, labels)
+    assert set(codes[labels == 2].tolist()) == {12}  # class 2, mode 0
+    with pytest.raises(ValueError, match="labels must be in 0..2"):
+        modes.codes(images, np.full(len(images), 3))
+    with pytest.raises(ValueError, match="modes fitted on images of 16 values"):
+        modes.codes(np.zeros((2, 1, 5, 5)), np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="modes must be >= 1"):
+        fit_modes(images, labels, 3, 0, seed=0)
+
+
+# ---------------------------------------------------------------- generator and model file
+
+
+def _spec(modes=3):
+    return ArchSpec("mlp-up", z_dim=8, width=16, channels=1, img_size=8, weight_seed=3, num_classes=10, modes=modes)
+
+
+def test_the_generator_takes_one_input_per_code_and_the_spec_keeps_old_bytes():
+    assert count_weights(_spec(3)) - count_weights(_spec(1)) == 20 * 16  # 30 codes instead of 10, width 16
+    net = build_generator(_spec(3))
+    assert masked.num_maskable(net) == count_weights(_spec(3))
+    with pytest.raises(ValueError, match=r"condition codes \(class x 3 \+ mode\) must be in 0..29"):
+        net(torch.zeros(1, 8), torch.tensor([30]))
+    assert "modes" not in _spec(1).to_dict() and _spec(3).to_dict()["modes"] == 3
+    with pytest.raises(ValueError, match="modes must be an integer in"):
+        _spec(65).validate()
+    with pytest.raises(ValueError, match="splits the classes of a class-conditional generator"):
+        ArchSpec("mlp", modes=2).validate()
+
+
+def _model(shares):
+    spec = _spec(3).validate()
+    mask = torch.rand(count_weights(spec), generator=torch.Generator().manual_seed(0)) < 0.5
+    return modelfile.PrismModel(spec, mask, {"dataset": "fashion-mnist"}, shares)
+
+
+def _shares():
+    """Class 1 only in mode 2, class 4 in modes 0 and 1 (1:3); every other code 0."""
+    shares = [0.0] * 30
+    shares[1 * 3 + 2], shares[4 * 3 + 0], shares[4 * 3 + 1] = 0.5, 0.125, 0.375
+    return shares
+
+
+def test_a_model_file_with_modes_round_trips_and_bad_mode_fields_are_refused():
+    from test_conditional import _rewrite
+
+    data = modelfile.to_bytes(_model(_shares()))
+    back = modelfile.from_bytes(data)
+    assert back.spec == _spec(3) and back.class_shares == _shares()
+    bad = [(lambda h: h["arch"].update(modes=1), "modes is written only when"),
+           (lambda h: h.update(class_shares=[0.1] * 10), "a list of 30 numbers"),
+           (lambda h: h["arch"].update(modes=10**4), "modes must be an integer")]  # fmt: skip
+    for edit, needle in bad:
+        with pytest.raises(ModelFileError, match=needle):
+            modelfile.from_bytes(_rewrite(data, edit))
+
+
+def test_sampling_with_modes_returns_classes_and_draws_each_class_mode_from_its_shares():
+    net = modelfile.materialize(_model(_shares()))
+    images, labels = modelfile.sample_labelled(net, 400, seed=3)
+    assert set(labels.tolist()) == {1, 4} and abs(float((labels == 1).float().mean()) - 0.5) < 0.08
+    # asked for classes: the generator is given codes, each class's mode drawn from its mode shares
+    seen = []
+    forward = net.forward
+    net.forward = lambda z, y: seen.append(y) or forward(z, y)
+    asked = torch.tensor([1] * 4 + [4] * 400)
+    images, labels = modelfile.sample_labelled(net, 0, seed=3, labels=asked)
+    codes = torch.cat(seen)
+    assert torch.equal(labels, asked) and images.shape == (404, 1, 8, 8)
+    assert codes[:4].tolist() == [5] * 4  # class 1's only mode is 2
+    assert set(codes[4:].tolist()) == {12, 13} and abs(float((codes[4:] == 13).float().mean()) - 0.75) < 0.07
+    # class 4: modes 0 and 1 at 1:3; a class of share 0 draws its modes uniformly
+    shares = modelfile.mode_shares(net)
+    assert shares[4].tolist() == [0.25, 0.75, 0.0] and shares[0].tolist() == pytest.approx([1 / 3] * 3)
+    with pytest.raises(ValueError, match="class labels must be in 0..9"):
+        modelfile.sample_labelled(net, 0, labels=torch.tensor([10]))
+
+
+# ---------------------------------------------------------------- configuration and a run
+
+
+def test_config_refuses_modes_without_a_conditional_model_a_public_hold_out_or_a_big_enough_batch():
+    from prismfl.config import load_config
+
+    with pytest.raises(ConfigError, match="set model.conditional = true"):
+        load_config(SMOKE, ["model.modes=2"])
+    with pytest.raises(ConfigError, match="fits its modes on the public hold-out"):
+        load_config(SMOKE, ["model.conditional=true", "model.modes=2", "train.batch_size=40"])
+    with pytest.raises(ConfigError, match=r"with 2 modes needs train.batch_size >= 40"):
+        load_config(SMOKE, [*MODES, "train.batch_size=32"])
+    with pytest.raises(ConfigError, match="modes must be an integer in"):
+        load_config(SMOKE, [*MODES, "model.modes=0"])
+    assert load_config(SMOKE, MODES).arch_spec().codes == 20
+
+
+@needs_fmnist
+def test_a_run_with_modes_trains_on_codes_and_samples_by_class(tmp_path, run_cli):
+    from prismfl.config import load_config
+    from prismfl.fl import simulate, task
+
+    cfg = load_config(SMOKE, MODES)
+    fed = task.prepare_federation(cfg)
+    codes = fed.labels(np.arange(len(fed.train.labels)))
+    assert torch.equal(codes // 2, torch.from_numpy(fed.train.labels.astype(np.int64)))
+    assert len(set(codes[fed.public_idx].tolist())) == 20  # every class's public images fill both its modes
+    simulate.train(cfg, tmp_path / "run", log=lambda *_: None)
+    model = modelfile.load(tmp_path / "run" / "model.prism")
+    assert model.spec.modes == 2 and len(model.class_shares) == 20
+    private = np.concatenate(fed.parts)
+    expected = np.bincount(codes[private].numpy(), minlength=20) / len(private)
+    assert model.class_shares == pytest.approx(expected.tolist())
+    code, out, err = run_cli("sample", str(tmp_path / "run"), "--class", "bag", "--n", "4",
+                             "--out", str(tmp_path / "b.npz"))  # fmt: skip
+    assert code == 0, err
+    with np.load(tmp_path / "b.npz", allow_pickle=False) as f:
+        assert f["labels"].tolist() == [8] * 4
+    code, out, err = run_cli("info", str(tmp_path / "run" / "model.prism"))
+    assert code == 0 and "classes=10 (conditional) modes=2 per class" in out
