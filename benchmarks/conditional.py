@@ -142,6 +142,20 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, secagg, warm start, shrink public, 500 public": secagg(
         1.0, 1, *WARM, *SHRINK_PUBLIC, "partition.public_holdout=500"
     ),
+    # issue 15's variety lever: each class split into 3 modes fitted on the public images (model.modes; a batch
+    # must hold two images of each of the 30 codes, so 64 instead of 32: the row without modes at 64 for scale)
+    "no DP, warm start 1000, 3 rounds, batch 64": (
+        math.inf,
+        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64"],
+    ),
+    "no DP, warm start 1000, 3 rounds, 3 modes": (
+        math.inf,
+        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64", "model.modes=3"],
+    ),
+    "no DP, warm start 1000, 3 rounds, 6 modes": (
+        math.inf,
+        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=120", "model.modes=6"],
+    ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
