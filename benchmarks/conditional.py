@@ -156,6 +156,19 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=120", "model.modes=6"],
     ),
+    "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes": secagg(
+        10.0,
+        1,
+        *WARM,
+        *SHRINK_PUBLIC,
+        "train.warm_start=1000",
+        "train.rounds=3",
+        "train.batch_size=64",
+        "model.modes=3",
+    ),
+    "eps 1, secagg, warm start 1000, 3 rounds, shrink public, 3 modes": secagg(
+        1.0, 1, *WARM, *SHRINK_PUBLIC, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64", "model.modes=3"
+    ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
