@@ -179,3 +179,19 @@ def test_a_run_with_modes_trains_on_codes_and_samples_by_class(tmp_path, run_cli
         assert f["labels"].tolist() == [8] * 4
     code, out, err = run_cli("info", str(tmp_path / "run" / "model.prism"))
     assert code == 0 and "classes=10 (conditional) modes=2 per class" in out
+
+
+@needs_fmnist
+def test_a_private_run_with_modes_reports_a_class_table_per_class_and_warns_per_mode(tmp_path, capsys):
+    """With privacy each client's noisy counts are per mode: the server's class table sums them per class,
+    and a mode the noise would swamp is named by its class and mode."""
+    from prismfl.config import load_config
+    from prismfl.data.sources import dataset_info
+    from prismfl.fl import simulate
+
+    simulate.train(load_config(SMOKE, [*MODES, "privacy.epsilon=1", "train.rounds=1"]), tmp_path / "run",
+                   log=lambda *_: None)  # fmt: skip
+    header = (tmp_path / "run" / "partition.txt").read_text().splitlines()[0].split()
+    assert header == ["client", *dataset_info("fashion-mnist").class_names, "total"]
+    assert "(Sandal, mode 1)" in capsys.readouterr().err
+    assert len(modelfile.load(tmp_path / "run" / "model.prism").class_shares) == 20

@@ -380,7 +380,7 @@ class Private:
         share = 1 / math.sqrt(ctx.cfg.partition.num_clients - p.colluders) if p.secagg else 1.0
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.codes,
-                                        class_names=ctx.fed.class_names if ctx.fed is not None else None,
+                                        class_names=ctx.fed.condition_names if ctx.fed is not None else None,
                                         second=ctx.cfg.loss.moment != "mean", noise_share=share,
                                         shrink=p.shrink, target=None if p.secagg else ctx.shrink_target())  # fmt: skip
         for warning in release.warnings:

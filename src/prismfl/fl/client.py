@@ -244,7 +244,8 @@ def reported_counts(client: ClientRuntime, exact, private: bool = False) -> tupl
     conditional model the class counts of its statistics (the server's class shares are their sum).
 
     With privacy (`private`) both come from the release's noisy counts, since the exact ones would
-    leak: per class for a conditional model; an unconditional release holds one noisy count, so
+    leak: per class for a conditional model (with model.modes, the row sums each class's modes; the
+    counts stay per mode); an unconditional release holds one noisy count, so
     the row is that total alone (the table's one column is NOISY_TOTAL); a client that holds no data
     for the method reports an empty row (zeros in the table)."""
     counts = None if client.stats is None else client.stats.class_counts
@@ -255,7 +256,8 @@ def reported_counts(client: ClientRuntime, exact, private: bool = False) -> tupl
         return [], None
     if counts is None:
         return [max(0, int(client.stats.count))], None
-    return [max(0, int(round(float(c)))) for c in counts], reported
+    per_class = counts.reshape(len(exact), -1).sum(1)  # the class table's row: one column per class
+    return [max(0, int(round(float(c)))) for c in per_class], reported
 
 
 def class_table_of(rows: list[list[int]], class_names: list[str]):

@@ -62,6 +62,13 @@ class Federation:
     def class_names(self) -> list[str]:
         return list(dataset_info(self.cfg.data.dataset).class_names)
 
+    @property
+    def condition_names(self) -> list[str]:
+        """The names of the generator's conditions, in code order: the classes, or with model.modes > 1
+        each class's modes ("Bag, mode 2")."""
+        k = self.cfg.model.modes
+        return self.class_names if k == 1 else [f"{name}, mode {m + 1}" for name in self.class_names for m in range(k)]
+
     @cached_property
     def table(self) -> np.ndarray:
         return class_table(self.train.labels, self.parts, self.num_classes)
