@@ -194,10 +194,11 @@ def test_fedavg_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("modes", [1, 2])
 def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_path, modes):
     """The class counts travel in the set-up replies; the class shares and the model file are the same.
-    With model.modes, every node fits the modes on the public hold-out and the counts are per mode."""
+    With model.modes, every node fits the modes on the public hold-out and the counts are per mode; with
+    loss.codes_per_step, every step's codes are drawn from the client's seeded generator alike."""
     conditional = 'model.conditional=true model.arch="mlp-up" train.rounds=2'
     if modes > 1:
-        conditional += f' model.modes={modes} loss.features="public" train.batch_size=40'
+        conditional += f' model.modes={modes} loss.features="public" loss.codes_per_step=8 train.batch_size=16'
     sim_out, sim_states = simulate_with_states(load_config(SMOKE, conditional.split()), tmp_path / "sim")
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": conditional}, grid)

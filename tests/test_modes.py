@@ -195,3 +195,109 @@ def test_a_private_run_with_modes_reports_a_class_table_per_class_and_warns_per_
     assert header == ["client", *dataset_info("fashion-mnist").class_names, "total"]
     assert "(Sandal, mode 1)" in capsys.readouterr().err
     assert len(modelfile.load(tmp_path / "run" / "model.prism").class_shares) == 20
+
+
+# ---------------------------------------------------------------- a random subset of the codes per step
+
+
+def _three_codes():
+    from prismfl.loss.matching import FeatureStats
+
+    mean = [torch.tensor([[1.0, 2.0], [-1.0, 0.5], [3.0, -1.0]])]
+    var = [torch.tensor([[0.5, 0.5], [1.0, 2.0], [2.0, 1.0]])]
+    return FeatureStats(mean, var, 60, torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64))
+
+
+def test_codes_per_step_draws_that_many_codes_each_step_from_the_generator():
+    from prismfl.loss.matching import ConditionalMatching
+
+    loss = ConditionalMatching(_three_codes(), codes_per_step=2)
+    assert loss.redraws and not ConditionalMatching(_three_codes()).redraws
+    gen = torch.Generator().manual_seed(3)
+    draws = [loss.labels(6, generator=gen) for _ in range(40)]
+    for labels in draws:  # two codes, in order, each held by 3 of the 6 images
+        a, b = labels[:2].tolist()
+        assert a < b and labels.tolist() == [a, b] * 3
+    assert {tuple(d[:2].tolist()) for d in draws} == {(0, 1), (0, 2), (1, 2)}
+    again = torch.Generator().manual_seed(3)
+    assert all(torch.equal(d, loss.labels(6, generator=again)) for d in draws)
+    with pytest.raises(ValueError, match="needs a random generator"):
+        loss.labels(6)
+    with pytest.raises(ValueError, match="two images of each of 2 classes a step; .* at least 4"):
+        loss.labels(3, generator=gen)
+    with pytest.raises(ValueError, match="codes_per_step must be >= 0"):
+        ConditionalMatching(_three_codes(), codes_per_step=-1)
+
+
+def _groups() -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {c: torch.randn(3, 2, generator=gen) for c in range(3)}
+
+
+def _grads(loss, groups: dict[int, torch.Tensor], codes) -> dict[int, torch.Tensor]:
+    leaves = {c: groups[c].clone().requires_grad_(True) for c in codes}
+    fake = torch.cat([leaves[c] for c in codes])
+    labels = torch.tensor(codes).repeat_interleave(3)
+    surrogate, _ = loss([fake], None, labels)
+    surrogate.backward()
+    return {c: leaves[c].grad for c in codes}
+
+
+def test_codes_per_step_weighs_the_drawn_codes_so_the_expected_gradient_is_the_full_one():
+    """k = 3 codes, m = 2 a step: each of the 3 equally likely pairs is weighed by k / m = 1.5, so the mean
+    over the pairs of each code's gradient equals the gradient of the loss over all three."""
+    from prismfl.loss.matching import ConditionalMatching
+
+    groups = _groups()
+    full = _grads(ConditionalMatching(_three_codes(), "none"), groups, [0, 1, 2])
+    subset = ConditionalMatching(_three_codes(), "none", codes_per_step=2)
+    mean = {c: torch.zeros(3, 2) for c in range(3)}
+    for pair in ([0, 1], [0, 2], [1, 2]):
+        for c, g in _grads(subset, groups, pair).items():
+            mean[c] += g / 3
+        one = _grads(subset, groups, pair)
+        assert all(torch.allclose(one[c], 1.5 * full[c]) for c in pair)  # each drawn code: 1.5x its term
+    assert all(torch.allclose(mean[c], full[c], atol=1e-6) for c in range(3))
+    with pytest.raises(ValueError, match="holds a class this loss does not match"):
+        subset([torch.zeros(4, 2)], None, torch.tensor([0, 0, 5, 5]))
+
+
+def test_codes_per_step_moves_only_the_drawn_codes_trackers_each_starting_at_its_first_gap():
+    from prismfl.loss.matching import ConditionalMatching, TrackerState
+
+    loss = ConditionalMatching(_three_codes(), "none", tracker="ema", tracker_beta=0.9, codes_per_step=2)
+    groups, tracker = _groups(), TrackerState()
+    fake = torch.cat([groups[0], groups[2]])
+    loss([fake], tracker, torch.tensor([0, 2]).repeat_interleave(3))
+    gaps0, gaps2 = loss.targets[0] - groups[0].mean(0), loss.targets[4] - groups[2].mean(0)
+    assert len(tracker.vectors) == 6 and [v.numel() for v in tracker.vectors] == [2, 2, 0, 0, 2, 2]
+    assert torch.allclose(tracker.vectors[0], gaps0) and torch.allclose(tracker.vectors[4], gaps2)
+    from prismfl import safestate
+
+    saved = safestate.from_bytes(safestate.to_bytes(tracker.state_dict()))  # a checkpoint keeps the empty ones
+    assert [v.numel() for v in TrackerState.from_state_dict(saved).vectors] == [2, 2, 0, 0, 2, 2]
+    fake = torch.cat([groups[1] * 2, groups[2] * 2])
+    loss([fake], tracker, torch.tensor([1, 2]).repeat_interleave(3))
+    assert torch.allclose(tracker.vectors[0], gaps0)  # not drawn: unchanged
+    assert torch.allclose(tracker.vectors[2], loss.targets[2] - 2 * groups[1].mean(0))  # its first gap
+    assert torch.allclose(tracker.vectors[4], 0.9 * gaps2 + 0.1 * (loss.targets[4] - 2 * groups[2].mean(0)))
+    with pytest.raises(ValueError, match="needs the 'ema' tracker"):
+        adam = ConditionalMatching(_three_codes(), tracker="adam", codes_per_step=2)
+        adam([fake], TrackerState(), torch.tensor([1, 2]).repeat_interleave(3))
+
+
+def test_config_checks_codes_per_step():
+    from prismfl.config import load_config
+
+    small = [*MODES[:-1], "train.batch_size=16"]
+    with pytest.raises(ConfigError, match=r"or loss.codes_per_step <= 8 \(that many drawn at random"):
+        load_config(SMOKE, small)
+    assert load_config(SMOKE, [*small, "loss.codes_per_step=8"]).loss.codes_per_step == 8
+    with pytest.raises(ConfigError, match="codes_per_step = 9 needs train.batch_size >= 18"):
+        load_config(SMOKE, [*small, "loss.codes_per_step=9"])
+    with pytest.raises(ConfigError, match=r"an integer in 1..20"):
+        load_config(SMOKE, [*MODES, "loss.codes_per_step=21"])
+    with pytest.raises(ConfigError, match="an integer in 1..classes"):
+        load_config(SMOKE, ["loss.codes_per_step=2"])
+    with pytest.raises(ConfigError, match="needs loss.tracker = 'ema' or 'none'"):
+        load_config(SMOKE, [*MODES, "loss.codes_per_step=4", 'loss.tracker="adam"'])

@@ -63,6 +63,9 @@ class LossConfig:
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
     pca: int = 0  # also match the mean and covariance of the images' top-k public principal components (0: off)
     rff: int = 0  # and the mean of this many random Fourier features of those components: an MMD (0: off)
+    # conditional: each step's batch holds this many of a client's classes (or class modes) drawn at random,
+    # their terms weighed up to keep the gradient unbiased (0: every class at every step)
+    codes_per_step: int = 0
 
 
 @dataclass
@@ -262,12 +265,22 @@ class RunConfig:
             self.arch_spec().validate()
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
-        codes = self.arch_spec().codes
-        if codes and self.train.batch_size < 2 * codes:
+        codes, per_step = self.arch_spec().codes, self.loss.codes_per_step
+        if per_step and not (codes and 1 <= per_step <= codes):
+            raise ConfigError("loss.codes_per_step draws classes for a class-conditional generator: an integer in "
+                              f"1..{codes or 'classes'} (0: every class at every step), got {per_step}")  # fmt: skip
+        if per_step and self.loss.tracker == "adam":
+            raise ConfigError("loss.codes_per_step needs loss.tracker = 'ema' or 'none'")
+        if codes and self.train.batch_size < 2 * (per_step or codes):
             modes = self.model.modes
             what = "model.conditional" + (f" with {modes} modes" if modes > 1 else "")
-            raise ConfigError(f"{what} needs train.batch_size >= {2 * codes} (two generated images of every class"
-                              + (" mode" if modes > 1 else "") + " a client may hold)")  # fmt: skip
+            raise ConfigError(
+                f"{what} needs train.batch_size >= {2 * codes} (two generated images of every class"
+                + (" mode" if modes > 1 else "") + " a client may hold), or loss.codes_per_step <= "
+                f"{self.train.batch_size // 2} (that many drawn at random each step)"
+                if not per_step else
+                f"loss.codes_per_step = {per_step} needs train.batch_size >= {2 * per_step}"
+            )  # fmt: skip
         if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
         if self.model.conditional and self.train.method not in ("prism", "central", "public"):

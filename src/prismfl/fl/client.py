@@ -84,8 +84,11 @@ def local_train(
             group["lr"] = cfg.lr
     model.train()
     total, first = 0.0, None
-    labels = loss_fn.labels(cfg.batch_size, device)  # a conditional loss: the classes of every batch
+    # a conditional loss: the classes of every batch (drawn afresh at every step when it draws a subset)
+    labels = None if loss_fn.redraws else loss_fn.labels(cfg.batch_size, device)
     for _ in range(cfg.steps):
+        if loss_fn.redraws:
+            labels = loss_fn.labels(cfg.batch_size, device, generator)
         z = torch.randn(cfg.batch_size, model.z_dim, generator=generator, device=device)
         images = model(z) if labels is None else model(z, labels)
         surrogate, value = loss_fn(extract(images), state.tracker, labels)

@@ -173,7 +173,8 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
         return MeanVarMatching(stats, loss.normalize, loss.moment, **options).to(device)
     from prismfl.privacy import min_count
 
-    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count(privacy), **options).to(device)
+    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count(privacy),
+                               codes_per_step=loss.codes_per_step, **options).to(device)  # fmt: skip
 
 
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:

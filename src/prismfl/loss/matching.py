@@ -234,7 +234,9 @@ class MeanVarMatching:
         self.weights = [w.to(device) for w in self.weights]
         return self
 
-    def labels(self, batch: int, device="cpu") -> torch.Tensor | None:
+    redraws = False  # whether every step's batch needs its classes drawn afresh (labels with a generator)
+
+    def labels(self, batch: int, device="cpu", generator: torch.Generator | None = None) -> torch.Tensor | None:
         """The classes of a generated batch: None, the loss is unconditional."""
         return None
 
@@ -245,21 +247,26 @@ class MeanVarMatching:
 
     def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-        fake_stats = self.fake_stats(fake, labels)
-        gaps = [r - f.detach() for r, f in zip(self.targets, fake_stats)]
-        value = 0.5 * sum(float((w * g * g).sum()) for w, g in zip(self.weights, gaps))
+        return self._match(self.fake_stats(fake, labels), self.targets, self.weights, tracker)
+
+    def _match(self, fake_stats, targets, weights, tracker: TrackerState | None) -> tuple[torch.Tensor, float]:
+        gaps = [r - f.detach() for r, f in zip(targets, fake_stats)]
+        value = 0.5 * sum(float((w * g * g).sum()) for w, g in zip(weights, gaps))
         directions = gaps if tracker is None or self.tracker == "none" else self._track(gaps, tracker)
         # the gradient of -(w * dir . fake) is w * (fake - real) when dir is the exact gap
-        surrogate = -sum((w * d * f).sum() for w, d, f in zip(self.weights, directions, fake_stats))
+        surrogate = -sum((w * d * f).sum() for w, d, f in zip(weights, directions, fake_stats))
         return surrogate, value
 
     def _track(self, gaps: list[torch.Tensor], tracker: TrackerState) -> list[torch.Tensor]:
-        if self.tracker == "ema":
+        if self.tracker == "ema":  # an empty vector: a tracker not started yet, which starts at its first gap
             if not tracker.vectors:
                 tracker.vectors = [g.clone() for g in gaps]
             else:
-                for v, g in zip(tracker.vectors, gaps):
-                    v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
+                for i, (v, g) in enumerate(zip(tracker.vectors, gaps)):
+                    if v.numel() == 0:
+                        tracker.vectors[i] = g.clone()
+                    else:
+                        v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
             return tracker.vectors
         if tracker.optimizer is None:
             tracker.vectors = [torch.zeros_like(g).requires_grad_(True) for g in gaps]
@@ -285,10 +292,15 @@ class ConditionalMatching(MeanVarMatching):
     loss between the generated images of class c and the client's statistics of class c, over the
     classes the client holds (count >= `min_count`; with privacy, noisy counts below the noise are
     treated as absent). A generated batch holds every such class in equal numbers (`labels`), and the
-    variances of its small class groups are unbiased (b / (b - 1))."""
+    variances of its small class groups are unbiased (b / (b - 1)).
+
+    `codes_per_step` = m > 0 (loss.codes_per_step): each step's batch holds m of the k classes (or modes)
+    drawn uniformly at random without replacement, and their terms are weighed by k / m, the inverse of a
+    class's chance to be drawn: the expected gradient is the full loss's, at the cost of a batch for m
+    classes instead of k. Each class's tracker then moves only on the steps that draw it."""
 
     def __init__(self, real: FeatureStats, normalize: str = "layer", moment: str = "variance", *,
-                 min_count: float = 1.0, **options):  # fmt: skip
+                 min_count: float = 1.0, codes_per_step: int = 0, **options):  # fmt: skip
         if real.class_counts is None:
             raise ValueError("per-class matching needs per-class statistics")
         counts = real.class_counts.double()
@@ -305,27 +317,71 @@ class ConditionalMatching(MeanVarMatching):
         for c in self.classes:
             self.targets += real.of_class(c).targets(moment)
             self.weights += [w * self.shares[c] for w in scale]
+        if codes_per_step < 0:
+            raise ValueError(f"codes_per_step must be >= 0 (0: every class at every step), got {codes_per_step}")
+        self.per_step = min(codes_per_step, len(self.classes)) if codes_per_step else len(self.classes)
+        self.redraws = self.per_step < len(self.classes)
 
-    def labels(self, batch: int, device="cpu") -> torch.Tensor:
-        k = len(self.classes)
-        if batch < 2 * k:
-            raise ValueError(f"a batch of {batch} cannot hold two images of each of this client's {k} classes; "
-                             f"raise train.batch_size to at least {2 * k}")  # fmt: skip
-        return torch.tensor(self.classes, device=device)[torch.arange(batch, device=device) % k]
+    def labels(self, batch: int, device="cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """The classes of a generated batch: every held class (or `per_step` of them drawn with
+        `generator`), each repeated in turn."""
+        k, m = len(self.classes), self.per_step
+        if batch < 2 * m:
+            what = f"each of this client's {k} classes" if m == k else f"each of {m} classes a step"
+            raise ValueError(f"a batch of {batch} cannot hold two images of {what}; "
+                             f"raise train.batch_size to at least {2 * m}")  # fmt: skip
+        classes = torch.tensor(self.classes)
+        if m < k:
+            if generator is None:
+                raise ValueError("drawing a subset of the classes at every step needs a random generator")
+            classes = classes[torch.randperm(k, generator=generator, device=generator.device)[:m].sort().values.cpu()]
+        return classes.to(device)[torch.arange(batch, device=device) % m]
+
+    def _drawn(self, labels: torch.Tensor) -> list[int]:
+        """Positions in self.classes of the classes present in `labels`."""
+        present = set(torch.unique(labels).tolist())
+        drawn = [i for i, c in enumerate(self.classes) if c in present]
+        if len(drawn) != len(present):
+            raise ValueError("the batch holds a class this loss does not match")
+        return drawn
 
     def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
+        """The generated batch's statistics of the classes it holds, in the order of self.targets."""
         if labels is None or labels.shape != (fake[0].shape[0],):
             raise ValueError("per-class matching needs the class of every generated image")
+        drawn = [self.classes[i] for i in self._drawn(labels)]
         # per-class sums as one product with the (classes x batch) indicator: one pass over each layer,
         # and one gradient buffer in the backward pass (a gather per class would make one per class)
-        member = (labels[None, :] == torch.tensor(self.classes, device=labels.device)[:, None]).to(fake[0].dtype)
+        member = (labels[None, :] == torch.tensor(drawn, device=labels.device)[:, None]).to(fake[0].dtype)
         n = member.sum(1, keepdim=True)
         if float(n.min()) < 2:
             raise ValueError("every class needs at least two generated images in the batch")
         means = [member @ f / n for f in fake]
         if self.moment == "mean":
-            return [m[i] for i in range(len(self.classes)) for m in means]
+            return [m[i] for i in range(len(drawn)) for m in means]
         seconds = [member @ (f * f) / n for f in fake]
         if self.moment == "variance":  # unbiased within each class's small group
             seconds = [(s - m * m) * (n / (n - 1)) for s, m in zip(seconds, means)]
-        return [t[i] for i in range(len(self.classes)) for t in (*means, *seconds)]
+        return [t[i] for i in range(len(drawn)) for t in (*means, *seconds)]
+
+    def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+        if not self.redraws or labels is None:
+            return super().__call__(fake, tracker, labels)
+        # a subset of the classes: their terms only, weighed by k / m, and their trackers only
+        drawn, k = self._drawn(labels), len(self.classes)
+        per = len(self.targets) // k
+        rows = [i * per + j for i in drawn for j in range(per)]
+        targets = [self.targets[r] for r in rows]
+        weights = [self.weights[r] * (k / len(drawn)) for r in rows]
+        if tracker is None or self.tracker == "none":
+            return self._match(self.fake_stats(fake, labels), targets, weights, None)
+        if self.tracker != "ema":
+            raise ValueError("a subset of the classes at every step needs the 'ema' tracker or none")
+        if not tracker.vectors:  # every class's tracker, empty (not started) until its first draw
+            tracker.vectors = [t.new_zeros(0) for t in self.targets]
+        part = TrackerState([tracker.vectors[r] for r in rows])
+        result = self._match(self.fake_stats(fake, labels), targets, weights, part)
+        for r, v in zip(rows, part.vectors):
+            tracker.vectors[r] = v
+        return result
