@@ -169,6 +169,25 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, secagg, warm start 1000, 3 rounds, shrink public, 3 modes": secagg(
         1.0, 1, *WARM, *SHRINK_PUBLIC, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64", "model.modes=3"
     ),
+    # the same modes at the demo's batch 32: each step draws 16 of the codes a client holds (loss.codes_per_step)
+    "no DP, warm start 1000, 3 rounds, 3 modes, 16 codes a step": (
+        math.inf,
+        [*WARM, "train.warm_start=1000", "train.rounds=3", "model.modes=3", "loss.codes_per_step=16"],
+    ),
+    "no DP, warm start 1000, 3 rounds, 6 modes, 16 codes a step": (
+        math.inf,
+        [*WARM, "train.warm_start=1000", "train.rounds=3", "model.modes=6", "loss.codes_per_step=16"],
+    ),
+    "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes, 16 codes a step": secagg(
+        10.0,
+        1,
+        *WARM,
+        *SHRINK_PUBLIC,
+        "train.warm_start=1000",
+        "train.rounds=3",
+        "model.modes=3",
+        "loss.codes_per_step=16",
+    ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
     "pca-gaussian eps 1": (1.0, None),
