@@ -66,3 +66,22 @@ def test_bytes_to_reach_takes_the_first_round_at_or_below_the_target():
     assert bytes_curve.bytes_to_reach(points, 70) == 200  # at or below
     assert bytes_curve.bytes_to_reach(points, 60) == 400
     assert bytes_curve.bytes_to_reach(points, 50) is None
+
+
+def test_temperature_screen_scales_only_the_noise():
+    """T = 1 draws exactly what modelfile.sample_labelled draws; T = 2 the same labels from 2x the noise."""
+    import torch
+
+    from prismfl import modelfile
+    from prismfl.model.generators import ArchSpec, count_weights
+
+    spec = ArchSpec("mlp-up", z_dim=8, width=16, channels=1, img_size=8, weight_seed=3, num_classes=10).validate()
+    mask = torch.rand(count_weights(spec), generator=torch.Generator().manual_seed(0)) < 0.5
+    net = modelfile.materialize(modelfile.PrismModel(spec, mask, {"dataset": "fashion-mnist"}, [0.1] * 10))
+    temperature, randn = load("temperature"), torch.randn
+    images, labels = modelfile.sample_labelled(net, 12, seed=4)
+    same, same_labels = temperature.scaled_sample(net, 12, 4, 1.0)
+    assert torch.equal(images, same) and torch.equal(labels, same_labels)
+    wide, wide_labels = temperature.scaled_sample(net, 12, 4, 2.0)
+    assert torch.equal(wide_labels, labels) and not torch.allclose(wide, images)
+    assert torch.randn is randn  # restored
