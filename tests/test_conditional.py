@@ -161,9 +161,12 @@ def test_conditional_loss_weights_each_held_class_by_its_share_on_the_pooled_lay
     assert torch.allclose(pooled.mean[0], torch.tensor([2.5, -0.25]))
     assert torch.allclose(pooled.var[0], torch.tensor([8.625 - 6.25, 2.625 - 0.0625]))
     scale = layer_weights(pooled, "layer", "variance")
-    assert [float(w) for w in loss.weights] == pytest.approx(
-        [0.25 * float(scale[0]), 0.25 * float(scale[1]), 0.75 * float(scale[0]), 0.75 * float(scale[1])]
+    # stacked: one (classes, 1) column per statistic (the mean's, then the variance's)
+    assert [w.shape for w in loss.weights] == [(2, 1), (2, 1)]
+    assert torch.cat(loss.weights).flatten().tolist() == pytest.approx(
+        [0.25 * float(scale[0]), 0.75 * float(scale[0]), 0.25 * float(scale[1]), 0.75 * float(scale[1])]
     )
+    assert torch.equal(loss.targets[0], torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
     assert loss.labels(8).tolist() == [0, 2, 0, 2, 0, 2, 0, 2]
     with pytest.raises(ValueError, match="raise train.batch_size to at least 4"):
         loss.labels(3)
@@ -476,11 +479,11 @@ def test_conditional_fake_statistics_are_each_groups_own(moment):
     fake = [torch.randn(8, 2, generator=gen)]
     labels = torch.tensor([0, 2, 2, 0, 2, 0, 2, 2])  # groups of 3 and 5
     got = loss.fake_stats(fake, labels)
-    want = []
-    for c in (0, 2):
-        f = fake[0][labels == c]
-        extra = {"variance": [f.var(0, unbiased=True)], "second": [(f * f).mean(0)], "mean": []}[moment]
-        want += [f.mean(0), *extra]
+    groups = [fake[0][labels == c] for c in (0, 2)]  # stacked: one (classes, D) tensor per statistic
+    want = [torch.stack([f.mean(0) for f in groups])]
+    if moment != "mean":
+        extra = {"variance": lambda f: f.var(0, unbiased=True), "second": lambda f: (f * f).mean(0)}[moment]
+        want.append(torch.stack([extra(f) for f in groups]))
     assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
 
 

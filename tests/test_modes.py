@@ -263,27 +263,31 @@ def test_codes_per_step_weighs_the_drawn_codes_so_the_expected_gradient_is_the_f
 
 
 def test_codes_per_step_moves_only_the_drawn_codes_trackers_each_starting_at_its_first_gap():
+    from prismfl import safestate
     from prismfl.loss.matching import ConditionalMatching, TrackerState
 
     loss = ConditionalMatching(_three_codes(), "none", tracker="ema", tracker_beta=0.9, codes_per_step=2)
     groups, tracker = _groups(), TrackerState()
-    fake = torch.cat([groups[0], groups[2]])
-    loss([fake], tracker, torch.tensor([0, 2]).repeat_interleave(3))
-    gaps0, gaps2 = loss.targets[0] - groups[0].mean(0), loss.targets[4] - groups[2].mean(0)
-    assert len(tracker.vectors) == 6 and [v.numel() for v in tracker.vectors] == [2, 2, 0, 0, 2, 2]
-    assert torch.allclose(tracker.vectors[0], gaps0) and torch.allclose(tracker.vectors[4], gaps2)
-    from prismfl import safestate
-
-    saved = safestate.from_bytes(safestate.to_bytes(tracker.state_dict()))  # a checkpoint keeps the empty ones
-    assert [v.numel() for v in TrackerState.from_state_dict(saved).vectors] == [2, 2, 0, 0, 2, 2]
-    fake = torch.cat([groups[1] * 2, groups[2] * 2])
-    loss([fake], tracker, torch.tensor([1, 2]).repeat_interleave(3))
-    assert torch.allclose(tracker.vectors[0], gaps0)  # not drawn: unchanged
-    assert torch.allclose(tracker.vectors[2], loss.targets[2] - 2 * groups[1].mean(0))  # its first gap
-    assert torch.allclose(tracker.vectors[4], 0.9 * gaps2 + 0.1 * (loss.targets[4] - 2 * groups[2].mean(0)))
+    mean = lambda c, x=1.0: (x * groups[c]).mean(0)  # noqa: E731 - a generated group's mean
+    loss([torch.cat([groups[0], groups[2]])], tracker, torch.tensor([0, 2]).repeat_interleave(3))
+    target = loss.targets[0]  # the means of codes 0, 1, 2: (3, 2); the trackers are stacked alike
+    assert [v.shape for v in tracker.vectors] == [(3, 2), (3, 2)] and tracker.started.tolist() == [True, False, True]
+    assert torch.allclose(tracker.vectors[0][0], target[0] - mean(0))
+    assert torch.allclose(tracker.vectors[0][2], target[2] - mean(2))
+    assert float(tracker.vectors[0][1].abs().sum()) == 0.0
+    saved = TrackerState.from_state_dict(safestate.from_bytes(safestate.to_bytes(tracker.state_dict())))
+    assert saved.started.tolist() == [True, False, True] and torch.equal(saved.vectors[0], tracker.vectors[0])
+    first = tracker.vectors[0].clone()
+    loss([torch.cat([groups[1] * 2, groups[2] * 2])], tracker, torch.tensor([1, 2]).repeat_interleave(3))
+    assert torch.equal(tracker.vectors[0][0], first[0])  # not drawn: unchanged
+    assert torch.allclose(tracker.vectors[0][1], target[1] - mean(1, 2.0))  # its first gap
+    assert torch.allclose(tracker.vectors[0][2], 0.9 * first[2] + 0.1 * (target[2] - mean(2, 2.0)))
+    stale = TrackerState([torch.zeros(2)] * 6)  # a layout of before the statistics were stacked: started afresh
+    loss([torch.cat([groups[0], groups[1]])], stale, torch.tensor([0, 1]).repeat_interleave(3))
+    assert [v.shape for v in stale.vectors] == [(3, 2), (3, 2)] and stale.started.tolist() == [True, True, False]
     with pytest.raises(ValueError, match="needs the 'ema' tracker"):
         adam = ConditionalMatching(_three_codes(), tracker="adam", codes_per_step=2)
-        adam([fake], TrackerState(), torch.tensor([1, 2]).repeat_interleave(3))
+        adam([torch.cat([groups[1], groups[2]])], TrackerState(), torch.tensor([1, 2]).repeat_interleave(3))
 
 
 def test_config_checks_codes_per_step():

@@ -147,14 +147,20 @@ class TrackerState:
 
     vectors: list[torch.Tensor] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+    # per-class trackers that move only when their class is drawn (loss.codes_per_step): which have started
+    started: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
         opt = self.optimizer.state_dict() if self.optimizer is not None else None
-        return {"vectors": [v.detach().clone() for v in self.vectors], "optimizer": opt}
+        state = {"vectors": [v.detach().clone() for v in self.vectors], "optimizer": opt}
+        if self.started is not None:
+            state["started"] = self.started.clone()
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict, lr: float = 1e-5, betas=(0.5, 0.999)) -> TrackerState:
-        tracker = cls([v.clone() for v in state["vectors"]])
+        started = state.get("started")
+        tracker = cls([v.clone() for v in state["vectors"]], started=None if started is None else started.clone())
         if state["optimizer"] is not None:
             tracker.vectors = [v.requires_grad_(True) for v in tracker.vectors]
             tracker.optimizer = torch.optim.Adam(tracker.vectors, lr=lr, betas=betas)
@@ -247,26 +253,27 @@ class MeanVarMatching:
 
     def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-        return self._match(self.fake_stats(fake, labels), self.targets, self.weights, tracker)
+        return self._match(self.fake_stats(fake, labels), self.targets, self.weights, self._tracking(tracker))
 
-    def _match(self, fake_stats, targets, weights, tracker: TrackerState | None) -> tuple[torch.Tensor, float]:
+    def _tracking(self, tracker: TrackerState | None):
+        """gaps -> the directions to follow: the gaps themselves, or the trackers moved by them."""
+        return None if tracker is None or self.tracker == "none" else lambda gaps: self._track(gaps, tracker)
+
+    def _match(self, fake_stats, targets, weights, track) -> tuple[torch.Tensor, float]:
         gaps = [r - f.detach() for r, f in zip(targets, fake_stats)]
         value = 0.5 * sum(float((w * g * g).sum()) for w, g in zip(weights, gaps))
-        directions = gaps if tracker is None or self.tracker == "none" else self._track(gaps, tracker)
+        directions = gaps if track is None else track(gaps)
         # the gradient of -(w * dir . fake) is w * (fake - real) when dir is the exact gap
         surrogate = -sum((w * d * f).sum() for w, d, f in zip(weights, directions, fake_stats))
         return surrogate, value
 
     def _track(self, gaps: list[torch.Tensor], tracker: TrackerState) -> list[torch.Tensor]:
-        if self.tracker == "ema":  # an empty vector: a tracker not started yet, which starts at its first gap
+        if self.tracker == "ema":
             if not tracker.vectors:
                 tracker.vectors = [g.clone() for g in gaps]
             else:
-                for i, (v, g) in enumerate(zip(tracker.vectors, gaps)):
-                    if v.numel() == 0:
-                        tracker.vectors[i] = g.clone()
-                    else:
-                        v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
+                for v, g in zip(tracker.vectors, gaps):
+                    v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
             return tracker.vectors
         if tracker.optimizer is None:
             tracker.vectors = [torch.zeros_like(g).requires_grad_(True) for g in gaps]
@@ -294,10 +301,14 @@ class ConditionalMatching(MeanVarMatching):
     treated as absent). A generated batch holds every such class in equal numbers (`labels`), and the
     variances of its small class groups are unbiased (b / (b - 1)).
 
+    The statistics of all classes are stacked: every target is a (classes, D) tensor and its weight a
+    (classes, 1) column, so a step costs a few tensor operations per layer, not per class and layer.
+
     `codes_per_step` = m > 0 (loss.codes_per_step): each step's batch holds m of the k classes (or modes)
     drawn uniformly at random without replacement, and their terms are weighed by k / m, the inverse of a
     class's chance to be drawn: the expected gradient is the full loss's, at the cost of a batch for m
-    classes instead of k. Each class's tracker then moves only on the steps that draw it."""
+    classes instead of k. Each class's tracker then moves only on the steps that draw it, and starts at
+    its first gap."""
 
     def __init__(self, real: FeatureStats, normalize: str = "layer", moment: str = "variance", *,
                  min_count: float = 1.0, codes_per_step: int = 0, **options):  # fmt: skip
@@ -313,10 +324,10 @@ class ConditionalMatching(MeanVarMatching):
         # every class's statistics are weighed by the scale of the layer over all the client's images
         # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
         scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, options.get("scales"))
-        self.targets, self.weights = [], []
-        for c in self.classes:
-            self.targets += real.of_class(c).targets(moment)
-            self.weights += [w * self.shares[c] for w in scale]
+        held = torch.tensor(self.classes)
+        self.targets = [t[held].clone() for t in real.targets(moment)]  # (classes, D) per statistic
+        shares = torch.tensor([self.shares[c] for c in self.classes])[:, None]
+        self.weights = [w * shares for w in scale]  # (classes, 1) per statistic
         if codes_per_step < 0:
             raise ValueError(f"codes_per_step must be >= 0 (0: every class at every step), got {codes_per_step}")
         self.per_step = min(codes_per_step, len(self.classes)) if codes_per_step else len(self.classes)
@@ -337,51 +348,62 @@ class ConditionalMatching(MeanVarMatching):
             classes = classes[torch.randperm(k, generator=generator, device=generator.device)[:m].sort().values.cpu()]
         return classes.to(device)[torch.arange(batch, device=device) % m]
 
-    def _drawn(self, labels: torch.Tensor) -> list[int]:
-        """Positions in self.classes of the classes present in `labels`."""
-        present = set(torch.unique(labels).tolist())
-        drawn = [i for i, c in enumerate(self.classes) if c in present]
-        if len(drawn) != len(present):
+    def _drawn(self, labels: torch.Tensor) -> torch.Tensor:
+        """Positions in self.classes of the classes present in `labels`, in order."""
+        present = torch.unique(labels).cpu()
+        where = {c: i for i, c in enumerate(self.classes)}
+        if any(int(c) not in where for c in present):
             raise ValueError("the batch holds a class this loss does not match")
-        return drawn
+        return torch.tensor([where[int(c)] for c in present], dtype=torch.long)
 
     def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
-        """The generated batch's statistics of the classes it holds, in the order of self.targets."""
+        """The generated batch's statistics of the classes it holds, stacked (drawn classes, D) as self.targets."""
         if labels is None or labels.shape != (fake[0].shape[0],):
             raise ValueError("per-class matching needs the class of every generated image")
-        drawn = [self.classes[i] for i in self._drawn(labels)]
+        drawn = torch.tensor(self.classes)[self._drawn(labels)].to(labels.device)
         # per-class sums as one product with the (classes x batch) indicator: one pass over each layer,
         # and one gradient buffer in the backward pass (a gather per class would make one per class)
-        member = (labels[None, :] == torch.tensor(drawn, device=labels.device)[:, None]).to(fake[0].dtype)
+        member = (labels[None, :] == drawn[:, None]).to(fake[0].dtype)
         n = member.sum(1, keepdim=True)
         if float(n.min()) < 2:
             raise ValueError("every class needs at least two generated images in the batch")
         means = [member @ f / n for f in fake]
         if self.moment == "mean":
-            return [m[i] for i in range(len(drawn)) for m in means]
+            return means
         seconds = [member @ (f * f) / n for f in fake]
         if self.moment == "variance":  # unbiased within each class's small group
             seconds = [(s - m * m) * (n / (n - 1)) for s, m in zip(seconds, means)]
-        return [t[i] for i in range(len(drawn)) for t in (*means, *seconds)]
+        return means + seconds
 
     def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-        if not self.redraws or labels is None:
-            return super().__call__(fake, tracker, labels)
-        # a subset of the classes: their terms only, weighed by k / m, and their trackers only
-        drawn, k = self._drawn(labels), len(self.classes)
-        per = len(self.targets) // k
-        rows = [i * per + j for i in drawn for j in range(per)]
-        targets = [self.targets[r] for r in rows]
-        weights = [self.weights[r] * (k / len(drawn)) for r in rows]
-        if tracker is None or self.tracker == "none":
-            return self._match(self.fake_stats(fake, labels), targets, weights, None)
-        if self.tracker != "ema":
-            raise ValueError("a subset of the classes at every step needs the 'ema' tracker or none")
-        if not tracker.vectors:  # every class's tracker, empty (not started) until its first draw
-            tracker.vectors = [t.new_zeros(0) for t in self.targets]
-        part = TrackerState([tracker.vectors[r] for r in rows])
-        result = self._match(self.fake_stats(fake, labels), targets, weights, part)
-        for r, v in zip(rows, part.vectors):
-            tracker.vectors[r] = v
-        return result
+        shapes = [t.shape for t in self.targets]
+        if tracker is not None and tracker.vectors and [v.shape for v in tracker.vectors] != shapes:
+            # trackers of another layout (a checkpoint from before the statistics were stacked): start afresh
+            tracker.vectors, tracker.optimizer, tracker.started = [], None, None
+        fake_stats = self.fake_stats(fake, labels)
+        if not self.redraws:
+            return self._match(fake_stats, self.targets, self.weights, self._tracking(tracker))
+        # a subset of the classes: their rows only, weighed by k / m, and their trackers only
+        rows = self._drawn(labels).to(self.targets[0].device)
+        up = len(self.classes) / len(rows)
+        targets, weights = [t[rows] for t in self.targets], [w[rows] * up for w in self.weights]
+        track = self._tracking(tracker)
+        if track is not None:
+            if self.tracker != "ema":
+                raise ValueError("a subset of the classes at every step needs the 'ema' tracker or none")
+            track = lambda gaps: self._track_rows(gaps, tracker, rows)  # noqa: E731
+        return self._match(fake_stats, targets, weights, track)
+
+    def _track_rows(self, gaps: list[torch.Tensor], tracker: TrackerState, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The EMA trackers of the drawn classes' rows only; a class's first draw starts its tracker at the gap."""
+        if not tracker.vectors:
+            tracker.vectors = [torch.zeros_like(t) for t in self.targets]
+            tracker.started = torch.zeros(len(self.classes), dtype=torch.bool, device=self.targets[0].device)
+        started, beta, directions = tracker.started[rows][:, None], self.tracker_beta, []
+        for v, g in zip(tracker.vectors, gaps):
+            moved = torch.where(started, beta * v[rows] + (1.0 - beta) * g, g)
+            v[rows] = moved
+            directions.append(moved)
+        tracker.started[rows] = True
+        return directions
