@@ -207,6 +207,7 @@ def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_pat
     assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
     spec = modelfile.load(sim_out / "model.prism").spec
     assert (spec.num_classes, spec.modes, len(per_round[-1]["class_shares"])) == (10, modes, 10 * modes)
+    assert ("tracker ema, 8 codes a step" in (sim_out / "report.md").read_text()) == (modes > 1)
 
 
 @needs_fmnist

@@ -179,6 +179,8 @@ def test_a_run_with_modes_trains_on_codes_and_samples_by_class(tmp_path, run_cli
         assert f["labels"].tolist() == [8] * 4
     code, out, err = run_cli("info", str(tmp_path / "run" / "model.prism"))
     assert code == 0 and "classes=10 (conditional) modes=2 per class" in out
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(width 64, 2 modes a class)" in report and "codes a step" not in report
 
 
 @needs_fmnist
