@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/steps.py [--steps 30] [--out docs/benchmarks/steps.json]
      .venv/bin/python benchmarks/steps.py --quality   (issue 12's demo variants, interleaved, batch 32)
+     .venv/bin/python benchmarks/steps.py --modes     (issue 15's modes variants, interleaved)
 Everything is measured in this one process, side by side, on synthetic images (the step cost does
 not depend on the pixels), so the ratios hold even on a noisy shared machine.
 """
@@ -39,25 +40,39 @@ QUALITY = {
 }
 
 
-def step_setup(overrides: list[str], batch: int) -> dict:
+# The class-conditional demo (warm start and all) with and without modes (issue 15's variety lever); a
+# variant's own train.batch_size wins over --batch. Every client holds all its codes here: the worst case.
+MODES = {
+    "no modes (the demo), batch 32": [],
+    "3 modes, batch 64": ["model.modes=3", "train.batch_size=64"],
+    "3 modes, batch 32, 16 codes a step": ["model.modes=3", "loss.codes_per_step=16"],
+    "3 modes, batch 32, 8 codes a step": ["model.modes=3", "loss.codes_per_step=8"],
+    "6 modes, batch 32, 16 codes a step": ["model.modes=6", "loss.codes_per_step=16"],
+    "6 modes, batch 120": ["model.modes=6", "train.batch_size=120"],
+}
+
+
+def step_setup(overrides: list[str], batch: int, conditional: bool = False) -> dict:
     """Generator, feature net (with the config's optional layers), loss and scores of one variant."""
     # the unconditional generator, as measured before the demo became class-conditional (issue 15)
-    cfg = load_config(
-        "configs/fmnist-noniid.toml", ["model.conditional=false", *overrides, f"train.batch_size={batch}"]
-    )
+    first = [] if conditional else ["model.conditional=false"]
+    cfg = load_config("configs/fmnist-noniid.toml", [*first, f"train.batch_size={batch}", *overrides])
     size = cfg.data.resize or 28
     net = task.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1
+    codes = cfg.arch_spec().codes
+    labels = torch.arange(len(images)) % codes if codes else None
+    stats = feature_stats(net.extract, images, labels=labels, num_classes=codes)
     model = task.build_model(cfg)
-    return {"model": model, "extract": net.extract, "loss": task.client_loss(cfg, feature_stats(net.extract, images)),
-            "scores": task.initial_scores(cfg, masked.num_maskable(model)), "state": ClientState()}  # fmt: skip
+    return {"model": model, "extract": net.extract, "loss": task.client_loss(cfg, stats), "state": ClientState(),
+            "scores": task.initial_scores(cfg, masked.num_maskable(model)), "batch": cfg.train.batch_size}  # fmt: skip
 
 
 def time_local_steps(s: dict, steps: int, batch: int, gen: torch.Generator) -> float:
-    """Seconds per local step of a `step_setup` variant."""
+    """Seconds per local step of a `step_setup` variant (at the variant's own batch)."""
     t0 = time.perf_counter()
-    local_train(s["model"], s["scores"], s["loss"], s["extract"], state=s["state"], cfg=LocalConfig(steps, batch),
-                generator=gen)  # fmt: skip
+    local_train(s["model"], s["scores"], s["loss"], s["extract"], state=s["state"],
+                cfg=LocalConfig(steps, s["batch"]), generator=gen)  # fmt: skip
     return (time.perf_counter() - t0) / steps
 
 
@@ -68,10 +83,11 @@ def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
         s, steps, batch, gen)}  # fmt: skip
 
 
-def time_interleaved(variants: dict[str, list[str]], steps: int, batch: int, repeats: int = 3) -> dict:
+def time_interleaved(variants: dict[str, list[str]], steps: int, batch: int, repeats: int = 3,
+                     conditional: bool = False) -> dict:  # fmt: skip
     """Best of `repeats` per variant, the variants taking turns, so that load on a shared machine hits
     every one alike; ratios are to the first variant."""
-    setups = {name: step_setup(ov, batch) for name, ov in variants.items()}
+    setups = {name: step_setup(ov, batch, conditional) for name, ov in variants.items()}
     best = {name: float("inf") for name in variants}
     for rep in range(repeats):
         for name, s in setups.items():
@@ -99,11 +115,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out", default="")
     p.add_argument("--quality", action="store_true", help="time issue 12's demo variants instead (one thread)")
+    p.add_argument("--modes", action="store_true", help="time issue 15's modes variants instead (one thread)")
     a = p.parse_args()
     torch.manual_seed(0)
-    if a.quality:
+    if a.quality or a.modes:
         torch.set_num_threads(1)
-        for name, r in time_interleaved(QUALITY, 40, 32).items():
+        variants = QUALITY if a.quality else MODES
+        for name, r in time_interleaved(variants, 40, 32, conditional=a.modes).items():
             print(f"{name:<36} {r['ms_per_step']:6.1f} ms/step  x{r['ratio']:.2f}  ({r['maskable_weights']:,} weights)")
         return
     rows = {}
