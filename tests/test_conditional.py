@@ -575,3 +575,27 @@ def test_the_pca_layers_come_back_from_the_recipe_without_the_data(tmp_path, mon
     got, want = again.extract(x), net.extract(x)
     assert len(got) == len(want) and got[-2].shape == (4, 5) and got[-1].shape == (4, 15)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("moment", ["variance", "second", "mean"])
+def test_conditional_loss_value_and_gradient_are_the_share_weighted_sum_of_per_class_losses(moment):
+    """The stacked loss against its definition written out class by class: L = sum_c share_c * 1/2 sum_j
+    scale_j ||target_jc - stat_jc(fake of class c)||^2, its gradient by autograd on that sum."""
+    loss = ConditionalMatching(_class_stats(), "layer", moment)
+    scale = layer_weights(pooled_stats(_class_stats(), loss.shares), "layer", moment)
+    gen = torch.Generator().manual_seed(5)
+    fake = torch.randn(8, 2, generator=gen)
+    labels = torch.tensor([0, 2, 2, 0, 2, 0, 2, 2])
+    a = fake.clone().requires_grad_(True)
+    surrogate, value = loss([a], None, labels)
+    surrogate.backward()
+    b = fake.clone().requires_grad_(True)
+    want = 0.0
+    for c in (0, 2):
+        f = b[labels == c]
+        stats = [f.mean(0)] + {"variance": [f.var(0, unbiased=True)], "second": [(f * f).mean(0)], "mean": []}[moment]
+        targets = _class_stats().of_class(c).targets(moment)
+        want = want + loss.shares[c] * 0.5 * sum(w * ((t - s) ** 2).sum() for w, t, s in zip(scale, targets, stats))
+    want.backward()
+    assert value == pytest.approx(float(want), rel=1e-5)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
