@@ -324,7 +324,8 @@ class ConditionalMatching(MeanVarMatching):
         # every class's statistics are weighed by the scale of the layer over all the client's images
         # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
         scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, options.get("scales"))
-        held = torch.tensor(self.classes)
+        held = self._held = torch.tensor(self.classes)
+        self._position = {c: i for i, c in enumerate(self.classes)}
         self.targets = [t[held].clone() for t in real.targets(moment)]  # (classes, D) per statistic
         shares = torch.tensor([self.shares[c] for c in self.classes])[:, None]
         self.weights = [w * shares for w in scale]  # (classes, 1) per statistic
@@ -341,7 +342,7 @@ class ConditionalMatching(MeanVarMatching):
             what = f"each of this client's {k} classes" if m == k else f"each of {m} classes a step"
             raise ValueError(f"a batch of {batch} cannot hold two images of {what}; "
                              f"raise train.batch_size to at least {2 * m}")  # fmt: skip
-        classes = torch.tensor(self.classes)
+        classes = self._held
         if m < k:
             if generator is None:
                 raise ValueError("drawing a subset of the classes at every step needs a random generator")
@@ -350,17 +351,20 @@ class ConditionalMatching(MeanVarMatching):
 
     def _drawn(self, labels: torch.Tensor) -> torch.Tensor:
         """Positions in self.classes of the classes present in `labels`, in order."""
-        present = torch.unique(labels).cpu()
-        where = {c: i for i, c in enumerate(self.classes)}
-        if any(int(c) not in where for c in present):
+        present = torch.unique(labels).tolist()
+        if any(c not in self._position for c in present):
             raise ValueError("the batch holds a class this loss does not match")
-        return torch.tensor([where[int(c)] for c in present], dtype=torch.long)
+        return torch.tensor([self._position[c] for c in present], dtype=torch.long)
 
-    def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None) -> list[torch.Tensor]:
-        """The generated batch's statistics of the classes it holds, stacked (drawn classes, D) as self.targets."""
+    def fake_stats(self, fake: list[torch.Tensor], labels: torch.Tensor | None,
+                   rows: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
+        """The generated batch's statistics, stacked (classes, D) as self.targets: of every held class, or
+        with a subset per step of the drawn ones (`rows`: their positions, when already known)."""
         if labels is None or labels.shape != (fake[0].shape[0],):
             raise ValueError("per-class matching needs the class of every generated image")
-        drawn = torch.tensor(self.classes)[self._drawn(labels)].to(labels.device)
+        if rows is None and self.redraws:
+            rows = self._drawn(labels)
+        drawn = (self._held if rows is None else self._held[rows.cpu()]).to(labels.device)
         # per-class sums as one product with the (classes x batch) indicator: one pass over each layer,
         # and one gradient buffer in the backward pass (a gather per class would make one per class)
         member = (labels[None, :] == drawn[:, None]).to(fake[0].dtype)
@@ -381,11 +385,13 @@ class ConditionalMatching(MeanVarMatching):
         if tracker is not None and tracker.vectors and [v.shape for v in tracker.vectors] != shapes:
             # trackers of another layout (a checkpoint from before the statistics were stacked): start afresh
             tracker.vectors, tracker.optimizer, tracker.started = [], None, None
-        fake_stats = self.fake_stats(fake, labels)
         if not self.redraws:
-            return self._match(fake_stats, self.targets, self.weights, self._tracking(tracker))
+            return self._match(self.fake_stats(fake, labels), self.targets, self.weights, self._tracking(tracker))
         # a subset of the classes: their rows only, weighed by k / m, and their trackers only
+        if labels is None:
+            raise ValueError("per-class matching needs the class of every generated image")
         rows = self._drawn(labels).to(self.targets[0].device)
+        fake_stats = self.fake_stats(fake, labels, rows)
         up = len(self.classes) / len(rows)
         targets, weights = [t[rows] for t in self.targets], [w[rows] * up for w in self.weights]
         track = self._tracking(tracker)
