@@ -68,7 +68,7 @@ def step_setup(overrides: list[str], batch: int, conditional: bool = False) -> d
             "scores": task.initial_scores(cfg, masked.num_maskable(model)), "batch": cfg.train.batch_size}  # fmt: skip
 
 
-def time_local_steps(s: dict, steps: int, batch: int, gen: torch.Generator) -> float:
+def time_local_steps(s: dict, steps: int, gen: torch.Generator) -> float:
     """Seconds per local step of a `step_setup` variant (at the variant's own batch)."""
     t0 = time.perf_counter()
     local_train(s["model"], s["scores"], s["loss"], s["extract"], state=s["state"],
@@ -78,9 +78,9 @@ def time_local_steps(s: dict, steps: int, batch: int, gen: torch.Generator) -> f
 
 def time_steps(overrides: list[str], steps: int, batch: int) -> dict:
     s, gen = step_setup(overrides, batch), torch.Generator().manual_seed(0)
-    time_local_steps(s, 2, batch, gen)  # warm-up
+    time_local_steps(s, 2, gen)  # warm-up
     return {"maskable_weights": masked.num_maskable(s["model"]), "ms_per_step": 1000 * time_local_steps(
-        s, steps, batch, gen)}  # fmt: skip
+        s, steps, gen)}  # fmt: skip
 
 
 def time_interleaved(variants: dict[str, list[str]], steps: int, batch: int, repeats: int = 3,
@@ -91,7 +91,7 @@ def time_interleaved(variants: dict[str, list[str]], steps: int, batch: int, rep
     best = {name: float("inf") for name in variants}
     for rep in range(repeats):
         for name, s in setups.items():
-            best[name] = min(best[name], time_local_steps(s, steps, batch, torch.Generator().manual_seed(rep)))
+            best[name] = min(best[name], time_local_steps(s, steps, torch.Generator().manual_seed(rep)))
     base = best[next(iter(variants))]
     return {name: {"maskable_weights": masked.num_maskable(setups[name]["model"]), "ms_per_step": 1000 * t,
                    "ratio": t / base} for name, t in best.items()}  # fmt: skip
