@@ -43,6 +43,7 @@ NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation 
 AUGMENTED = 'loss.feature_training="augmented"'  # issue 12's loss lever: the better-trained public net
 SHRINK_PUBLIC = ["privacy.shrink=true", 'privacy.shrink_to="public"']
 WARM = ["train.warm_start=1500", "train.rounds=5", "train.server_momentum=0.8", AUGMENTED]  # round 0 from public data
+DEMO_SCHEDULE = ["train.warm_start=1000", "train.rounds=3"]  # the demo's since, on top of WARM: 1,000 steps + 3 rounds
 
 
 def secagg(epsilon: float, pool: int, *extra: str) -> tuple[float, list[str]]:
@@ -126,7 +127,7 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     "eps 1, pool 4, secagg, warm start": secagg(1.0, 4, *WARM),
     "eps 0.2, pool 4, secagg, warm start": secagg(0.2, 4, *WARM),
     # the demo's settings since (a shorter warm start and 3 rounds: the demo within about 10 minutes)
-    "no DP, warm start 1000, 3 rounds": (math.inf, [*WARM, "train.warm_start=1000", "train.rounds=3"]),
+    "no DP, warm start 1000, 3 rounds": (math.inf, [*WARM, *DEMO_SCHEDULE]),
     # the public-only references for it: its warm start alone (1,500 steps), and as many steps as it takes in all
     "public only, 1,500 steps": (math.inf, ['train.method="public"', "train.rounds=3", AUGMENTED]),
     "public only, 4,000 steps": (math.inf, ['train.method="public"', "train.rounds=8", AUGMENTED]),
@@ -144,49 +145,32 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
     ),
     # issue 15's variety lever: each class split into 3 modes fitted on the public images (model.modes; a batch
     # must hold two images of each of the 30 codes, so 64 instead of 32: the row without modes at 64 for scale)
-    "no DP, warm start 1000, 3 rounds, batch 64": (
-        math.inf,
-        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64"],
-    ),
+    "no DP, warm start 1000, 3 rounds, batch 64": (math.inf, [*WARM, *DEMO_SCHEDULE, "train.batch_size=64"]),
     "no DP, warm start 1000, 3 rounds, 3 modes": (
         math.inf,
-        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64", "model.modes=3"],
+        [*WARM, *DEMO_SCHEDULE, "train.batch_size=64", "model.modes=3"],
     ),
     "no DP, warm start 1000, 3 rounds, 6 modes": (
         math.inf,
-        [*WARM, "train.warm_start=1000", "train.rounds=3", "train.batch_size=120", "model.modes=6"],
+        [*WARM, *DEMO_SCHEDULE, "train.batch_size=120", "model.modes=6"],
     ),
     "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes": secagg(
-        10.0,
-        1,
-        *WARM,
-        *SHRINK_PUBLIC,
-        "train.warm_start=1000",
-        "train.rounds=3",
-        "train.batch_size=64",
-        "model.modes=3",
+        10.0, 1, *WARM, *SHRINK_PUBLIC, *DEMO_SCHEDULE, "train.batch_size=64", "model.modes=3"
     ),
     "eps 1, secagg, warm start 1000, 3 rounds, shrink public, 3 modes": secagg(
-        1.0, 1, *WARM, *SHRINK_PUBLIC, "train.warm_start=1000", "train.rounds=3", "train.batch_size=64", "model.modes=3"
+        1.0, 1, *WARM, *SHRINK_PUBLIC, *DEMO_SCHEDULE, "train.batch_size=64", "model.modes=3"
     ),
     # the same modes at the demo's batch 32: each step draws 16 of the codes a client holds (loss.codes_per_step)
     "no DP, warm start 1000, 3 rounds, 3 modes, 16 codes a step": (
         math.inf,
-        [*WARM, "train.warm_start=1000", "train.rounds=3", "model.modes=3", "loss.codes_per_step=16"],
+        [*WARM, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16"],
     ),
     "no DP, warm start 1000, 3 rounds, 6 modes, 16 codes a step": (
         math.inf,
-        [*WARM, "train.warm_start=1000", "train.rounds=3", "model.modes=6", "loss.codes_per_step=16"],
+        [*WARM, *DEMO_SCHEDULE, "model.modes=6", "loss.codes_per_step=16"],
     ),
     "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes, 16 codes a step": secagg(
-        10.0,
-        1,
-        *WARM,
-        *SHRINK_PUBLIC,
-        "train.warm_start=1000",
-        "train.rounds=3",
-        "model.modes=3",
-        "loss.codes_per_step=16",
+        10.0, 1, *WARM, *SHRINK_PUBLIC, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16"
     ),
     "pca-gaussian": (math.inf, None),
     "pca-gaussian eps 10": (10.0, None),
