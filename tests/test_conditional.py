@@ -82,6 +82,17 @@ def test_per_class_statistics_are_each_class_subsets_statistics():
     assert all(float(t.abs().sum()) == 0 for t in stats.of_class(1).targets())  # an absent class: zeros
 
 
+def test_per_class_statistics_from_sums_on_another_device_than_the_counts():
+    # on a GPU the sums live on the device and the counts on the CPU (the first CUDA run failed here);
+    # the "meta" device stands in for the GPU: a mixed-device operation raises the same error
+    from prismfl.loss.matching import stats_from_sums
+
+    sums = [torch.zeros(3, 4, dtype=torch.float64, device="meta")]
+    stats = stats_from_sums(sums, sums, torch.tensor([1.0, 2.0, 0.0]))
+    assert stats.mean[0].device.type == "meta" and stats.var[0].device.type == "meta"
+    assert stats.class_counts.device.type == "cpu" and stats.count == 3
+
+
 def test_per_class_private_release_is_the_closed_form():
     """Each image's clipped, scaled vector goes to its class's block; every block and count gets noise of
     std z sqrt(2L + 1), drawn in the order sums, squares, counts."""

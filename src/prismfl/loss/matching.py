@@ -114,9 +114,10 @@ def stats_from_sums(sums, squares, n) -> FeatureStats:
     are (classes, D) and n is a (classes,) tensor of counts (a class with n < 1 gets zero statistics)."""
     if isinstance(n, torch.Tensor) and n.dim() == 1:
         counts = n.double()
-        div = counts.clamp_min(1.0)[:, None]
-        mean = [s / div * (counts >= 1)[:, None] for s in sums]
-        var = [(q / div - m * m).clamp_min(0) * (counts >= 1)[:, None] for q, m in zip(squares, mean)]
+        on = counts.to(sums[0].device)  # the sums may live on a GPU; the counts stay where they were given
+        div, held = on.clamp_min(1.0)[:, None], (on >= 1)[:, None]
+        mean = [s / div * held for s in sums]
+        var = [(q / div - m * m).clamp_min(0) * held for q, m in zip(squares, mean)]
         total = int(round(float(counts.clamp_min(0).sum())))
         # the counts as released (noisy ones may be negative): summed over clients they stay unbiased
         return FeatureStats([m.float() for m in mean], [v.float() for v in var], total, counts.clone())
