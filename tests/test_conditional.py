@@ -91,6 +91,10 @@ def test_per_class_statistics_from_sums_on_another_device_than_the_counts():
     stats = stats_from_sums(sums, sums, torch.tensor([1.0, 2.0, 0.0]))
     assert stats.mean[0].device.type == "meta" and stats.var[0].device.type == "meta"
     assert stats.class_counts.device.type == "cpu" and stats.count == 3
+    # and the per-class loss built from them (its class shares are made on the CPU)
+    loss = ConditionalMatching(stats_from_sums(sums, sums, torch.tensor([2.0, 2.0, 3.0])), codes_per_step=2)
+    assert {t.device.type for t in loss.targets + loss.weights} == {"meta"}
+    assert loss.labels(4, "meta", torch.Generator().manual_seed(0)).device.type == "meta"
 
 
 def test_per_class_private_release_is_the_closed_form():

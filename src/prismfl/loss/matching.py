@@ -329,7 +329,7 @@ class ConditionalMatching(MeanVarMatching):
         self._position = {c: i for i, c in enumerate(self.classes)}
         self.targets = [t[held].clone() for t in real.targets(moment)]  # (classes, D) per statistic
         shares = torch.tensor([self.shares[c] for c in self.classes])[:, None]
-        self.weights = [w * shares for w in scale]  # (classes, 1) per statistic
+        self.weights = [w * shares.to(w.device) for w in scale]  # (classes, 1) per statistic
         if codes_per_step < 0:
             raise ValueError(f"codes_per_step must be >= 0 (0: every class at every step), got {codes_per_step}")
         self.per_step = min(codes_per_step, len(self.classes)) if codes_per_step else len(self.classes)
