@@ -194,7 +194,7 @@ def test_dp_run_trains_on_noisy_statistics_and_reports_epsilon(smoke_run, tmp_pa
 
 
 def _write_small_fmnist(root, n_train: int, n_test: int):
-    """A small FashionMNIST in IDX format (real images), so evaluation trains its classifier fast."""
+    """A small FashionMNIST in IDX format (real images): fast reference statistics and train on synthetic."""
     from prismfl.data.idx import write_idx
     from prismfl.data.sources import load_split
 
@@ -324,7 +324,7 @@ def test_cli_evaluate_reference_rows(reference, small_fmnist, tmp_path, run_cli)
     assert code == 0, err
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["method"] == reference and sum(r["class_histogram"]) == 200
-    assert r["protocol_version"] == "prismfl-domain-v2" and "prismfl-domain-v2" in out
+    assert r["protocol_version"] == "prismfl-domain-v3" and "prismfl-domain-v3" in out
     assert not (tmp_path / "evaluation.json").exists()
 
 
