@@ -63,8 +63,9 @@ VARIANTS = {
 def central_curve(overrides: list[str], steps: int, every: int, config: str, grid: str = "") -> list[dict]:
     # issue 12's central ablation is of the unconditional generator (the demo is conditional since issue 15),
     # from the demo's settings as they were when it ran (MLP, plain width-16 feature net, no class term)
-    as_measured = ["model.conditional=false", "model.arch=mlp", "loss.feature_width=16", "loss.class_term=false",
-                   'loss.feature_training="plain"', "train.warm_start=0"]  # fmt: skip
+    as_measured = ["model.modes=1", "loss.codes_per_step=0", "model.conditional=false", "model.arch=mlp",
+                   "loss.feature_width=16", "loss.class_term=false", 'loss.feature_training="plain"',
+                   "train.warm_start=0"]  # fmt: skip
     cfg = load_config(config, [*as_measured, *overrides, "partition.num_clients=1", "partition.scheme=iid"])
     fed = task.prepare_federation(cfg)
     net, _, _ = task.build_feature_net(cfg, fed)

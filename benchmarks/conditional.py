@@ -36,7 +36,14 @@ CONFIG = "configs/fmnist-noniid.toml"
 # every row runs the demo as it was when these rows were measured (12 rounds, no server momentum, the
 # plain public feature net), so a row's figures stay reproducible when the demo's defaults move; a row's
 # own overrides come after
-BASE = ["train.rounds=12", "train.server_momentum=0.0", 'loss.feature_training="plain"', "train.warm_start=0"]
+BASE = [
+    "train.rounds=12",
+    "train.server_momentum=0.0",
+    'loss.feature_training="plain"',
+    "train.warm_start=0",
+    "model.modes=1",
+    "loss.codes_per_step=0",
+]
 SECAGG = ["privacy.pool=1.0", 'privacy.pool_classes="all"', "privacy.secagg=true"]
 MEANS_PCA = ["loss.pool=4", 'loss.moment="mean"', "loss.pca=50"]
 NINE = ["train.server_momentum=0.8", "train.rounds=9"]  # the demo's federation since the momentum rows

@@ -61,6 +61,8 @@ VARIANTS = {
 
 
 PINNED = [
+    "model.modes=1",
+    "loss.codes_per_step=0",
     "model.conditional=false",
     "train.rounds=12",
     "train.server_momentum=0.0",

@@ -20,6 +20,7 @@ from pathlib import Path
 BASE = ["train.client_fraction=1.0", "train.rounds=8", "train.local_steps=60", "train.sample_every=0"]
 # as measured, before the demo's server momentum and its augmented feature training
 BASE += ["train.server_momentum=0.0", 'loss.feature_training="plain"', "train.warm_start=0"]
+BASE += ["model.modes=1", "loss.codes_per_step=0"]  # and before its class modes
 # (name, overrides): the clean runs first, then 20 % of every attack, then the other fractions
 CELLS = [("clean", []), ("clean, distance rule", ['robust.rule="distance"']),
          ("clean, trimmed counts", ['robust.rule="trimmed"', "robust.trim=0.2"])]  # fmt: skip

@@ -40,7 +40,8 @@ def test_variant_tables_name_real_config_keys():
         for overrides in load(name).VARIANTS.values():
             # as the scripts load them: the unconditional demo, cold, plus the variant (raises on a bad key or value)
             load_config(
-                ROOT / "configs" / "fmnist-noniid.toml", ["model.conditional=false", "train.warm_start=0", *overrides]
+                ROOT / "configs" / "fmnist-noniid.toml",
+                [*load("steps").BEFORE_MODES, "model.conditional=false", "train.warm_start=0", *overrides],
             )
     conditional = load("conditional")
     for _, overrides in conditional.VARIANTS.values():

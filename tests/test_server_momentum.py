@@ -57,7 +57,8 @@ def test_the_baselines_ignore_the_server_momentum_of_a_shared_config():
     demo = Path(__file__).resolve().parents[1] / "configs" / "fmnist-noniid.toml"
     assert load_config(demo).train.server_momentum > 0  # the demo uses it
     for method in ("fedavg", "central", "local"):
-        assert load_config(demo, [f'train.method="{method}"', "model.conditional=false"]).train.method == method
+        unconditional = ["model.modes=1", "loss.codes_per_step=0", "model.conditional=false"]
+        assert load_config(demo, [f'train.method="{method}"', *unconditional]).train.method == method
 
 
 @needs_fmnist

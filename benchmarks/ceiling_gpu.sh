@@ -1,0 +1,76 @@
+#!/bin/bash
+# Where the conditional demo's generator and loss top out when compute is not the limit: four runs of
+# configs/fmnist-noniid.toml side by side on one GPU for TRAIN_S seconds each, then each one's
+# evaluation on the central screens' protocol (5,000 samples, train on synthetic with 20,000 images).
+# Figures: docs/quality.md "The ceiling with compute to spare (a lent GPU)".
+#   central-b32     central (pooled private data), the demo's generator and batch: the screens' row
+#   central-b128    the same at batch 128
+#   central-b128-m3 batch 128, 3 modes a class, width 1024
+#   prism-m3        the demo's federation (warm start 1,000 steps, 5 of 10 shard clients a round,
+#                   100 local steps) with 3 modes and 16 codes a step, for as many rounds as fit
+# Reads .dev/ as benchmarks/paper_gpu.sh does (wheels, the IDX files, the evaluation classifier and the
+# public nets from ~/.cache/prismfl, so every figure is scored by the same classifier as the CPU rows).
+#   TRAIN_S=270 bash benchmarks/ceiling_gpu.sh
+# LOCAL=1 PY=.venv/bin/python TRAIN_S=60 N=200 SYN=500 EXTRA="--set train.local_steps=5 --set train.warm_start=10" runs it here (a CPU check of the script itself).
+set -u
+T0=$(date +%s)
+TRAIN_S=${TRAIN_S:-270}
+N=${N:-5000}
+SYN=${SYN:-20000}
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+RUNS=/tmp/ceiling; rm -rf $RUNS; mkdir -p $RUNS
+DEV=cuda
+if [ -z "${LOCAL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+  mkdir -p /usr/share/datasets && cp -r .dev/data/fashion-mnist /usr/share/datasets/
+  export PRISMFL_CACHE=/tmp/cache; mkdir -p $PRISMFL_CACHE; cp .dev/cache/* $PRISMFL_CACHE/
+  nvidia-smi -L
+else
+  DEV=cpu
+fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
+PY=${PY:-python3}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+echo "setup done at +$(( $(date +%s) - T0 )) s"
+COMMON="--set train.device=\"$DEV\" --set train.eval_every=10 --set train.sample_every=0 --set model.modes=1"
+COMMON="$COMMON --set loss.codes_per_step=0 ${EXTRA:-}"  # as run: the demo had no modes yet
+CENTRAL="--method central --set train.rounds=400"
+declare -A RUN=(
+  [central-b32]="$CENTRAL"
+  [central-b128]="$CENTRAL --set train.batch_size=128"
+  [central-b128-m3]="$CENTRAL --set train.batch_size=128 --set model.modes=3 --set model.width=1024"
+  [prism-m3]="--set train.rounds=200 --set model.modes=3 --set loss.codes_per_step=16"
+)
+if [ "${SMOKE:-1}" = 1 ]; then  # every variant for one short round first: stop early if the device path breaks
+  for name in "${!RUN[@]}"; do
+    eval $PY -m prismfl.cli train -c configs/fmnist-noniid.toml $COMMON ${RUN[$name]} --set train.rounds=1 \
+      --set train.local_steps=2 --set train.warm_start=5 --set train.eval_every=1 --out /tmp/smoke-$name -q \
+      > $OUT/$name.smoke.log 2>&1 &
+  done
+  wait
+  failed=0
+  for name in "${!RUN[@]}"; do
+    [ -f /tmp/smoke-$name/model.prism ] || { echo "== smoke $name failed"; grep -v "^│ *│$" $OUT/$name.smoke.log | tail -40; failed=1; }
+  done
+  [ $failed = 0 ] || exit 1
+  echo "smoke done at +$(( $(date +%s) - T0 )) s"
+fi
+# background jobs of a script ignore SIGINT, so the runs are stopped with SIGTERM: each keeps the checkpoint
+# of its last finished round (written atomically), and the export reads that
+for name in "${!RUN[@]}"; do
+  eval timeout -k 20 $TRAIN_S $PY -m prismfl.cli train -c configs/fmnist-noniid.toml $COMMON ${RUN[$name]} \
+    --out $RUNS/$name -q > $OUT/$name.train.log 2>&1 &
+done
+wait
+echo "training stopped at +$(( $(date +%s) - T0 )) s"
+for name in "${!RUN[@]}"; do
+  ( cp $RUNS/$name/metrics.jsonl $OUT/$name.metrics.jsonl
+    $PY -m prismfl.cli export $RUNS/$name --out $OUT/$name.prism > $OUT/$name.eval.log 2>&1
+    $PY -m prismfl.cli evaluate $OUT/$name.prism --n $N --synthetic $SYN --out $OUT/$name.json >> $OUT/$name.eval.log 2>&1
+    $PY -m prismfl.cli sample $OUT/$name.prism --per-class 8 --out $OUT/$name.png >> $OUT/$name.eval.log 2>&1 ) &
+done
+wait
+for name in "${!RUN[@]}"; do echo "== $name"; tail -3 $OUT/$name.train.log; tail -16 $OUT/$name.eval.log; done
+echo "done at +$(( $(date +%s) - T0 )) s"
+ls -la $OUT
