@@ -28,7 +28,8 @@ def test_fashion_mnist_loads_the_shipped_classifier_and_it_scores_its_accuracy_o
     from prismfl.supervised import predict
 
     net, meta = domain_classifier("fashion-mnist", log=_no_training)
-    assert meta["protocol"] == PROTOCOL and meta["sha256"] == FMNIST.sha256 and meta["test_accuracy"] == 0.9298
+    assert meta["protocol"] == PROTOCOL and meta["sha256"] == FMNIST.sha256
+    assert meta["test_accuracy"] == FMNIST.test_accuracy >= 0.93  # issue 12's bar for the evaluation embedder
     test = load_split("fashion-mnist", "test")
     predicted = predict(net, to_float(test.images, 28)).argmax(1)
     accuracy = float((predicted == torch.from_numpy(test.labels)).float().mean())
