@@ -325,6 +325,9 @@ def test_cli_evaluate_reference_rows(reference, small_fmnist, tmp_path, run_cli)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["method"] == reference and sum(r["class_histogram"]) == 200
     assert r["protocol_version"] == "prismfl-domain-v3" and "prismfl-domain-v3" in out
+    assert (
+        "shipped with prismfl (eval-fashion-mnist-v3.safetensors), test accuracy 0.9311" in r["protocol"]["classifier"]
+    )
     assert not (tmp_path / "evaluation.json").exists()
 
 

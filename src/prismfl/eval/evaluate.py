@@ -84,8 +84,9 @@ def score_images(images: torch.Tensor, dataset: str, root: str | None = None, n_
             "domain_fid": f"Fréchet distance in the 128-d embedding of prismfl's {dataset} classifier, "
             f"{len(images)} generated vs {n_ref} test images (a domain FID, not Inception FID)",
             "prdc": "precision/recall/density/coverage, k=5, same embedding and images",
-            "classifier": f"EvalCNN trained on the {dataset} training split, test accuracy "
-            f"{meta['test_accuracy']:.4f}, sha256 {meta['sha256'][:12]}",
+            "classifier": f"EvalCNN trained on the {dataset} training split"
+            f"{', ' + meta['weights'] if 'weights' in meta else ''}, test accuracy {meta['test_accuracy']:.4f}, "
+            f"sha256 {meta['sha256'][:12]}",
             "confident": f"max class probability > {CONFIDENT}",
             "class_kl": "KL(generated class shares || test class shares), nats",
             **(
