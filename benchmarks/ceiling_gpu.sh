@@ -8,9 +8,11 @@
 #   central-b128-m3 batch 128, 3 modes a class, width 1024
 #   prism-m3        the demo's federation (warm start 1,000 steps, 5 of 10 shard clients a round,
 #                   100 local steps) with 3 modes and 16 codes a step, for as many rounds as fit
+#   central-b128-m3-f64  (ONLY=...) central-b128-m3 for 10,000 steps with a width-64 public feature net
 # Reads .dev/ as benchmarks/paper_gpu.sh does (wheels, the IDX files, the evaluation classifier and the
 # public nets from ~/.cache/prismfl, so every figure is scored by the same classifier as the CPU rows).
 #   TRAIN_S=270 bash benchmarks/ceiling_gpu.sh
+#   ONLY=central-b128-m3-f64 EXPORT_ONLY=1 TRAIN_S=200 bash benchmarks/ceiling_gpu.sh   # a wider public net
 # LOCAL=1 PY=.venv/bin/python TRAIN_S=60 N=200 SYN=500 EXTRA="--set train.local_steps=5 --set train.warm_start=10" runs it here (a CPU check of the script itself).
 set -u
 T0=$(date +%s)
@@ -41,7 +43,12 @@ declare -A RUN=(
   [central-b128]="$CENTRAL --set train.batch_size=128"
   [central-b128-m3]="$CENTRAL --set train.batch_size=128 --set model.modes=3 --set model.width=1024"
   [prism-m3]="--set train.rounds=200 --set model.modes=3 --set loss.codes_per_step=16"
+  # the same 10,000 steps as the widest run above got in its 270 s, with a public feature net twice as wide
+  [central-b128-m3-f64]="$CENTRAL --set train.batch_size=128 --set model.modes=3 --set model.width=1024 --set loss.feature_width=64 --set train.rounds=20"
 )
+for name in "${!RUN[@]}"; do  # ONLY="a b": just these runs (default: the first four)
+  case " ${ONLY:-central-b32 central-b128 central-b128-m3 prism-m3} " in *" $name "*) ;; *) unset "RUN[$name]" ;; esac
+done
 if [ "${SMOKE:-1}" = 1 ]; then  # every variant for one short round first: stop early if the device path breaks
   for name in "${!RUN[@]}"; do
     eval $PY -m prismfl.cli train -c configs/fmnist-noniid.toml $COMMON ${RUN[$name]} --set train.rounds=1 \
@@ -67,6 +74,7 @@ echo "training stopped at +$(( $(date +%s) - T0 )) s"
 for name in "${!RUN[@]}"; do
   ( cp $RUNS/$name/metrics.jsonl $OUT/$name.metrics.jsonl
     $PY -m prismfl.cli export $RUNS/$name --out $OUT/$name.prism > $OUT/$name.eval.log 2>&1
+    [ -n "${EXPORT_ONLY:-}" ] && exit 0  # evaluate elsewhere (prismfl evaluate NAME.prism ...)
     $PY -m prismfl.cli evaluate $OUT/$name.prism --n $N --synthetic $SYN --out $OUT/$name.json >> $OUT/$name.eval.log 2>&1
     $PY -m prismfl.cli sample $OUT/$name.prism --per-class 8 --out $OUT/$name.png >> $OUT/$name.eval.log 2>&1 ) &
 done
