@@ -9,8 +9,7 @@
 #   prism-m3        the demo's federation (warm start 1,000 steps, 5 of 10 shard clients a round,
 #                   100 local steps) with 3 modes and 16 codes a step, for as many rounds as fit
 #   central-b128-m3-f64  (ONLY=...) central-b128-m3 for 10,000 steps with a width-64 public feature net
-# Reads .dev/ as benchmarks/paper_gpu.sh does (wheels, the IDX files, the evaluation classifier and the
-# public nets from ~/.cache/prismfl, so every figure is scored by the same classifier as the CPU rows).
+# Reads .dev/ (benchmarks/gpu_setup.sh says what); the evaluation classifier ships with prismfl.
 #   TRAIN_S=270 bash benchmarks/ceiling_gpu.sh
 #   ONLY=central-b128-m3-f64 EXPORT_ONLY=1 TRAIN_S=200 bash benchmarks/ceiling_gpu.sh   # a wider public net
 # LOCAL=1 PY=.venv/bin/python TRAIN_S=60 N=200 SYN=500 EXTRA="--set train.local_steps=5 --set train.warm_start=10" runs it here (a CPU check of the script itself).
@@ -21,16 +20,8 @@ N=${N:-5000}
 SYN=${SYN:-20000}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 RUNS=/tmp/ceiling; rm -rf $RUNS; mkdir -p $RUNS
-DEV=cuda
-if [ -z "${LOCAL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  mkdir -p /usr/share/datasets && cp -r .dev/data/fashion-mnist /usr/share/datasets/
-  export PRISMFL_CACHE=/tmp/cache; mkdir -p $PRISMFL_CACHE; cp .dev/cache/* $PRISMFL_CACHE/
-  nvidia-smi -L
-else
-  DEV=cpu
-fi
+source benchmarks/gpu_setup.sh
+DEV=cuda; [ -n "${LOCAL:-}" ] && DEV=cpu
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
 PY=${PY:-python3}
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -51,6 +42,7 @@ for name in "${!RUN[@]}"; do  # ONLY="a b": just these runs (default: the first 
 done
 if [ "${SMOKE:-1}" = 1 ]; then  # every variant for one short round first: stop early if the device path breaks
   for name in "${!RUN[@]}"; do
+    rm -rf /tmp/smoke-$name  # a stale one would pass the check below
     eval $PY -m prismfl.cli train -c configs/fmnist-noniid.toml $COMMON ${RUN[$name]} --set train.rounds=1 \
       --set train.local_steps=2 --set train.warm_start=5 --set train.eval_every=1 --out /tmp/smoke-$name -q \
       > $OUT/$name.smoke.log 2>&1 &

@@ -1,12 +1,9 @@
 #!/bin/bash
 # The paper's FashionMNIST configuration (configs/paper-fmnist.toml) on a GPU machine, for as many of
 # its 500 rounds as fit in TRAIN_S seconds; then the model file and the full evaluation (10,000
-# samples, protocol v2) from the last checkpoint. Figures: docs/results.md "The paper's scale on a GPU".
+# samples; the documented figures are protocol v2) from the last checkpoint. Figures: docs/results.md "The paper's scale on a GPU".
 #
-# The GPU machine has torch but no network: it reads everything from .dev/ (ignored by git, carried):
-#   .dev/whl/    wheels it lacks (tomli-w, constriction) for its Python 3.12
-#   .dev/data/fashion-mnist/   the four IDX files (/usr/share/datasets/fashion-mnist here)
-#   .dev/cache/  the evaluation classifier and public feature net from ~/.cache/prismfl (optional)
+# The GPU machine has torch but no network: it reads everything from .dev/ (benchmarks/gpu_setup.sh says what)
 # and writes metrics.jsonl, model.prism, quality.json, samples.png and train.log to $OUT.
 #   TRAIN_S=300 bash benchmarks/paper_gpu.sh                     # the paper's settings
 #   SMOKE=0 TRAIN_S=225 EXTRA="--set train.warm_start=1000" bash benchmarks/paper_gpu.sh
@@ -18,13 +15,7 @@ EXTRA=${EXTRA:-}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 RUN=/tmp/paper
 rm -rf $RUN
-if [ -z "${LOCAL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  mkdir -p /usr/share/datasets && cp -r .dev/data/fashion-mnist /usr/share/datasets/
-  export PRISMFL_CACHE=/tmp/cache; mkdir -p $PRISMFL_CACHE; cp .dev/cache/* $PRISMFL_CACHE/
-  nvidia-smi -L
-fi
+source benchmarks/gpu_setup.sh
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
