@@ -8,7 +8,8 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl.eval import classifier
-from prismfl.eval.classifier import PROTOCOL, SHIPPED, EvalCNN, WeightsError, domain_classifier, load_shipped
+from prismfl.eval.classifier import CLASSIFIER, PROTOCOL, SHIPPED, EvalCNN, domain_classifier
+from prismfl.shipped import WEIGHTS, WeightsError, load_shipped
 
 FMNIST = SHIPPED[("fashion-mnist", 28)]
 
@@ -18,7 +19,7 @@ def _no_training(message):
 
 
 def test_the_shipped_weights_are_the_pinned_file():
-    data = (classifier.WEIGHTS / FMNIST.file).read_bytes()
+    data = (WEIGHTS / FMNIST.file).read_bytes()
     assert hashlib.sha256(data).hexdigest() == FMNIST.sha256 and PROTOCOL == "prismfl-domain-v3"
 
 
@@ -42,24 +43,24 @@ def _copy(tmp_path, data: bytes):
 
 
 def test_a_missing_altered_or_misfitting_weights_file_is_a_clear_error(tmp_path):
-    data = (classifier.WEIGHTS / FMNIST.file).read_bytes()
-    with pytest.raises(WeightsError, match="is missing: reinstall prismfl"):
-        load_shipped(FMNIST, EvalCNN(), tmp_path)
+    data = (WEIGHTS / FMNIST.file).read_bytes()
+    with pytest.raises(WeightsError, match="the evaluation classifier .* is missing: reinstall prismfl"):
+        load_shipped(FMNIST, EvalCNN(), CLASSIFIER, tmp_path)
     altered = bytearray(data)
     altered[-1] ^= 1
     with pytest.raises(WeightsError, match="fails its sha256 check"):
-        load_shipped(FMNIST, EvalCNN(), _copy(tmp_path, bytes(altered)))
+        load_shipped(FMNIST, EvalCNN(), CLASSIFIER, _copy(tmp_path, bytes(altered)))
     # the right checksum for a file that is not this net's weights (a net for 3-channel images)
     from safetensors.torch import save
 
     other = save(EvalCNN(channels=3).state_dict())
     wrong = dataclasses.replace(FMNIST, sha256=hashlib.sha256(other).hexdigest())
     with pytest.raises(WeightsError, match="does not fit its net"):
-        load_shipped(wrong, EvalCNN(), _copy(tmp_path, other))
+        load_shipped(wrong, EvalCNN(), CLASSIFIER, _copy(tmp_path, other))
     garbage = b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"
     with pytest.raises(WeightsError, match="does not fit its net"):
         load_shipped(dataclasses.replace(FMNIST, sha256=hashlib.sha256(garbage).hexdigest()), EvalCNN(),
-                     _copy(tmp_path, garbage))  # fmt: skip
+                     CLASSIFIER, _copy(tmp_path, garbage))  # fmt: skip
 
 
 @needs_fmnist

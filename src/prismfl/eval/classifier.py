@@ -1,5 +1,5 @@
 """The domain classifier every quality figure uses: for FashionMNIST the weights that ship with prismfl
-(eval/weights/, pinned by their sha256), for other datasets trained by prismfl on the training split
+(prismfl/weights/, pinned by their sha256: shipped.py), for other datasets trained by prismfl on the training split
 and cached with a checksum.
 
 It sees only the evaluation side (it is never part of training), and its 128-d penultimate layer is
@@ -11,16 +11,12 @@ machine then scores with the same classifier.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from prismfl.cache import cached_state_dict
 from prismfl.data.sources import dataset_info, load_split, to_float
-from prismfl.errors import PrismError, read_file_bytes
+from prismfl.shipped import Shipped, load_shipped
 from prismfl.supervised import predict, train_classifier
 
 # The evaluation protocol's version: it names the classifier (architecture, schedule) whose embedding
@@ -38,41 +34,12 @@ WEIGHT_DECAY = 5e-4
 SEED = 0
 
 
-@dataclass(frozen=True)
-class Shipped:
-    """Evaluation classifier weights that ship with prismfl: file name, sha256, test accuracy."""
-
-    file: str
-    sha256: str
-    test_accuracy: float
-
-
-WEIGHTS = Path(__file__).parent / "weights"
 SHIPPED = {  # (dataset, size) -> weights; trained with the recipe below on 2 CPU cores, two threads, 2026-11-27
     ("fashion-mnist", 28): Shipped(
         "eval-fashion-mnist-v3.safetensors", "c03cd64a9726a4fd151415226b091a82543ac4cacabf3614aef29924001a2e10", 0.9311
     ),
 }
-
-
-class WeightsError(PrismError):
-    """The shipped evaluation classifier is missing or damaged."""
-
-
-def load_shipped(shipped: Shipped, net: nn.Module, where: Path = WEIGHTS) -> nn.Module:
-    """Load shipped weights into `net` after checking their sha256; a WeightsError, never a crash, if the
-    file is missing, altered or does not fit the net."""
-    from safetensors.torch import load
-
-    path = where / shipped.file
-    data = read_file_bytes(path, WeightsError, f"the evaluation classifier {path} is missing: reinstall prismfl")
-    if hashlib.sha256(data).hexdigest() != shipped.sha256:
-        raise WeightsError(f"the evaluation classifier {path} fails its sha256 check: reinstall prismfl")
-    try:
-        net.load_state_dict(load(data))
-    except Exception as exc:  # noqa: BLE001 - safetensors and a wrong shape raise several types
-        raise WeightsError(f"the evaluation classifier {path} does not fit its net: {exc}") from None
-    return net
+CLASSIFIER = "the evaluation classifier"
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -104,7 +71,7 @@ def domain_classifier(dataset: str, root: str | None = None, size: int = 28, log
     info = dataset_info(dataset)
     shipped = SHIPPED.get((dataset, size))
     if shipped is not None:
-        net = load_shipped(shipped, EvalCNN(info.channels, size, len(info.class_names)))
+        net = load_shipped(shipped, EvalCNN(info.channels, size, len(info.class_names)), CLASSIFIER)
         return net.eval(), {"test_accuracy": shipped.test_accuracy, "protocol": PROTOCOL, "sha256": shipped.sha256,
                             "weights": f"shipped with prismfl ({shipped.file})"}  # fmt: skip
     train = load_split(dataset, "train", root)

@@ -12,6 +12,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from prismfl.cache import cache_key
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
@@ -19,6 +20,7 @@ from prismfl.fl.aggregate import stratified_uniforms
 from prismfl.loss.matching import ConditionalMatching, FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
+from prismfl.shipped import Shipped, load_shipped
 
 
 def derived_seed(*keys) -> int:
@@ -200,6 +202,24 @@ PUBLIC_EPOCHS = 10
 # the public feature net's cache version: 2 draws its initial weights from the run's seed (1 did not, so two
 # machines trained different nets for one seed; the figures measured before 2026-11-26 afternoon used 1)
 PUBLIC_NET_VERSION = 2
+PUBLIC_NET = "the public feature net"
+# Public feature nets that ship with prismfl (shipped.py), by `shipped_key`: the demo's (configs/fmnist-
+# noniid.toml and every config with its data, partition, seed and loss.feature_* settings), the net this
+# machine's benchmarks have trained with since 2026-11-26, so a fresh `make demo` skips about 2.5 minutes
+# of training it and trains the same model on every machine. Any other net is trained and cached.
+SHIPPED_PUBLIC_NETS = {
+    "a9b83fb6c4f00d83": Shipped(
+        "public-fashion-mnist-w32-seed0.safetensors", "9f3a8219358036d36d71c6def26e5675aa0388786123be395c00aadcb49a1536"
+    ),
+}
+
+
+def shipped_key(spec: dict, images: torch.Tensor, labels: np.ndarray) -> str:
+    """A public feature net's key in SHIPPED_PUBLIC_NETS: its cache spec without where the data was
+    read from, with the sha256 of the exact public images (float32) and labels it trains on instead."""
+    digest = hashlib.sha256(images.numpy().astype("<f4").tobytes())
+    digest.update(labels.astype("<i8").tobytes())
+    return cache_key({**{k: v for k, v in spec.items() if k != "source"}, "data_sha256": digest.hexdigest()})
 
 
 def feature_training(cfg: RunConfig) -> dict:
@@ -264,16 +284,23 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
             trained = train_public_net(cfg, fed)
             return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(fed.public_idx)}
 
-        state, meta = cached_state_dict("features", spec, build, log)
-        if meta.get("trained_on_indices_sha256") != holdout:
-            raise RuntimeError("the cached public feature net was trained on other images; delete the cache entry")
         clients = np.concatenate(fed.parts)
         if np.intersect1d(clients, fed.public_idx).size:
             raise RuntimeError("public hold-out overlaps client data: refusing to train the loss on private images")
         net = SmallCNN(channels, cfg.loss.feature_width, fed.num_classes)
-        net.load_state_dict(state)
-        meta = {"kind": "public", "trained_on": f"{len(fed.public_idx)} held-out training images no client holds",
-                "sha256": meta["sha256"]}  # fmt: skip
+        key = shipped_key(spec, fed.images(fed.public_idx), fed.train.labels[fed.public_idx])
+        trained_on = f"{len(fed.public_idx)} held-out training images no client holds"
+        if key in SHIPPED_PUBLIC_NETS:
+            load_shipped(SHIPPED_PUBLIC_NETS[key], net, PUBLIC_NET)
+            meta = {"kind": "public", "trained_on": trained_on, "sha256": SHIPPED_PUBLIC_NETS[key].sha256,
+                    "weights": f"shipped with prismfl ({SHIPPED_PUBLIC_NETS[key].file})"}  # fmt: skip
+            recipe["shipped"] = key
+        else:
+            state, meta = cached_state_dict("features", spec, build, log)
+            if meta.get("trained_on_indices_sha256") != holdout:
+                raise RuntimeError("the cached public feature net was trained on other images; delete the cache entry")
+            net.load_state_dict(state)
+            meta = {"kind": "public", "trained_on": trained_on, "sha256": meta["sha256"]}
         recipe["cache_spec"] = spec
         if cfg.loss.pca:
             pca_spec = {"kind": "public-pca", "version": 2, "dataset": cfg.data.dataset, "source": fed.train.source,
@@ -307,7 +334,9 @@ def rff_params(cfg: RunConfig, components: int, bandwidth: float) -> tuple[torch
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     """The feature net `build_feature_net` made, without the data: from the seed, the user's weights
-    file, or this machine's cache (a missing or altered cache entry is a PrismError, never a rebuild)."""
+    file, the weights shipped with prismfl or this machine's cache (a missing or altered cache entry or
+    shipped file is a PrismError, never a rebuild)."""
+    from prismfl.errors import PrismError
     from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
 
     if recipe["kind"] == "random":
@@ -315,9 +344,13 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     elif recipe["kind"] == "vgg19bn":
         net = load_vgg19bn(cfg.loss.vgg_weights)
     else:
-        state = cached_only("features", recipe["cache_spec"], "the public feature net")
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
-        net.load_state_dict(state)
+        if "shipped" in recipe:
+            if recipe["shipped"] not in SHIPPED_PUBLIC_NETS:
+                raise PrismError(f"{PUBLIC_NET} {recipe['shipped']!r} does not ship with this prismfl")
+            load_shipped(SHIPPED_PUBLIC_NETS[recipe["shipped"]], net, PUBLIC_NET)
+        else:
+            net.load_state_dict(cached_only("features", recipe["cache_spec"], PUBLIC_NET))
     return ready_feature_net(cfg, net, device, recipe)
 
 

@@ -1,0 +1,77 @@
+"""The demo's public feature net ships with prismfl: found by the exact public data and recipe it was
+trained with, wherever the data lies; never trained or cached again; damaged or unknown, a clear error."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl.config import load_config
+from prismfl.errors import PrismError
+from prismfl.fl import task
+from prismfl.shipped import WEIGHTS, Shipped, WeightsError
+
+DEMO = "configs/fmnist-noniid.toml"
+((KEY, NET),) = task.SHIPPED_PUBLIC_NETS.items()
+
+
+def _no_training(message):
+    raise AssertionError(f"trained instead of loading the shipped net: {message}")
+
+
+def test_the_shipped_public_net_is_the_pinned_file():
+    assert hashlib.sha256((WEIGHTS / NET.file).read_bytes()).hexdigest() == NET.sha256
+
+
+def test_the_key_names_the_data_and_recipe_not_where_the_data_was_read_from():
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(8, 1, 28, 28, generator=gen), np.arange(8) % 10
+    spec = {"kind": "public-cnn", "width": 32, "seed": 0, "source": "IDX files in /usr/share/datasets/fashion-mnist"}
+    key = task.shipped_key(spec, images, labels)
+    assert key == task.shipped_key({**spec, "source": "IDX files in /home/me/data"}, images, labels)
+    other = images.clone()
+    other[0, 0, 0, 0] += 1e-6  # one pixel, one float step away
+    assert key != task.shipped_key(spec, other, labels)
+    assert key != task.shipped_key(spec, images, labels[::-1].copy())
+    assert key != task.shipped_key({**spec, "seed": 1}, images, labels)
+    assert key != task.shipped_key({**spec, "width": 64}, images, labels)
+
+
+@needs_fmnist
+def test_the_demo_loads_the_shipped_net_without_training_or_caching_it(tmp_path, monkeypatch):
+    from prismfl.data.sources import load_split, to_float
+    from prismfl.supervised import predict
+
+    monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path))
+    cfg = load_config(DEMO, [])
+    fed = task.prepare_federation(cfg)
+    net, meta, recipe = task.build_feature_net(cfg, fed, log=_no_training)
+    assert recipe["shipped"] == KEY and meta["sha256"] == NET.sha256 and NET.file in meta["weights"]
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
+    again = task.feature_net_from_recipe(cfg, recipe)  # what a Flower ClientApp process rebuilds
+    x = fed.images(fed.public_idx[:16])
+    assert all(torch.equal(a, b) for a, b in zip(net.extract(x), again.extract(x)))
+    # it is a trained classifier: the FashionMNIST test set, though it learnt from 5,000 public images
+    from prismfl.loss.features import SmallCNN
+    from prismfl.shipped import load_shipped
+
+    clf = load_shipped(NET, SmallCNN(1, cfg.loss.feature_width, 10), "net").eval()
+    test = load_split("fashion-mnist", "test")
+    accuracy = float(
+        (predict(clf, to_float(test.images, 28)).argmax(1) == torch.from_numpy(test.labels)).float().mean()
+    )
+    assert abs(accuracy - 0.8522) <= 5e-4
+
+
+@needs_fmnist
+def test_a_damaged_shipped_net_or_an_unknown_one_is_a_clear_error(monkeypatch):
+    cfg = load_config(DEMO, [])
+    fed = task.prepare_federation(cfg)
+    _, _, recipe = task.build_feature_net(cfg, fed, log=_no_training)
+    monkeypatch.setitem(task.SHIPPED_PUBLIC_NETS, KEY, Shipped(NET.file, "0" * 64))
+    with pytest.raises(WeightsError, match="the public feature net .* fails its sha256 check"):
+        task.build_feature_net(cfg, fed, log=_no_training)
+    with pytest.raises(PrismError, match="'feedfacefeedface' does not ship with this prismfl"):
+        task.feature_net_from_recipe(cfg, {**recipe, "shipped": "feedfacefeedface"})
