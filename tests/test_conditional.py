@@ -155,7 +155,10 @@ def test_weak_classes_warn_when_the_noise_would_swamp_a_class():
     counts = torch.tensor([100.0, 1.0, 0.0])
     out = weak_classes(sums, counts, std=2.0)  # noise norm 2 sqrt(2) = 2.8: above class 1's 1, below class 0's 100
     assert len(out) == 1 and out[0].startswith("class 1: 1 images") and "x2.8" in out[0]
-    assert weak_classes(sums, counts, 2.0, ["a", "b", "c"])[0].startswith("class 1 (b): 1 images")
+    assert weak_classes(sums, counts, 2.0, ["a", "b", "c"])[0].startswith("b: 1 images")
+    # with modes the blocks are (class, mode) codes, named as such, not "class N" by the code's index
+    modes = ["T-shirt, mode 1", "T-shirt, mode 2", "Trouser, mode 1"]
+    assert weak_classes(sums, counts, 2.0, modes)[0].startswith("T-shirt, mode 2: 1 images")
     assert weak_classes(sums, counts, std=0.0) == []
 
 

@@ -346,16 +346,17 @@ def mix_stats(own: FeatureStats, pooled: FeatureStats, weight: float, *, all_cla
 
 def weak_classes(sums: list[torch.Tensor], counts: torch.Tensor, std: float,
                  names: list[str] | None = None) -> list[str]:  # fmt: skip
-    """The classes a client holds whose release the noise would swamp: for some layer, the expected
-    norm of the noise on the class's summed vector (std x sqrt(D_l)) exceeds the norm of that sum.
-    Computed on the exact sums, before the noise, and only shown to the client itself (a warning)."""
+    """The classes (or class modes: `names` are the generator's conditions) a client holds whose release
+    the noise would swamp: for some layer, the expected norm of the noise on the class's summed vector
+    (std x sqrt(D_l)) exceeds the norm of that sum. Computed on the exact sums, before the noise, and
+    only shown to the client itself (a warning)."""
     out = []
     for c in range(len(counts)):
         if counts[c] < 1:
             continue
         ratio = max(std * math.sqrt(s.shape[1]) / max(float(s[c].norm()), 1e-12) for s in sums)
         if ratio > 1:
-            name = f"class {c}" + (f" ({names[c]})" if names else "")
+            name = names[c] if names else f"class {c}"  # with model.modes > 1 a code: "Bag, mode 2"
             out.append(f"{name}: {int(counts[c])} images, the privacy noise would exceed their signal "
                        f"(noise/signal x{ratio:.1f} in the worst feature layer); its statistics will be mostly "
                        f"noise: raise epsilon, or leave the class to clients that hold more of it")  # fmt: skip
