@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from prismfl import modelfile, rundir
 from prismfl.eval.classifier import train_on_synthetic
 from prismfl.eval.evaluate import score_images
@@ -23,16 +21,7 @@ from prismfl.eval.evaluate import score_images
 
 def scaled_sample(net, n: int, seed: int, temperature: float):
     """modelfile.sample_labelled with every z scaled by `temperature` (the labels are drawn as there)."""
-    randn = torch.randn
-
-    def scaled(*args, **kwargs):
-        return randn(*args, **kwargs) * temperature
-
-    torch.randn = scaled
-    try:
-        return modelfile.sample_labelled(net, n, seed)
-    finally:
-        torch.randn = randn
+    return modelfile.sample_labelled(net, n, seed, temperature=temperature)
 
 
 def main() -> None:
