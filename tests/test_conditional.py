@@ -280,8 +280,9 @@ def test_sampling_draws_labels_from_the_shares_or_takes_them():
     for c in (1, 2):
         assert torch.equal(cold[cold_labels == c].unique(dim=0), cold[cold_labels == c][:1])
     assert not torch.equal(again[labels2 == 1][0], again[labels2 == 1][1])
-    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
-        modelfile.sample_labelled(net, 4, temperature=float("nan"))
+    for bad in (float("nan"), float("inf"), -0.5, 1e39, True, "2"):
+        with pytest.raises(ValueError, match=r"temperature must be a number in \[0, 100\]"):
+            modelfile.sample_labelled(net, 4, temperature=bad)
     spec = _spec(classes=0).validate()
     plain = modelfile.materialize(modelfile.PrismModel(spec, torch.ones(count_weights(spec), dtype=torch.bool)))
     with pytest.raises(ValueError, match="not class-conditional"):

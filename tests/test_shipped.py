@@ -2,6 +2,7 @@
 trained with, wherever the data lies; never trained or cached again; damaged or unknown, a clear error."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,36 @@ def test_a_damaged_shipped_net_or_an_unknown_one_is_a_clear_error(monkeypatch):
         task.build_feature_net(cfg, fed, log=_no_training)
     with pytest.raises(PrismError, match="'feedfacefeedface' does not ship with this prismfl"):
         task.feature_net_from_recipe(cfg, {**recipe, "shipped": "feedfacefeedface"})
+
+
+@needs_fmnist
+def test_a_run_does_not_resume_with_another_feature_net_than_it_started_with(tmp_path, monkeypatch):
+    """The clients' statistics in the checkpoint are of the net the run started with: a net retrained
+    since (a deleted cache entry) or shipped since would train them against other features."""
+    from prismfl import rundir
+    from prismfl.fl import engine, simulate
+
+    monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path / "cache"))
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    cfg = load_config(smoke, ['loss.features="public"', "train.rounds=2", "train.sample_every=0"])
+    out = tmp_path / "run"
+
+    def stop(rnd, state):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(cfg, out, simulate.InProcess(cfg), on_round=stop, log=lambda *_: None)
+    started = rundir.load_checkpoint(out)["model_info"]["feature_net"]["sha256"]
+    real = task.build_feature_net
+
+    def retrained(*args, **kwargs):
+        net, meta, recipe = real(*args, **kwargs)
+        return net, {**meta, "sha256": "f" * 64}, recipe
+
+    monkeypatch.setattr(task, "build_feature_net", retrained)
+    with pytest.raises(PrismError, match=f"started with another feature net \\(sha256 {started[:12]}, now ffffff"):
+        simulate.train(cfg, out, resume=True, log=lambda *_: None)
+    assert rundir.load_checkpoint(out)["round"] == 1
+    monkeypatch.setattr(task, "build_feature_net", real)
+    simulate.train(cfg, out, resume=True, log=lambda *_: None)  # the same net: it resumes
+    assert rundir.load_checkpoint(out)["round"] == 2

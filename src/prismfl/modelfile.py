@@ -177,8 +177,8 @@ def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.T
     With modes, the generator is given condition codes: drawn from the codes' shares (the classes returned
     are code // modes), or for given classes, each image's mode drawn from its class's mode shares.
     `temperature` scales the noise z (the same draws; 0: each code's one image, > 1: more spread)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"the sampling temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and 0 <= temperature <= 100):
+        raise ValueError(f"the sampling temperature must be a number in [0, 100], got {temperature!r}")
     gen = torch.Generator().manual_seed(seed)
     net.eval()
     conditional = getattr(net, "num_classes", 0) > 0

@@ -114,6 +114,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
                 counts = pooled.class_counts.tolist()
             state["class_shares"] = class_shares(counts, method.spec.codes)
     else:
+        check_feature_net(ckpt["model_info"].get("feature_net"), setup.feature_meta)
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
         if "warm_start" in ckpt["model_info"]:
             model_info["warm_start"] = ckpt["model_info"]["warm_start"]
@@ -198,6 +199,17 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     runreport.run_report(out)
     log(f"done: {what}; samples.png, curves.png and report.md in {out}")
     return out
+
+
+def check_feature_net(before: dict | None, now: dict) -> None:
+    """A resumed run must train with the feature net it started with: the clients' statistics (kept in
+    the checkpoint) are of that net. A PrismError when the trained net's sha256 has changed since (its
+    cache entry was deleted and retrained, which is not bit-reproducible, or prismfl now ships it)."""
+    old = (before or {}).get("sha256") if isinstance(before, dict) else None
+    if old and now.get("sha256") and old != now["sha256"]:
+        raise PrismError(f"this run started with another feature net (sha256 {str(old)[:12]}, now "
+                         f"{now['sha256'][:12]}): its statistics belong to that net, so it cannot be resumed "
+                         "with this one; start it again (without --resume) or in another directory")  # fmt: skip
 
 
 def warm_start(method: Method, state: dict, setup: Setup, log) -> None:

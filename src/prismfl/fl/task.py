@@ -6,13 +6,13 @@ Shared by the in-process simulator and the Flower apps, so both build exactly th
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from prismfl.cache import cache_key
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
@@ -208,18 +208,19 @@ PUBLIC_NET = "the public feature net"
 # machine's benchmarks have trained with since 2026-11-26, so a fresh `make demo` skips about 2.5 minutes
 # of training it and trains the same model on every machine. Any other net is trained and cached.
 SHIPPED_PUBLIC_NETS = {
-    "a9b83fb6c4f00d83": Shipped(
+    "a9b83fb6c4f00d8357e3503f4e974522abe2806f1886e3a806863f14ab892ef3": Shipped(
         "public-fashion-mnist-w32-seed0.safetensors", "9f3a8219358036d36d71c6def26e5675aa0388786123be395c00aadcb49a1536"
     ),
 }
 
 
 def shipped_key(spec: dict, images: torch.Tensor, labels: np.ndarray) -> str:
-    """A public feature net's key in SHIPPED_PUBLIC_NETS: its cache spec without where the data was
-    read from, with the sha256 of the exact public images (float32) and labels it trains on instead."""
-    digest = hashlib.sha256(images.numpy().astype("<f4").tobytes())
-    digest.update(labels.astype("<i8").tobytes())
-    return cache_key({**{k: v for k, v in spec.items() if k != "source"}, "data_sha256": digest.hexdigest()})
+    """A public feature net's key in SHIPPED_PUBLIC_NETS: the sha256 of its cache spec without where the
+    data was read from, with the sha256 of the exact public images (float32) and labels it trains on."""
+    data = hashlib.sha256(images.numpy().astype("<f4").tobytes())
+    data.update(labels.astype("<i8").tobytes())
+    recipe = {**{k: v for k, v in spec.items() if k != "source"}, "data_sha256": data.hexdigest()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def feature_training(cfg: RunConfig) -> dict:
@@ -346,8 +347,8 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     else:
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         if "shipped" in recipe:
-            if recipe["shipped"] not in SHIPPED_PUBLIC_NETS:
-                raise PrismError(f"{PUBLIC_NET} {recipe['shipped']!r} does not ship with this prismfl")
+            if not isinstance(recipe["shipped"], str) or recipe["shipped"] not in SHIPPED_PUBLIC_NETS:
+                raise PrismError(f"{PUBLIC_NET} {str(recipe['shipped'])[:80]!r} does not ship with this prismfl")
             load_shipped(SHIPPED_PUBLIC_NETS[recipe["shipped"]], net, PUBLIC_NET)
         else:
             net.load_state_dict(cached_only("features", recipe["cache_spec"], PUBLIC_NET))
