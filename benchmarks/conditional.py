@@ -172,6 +172,11 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         [*WARM, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16"],
     ),
+    # the demo since 2026-11-27 evening: the shipped public net freed the time for WARM's longer schedule
+    "no DP, warm start 1500, 5 rounds, 3 modes, 16 codes a step": (
+        math.inf,
+        [*WARM, "model.modes=3", "loss.codes_per_step=16"],
+    ),
     "no DP, warm start 1000, 3 rounds, 6 modes, 16 codes a step": (
         math.inf,
         [*WARM, *DEMO_SCHEDULE, "model.modes=6", "loss.codes_per_step=16"],
