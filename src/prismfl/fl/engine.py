@@ -205,7 +205,7 @@ def check_feature_net(before: dict | None, now: dict) -> None:
     """A resumed run must train with the feature net it started with: the clients' statistics (kept in
     the checkpoint) are of that net. A PrismError when the trained net's sha256 has changed since (its
     cache entry was deleted and retrained, which is not bit-reproducible, or prismfl now ships it)."""
-    old = (before or {}).get("sha256") if isinstance(before, dict) else None
+    old = before.get("sha256") if isinstance(before, dict) else None
     if old and now.get("sha256") and old != now["sha256"]:
         raise PrismError(f"this run started with another feature net (sha256 {str(old)[:12]}, now "
                          f"{now['sha256'][:12]}): its statistics belong to that net, so it cannot be resumed "

@@ -223,6 +223,18 @@ def shipped_key(spec: dict, images: torch.Tensor, labels: np.ndarray) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
+def load_shipped_public_net(key, net) -> dict:
+    """Load the shipped public feature net of `key` (from shipped_key, or from a recipe another process
+    wrote) into `net`; what the run records of it. A PrismError for a key this prismfl does not ship."""
+    from prismfl.errors import PrismError
+
+    if not isinstance(key, str) or key not in SHIPPED_PUBLIC_NETS:
+        raise PrismError(f"{PUBLIC_NET} {str(key)[:80]!r} does not ship with this prismfl")
+    shipped = SHIPPED_PUBLIC_NETS[key]
+    load_shipped(shipped, net, PUBLIC_NET)
+    return {"sha256": shipped.sha256, "weights": f"shipped with prismfl ({shipped.file})"}
+
+
 def feature_training(cfg: RunConfig) -> dict:
     """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
     epochs of Adam at 1e-3; "one-cycle", 15 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05);
@@ -292,9 +304,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         key = shipped_key(spec, fed.images(fed.public_idx), fed.train.labels[fed.public_idx])
         trained_on = f"{len(fed.public_idx)} held-out training images no client holds"
         if key in SHIPPED_PUBLIC_NETS:
-            load_shipped(SHIPPED_PUBLIC_NETS[key], net, PUBLIC_NET)
-            meta = {"kind": "public", "trained_on": trained_on, "sha256": SHIPPED_PUBLIC_NETS[key].sha256,
-                    "weights": f"shipped with prismfl ({SHIPPED_PUBLIC_NETS[key].file})"}  # fmt: skip
+            meta = {"kind": "public", "trained_on": trained_on, **load_shipped_public_net(key, net)}
             recipe["shipped"] = key
         else:
             state, meta = cached_state_dict("features", spec, build, log)
@@ -337,7 +347,6 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     """The feature net `build_feature_net` made, without the data: from the seed, the user's weights
     file, the weights shipped with prismfl or this machine's cache (a missing or altered cache entry or
     shipped file is a PrismError, never a rebuild)."""
-    from prismfl.errors import PrismError
     from prismfl.loss.features import SmallCNN, load_vgg19bn, random_cnn
 
     if recipe["kind"] == "random":
@@ -347,9 +356,7 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
     else:
         net = SmallCNN(recipe["channels"], cfg.loss.feature_width, recipe["classes"])
         if "shipped" in recipe:
-            if not isinstance(recipe["shipped"], str) or recipe["shipped"] not in SHIPPED_PUBLIC_NETS:
-                raise PrismError(f"{PUBLIC_NET} {str(recipe['shipped'])[:80]!r} does not ship with this prismfl")
-            load_shipped(SHIPPED_PUBLIC_NETS[recipe["shipped"]], net, PUBLIC_NET)
+            load_shipped_public_net(recipe["shipped"], net)
         else:
             net.load_state_dict(cached_only("features", recipe["cache_spec"], PUBLIC_NET))
     return ready_feature_net(cfg, net, device, recipe)
