@@ -67,3 +67,14 @@ def test_report_only_reads_finished_cells_and_refuses_an_empty_grid(tmp_path, ru
     assert "| prism | 1 | 10.0 |" in report.read_text() and report.with_suffix(".png").exists()
     code, _, err = run_cli(*args[:-4], "--out", str(tmp_path / "empty"), "--report", str(report), "--report-only")
     assert code == 2 and "no finished cell" in err
+
+
+def test_curves_of_a_central_only_cell_plot_without_an_empty_legend(tmp_path):
+    import warnings
+
+    central = result(25.0, 0.0, 100)
+    central["train"]["curve"] = [[1, 40.0, 0], [2, 30.0, 0]]  # no upload: nothing on the bytes panel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no labelled artist
+        grid.plot_curves({grid.Cell("fashion-mnist", "shards", "central", 0): central}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -172,7 +172,10 @@ def plot_curves(results: dict[Cell, dict], path: Path) -> None:
         axes[row, 1].set_xscale("log")
         for ax in axes[row]:
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a cell of central runs alone uploads nothing
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no upload (central only)", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
