@@ -1,0 +1,49 @@
+#!/bin/bash
+# Candidates for the one-hour CPU configuration (issue 12), screened on a lent GPU before an hour of CPU is
+# spent on one: configs/fmnist-hour.toml and variants, each with the step budget it would get in an hour
+# on 2 idle CPU cores (from benchmarks/steps.py's interleaved timings), side by side for at most TRAIN_S
+# seconds; then each run's model file and metrics, to be evaluated on the CPU machine.
+# Figures: docs/quality.md "One hour on a CPU". Reads .dev/ (benchmarks/gpu_setup.sh says what).
+#   TRAIN_S=430 bash benchmarks/hour_gpu.sh
+#   ONLY="E G" TRAIN_S=330 bash benchmarks/hour_gpu.sh
+# LOCAL=1 PY=.venv/bin/python TRAIN_S=60 EXTRA="--set train.local_steps=3 --set train.warm_start=5 --set train.rounds=2"
+#   bash benchmarks/hour_gpu.sh   runs it here (a CPU check of the script itself).
+set -u
+T0=$(date +%s)
+TRAIN_S=${TRAIN_S:-420}
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+RUNS=/tmp/hour; rm -rf $RUNS; mkdir -p $RUNS
+source benchmarks/gpu_setup.sh
+DEV=cuda; [ -n "${LOCAL:-}" ] && DEV=cpu
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
+PY=${PY:-python3}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+echo "setup done at +$(( $(date +%s) - T0 )) s"
+F64="--set loss.feature_width=64"
+declare -A RUN=(
+  [A]=""                                                                               # the config: 3,000 + 18 x 500 steps
+  [B]="$F64 --set train.warm_start=1500 --set train.rounds=7"                          # x2.5 A's step
+  [C]="$F64 --set train.batch_size=64 --set train.warm_start=2000 --set train.rounds=12"  # x1.4 A's step
+  [D]="--set train.warm_start=6000 --set train.rounds=10"                              # a longer warm start
+  [E]="--set train.warm_start=6000 --set train.rounds=10 --set train.lr_schedule=\"cosine\""  # D, lr 0.1 to 0.01
+  [G]="--set train.warm_start=8000 --set train.rounds=6 --set train.lr_schedule=\"cosine\""   # longer still
+)
+for name in "${!RUN[@]}"; do  # ONLY="E G": just these runs (default: A to D)
+  case " ${ONLY:-A B C D} " in *" $name "*) ;; *) unset "RUN[$name]" ;; esac
+done
+for name in "${!RUN[@]}"; do  # background jobs of a script ignore SIGINT: SIGTERM keeps the last round's checkpoint
+  eval timeout -k 20 $TRAIN_S $PY -m prismfl.cli train -c configs/fmnist-hour.toml --set train.device=\"$DEV\" \
+    ${RUN[$name]} ${EXTRA:-} --out $RUNS/$name -q > $OUT/$name.train.log 2>&1 &
+done
+wait
+echo "training stopped at +$(( $(date +%s) - T0 )) s"
+for name in "${!RUN[@]}"; do
+  cp $RUNS/$name/metrics.jsonl $OUT/$name.metrics.jsonl; cp $RUNS/$name/samples.png $OUT/$name.png
+  $PY -m prismfl.cli export $RUNS/$name --out $OUT/$name.prism > $OUT/$name.export.log 2>&1 &
+done
+wait
+for name in "${!RUN[@]}"; do echo "== $name"; tail -3 $OUT/$name.train.log; tail -3 $OUT/$name.export.log
+  python3 -c "import json, sys; [print(r['round'], r['domain_fid']) for r in map(json.loads, sys.stdin) if r.get('domain_fid')]" < $OUT/$name.metrics.jsonl
+  rm $OUT/$name.export.log; done  # the machine returns 8 files at most
+echo "done at +$(( $(date +%s) - T0 )) s"
+ls -la $OUT
