@@ -3,7 +3,8 @@ their clients uploaded so far, and the bytes each run needed to reach given FIDs
 
 Run: .venv/bin/python benchmarks/bytes_curve.py RUN_DIR [RUN_DIR ...] --out docs/img/bytes-to-fid.png
      .venv/bin/python benchmarks/bytes_curve.py RUN_DIR --x seconds --out docs/img/hour-fid.png
-     (--x seconds: the quick FID against the rounds' cumulative wall time instead of the bytes)
+     (--x seconds: the quick FID against the rounds' cumulative wall time instead of the bytes;
+      --offset S adds the S seconds before round 1, set-up and warm start, read off the run's log)
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 from prismfl import rundir
 
 
-def curve(run: Path, x: str = "bytes") -> list[tuple[int, float, float]]:
-    """(round, quick domain FID, cumulative upload bytes or round seconds) for every round with a quick FID."""
-    records, total, out = rundir.read_metrics(run), 0, []
+def curve(run: Path, x: str = "bytes", offset: float = 0.0) -> list[tuple[int, float, float]]:
+    """(round, quick domain FID, cumulative upload bytes or round seconds) for every round with a quick FID;
+    `offset` is where the count starts (seconds before round 1)."""
+    records, total, out = rundir.read_metrics(run), offset, []
     for r in records:
         total += r["upload_bytes"] if x == "bytes" else r["seconds"]
         if r.get("domain_fid") is not None:
@@ -36,7 +38,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bytes-to-fid.png"))
     p.add_argument("--targets", default="80,60,50", help="FIDs to report the bytes needed for")
     p.add_argument("--x", choices=("bytes", "seconds"), default="bytes", help="what the x axis counts")
+    p.add_argument("--offset", type=float, default=0.0, help="--x seconds: seconds before round 1 (warm start)")
     a = p.parse_args()
+    if a.offset and a.x != "seconds":
+        p.error("--offset counts seconds: it needs --x seconds")
     unit, scale = ("MB", 1e6) if a.x == "bytes" else ("min", 60.0)
     import matplotlib
 
@@ -46,7 +51,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     summary = {}
     for run in a.runs:
-        points = curve(run, a.x)
+        points = curve(run, a.x, a.offset)
         method = rundir.checkpoint_config(rundir.load_checkpoint(run)).train.method
         ax.plot([b / scale for *_, b in points], [f for _, f, _ in points], marker=".", label=f"{run.name} ({method})")
         targets = {t: bytes_to_reach(points, float(t)) for t in a.targets.split(",")}
@@ -56,8 +61,9 @@ def main() -> None:
     if a.x == "bytes":
         ax.set(xscale="log", xlabel="MB uploaded by all clients (cumulative)", title="quality per uploaded byte")
     else:
-        ax.set(xlabel="minutes of rounds (cumulative wall time)", title="quality against training time")
-    ax.set(ylabel="quick domain FID (v2)")
+        what = "set-up, warm start and rounds" if a.offset else "rounds"
+        ax.set(xlabel=f"minutes of {what} (cumulative wall time)", title="quality against training time")
+    ax.set(ylabel="quick domain FID (1,000 samples)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

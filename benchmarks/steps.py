@@ -3,6 +3,7 @@
 Run: .venv/bin/python benchmarks/steps.py [--steps 30] [--out docs/benchmarks/steps.json]
      .venv/bin/python benchmarks/steps.py --quality   (issue 12's demo variants, interleaved, batch 32)
      .venv/bin/python benchmarks/steps.py --modes     (issue 15's modes variants, interleaved)
+     .venv/bin/python benchmarks/steps.py --hour      (the one-hour candidates, two threads: their step budgets)
 Everything is measured in this one process, side by side, on synthetic images (the step cost does
 not depend on the pixels), so the ratios hold even on a noisy shared machine.
 """
@@ -52,6 +53,16 @@ MODES = {
     "3 modes, batch 32, 8 codes a step": ["model.modes=3", "loss.codes_per_step=8"],
     "6 modes, batch 32, 16 codes a step": ["model.modes=6", "loss.codes_per_step=16"],
     "6 modes, batch 120": ["model.modes=6", "train.batch_size=120"],
+}
+
+# The one-hour configuration's candidates (configs/fmnist-hour.toml, benchmarks/hour_gpu.sh) against the
+# demo's step, on two threads as the hour runs: each candidate's steps in an hour follow from these
+WIDE = ["model.modes=3", "model.width=1024"]
+HOUR = {
+    "the demo (width 512, batch 32, 3 modes, 16 codes a step)": ["model.modes=3", "loss.codes_per_step=16"],
+    "width 1,024, batch 128, 3 modes, public net 32": WIDE + ["train.batch_size=128"],
+    "width 1,024, batch 128, 3 modes, public net 64": WIDE + ["train.batch_size=128", "loss.feature_width=64"],
+    "width 1,024, batch 64, 3 modes, public net 64": WIDE + ["train.batch_size=64", "loss.feature_width=64"],
 }
 
 
@@ -119,13 +130,15 @@ def main() -> None:
     p.add_argument("--out", default="")
     p.add_argument("--quality", action="store_true", help="time issue 12's demo variants instead (one thread)")
     p.add_argument("--modes", action="store_true", help="time issue 15's modes variants instead (one thread)")
+    p.add_argument("--hour", action="store_true", help="time the one-hour candidates instead (two threads)")
     a = p.parse_args()
     torch.manual_seed(0)
-    if a.quality or a.modes:
-        torch.set_num_threads(1)
-        variants = QUALITY if a.quality else MODES
-        for name, r in time_interleaved(variants, 40, 32, conditional=a.modes).items():
-            print(f"{name:<36} {r['ms_per_step']:6.1f} ms/step  x{r['ratio']:.2f}  ({r['maskable_weights']:,} weights)")
+    if a.quality or a.modes or a.hour:
+        torch.set_num_threads(2 if a.hour else 1)
+        variants = QUALITY if a.quality else MODES if a.modes else HOUR
+        steps = 8 if a.hour else 40
+        for name, r in time_interleaved(variants, steps, 32, conditional=a.modes or a.hour).items():
+            print(f"{name:<56} {r['ms_per_step']:6.1f} ms/step  x{r['ratio']:.2f}  ({r['maskable_weights']:,} weights)")
         return
     rows = {}
     for name, ov in ARCHS.items():
