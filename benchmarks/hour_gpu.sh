@@ -2,7 +2,7 @@
 # Candidates for the one-hour CPU configuration (issue 12), screened on a lent GPU before an hour of CPU is
 # spent on one: configs/fmnist-hour.toml and variants, each with the step budget it would get in an hour
 # on 2 idle CPU cores (from benchmarks/steps.py's interleaved timings), side by side for at most TRAIN_S
-# seconds; then each run's model file and metrics, to be evaluated on the CPU machine.
+# seconds; then each run's model file and metrics (NAME.tar), to be evaluated on the CPU machine.
 # Figures: docs/quality.md "One hour on a CPU". Reads .dev/ (benchmarks/gpu_setup.sh says what).
 #   TRAIN_S=430 bash benchmarks/hour_gpu.sh
 #   ONLY="E G" TRAIN_S=330 bash benchmarks/hour_gpu.sh
@@ -44,6 +44,9 @@ done
 wait
 for name in "${!RUN[@]}"; do echo "== $name"; tail -3 $OUT/$name.train.log; tail -3 $OUT/$name.export.log
   python3 -c "import json, sys; [print(r['round'], r['domain_fid']) for r in map(json.loads, sys.stdin) if r.get('domain_fid')]" < $OUT/$name.metrics.jsonl
-  rm $OUT/$name.export.log; done  # the machine returns 8 files at most
+  rm $OUT/$name.export.log
+  # the machine returns 8 files at most: one archive a run (metrics, samples, model file, log)
+  tar -cf $OUT/$name.tar -C $OUT $name.metrics.jsonl $name.png $name.prism $name.train.log && \
+    rm $OUT/$name.metrics.jsonl $OUT/$name.png $OUT/$name.prism $OUT/$name.train.log; done
 echo "done at +$(( $(date +%s) - T0 )) s"
 ls -la $OUT
