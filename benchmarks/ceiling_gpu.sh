@@ -20,12 +20,8 @@ N=${N:-5000}
 SYN=${SYN:-20000}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 RUNS=/tmp/ceiling; rm -rf $RUNS; mkdir -p $RUNS
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}  # several runs side by side
 source benchmarks/gpu_setup.sh
-DEV=cuda; [ -n "${LOCAL:-}" ] && DEV=cpu
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
-PY=${PY:-python3}
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-echo "setup done at +$(( $(date +%s) - T0 )) s"
 COMMON="--set train.device=\"$DEV\" --set train.eval_every=10 --set train.sample_every=0 --set model.modes=1"
 COMMON="$COMMON --set loss.codes_per_step=0 --set train.warm_start=1000 ${EXTRA:-}"  # as run: the demo had no modes yet, a 1,000-step warm start
 CENTRAL="--method central --set train.rounds=400"

@@ -16,11 +16,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 RUN=/tmp/paper
 rm -rf $RUN
 source benchmarks/gpu_setup.sh
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-git log -1 --format='commit %h %cd' 2>/dev/null
-echo "setup done at +$(( $(date +%s) - T0 )) s"
 if [ "${SMOKE:-1}" = 1 ]; then
 # smoke: one short round, export, a small evaluation: stop early if the device path breaks
 $PY -m prismfl.cli train -c configs/paper-fmnist.toml --set train.rounds=1 --set train.local_steps=2 --set train.eval_every=1 --out /tmp/smoke -q 2>&1 | tail -4 || exit 1
