@@ -38,6 +38,8 @@ from prismfl.model.generators import ArchSpec, build_generator
 N = 300
 TABLE = wire.layer_table_hash([("w", (N,))])
 SCORES = torch.randn(N, generator=torch.Generator().manual_seed(0)) * 2
+STATE_N = 3000  # a state large enough for its range-coded form (coder 5) to be the smaller
+STATE = (torch.randn(STATE_N, generator=torch.Generator().manual_seed(3)) * 10).clamp(-4.6, 4.6)
 CODER_NAMES = {wire.CODER_PACKED: "packed", wire.CODER_BERNOULLI: "range", wire.CODER_CALIBRATED: "calibrated"}
 
 
@@ -90,7 +92,8 @@ def wire_target(kind: str):
         "upload": [wire.encode_upload(mask, SCORES, round_=2, table_hash=TABLE, client=5, coder=c)
                    for c in ("packed", "range", "calibrated")],
         "delta": [wire.encode_delta(counts, 3, lam, 0.01, SCORES, round_=2, table_hash=TABLE) for lam in (None, 0.3)],
-        "state": [wire.encode_state(SCORES, round_=2, table_hash=TABLE)],
+        "state": [wire.encode_state(STATE, round_=2, table_hash=TABLE),
+                  wire.encode_state(STATE, round_=2, table_hash=TABLE, coder="auto")],
     }[kind]  # fmt: skip
 
     def check(data: bytes) -> str:
@@ -101,8 +104,9 @@ def wire_target(kind: str):
             d = wire.decode_delta(data, SCORES, round_=2, table_hash=TABLE)
             again = wire.encode_delta(d.counts, d.m, d.lam, d.smoothing, SCORES, round_=2, table_hash=TABLE)
         else:
-            rnd, values = wire.decode_state(data, num_weights=N, table_hash=TABLE)
-            again = wire.encode_state(values, round_=rnd, table_hash=TABLE)
+            rnd, values = wire.decode_state(data, num_weights=STATE_N, table_hash=TABLE)
+            coder = "auto" if data[6] == wire.CODER_PLANES else "float32"
+            again = wire.encode_state(values, round_=rnd, table_hash=TABLE, coder=coder)
         return "ok" if again == data else "wrong"
 
     return seeds, check, reseal_wire, wire.WireError

@@ -33,6 +33,15 @@ def test_codec_measurement_round_trips(shift):
     assert r["ratio_to_bound"] < 1.02
 
 
+def test_codec_state_measurement_counts_the_messages_bytes():
+    import torch
+
+    codec = load("codec")
+    zeros = codec.measure_state(torch.zeros(20_000))
+    assert zeros["float32_bytes"] == 36 + 80_000 and zeros["coder"] == "range-planes"
+    assert zeros["coded_bytes"] < 36 + 4096 + 64 and zeros["ratio"] == zeros["coded_bytes"] / 80_036
+
+
 def test_variant_tables_name_real_config_keys():
     from prismfl.config import load_config
 

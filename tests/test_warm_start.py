@@ -81,7 +81,10 @@ def test_the_run_starts_from_the_warm_start_and_sends_it_as_a_full_state(tmp_pat
     out = simulate.train(cfg, tmp_path / "run", **QUIET)
     assert received == [message]  # what the engine started from is exactly the warm start above
     first, second = rundir.read_metrics(out)
-    assert first["download_bytes"] == len(first["clients"]) * (wire.HEADER.size + 4 * n)  # full states
+    # full states: the warm start's scores, range-coded (lossless, and smaller than float32)
+    coded = wire.encode_state(scores, round_=0, table_hash=ctx.table_hash, coder="auto")
+    assert coded[6] == wire.CODER_PLANES and len(coded) < wire.HEADER.size + 4 * n
+    assert first["download_bytes"] == len(first["clients"]) * len(coded)
     assert second["download_bytes"] < first["download_bytes"] / 4  # then deltas
     ckpt = rundir.load_checkpoint(out)
     assert ckpt["model_info"]["warm_start"]["steps"] == 30 and ckpt["model_info"]["warm_start"]["images"] == 500

@@ -332,7 +332,11 @@ def decode_and_reencode(kind: str, data: bytes, scores: torch.Tensor) -> bytes:
         d = wire.decode_delta(data, scores, round_=2, table_hash=TABLE)
         return wire.encode_delta(d.counts, d.m, d.lam, d.smoothing, scores, round_=2, table_hash=TABLE)
     rnd, values = wire.decode_state(data, num_weights=scores.numel(), table_hash=TABLE)
-    return wire.encode_state(values, round_=rnd, table_hash=TABLE)
+    return wire.encode_state(values, round_=rnd, table_hash=TABLE, coder=STATE_CODER[data[6]])
+
+
+STATE_CODER = {wire.CODER_FLOAT32: "float32", wire.CODER_PLANES: "auto"}
+CLAMP = 4.59512  # logit(0.99): where a confident warm start's scores pile up
 
 
 def _message(kind: str):
@@ -340,13 +344,17 @@ def _message(kind: str):
         data, scores = _upload(300)
     elif kind == "delta":
         data, scores, _ = _delta(300)
-    else:
+    elif kind == "state":
         scores = _scores(300)
         data = wire.encode_state(scores * 2, round_=2, table_hash=TABLE)
+    else:  # a range-coded state: scores mostly at the clamp
+        scores = _scores(2000, 4, 10.0).clamp(-CLAMP, CLAMP)
+        data = wire.encode_state(scores, round_=2, table_hash=TABLE, coder="auto")
+        assert data[6] == wire.CODER_PLANES
     return data, scores
 
 
-@pytest.mark.parametrize("kind", ["upload", "delta", "state"])
+@pytest.mark.parametrize("kind", ["upload", "delta", "state", "planes"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
        st.integers(0, 12), st.binary(max_size=8))  # fmt: skip
@@ -365,3 +373,98 @@ def test_fuzz_resealed_mutations_are_refused_or_canonical(kind, edits, cut, tail
     except wire.WireError:
         return
     assert again == bad
+
+
+# ---------------------------------------------------------------- range-coded float32 states (coder 5)
+
+
+def _planes_payload(data: bytes) -> tuple[np.ndarray, bytes]:
+    payload = data[wire.HEADER.size :]
+    return np.frombuffer(payload[: wire.PLANE_TABLE], dtype="<u4").reshape(4, 256), payload[wire.PLANE_TABLE :]
+
+
+@pytest.mark.parametrize("values", [
+    _scores(50_000, 5, 10.0).clamp(-CLAMP, CLAMP),  # a confident state: most scores at the clamp
+    torch.zeros(50_000),  # the server's velocity right after a warm start
+    _scores(50_000, 6, 1.0),  # plain Gaussian floats: little to gain
+], ids=["clamped", "zeros", "gaussian"])  # fmt: skip
+def test_a_coded_state_round_trips_bit_for_bit_and_is_never_larger(values):
+    raw = wire.encode_state(values, round_=3, table_hash=TABLE)
+    coded = wire.encode_state(values, round_=3, table_hash=TABLE, coder="auto")
+    assert raw[6] == wire.CODER_FLOAT32 and len(raw) == wire.HEADER.size + 4 * values.numel()
+    rnd, back = wire.decode_state(coded, num_weights=values.numel(), table_hash=TABLE)
+    assert rnd == 3 and torch.equal(back.view(torch.int32), values.view(torch.int32))  # bits, -0.0 included
+    assert len(coded) <= len(raw)
+
+
+def test_coded_state_sizes_and_histograms_exact():
+    n = 50_000
+    zeros = wire.encode_state(torch.zeros(n), round_=1, table_hash=TABLE, coder="auto")
+    counts, stream = _planes_payload(zeros)
+    expected = np.zeros((4, 256), np.uint32)
+    expected[:, 0] = n  # every byte of +0.0 is 0x00
+    assert zeros[6] == wire.CODER_PLANES and np.array_equal(counts, expected)
+    assert len(stream) <= 16  # one symbol of probability ~1 per plane: next to nothing
+    # half the values at +clamp, half at -clamp: one bit each at most, plus the table
+    signs = torch.where(torch.arange(n) % 2 == 0, CLAMP, -CLAMP)
+    counts, stream = _planes_payload(wire.encode_state(signs, round_=1, table_hash=TABLE, coder="auto"))
+    b = np.frombuffer(np.float32(CLAMP).tobytes(), np.uint8)
+    assert counts[3, b[3]] == n // 2 and counts[3, b[3] | 0x80] == n // 2  # the sign bit lives in byte 3
+    assert [counts[j, b[j]] for j in range(3)] == [n, n, n]
+    assert n / 8 <= len(stream) <= n / 8 * 1.01 + 16
+    # Gaussian floats: the low mantissa bytes are close to uniform, so about 3 of 4 bytes remain
+    gauss = wire.encode_state(_scores(n, 6, 1.0), round_=1, table_hash=TABLE, coder="auto")
+    assert 0.75 < len(gauss) / (4 * n) < 0.9
+
+
+def test_small_states_stay_raw_float32():
+    """Where the 4 KB of histograms outweigh the saving, 'auto' sends float32."""
+    data = wire.encode_state(torch.zeros(1000), round_=1, table_hash=TABLE, coder="auto")
+    assert data[6] == wire.CODER_FLOAT32
+    data = wire.encode_state(_scores(2000, 8), round_=1, table_hash=TABLE, coder="auto")  # 8,000 bytes raw
+    assert data[6] == wire.CODER_FLOAT32 and len(data) == wire.HEADER.size + 8000  # coded: table + ~6,000
+    with pytest.raises(ValueError, match="unknown state coder"):
+        wire.encode_state(torch.zeros(10), round_=1, table_hash=TABLE, coder="zlib")
+
+
+def _planes_message(payload: bytes, n: int) -> bytes:
+    return wire.Message(wire.KIND_STATE, wire.CODER_PLANES, 1, wire.SERVER, TABLE, n, payload).to_bytes()
+
+
+def test_hostile_coded_states_are_refused():
+    n = 5000
+    good = wire.encode_state(_scores(n, 7, 10.0).clamp(-CLAMP, CLAMP), round_=1, table_hash=TABLE, coder="auto")
+    counts, stream = _planes_payload(good)
+    table = counts.copy()
+    table[0, 0] += 1  # a histogram that does not count n values
+    cases = [
+        (stream[:100], wire.LengthMismatch, "shorter than its histograms"),
+        (counts.tobytes() + stream + b"\0", wire.LengthMismatch, "whole 32-bit words"),
+        (table.tobytes() + stream, wire.UnexpectedMessage, "do not count 5000"),
+        (counts.tobytes() + stream + b"\0\0\0\0", wire.LengthMismatch, "stray or altered"),  # a stray word
+        (counts.tobytes() + bytes([stream[0] ^ 0x40]) + stream[1:], wire.WireError, None),  # an altered word
+        (counts.tobytes() + bytes(4 * n - wire.PLANE_TABLE), wire.UnexpectedMessage, "no smaller than"),
+    ]
+    for payload, error, says in cases:
+        with pytest.raises(error, match=says):
+            wire.decode_state(_planes_message(payload, n), num_weights=n, table_hash=TABLE)
+    # histograms and a stream that decode, but to a NaN: refused like a float32 NaN
+    nan = np.full(n, CLAMP, np.float32)
+    nan[3] = np.nan
+    with pytest.raises(wire.UnexpectedMessage, match="not finite"):
+        wire.decode_state(_planes_message(wire._planes_encode(nan), n), num_weights=n, table_hash=TABLE)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_fuzz_coded_state_streams_never_crash(stream):
+    """The histograms of a real state and an arbitrary stream: a WireError or a state that re-encodes."""
+    n = 5000
+    counts, _ = _planes_payload(wire.encode_state(_scores(n, 7, 10.0).clamp(-CLAMP, CLAMP), round_=1,
+                                                  table_hash=TABLE, coder="auto"))  # fmt: skip
+    data = _planes_message(counts.tobytes() + stream[: len(stream) // 4 * 4], n)
+    try:
+        rnd, values = wire.decode_state(data, num_weights=n, table_hash=TABLE)
+    except wire.WireError:
+        return
+    assert wire.encode_state(values, round_=rnd, table_hash=TABLE, coder="auto") == data

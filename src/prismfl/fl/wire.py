@@ -7,7 +7,7 @@ A message is a fixed 36-byte header followed by the payload:
     4      1     version (2)
     5      1     kind: 1 upload (a client's mask or weights), 2 broadcast delta, 3 full state
     6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32,
-                 4 range-coded Bernoulli with a calibration table
+                 4 range-coded Bernoulli with a calibration table, 5 range-coded float32 byte planes
     7      1     reserved, 0
     8      4     round (u32)
     12     4     client (u32): who sent an upload; 0xFFFFFFFF for what the server sends
@@ -21,7 +21,11 @@ range-coded against the global probabilities both sides hold (about the cross-en
 under those probabilities). A broadcast delta carries, for every weight, how many of the m uploads
 kept it, range-coded against Binomial(m, global probability), plus m, MADA's lambda and the
 smoothing: from these a client that holds the previous global scores rebuilds the new ones bit for
-bit with the same function the server uses (`aggregate.apply_round`).
+bit with the same function the server uses (`aggregate.apply_round`). A full state is float32
+values, raw or (coder 5, for PRISM's broadcast state when smaller) losslessly coded: the four bytes of
+each little-endian float32 as four planes, each plane's 256-symbol histogram (4 x 256 u32 counts), then
+the planes range-coded against their histograms. Scores saturated at the clamp and a velocity that is
+still zero cost next to nothing (a warm start's scores: about half their float32 size).
 
 A receiver checks everything before it allocates or computes: the sizes against the model's N (no
 payload is larger than a float32 state), the reserved byte, the kind, coder, round and sender it
@@ -53,10 +57,12 @@ SERVER = 0xFFFFFFFF  # the sender of broadcasts
 
 KIND_UPLOAD, KIND_DELTA, KIND_STATE = 1, 2, 3
 KINDS = {KIND_UPLOAD: "upload", KIND_DELTA: "broadcast delta", KIND_STATE: "broadcast state"}
-CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32, CODER_CALIBRATED = 0, 1, 2, 3, 4
+CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32, CODER_CALIBRATED, CODER_PLANES = 0, 1, 2, 3, 4, 5
 CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINOMIAL: "range-binomial",
-          CODER_FLOAT32: "float32", CODER_CALIBRATED: "range-calibrated"}  # fmt: skip
+          CODER_FLOAT32: "float32", CODER_CALIBRATED: "range-calibrated", CODER_PLANES: "range-planes"}  # fmt: skip
 UPLOAD_CODERS = ("auto", "range", "calibrated", "packed")
+STATE_CODERS = ("float32", "auto")  # auto: range-coded byte planes where smaller than float32
+PLANE_TABLE = 4 * 256 * 4  # a planes payload starts with 4 x 256 u32 counts
 CALIBRATION_BINS = 64  # a calibrated upload carries P(kept | global probability in bin b) for 64 bins
 _DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
 _NO_LAMBDA = struct.pack("<d", float("nan"))  # the one NaN that means "no MADA"
@@ -348,20 +354,75 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
     return Delta(torch.from_numpy(counts), m, None if np.isnan(lam) else lam, smoothing)
 
 
-def encode_state(values: torch.Tensor, *, round_: int, table_hash: int, client: int = SERVER) -> bytes:
+def _planes_encode(values: np.ndarray) -> bytes:
+    """Float32 values -> their byte planes' histograms (4 x 256 u32) + the planes range-coded against them."""
+    import constriction
+
+    planes = values.astype("<f4").view(np.uint8).reshape(-1, 4)
+    counts = np.stack([np.bincount(planes[:, j], minlength=256) for j in range(4)])
+    enc = constriction.stream.queue.RangeEncoder()
+    for j in range(4):
+        enc.encode(planes[:, j].astype(np.int32), _plane_model(counts[j]))
+    return counts.astype("<u4").tobytes() + enc.get_compressed().tobytes()
+
+
+def _plane_model(counts: np.ndarray):
+    import constriction
+
+    return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+
+
+def _planes_decode(payload: bytes, n: int) -> np.ndarray:
+    """Inverse of _planes_encode; the histograms must sum to n, and the payload must re-encode exactly."""
+    import constriction
+
+    if len(payload) < PLANE_TABLE or (len(payload) - PLANE_TABLE) % 4:
+        raise LengthMismatch("byte-plane payload is shorter than its histograms or not whole 32-bit words")
+    if len(payload) >= 4 * n:  # the encoder sends raw float32 then
+        raise UnexpectedMessage("a byte-plane state no smaller than the raw float32 values")
+    counts = np.frombuffer(payload[:PLANE_TABLE], dtype="<u4").reshape(4, 256).astype(np.int64)
+    if (counts.sum(axis=1) != n).any():
+        raise UnexpectedMessage(f"byte-plane histograms do not count {n} values each")
+    words = np.frombuffer(payload[PLANE_TABLE:], dtype="<u4").astype(np.uint32)
+
+    def decode() -> np.ndarray:
+        dec, planes = constriction.stream.queue.RangeDecoder(words), np.empty((n, 4), np.uint8)
+        for j in range(4):
+            planes[:, j] = dec.decode(_plane_model(counts[j]), n)
+        return planes.reshape(-1).view("<f4")
+
+    values = _coder_call("byte-plane payload", decode)
+    if _planes_encode(values) != payload:  # canonical: the histograms are the values' own, no stray words
+        raise LengthMismatch("byte-plane payload is not what its values encode to (stray or altered bytes)")
+    return values
+
+
+def encode_state(values: torch.Tensor, *, round_: int, table_hash: int, client: int = SERVER,
+                 coder: str = "float32") -> bytes:  # fmt: skip
     """Float32 values as one message: the full global state the server sends (client = SERVER), or a
-    client's float upload (fedavg's weights, local's and central's own scores)."""
-    payload = values.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
-    return Message(KIND_STATE, CODER_FLOAT32, round_, client, table_hash, values.numel(), payload).to_bytes()
+    client's float upload (fedavg's weights, local's and central's own scores). coder 'float32' sends
+    them raw; 'auto' sends the range-coded byte planes where those are smaller (lossless either way)."""
+    if coder not in STATE_CODERS:
+        raise ValueError(f"unknown state coder {coder!r}; expected one of {STATE_CODERS}")
+    raw = values.detach().cpu().to(torch.float32).numpy().astype("<f4").reshape(-1)
+    best, payload = CODER_FLOAT32, raw.tobytes()
+    if coder == "auto" and len(payload) > PLANE_TABLE:
+        planes = _planes_encode(raw)
+        if len(planes) < len(payload):
+            best, payload = CODER_PLANES, planes
+    return Message(KIND_STATE, best, round_, client, table_hash, raw.size, payload).to_bytes()
 
 
 def decode_state(data: bytes, *, num_weights: int, table_hash: int, client: int = SERVER) -> tuple[int, torch.Tensor]:
     """(round, finite float32 values) of a state message from `client` (the server by default)."""
     msg = parse(data, table_hash=table_hash, num_weights=num_weights)
-    expect(msg, kind=KIND_STATE, coders=(CODER_FLOAT32,), round_=None, client=client)
-    if len(msg.payload) != 4 * num_weights:
+    expect(msg, kind=KIND_STATE, coders=(CODER_FLOAT32, CODER_PLANES), round_=None, client=client)
+    if msg.coder == CODER_PLANES:
+        values = _planes_decode(msg.payload, num_weights)
+    elif len(msg.payload) != 4 * num_weights:
         raise LengthMismatch(f"state payload has {len(msg.payload)} bytes, expected {4 * num_weights}")
-    values = np.frombuffer(msg.payload, dtype="<f4")
+    else:
+        values = np.frombuffer(msg.payload, dtype="<f4")
     if not np.isfinite(values).all():
         raise UnexpectedMessage("state holds values that are not finite")
     return msg.round, torch.from_numpy(values.astype(np.float32))

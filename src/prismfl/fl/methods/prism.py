@@ -147,10 +147,13 @@ class Prism(Method):
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
         scores, th = state["scores"], state["table_hash"]
-        full = [wire.encode_state(scores, round_=rnd - 1, table_hash=th)]
+        # with deltas, the full state a client gets once is range-coded (lossless; `train.broadcast =
+        # "float32"` sends the raw float32 scores every round, as the paper's baseline does)
+        coder = "auto" if self.cfg.train.broadcast == "delta" else "float32"
+        full = [wire.encode_state(scores, round_=rnd - 1, table_hash=th, coder=coder)]
         global_state = scores
         if self.beta:  # the velocity too, for a client that rebuilds later rounds from their deltas
-            full.append(wire.encode_state(state["velocity"], round_=rnd - 1, table_hash=th))
+            full.append(wire.encode_state(state["velocity"], round_=rnd - 1, table_hash=th, coder=coder))
             global_state = torch.cat([scores, state["velocity"]])
         crc = scores_crc(global_state)
         downlinks, down = {}, 0
