@@ -108,6 +108,22 @@ def test_prism_plan_sends_deltas_or_the_full_state_and_counts_them():
     assert [len(x) for x in plan.downlinks[0].messages] == [d1]
 
 
+def test_prism_sends_a_large_full_state_range_coded_and_the_client_rebuilds_it_bit_for_bit():
+    n = 20_000
+    scores = torch.where(torch.arange(n) % 3 == 0, 4.59512, -4.59512)  # a confident state: two values
+    scores[::7] = torch.randn(len(scores[::7]), generator=torch.Generator().manual_seed(0))
+    state = prism_state(scores.tolist())
+    state["synced"] = [None, None, None]
+    plan = method("prism", "train.client_fraction=1.0").plan(state, 1)
+    (message,) = plan.downlinks[0].messages
+    assert message[6] == wire.CODER_PLANES and len(message) < (wire.HEADER.size + 4 * n) / 2
+    assert plan.download_bytes == 3 * len(message)
+    held, replica = prism.catch_up(torch.zeros(n), 0, [message], num_weights=n, table_hash=TABLE)
+    assert held == 0 and torch.equal(replica, state["scores"]) and scores_crc(replica) == plan.downlinks[0].check
+    raw = method("prism", "train.client_fraction=1.0", 'train.broadcast="float32"').plan(state, 1)
+    assert raw.downlinks[0].messages[0][6] == wire.CODER_FLOAT32  # the paper's float broadcast stays raw
+
+
 def test_catch_up_rounds():
     sizes = {1: 10, 2: 20, 3: 30}
     assert prism.catch_up_rounds(3, 3, sizes, 1000) == []

@@ -448,6 +448,11 @@ def test_hostile_coded_states_are_refused():
     for payload, error, says in cases:
         with pytest.raises(error, match=says):
             wire.decode_state(_planes_message(payload, n), num_weights=n, table_hash=TABLE)
+    # clients send their floats raw: a coded state from a client is refused
+    coded = wire.encode_state(_scores(n, 7, 10.0).clamp(-CLAMP, CLAMP), round_=1, table_hash=TABLE, client=2,
+                              coder="auto")  # fmt: skip
+    with pytest.raises(wire.UnexpectedMessage, match="cannot use coder range-planes"):
+        wire.decode_state(coded, num_weights=n, table_hash=TABLE, client=2)
     # histograms and a stream that decode, but to a NaN: refused like a float32 NaN
     nan = np.full(n, CLAMP, np.float32)
     nan[3] = np.nan
@@ -456,13 +461,21 @@ def test_hostile_coded_states_are_refused():
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=600))
-def test_fuzz_coded_state_streams_never_crash(stream):
-    """The histograms of a real state and an arbitrary stream: a WireError or a state that re-encodes."""
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3), st.integers(0, 8),
+       st.booleans())  # fmt: skip
+def test_fuzz_coded_state_streams_never_crash(edits, cut_words, keep_table):
+    """A real state's histograms (or edited ones) and its stream with byte edits and words cut off: a
+    WireError, or a state that re-encodes to the very bytes (with no edit, the message itself)."""
     n = 5000
-    counts, _ = _planes_payload(wire.encode_state(_scores(n, 7, 10.0).clamp(-CLAMP, CLAMP), round_=1,
-                                                  table_hash=TABLE, coder="auto"))  # fmt: skip
-    data = _planes_message(counts.tobytes() + stream[: len(stream) // 4 * 4], n)
+    counts, stream = _planes_payload(wire.encode_state(_scores(n, 7, 10.0).clamp(-CLAMP, CLAMP), round_=1,
+                                                       table_hash=TABLE, coder="auto"))  # fmt: skip
+    payload = bytearray(counts.tobytes() + stream[: len(stream) - 4 * cut_words])
+    for pos, value in edits:
+        at = pos % len(payload)
+        if keep_table and at < wire.PLANE_TABLE:
+            at = wire.PLANE_TABLE + at % (len(payload) - wire.PLANE_TABLE)
+        payload[at] = value
+    data = _planes_message(bytes(payload), n)
     try:
         rnd, values = wire.decode_state(data, num_weights=n, table_hash=TABLE)
     except wire.WireError:

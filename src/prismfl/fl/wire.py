@@ -416,7 +416,8 @@ def encode_state(values: torch.Tensor, *, round_: int, table_hash: int, client: 
 def decode_state(data: bytes, *, num_weights: int, table_hash: int, client: int = SERVER) -> tuple[int, torch.Tensor]:
     """(round, finite float32 values) of a state message from `client` (the server by default)."""
     msg = parse(data, table_hash=table_hash, num_weights=num_weights)
-    expect(msg, kind=KIND_STATE, coders=(CODER_FLOAT32, CODER_PLANES), round_=None, client=client)
+    coders = (CODER_FLOAT32, CODER_PLANES) if client == SERVER else (CODER_FLOAT32,)  # clients send raw floats
+    expect(msg, kind=KIND_STATE, coders=coders, round_=None, client=client)
     if msg.coder == CODER_PLANES:
         values = _planes_decode(msg.payload, num_weights)
     elif len(msg.payload) != 4 * num_weights:

@@ -6,7 +6,7 @@ float32 state when that is smaller.
 
 With a server optimiser (`train.server_momentum` = beta > 0) the global state is the scores and the
 server's velocity: a client's replica holds both (2N float32, scores first), a delta still carries only
-counts + lambda (both sides run the same `aggregate.momentum_step`), and the full state is two float32
+counts + lambda (both sides run the same `aggregate.momentum_step`), and the full state is two state
 messages of the same round, the scores then the velocity.
 """
 
