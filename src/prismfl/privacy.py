@@ -40,9 +40,11 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
     if math.isinf(epsilon):
         return 0.0
     import dp_accounting
+    import numpy as np
 
     try:
-        z = float(dp_accounting.get_sigma_gaussian(epsilon, delta))
+        with np.errstate(all="ignore"):  # extreme (epsilon, delta) overflow inside the search; z is checked below
+            z = float(dp_accounting.get_sigma_gaussian(epsilon, delta))
     except Exception as exc:  # noqa: BLE001 - the accountant's failures all mean "cannot meet this"
         raise ConfigError(f"no Gaussian noise meets epsilon={epsilon}, delta={delta}: {exc}") from None
     if not math.isfinite(z) or z <= 0:
@@ -55,8 +57,10 @@ def spent_epsilon(z: float, delta: float) -> float:
     if z == 0:
         return math.inf
     import dp_accounting
+    import numpy as np
 
-    return float(dp_accounting.get_epsilon_gaussian(z, delta))
+    with np.errstate(all="ignore"):  # as in noise_multiplier: the accountant's own log-space edge cases
+        return float(dp_accounting.get_epsilon_gaussian(z, delta))
 
 
 @dataclass
