@@ -23,6 +23,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from prismfl.errors import ConfigError
@@ -40,7 +41,6 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
     if math.isinf(epsilon):
         return 0.0
     import dp_accounting
-    import numpy as np
 
     try:
         with np.errstate(all="ignore"):  # extreme (epsilon, delta) overflow inside the search; z is checked below
@@ -57,7 +57,6 @@ def spent_epsilon(z: float, delta: float) -> float:
     if z == 0:
         return math.inf
     import dp_accounting
-    import numpy as np
 
     with np.errstate(all="ignore"):  # as in noise_multiplier: the accountant's own log-space edge cases
         return float(dp_accounting.get_epsilon_gaussian(z, delta))
