@@ -181,6 +181,11 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         [*WARM, *DEMO_SCHEDULE, "model.modes=6", "loss.codes_per_step=16"],
     ),
+    # issue 12's schedule lever within the warm start: its lr on a cosine from 0.1 to 0.01 (the demo's row above)
+    "no DP, warm start 1000 cosine, 3 rounds, 3 modes, 16 codes a step": (
+        math.inf,
+        [*WARM, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16", 'train.warm_start_schedule="cosine"'],
+    ),
     "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes, 16 codes a step": secagg(
         10.0, 1, *WARM, *SHRINK_PUBLIC, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16"
     ),

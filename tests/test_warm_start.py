@@ -15,6 +15,7 @@ from conftest import needs_fmnist
 from prismfl import rundir
 from prismfl.config import ConfigError, load_config
 from prismfl.errors import PrismError
+from prismfl.fl import client as fl_client
 from prismfl.fl import engine, simulate, task, wire
 from prismfl.fl.client import ClientState, client_context, exact_stats, local_train, warm_start
 from prismfl.fl.methods.registry import build
@@ -28,6 +29,7 @@ QUIET = {"log": lambda *_: None}
     ("overrides", "says"),
     [
         (["train.warm_start=-1"], "must be >= 0"),
+        (['train.warm_start_schedule="linear"'], "train.warm_start_schedule"),
         (["train.warm_start=20000000"], "over prismfl's limit"),
         (["train.warm_start=10"], "loss.features = 'public'"),  # smoke's features are random: no hold-out
         (['loss.features="public"', "train.warm_start=10", "partition.public_holdout=0"], "public_holdout > 0"),
@@ -132,3 +134,25 @@ def test_scores_that_do_not_decode_stop_the_run_with_one_line():
     setup.warm_start = wire.encode_state(torch.full((n,), 2.0), round_=0, table_hash=th)
     engine.warm_start(method, state, setup, lambda *_: None)
     assert torch.equal(state["scores"], torch.full((n,), 2.0)) and state["synced"] == [None] * 3
+
+
+@needs_fmnist
+def test_the_warm_start_runs_its_own_cosine_then_the_rounds_their_schedule(tmp_path, monkeypatch):
+    """train.warm_start_schedule: one lr per chunk of 100 warm-start steps, cosine over the chunks (250
+    steps: 100, 100, 50 at 0.2, 0.11, 0.02); the rounds keep train.lr_schedule (constant here)."""
+    seen = []
+
+    def recording(*args, cfg, **kwargs):
+        seen.append((cfg.steps, cfg.lr))
+        return local_train(*args, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(fl_client, "local_train", recording)
+    base = [*WARM, "train.lr=0.2", "train.warm_start=250", "train.rounds=1"]
+    cosine = simulate.train(load_config(SMOKE, [*base, 'train.warm_start_schedule="cosine"']), tmp_path / "c", **QUIET)
+    assert seen[:3] == [(100, pytest.approx(0.2)), (100, pytest.approx(0.11)), (50, pytest.approx(0.02))]
+    assert {lr for _, lr in seen[3:]} == {0.2} and {steps for steps, _ in seen[3:]} == {5}
+    seen.clear()
+    const = simulate.train(load_config(SMOKE, base), tmp_path / "k", **QUIET)
+    assert [lr for _, lr in seen] == [0.2] * len(seen) and len(seen) == 3 + len(seen[3:])
+    warm = {name: rundir.load_checkpoint(run)["server"]["scores"] for name, run in (("c", cosine), ("k", const))}
+    assert not torch.equal(warm["c"], warm["k"])

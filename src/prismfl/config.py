@@ -92,6 +92,9 @@ class TrainConfig:
     # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed.
     # Ignored by the baselines, as server_momentum is
     warm_start: int = 0
+    # the warm start's Adam lr over its steps: "constant" (train.lr) or "cosine" (from train.lr down to
+    # train.lr_floor x lr in its last 100 steps, like lr_schedule across rounds)
+    warm_start_schedule: str = "constant"
     final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
@@ -216,6 +219,7 @@ class RunConfig:
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
+        _one_of("train.warm_start_schedule", self.train.warm_start_schedule, ("constant", "cosine"))
         if not 0 < self.train.lr_floor <= 1:
             raise ConfigError(f"train.lr_floor must be in (0, 1], got {self.train.lr_floor}")
         if not 0 <= self.train.server_momentum < 1:

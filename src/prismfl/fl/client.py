@@ -312,10 +312,11 @@ WARM_CHUNK = 100  # steps between the warm start's progress updates
 
 def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
     """Round-0 global scores trained on the public hold-out (train.warm_start): the seed's N(0, 1)
-    scores, then `steps` Adam steps of the run's matching loss against the exact statistics of the
-    public images (no client holds them, so they cost no privacy), every draw from the run's
-    "warm-start" stream. Computed once, where the public images are (the simulator; on Flower the
-    node with partition-id 0), and broadcast to the clients as the full state of round 0.
+    scores, then `steps` Adam steps (at train.lr, or on train.warm_start_schedule) of the run's matching
+    loss against the exact statistics of the public images (no client holds them, so they cost no
+    privacy), every draw from the run's "warm-start" stream. Computed once, where the public images are
+    (the simulator; on Flower the node with partition-id 0), and broadcast to the clients as the full
+    state of round 0.
     Returns the scores as a wire state message of round 0, and what was done (for the model's info)."""
     cfg, idx = ctx.cfg, ctx.fed.public_idx
     if not len(idx):
@@ -326,10 +327,13 @@ def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
     scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)
     state, gen = ClientState(), task.generator_for(cfg.seed, "warm-start", device=ctx.device)
     value, t0 = float("nan"), time.perf_counter()
+    chunks = -(-steps // WARM_CHUNK)
     bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {len(idx):,} public images", unit="x100 steps")
     for done in bar:
+        # train.warm_start_schedule: one learning rate per chunk of 100 steps, as round_lr gives one per round
+        lr = round_lr(cfg.train.lr, done // WARM_CHUNK + 1, chunks, cfg.train.warm_start_schedule, cfg.train.lr_floor)
         result = local_train(ctx.model, scores, loss, ctx.extract, state=state,
-                             cfg=ctx.local_config(min(WARM_CHUNK, steps - done)), generator=gen)  # fmt: skip
+                             cfg=ctx.local_config(min(WARM_CHUNK, steps - done), lr), generator=gen)  # fmt: skip
         scores, value = result.scores, result.loss
         bar.set_postfix(loss=f"{value:.4f}")
         if (done // WARM_CHUNK + 1) % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)
