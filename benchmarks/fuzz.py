@@ -128,8 +128,7 @@ def model_target():
     return seeds, check, reseal_model, ModelFileError
 
 
-def checkpoint_target():
-    tmp = Path(tempfile.mkdtemp(prefix="prismfl-fuzz-"))
+def checkpoint_target(tmp: Path):
     cfg = RunConfig().validate()
     rundir.save_checkpoint(tmp, round_=1, cfg=cfg, transport="simulator", server={"scores": SCORES, "synced": [0]},
                            clients=None, records=[{"round": 1, "loss": 1.0}], model_info={})  # fmt: skip
@@ -144,8 +143,7 @@ def checkpoint_target():
     return seeds, check, lambda d: d, (safestate.StateError, ConfigError)
 
 
-def config_target():
-    tmp = Path(tempfile.mkdtemp(prefix="prismfl-fuzz-"))
+def config_target(tmp: Path):
     root = Path(__file__).resolve().parents[1] / "configs"
     seeds = [(root / name).read_bytes() for name in ("smoke.toml", "fmnist-noniid.toml", "paper-fmnist.toml")]
 
@@ -160,13 +158,19 @@ def config_target():
     return seeds, check, lambda d: d, ConfigError
 
 
-TARGETS = {"upload": lambda: wire_target("upload"), "delta": lambda: wire_target("delta"),
-           "state": lambda: wire_target("state"), "model file": model_target, "checkpoint": checkpoint_target,
-           "config": config_target}  # fmt: skip
+# each target gets a scratch directory for the files its decoder reads, removed after its campaign
+TARGETS = {"upload": lambda _: wire_target("upload"), "delta": lambda _: wire_target("delta"),
+           "state": lambda _: wire_target("state"), "model file": lambda _: model_target(),
+           "checkpoint": checkpoint_target, "config": config_target}  # fmt: skip
 
 
 def campaign(name: str, n: int, seed: int = 0) -> dict:
-    seeds, check, reseal, clean = TARGETS[name]()
+    with tempfile.TemporaryDirectory(prefix="prismfl-fuzz-") as tmp:
+        return _campaign(TARGETS[name](Path(tmp)), name, n, seed)
+
+
+def _campaign(target, name: str, n: int, seed: int) -> dict:
+    seeds, check, reseal, clean = target
     rng = random.Random(f"{seed}:{name}")
     counts = {"tried": 0, "accepted": 0, "clean error": 0, "wrong accept": 0, "crash": 0, "hang": 0}
     examples: dict[str, str] = {}
