@@ -186,6 +186,11 @@ VARIANTS = {  # name: (epsilon, overrides of the conditional demo config)
         math.inf,
         [*WARM, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16", 'train.warm_start_schedule="cosine"'],
     ),
+    # ... and the lr itself, warm start and rounds (a decay settles each class on its typical image: higher?)
+    "no DP, warm start 1000, 3 rounds, 3 modes, 16 codes a step, lr 0.2": (
+        math.inf,
+        [*WARM, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16", "train.lr=0.2"],
+    ),
     "eps 10, secagg, warm start 1000, 3 rounds, shrink public, 3 modes, 16 codes a step": secagg(
         10.0, 1, *WARM, *SHRINK_PUBLIC, *DEMO_SCHEDULE, "model.modes=3", "loss.codes_per_step=16"
     ),
