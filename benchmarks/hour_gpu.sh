@@ -6,6 +6,7 @@
 # Figures: docs/quality.md "One hour on a CPU". Reads .dev/ (benchmarks/gpu_setup.sh says what).
 #   TRAIN_S=430 bash benchmarks/hour_gpu.sh
 #   ONLY="E G" TRAIN_S=330 bash benchmarks/hour_gpu.sh
+#   ONLY=G SEEDS="0 1 2" TRAIN_S=330 bash benchmarks/hour_gpu.sh   (one run a seed: G-s0, G-s1, G-s2)
 # LOCAL=1 PY=.venv/bin/python TRAIN_S=60 EXTRA="--set train.local_steps=3 --set train.warm_start=5 --set train.rounds=2"
 #   bash benchmarks/hour_gpu.sh   runs it here (a CPU check of the script itself).
 set -u
@@ -29,6 +30,11 @@ declare -A RUN=(
 for name in "${!RUN[@]}"; do  # ONLY="E G": just these runs (default: A to D)
   case " ${ONLY:-A B C D} " in *" $name "*) ;; *) unset "RUN[$name]" ;; esac
 done
+if [ -n "${SEEDS:-}" ]; then  # SEEDS="0 1 2": each candidate once a seed, named NAME-sS
+  for name in "${!RUN[@]}"; do
+    for s in $SEEDS; do RUN[$name-s$s]="${RUN[$name]} --set seed=$s"; done; unset "RUN[$name]"
+  done
+fi
 for name in "${!RUN[@]}"; do  # background jobs of a script ignore SIGINT: SIGTERM keeps the last round's checkpoint
   eval timeout -k 20 $TRAIN_S $PY -m prismfl.cli train -c configs/fmnist-hour.toml --set train.device=\"$DEV\" \
     ${RUN[$name]} ${EXTRA:-} --out $RUNS/$name -q > $OUT/$name.train.log 2>&1 &
