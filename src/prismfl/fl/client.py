@@ -330,13 +330,14 @@ def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
     chunks = -(-steps // WARM_CHUNK)
     bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {len(idx):,} public images", unit="x100 steps")
     for done in bar:
+        chunk = done // WARM_CHUNK + 1
         # train.warm_start_schedule: one learning rate per chunk of 100 steps, as round_lr gives one per round
-        lr = round_lr(cfg.train.lr, done // WARM_CHUNK + 1, chunks, cfg.train.warm_start_schedule, cfg.train.lr_floor)
+        lr = round_lr(cfg.train.lr, chunk, chunks, cfg.train.warm_start_schedule, cfg.train.lr_floor)
         result = local_train(ctx.model, scores, loss, ctx.extract, state=state,
                              cfg=ctx.local_config(min(WARM_CHUNK, steps - done), lr), generator=gen)  # fmt: skip
         scores, value = result.scores, result.loss
         bar.set_postfix(loss=f"{value:.4f}")
-        if (done // WARM_CHUNK + 1) % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)
+        if chunk % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)
             progress_line(f"warm start: {done + WARM_CHUNK:,}/{steps:,} steps, loss {value:.4f}")
     info = {"steps": steps, "images": len(idx), "loss": value, "seconds": round(time.perf_counter() - t0, 1)}
     return wire.encode_state(scores.cpu(), round_=0, table_hash=ctx.table_hash), info
