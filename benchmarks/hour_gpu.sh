@@ -7,7 +7,7 @@
 #   TRAIN_S=430 bash benchmarks/hour_gpu.sh
 #   ONLY="E G" TRAIN_S=330 bash benchmarks/hour_gpu.sh
 #   ONLY=G SEEDS="0 1 2" TRAIN_S=330 bash benchmarks/hour_gpu.sh   (one run a seed: G-s0, G-s1, G-s2)
-# LOCAL=1 PY=.venv/bin/python TRAIN_S=60 EXTRA="--set train.local_steps=3 --set train.warm_start=5 --set train.rounds=2"
+# LOCAL=1 PY=.venv/bin/python TRAIN_S=240 EXTRA="--set train.local_steps=3 --set train.warm_start=5 --set train.rounds=2"
 #   bash benchmarks/hour_gpu.sh   runs it here (a CPU check of the script itself).
 set -u
 T0=$(date +%s)
@@ -16,16 +16,17 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 RUNS=/tmp/hour; rm -rf $RUNS; mkdir -p $RUNS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}  # several runs side by side
 source benchmarks/gpu_setup.sh
-# each candidate as screened, against configs/fmnist-hour.toml (which is E): A to D ran with a constant lr
+# each candidate as screened, against configs/fmnist-hour.toml (which is G since 2026-11-27 evening, E before):
+# A to D ran with a constant lr
 F64="--set loss.feature_width=64"
 CONST="--set train.lr_schedule=\"constant\""
 declare -A RUN=(
   [A]="$CONST --set train.warm_start=3000 --set train.rounds=18"                                # the first draft
   [B]="$CONST $F64 --set train.warm_start=1500 --set train.rounds=7"                            # x2.3 A's step
   [C]="$CONST $F64 --set train.batch_size=64 --set train.warm_start=2000 --set train.rounds=12"  # x1.5 A's step
-  [D]="$CONST"                                                                                  # a longer warm start
-  [E]=""                                                                                        # the configuration
-  [G]="--set train.warm_start=8000 --set train.rounds=6"                                        # longer still
+  [D]="$CONST --set train.warm_start=6000 --set train.rounds=10"                                # a longer warm start
+  [E]="--set train.warm_start=6000 --set train.rounds=10"                                       # the first choice
+  [G]=""                                                                                        # longer still: the configuration
 )
 for name in "${!RUN[@]}"; do  # ONLY="E G": just these runs (default: A to D)
   case " ${ONLY:-A B C D} " in *" $name "*) ;; *) unset "RUN[$name]" ;; esac
