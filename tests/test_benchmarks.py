@@ -106,3 +106,30 @@ def test_temperature_screen_scales_only_the_noise():
     wide, wide_labels = temperature.scaled_sample(net, 12, 4, 2.0)
     assert torch.equal(wide_labels, labels) and not torch.allclose(wide, images)
     assert torch.randn is randn  # restored
+
+
+def test_the_probability_space_step_moves_probabilities_by_hand_computed_amounts():
+    """benchmarks/server_space.py: p' = clamp(p + step (beta v + theta_hat - p)), and MADA's blend of
+    probabilities; importing it patches nothing (only running it as a script does)."""
+    import math
+
+    import torch
+
+    from prismfl.fl import aggregate
+
+    blend, momentum_step = aggregate.blend, aggregate.momentum_step
+    space = load("server_space")
+    assert aggregate.blend is blend and aggregate.momentum_step is momentum_step
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    old = torch.tensor([0.0, logit(0.9), 0.0])  # p = 0.5, 0.9, 0.5
+    proposal = torch.tensor([logit(0.8), logit(0.01), logit(0.99)])
+    velocity = torch.tensor([0.1, 0.0, 0.0])
+    new, v = space.momentum_step(old, proposal, velocity, 0.5, 0.5, 0.01)
+    # v = 0.5 * [0.1, 0, 0] + [0.3, -0.89, 0.49]; p' = p + 0.5 v = [0.675, 0.455, 0.745]
+    assert torch.allclose(v, torch.tensor([0.35, -0.89, 0.49]), atol=1e-6)
+    assert torch.allclose(torch.sigmoid(new), torch.tensor([0.675, 0.455, 0.745]), atol=1e-6)
+    clamped, _ = space.momentum_step(old, proposal, torch.tensor([0.0, 0.0, 2.0]), 1.0, 1.0, 0.01)
+    assert torch.sigmoid(clamped)[2].item() == pytest.approx(0.99, abs=1e-6)  # 0.5 + 2.49, held at 1 - s
+    mixed = space.blend(old, proposal, 0.25)  # 0.25 theta_hat + 0.75 p
+    assert torch.allclose(torch.sigmoid(mixed), torch.tensor([0.575, 0.6775, 0.6225]), atol=1e-6)
+    assert space.blend(old, proposal, None) is proposal  # no MADA: the proposal itself
