@@ -109,8 +109,8 @@ def test_temperature_screen_scales_only_the_noise():
 
 
 def test_the_probability_space_step_moves_probabilities_by_hand_computed_amounts():
-    """benchmarks/server_space.py: p' = clamp(p + step (beta v + theta_hat - p)), and MADA's blend of
-    probabilities; importing it patches nothing (only running it as a script does)."""
+    """benchmarks/server_step.py --step probability: p' = clamp(p + step (beta v + theta_hat - p)), and
+    MADA's blend of probabilities; importing it patches nothing (only running it as a script does)."""
     import math
 
     import torch
@@ -118,18 +118,38 @@ def test_the_probability_space_step_moves_probabilities_by_hand_computed_amounts
     from prismfl.fl import aggregate
 
     blend, momentum_step = aggregate.blend, aggregate.momentum_step
-    space = load("server_space")
+    space = load("server_step")
     assert aggregate.blend is blend and aggregate.momentum_step is momentum_step
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     old = torch.tensor([0.0, logit(0.9), 0.0])  # p = 0.5, 0.9, 0.5
     proposal = torch.tensor([logit(0.8), logit(0.01), logit(0.99)])
     velocity = torch.tensor([0.1, 0.0, 0.0])
-    new, v = space.momentum_step(old, proposal, velocity, 0.5, 0.5, 0.01)
+    new, v = space.probability_momentum_step(old, proposal, velocity, 0.5, 0.5, 0.01)
     # v = 0.5 * [0.1, 0, 0] + [0.3, -0.89, 0.49]; p' = p + 0.5 v = [0.675, 0.455, 0.745]
     assert torch.allclose(v, torch.tensor([0.35, -0.89, 0.49]), atol=1e-6)
     assert torch.allclose(torch.sigmoid(new), torch.tensor([0.675, 0.455, 0.745]), atol=1e-6)
-    clamped, _ = space.momentum_step(old, proposal, torch.tensor([0.0, 0.0, 2.0]), 1.0, 1.0, 0.01)
+    clamped, _ = space.probability_momentum_step(old, proposal, torch.tensor([0.0, 0.0, 2.0]), 1.0, 1.0, 0.01)
     assert torch.sigmoid(clamped)[2].item() == pytest.approx(0.99, abs=1e-6)  # 0.5 + 2.49, held at 1 - s
-    mixed = space.blend(old, proposal, 0.25)  # 0.25 theta_hat + 0.75 p
+    mixed = space.probability_blend(old, proposal, 0.25)  # 0.25 theta_hat + 0.75 p
     assert torch.allclose(torch.sigmoid(mixed), torch.tensor([0.575, 0.6775, 0.6225]), atol=1e-6)
-    assert space.blend(old, proposal, None) is proposal  # no MADA: the proposal itself
+    assert space.probability_blend(old, proposal, None) is proposal  # no MADA: the proposal itself
+
+
+def test_the_server_adam_screen_takes_bias_corrected_steps():
+    """benchmarks/server_step.py --step adam, two rounds by hand (beta 0.5, beta2 0.5, eta 2, tau 1)."""
+    import math
+
+    import torch
+
+    adam = load("server_step").ServerAdam(eta=2.0, tau=1.0, beta2=0.5)
+    s, m = torch.tensor([0.0, 1.0]), torch.zeros(2)
+    s1, m = adam(s, torch.tensor([3.0, -1.0]), m, 0.5, 0.5, 0.01)  # g = [3, -2]
+    # m = [1.5, -1], m_hat = [3, -2]; u = [4.5, 2], u_hat = [9, 4]; s += 2 * 0.5 * m_hat / (sqrt(u_hat) + 1)
+    assert torch.allclose(m, torch.tensor([1.5, -1.0])) and torch.allclose(s1, torch.tensor([0.75, 1 / 3]))
+    s2, m = adam(s1, torch.tensor([0.75, 10.0]), m, 0.5, 1.0, 0.01)  # g = [0, 29 / 3]
+    # m = [0.75, 13 / 3], m_hat = m / 0.75; u = [2.25, 1 + (29 / 3)^2 / 2], u_hat = u / 0.75
+    u_hat = (1 + (29 / 3) ** 2 / 2) / 0.75
+    expected = torch.tensor([0.75 + 2 / (3**0.5 + 1), 1 / 3 + 2 * (13 / 3 / 0.75) / (u_hat**0.5 + 1)])
+    assert torch.allclose(m, torch.tensor([0.75, 13 / 3])) and torch.allclose(s2, expected, atol=1e-6)
+    s3, _ = adam(s2, torch.tensor([40.0, 10.0]), m, 0.5, 10.0, 0.01)  # a large step is held at logit(0.99)
+    assert s3[0].item() == pytest.approx(math.log(99), abs=1e-5)
