@@ -37,7 +37,7 @@ from prismfl.fl import aggregate
 
 def probability_momentum_step(global_scores, proposal, velocity, beta, step, smoothing):
     """aggregate.momentum_step with the pseudo-gradient and the step in probability space."""
-    floor = smoothing if smoothing > 0 else aggregate.PROB_FLOOR
+    floor = aggregate.probability_floor(smoothing)
     p_old, p_hat = torch.sigmoid(global_scores.double()), torch.sigmoid(proposal.double())
     velocity = beta * velocity + (p_hat - p_old).to(velocity.dtype)
     p_new = (p_old + step * velocity.double()).clamp(floor, 1 - floor)
@@ -66,7 +66,7 @@ class ServerAdam:
         self.second = (1 - self.beta2) * g * g + (0 if self.second is None else self.beta2 * self.second)
         self.t += 1
         m_hat, u_hat = first / (1 - beta**self.t), self.second / (1 - self.beta2**self.t)
-        bound = torch.logit(torch.tensor(1.0 - max(smoothing, aggregate.PROB_FLOOR), dtype=torch.float64)).item()
+        bound = aggregate.logit_bound(smoothing)
         new = global_scores + self.eta * step * m_hat / (u_hat.sqrt() + self.tau)
         return new.clamp(-bound, bound), first
 

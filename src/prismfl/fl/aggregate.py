@@ -92,6 +92,17 @@ def blend(global_scores: torch.Tensor, aggregate: torch.Tensor, lam: float | Non
     return lam * aggregate + (1.0 - lam) * global_scores
 
 
+def probability_floor(smoothing: float) -> float:
+    """The least probability a global state holds: the smoothing, or PROB_FLOOR without it."""
+    return smoothing if smoothing > 0 else PROB_FLOOR
+
+
+def logit_bound(smoothing: float) -> float:
+    """The largest |logit| a global score holds: logit(1 - probability_floor(smoothing))."""
+    floor = probability_floor(smoothing)
+    return math.log((1.0 - floor) / floor)
+
+
 def momentum_step(global_scores: torch.Tensor, aggregate: torch.Tensor, velocity: torch.Tensor, beta: float,
                   step: float, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """A server optimiser on the global scores (FedAvgM, heavy ball, in logit space): the round's
@@ -100,7 +111,7 @@ def momentum_step(global_scores: torch.Tensor, aggregate: torch.Tensor, velocity
     MADA's lambda (1 without MADA); beta = 0 is the plain blend up to float rounding.
     Returns (s_next, v)."""
     velocity = beta * velocity + (aggregate - global_scores)
-    bound = math.log((1.0 - smoothing) / smoothing) if smoothing > 0 else math.log((1 - PROB_FLOOR) / PROB_FLOOR)
+    bound = logit_bound(smoothing)
     return (global_scores + step * velocity).clamp(-bound, bound), velocity
 
 
