@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--every", type=int, default=500)
     p.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS, separated by ','")
-    p.add_argument("--config", default="configs/fmnist-noniid.toml")
+    p.add_argument("--config", default="configs/fmnist-public.toml")
     p.add_argument("--out", default="")
     p.add_argument("--grids", default="", help="folder for a sample grid per variant and checkpoint")
     a = p.parse_args()

@@ -32,7 +32,7 @@ from prismfl.eval.evaluate import evaluate_file, evaluate_reference
 from prismfl.fl import simulate
 from prismfl.progress import set_enabled
 
-CONFIG = "configs/fmnist-noniid.toml"
+CONFIG = "configs/fmnist-public.toml"
 # every row runs the demo as it was when these rows were measured (12 rounds, no server momentum, the
 # plain public feature net), so a row's figures stay reproducible when the demo's defaults move; a row's
 # own overrides come after

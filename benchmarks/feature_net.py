@@ -26,7 +26,7 @@ from prismfl.supervised import predict
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/fmnist-noniid.toml")
+    p.add_argument("--config", default="configs/fmnist-public.toml")
     p.add_argument("--recipes", default=",".join(FEATURE_TRAINING))
     p.add_argument("--out", default="docs/benchmarks/quality/feature-net.json")
     a = p.parse_args()
@@ -42,7 +42,7 @@ def main() -> None:
         cfg = load_config(a.config, [f'loss.feature_training="{recipe}"'])
         args = task.feature_training(cfg)
         t0 = time.perf_counter()
-        net = task.train_public_net(cfg, fed, desc=f"public feature net ({recipe})")
+        net = task.train_public_net(cfg, *task.public_feature_data(cfg, fed)[:2], desc=f"public feature net ({recipe})")
         seconds = time.perf_counter() - t0
         accuracy = float((predict(net, test_images).argmax(1) == test_labels).float().mean())
         rows.append({"recipe": recipe, **args, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1)})

@@ -1,6 +1,6 @@
 """Federated variants of the demo, trained side by side and scored the same way.
 
-Each variant is configs/fmnist-noniid.toml plus overrides; its final exported model is scored by
+Each variant is configs/fmnist-public.toml plus overrides; its final exported model is scored by
 the domain classifier (domain FID of --samples samples vs as many test images, confident share,
 class histogram). Results are appended to --out as they finish, so the sweep can be stopped and
 rerun (finished variants are skipped).
@@ -73,7 +73,7 @@ PINNED = [
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="configs/fmnist-noniid.toml")
+    p.add_argument("--config", default="configs/fmnist-public.toml")
     p.add_argument("--only", default="")
     p.add_argument("--set", action="append", default=[], help="override applied to every variant")
     p.add_argument("--samples", type=int, default=2000)

@@ -1,6 +1,6 @@
 """Hostile clients and lost uploads on the demo federation: domain FID with plain and robust aggregation.
 
-Each cell is a run of configs/fmnist-noniid.toml with every one of the 10 clients in every round
+Each cell is a run of configs/fmnist-public.toml with every one of the 10 clients in every round
 (so that 10 / 20 / 30 % of a round are 1 / 2 / 3 clients), fewer rounds and local steps (a CPU
 budget), and the faults of the cell, evaluated on 5,000 samples. Cells already evaluated are read
 back, so an interrupted campaign resumes. Run:
@@ -53,7 +53,7 @@ def run_cell(name: str, overrides: list[str], root: Path, samples: int) -> dict:
     done = out / "robustness.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fmnist-noniid.toml", [*BASE, *overrides])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fmnist-public.toml", [*BASE, *overrides])
     resume = (out / rundir.CHECKPOINT).exists()
     simulate.train(cfg, out, resume=resume, log=lambda *_: None)
     images = modelfile.sample(modelfile.materialize(modelfile.load(out / rundir.MODEL)), samples)

@@ -70,7 +70,7 @@ def step_setup(overrides: list[str], batch: int, conditional: bool = False) -> d
     """Generator, feature net (with the config's optional layers), loss and scores of one variant."""
     # the unconditional generator, as measured before the demo became class-conditional (issue 15)
     first = [*BEFORE_MODES] if conditional else [*BEFORE_MODES, "model.conditional=false"]
-    cfg = load_config("configs/fmnist-noniid.toml", [*first, f"train.batch_size={batch}", *overrides])
+    cfg = load_config("configs/fmnist-public.toml", [*first, f"train.batch_size={batch}", *overrides])
     size = cfg.data.resize or 28
     net = task.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1

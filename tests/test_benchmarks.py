@@ -49,16 +49,16 @@ def test_variant_tables_name_real_config_keys():
         for overrides in load(name).VARIANTS.values():
             # as the scripts load them: the unconditional demo, cold, plus the variant (raises on a bad key or value)
             load_config(
-                ROOT / "configs" / "fmnist-noniid.toml",
+                ROOT / "configs" / "fmnist-public.toml",
                 [*load("steps").BEFORE_MODES, "model.conditional=false", "train.warm_start=0", *overrides],
             )
     conditional = load("conditional")
     for _, overrides in conditional.VARIANTS.values():
         if overrides is not None:  # as the script loads them: its pinned settings, then the row's
-            load_config(ROOT / "configs" / "fmnist-noniid.toml", [*conditional.BASE, *overrides])
+            load_config(ROOT / "configs" / "fmnist-public.toml", [*conditional.BASE, *overrides])
     sweep = load("fed_sweep")
     for overrides in sweep.VARIANTS.values():
-        load_config(ROOT / "configs" / "fmnist-noniid.toml", [*sweep.PINNED, *overrides])
+        load_config(ROOT / "configs" / "fmnist-public.toml", [*sweep.PINNED, *overrides])
 
 
 def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():

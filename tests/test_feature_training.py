@@ -83,7 +83,7 @@ def test_the_public_net_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
 
     def weights(run_cfg, global_seed):
         torch.manual_seed(global_seed)
-        net = task.train_public_net(run_cfg, fed)
+        net = task.train_public_net(run_cfg, *task.public_feature_data(run_cfg, fed)[:2])
         assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(global_seed)))
         return torch.cat([p.detach().flatten() for p in net.parameters()])
 

@@ -14,7 +14,7 @@ from prismfl.errors import PrismError
 from prismfl.fl import task
 from prismfl.shipped import WEIGHTS, Shipped, WeightsError
 
-DEMO = "configs/fmnist-noniid.toml"
+DEMO = "configs/fmnist-public.toml"  # the privileged setting: its public net ships
 ((KEY, NET),) = task.SHIPPED_PUBLIC_NETS.items()
 
 

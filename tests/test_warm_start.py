@@ -31,7 +31,17 @@ QUIET = {"log": lambda *_: None}
         (["train.warm_start=-1"], "must be >= 0"),
         (['train.warm_start_schedule="linear"'], "train.warm_start_schedule"),
         (["train.warm_start=20000000"], "over prismfl's limit"),
-        (["train.warm_start=10"], "loss.features = 'public'"),  # smoke's features are random: no hold-out
+        # without public images the warm start trains on the clients' pooled statistics, which secagg hides
+        (
+            [
+                "train.warm_start=10",
+                "privacy.epsilon=1",
+                "privacy.pool=1",
+                "privacy.secagg=true",
+                'privacy.pool_classes="all"',
+            ],
+            "privacy.secagg hides",
+        ),
         (['loss.features="public"', "train.warm_start=10", "partition.public_holdout=0"], "public_holdout > 0"),
     ],
 )

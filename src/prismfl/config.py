@@ -54,6 +54,10 @@ class LossConfig:
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
     vgg_weights: str = ""
+    # what the public feature net (features = "public") learns from: "holdout", partition.public_holdout images
+    # of the clients' own distribution (a privileged setting: compare with --method public), or a dataset of
+    # another distribution that no client holds, all of its training split ("mnist" for FashionMNIST clients)
+    feature_data: str = "holdout"
     # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before),
     # "one-cycle" (15 epochs of one-cycle AdamW) or "augmented" (30 such epochs of mirrored, shifted images)
     feature_training: str = "plain"
@@ -160,8 +164,10 @@ class RunConfig:
 
     def public_images(self) -> int:
         """How many training images the run holds out as public (the public feature net's, which no client
-        holds): partition.public_holdout with loss.features = "public", otherwise none."""
-        return self.partition.public_holdout if self.loss.features == "public" else 0
+        holds): partition.public_holdout with loss.features = "public" on loss.feature_data = "holdout",
+        otherwise none."""
+        in_distribution = self.loss.features == "public" and self.loss.feature_data == "holdout"
+        return self.partition.public_holdout if in_distribution else 0
 
     def arch_spec(self):
         """The generator this configuration builds (model.generators.ArchSpec), not yet validated."""
@@ -187,12 +193,18 @@ class RunConfig:
         _one_of("model.arch", self.model.arch, ARCHITECTURES)
         _one_of("model.estimator", self.model.estimator, ESTIMATORS)
         _one_of("loss.features", self.loss.features, FEATURE_NETS)
+        _one_of("loss.feature_data", self.loss.feature_data, ("holdout", *DATASETS))
+        if self.loss.feature_data == self.data.dataset:
+            raise ConfigError(f"loss.feature_data = {self.loss.feature_data!r} is the clients' own dataset: its public "
+                              "images are partition.public_holdout's, set loss.feature_data = 'holdout'")  # fmt: skip
+        if self.loss.feature_data != "holdout" and self.loss.features != "public":
+            raise ConfigError("loss.feature_data names the public feature net's data: set loss.features = 'public'")
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
         if not 0 <= self.loss.pca <= 256:
             raise ConfigError(f"loss.pca must be an integer in 0..256 (principal components), got {self.loss.pca}")
-        if self.loss.pca and self.loss.features != "public":
+        if self.loss.pca and not self.public_images():
             raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
                               "= 'public'")  # fmt: skip
         if not 0 <= self.loss.rff <= 65536:
@@ -303,14 +315,17 @@ class RunConfig:
         if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
                               "leave privacy.epsilon unset")  # fmt: skip
-        if self.model.modes > 1 and not self.public_images():
-            raise ConfigError("model.modes > 1 fits its modes on the public hold-out, which exists with "
-                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
+        if self.model.modes > 1 and not self.public_images() and not math.isinf(self.privacy.epsilon):
+            raise ConfigError("without public images the modes come from the clients' moment sums, which are not "
+                              "released under privacy.epsilon yet: set model.modes = 1 (and loss.codes_per_step "
+                              "<= 10) or give a public hold-out")  # fmt: skip
         if self.train.warm_start < 0:
             raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
         # (prism only: the baselines ignore it, as they ignore the server momentum)
-        if self.train.warm_start and self.train.method == "prism" and not self.public_images():
-            raise ConfigError(f"train.warm_start {needs_holdout}")
+        if self.train.warm_start and self.train.method == "prism" and not self.public_images() and self.privacy.secagg:
+            raise ConfigError("train.warm_start without public images trains on the clients' pooled statistics, "
+                              "which privacy.secagg hides from everyone until the rounds start: set "
+                              "train.warm_start = 0 or give a public hold-out")  # fmt: skip
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
         if not 0 < self.train.client_fraction <= 1:
@@ -336,10 +351,11 @@ class RunConfig:
             raise ConfigError(
                 "loss.features = 'vgg19bn' needs loss.vgg_weights: the path of torchvision's vgg19_bn state_dict"
             )
-        if self.loss.features == "public" and self.partition.public_holdout == 0:
+        if self.loss.features == "public" and self.loss.feature_data == "holdout" and not self.public_images():
             raise ConfigError(
-                "loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0 "
-                "or use loss.features = 'random'"
+                "loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0, "
+                "or name a public dataset of another distribution (loss.feature_data = 'mnist'), or use "
+                "loss.features = 'random'"
             )
         return self
 

@@ -70,3 +70,49 @@ def fit_modes(images: np.ndarray, labels: np.ndarray, num_classes: int, k: int, 
         bases.append(basis)
         centres.append(centre)
     return Modes(k, means, bases, centres)
+
+
+MODE_POOL = 2  # the federation's modes look at images average-pooled 2 x 2 (a 28 x 28 image: 196 values)
+
+
+def pooled_pixels(images: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Images (N, C, H, W) times `scale`, average-pooled MODE_POOL x MODE_POOL and flattened, float64."""
+    n, c, h, w = images.shape
+    p = MODE_POOL
+    x = images.astype(np.float64).reshape(n, c, h // p, p, w // p, p).mean((3, 5)) * scale
+    return x.reshape(n, -1)
+
+
+def moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, scale: float = 1.0) -> dict:
+    """What a client releases for the federation's modes: per class its image count, the sum of its pooled
+    images (classes, d) and of their outer products (classes, d, d), float64. Summed over clients, they
+    are the federation's per-class means and covariances at that resolution."""
+    x, labels = pooled_pixels(images, scale), np.asarray(labels, dtype=np.int64)
+    d = x.shape[1]
+    sums = {"counts": np.zeros(num_classes), "sums": np.zeros((num_classes, d)), "outer": np.zeros((num_classes, d, d))}
+    for c in range(num_classes):
+        xc = x[labels == c]
+        sums["counts"][c], sums["sums"][c], sums["outer"][c] = len(xc), xc.sum(0), xc.T @ xc
+    return sums
+
+
+def principal_modes(sums: dict, k: int, shape: tuple[int, int, int]) -> Modes:
+    """K modes per class from the federation's summed moments (moment_sums over every client): K slices
+    along the class's first principal direction (of its pooled images), each centred at the mean of its
+    slice of a Gaussian of that direction's variance (the slices hold about equal shares of the class). No
+    image is needed: only the sums the clients released. A class with fewer than 2k images keeps one mode."""
+    from scipy.stats import norm
+
+    c_, h, w = shape
+    p = MODE_POOL
+    edges = norm.ppf(np.arange(k + 1) / k)  # -inf, the k - 1 quantiles, inf
+    unit = (norm.pdf(edges[:-1]) - norm.pdf(edges[1:])) * k  # each slice's mean, in standard deviations
+    means, bases, centres = [], [], []
+    for n, s, o in zip(sums["counts"], sums["sums"], sums["outer"]):
+        mean = s / max(n, 1.0)
+        vals, vecs = np.linalg.eigh(o / max(n, 1.0) - np.outer(mean, mean))
+        up = lambda v: np.repeat(np.repeat(v.reshape(c_, h // p, w // p), p, 1), p, 2).reshape(-1)  # noqa: E731
+        means.append(up(mean))
+        bases.append((up(vecs[:, -1]) / (p * p))[:, None])  # x . basis = the pooled image's coordinate
+        centres.append(unit[:, None] * np.sqrt(max(vals[-1], 0.0)) if k > 1 and n >= 2 * k else None)
+    return Modes(k, means, bases, centres)

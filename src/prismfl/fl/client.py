@@ -310,25 +310,30 @@ def exact_stats(ctx: ClientContext, images: torch.Tensor, labels: torch.Tensor |
 WARM_CHUNK = 100  # steps between the warm start's progress updates
 
 
-def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
-    """Round-0 global scores trained on the public hold-out (train.warm_start): the seed's N(0, 1)
-    scores, then `steps` Adam steps (at train.lr, or on train.warm_start_schedule) of the run's matching
-    loss against the exact statistics of the public images (no client holds them, so they cost no
-    privacy), every draw from the run's "warm-start" stream. Computed once, where the public images are
-    (the simulator; on Flower the node with partition-id 0), and broadcast to the clients as the full
-    state of round 0.
+def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = None) -> tuple[bytes, dict]:
+    """Round-0 global scores (train.warm_start): the seed's N(0, 1) scores, then `steps` Adam steps (at
+    train.lr, or on train.warm_start_schedule) of the run's matching loss against the exact statistics of
+    the public hold-out (no client holds them: no privacy cost) or, without one, against `pooled`, the
+    federation's pooled statistics (the sum of the clients' releases: with privacy, post-processing of
+    them); every draw from the run's "warm-start" stream. Computed once, at the server (the simulator; on
+    Flower the node with partition-id 0), and broadcast to the clients as the full state of round 0.
     Returns the scores as a wire state message of round 0, and what was done (for the model's info)."""
     cfg, idx = ctx.cfg, ctx.fed.public_idx
-    if not len(idx):
-        raise PrismError("train.warm_start needs the public hold-out (partition.public_holdout > 0)")
     classes = task.arch_spec(cfg).codes
-    stats = exact_stats(ctx, ctx.fed.images(idx), ctx.fed.labels(idx) if classes else None, classes)
+    if len(idx):
+        labels = ctx.fed.labels(idx) if classes else None
+        stats, source = exact_stats(ctx, ctx.fed.images(idx), labels, classes), "public"
+    elif pooled is not None:
+        stats, source = pooled, "pooled"
+    else:
+        raise PrismError("train.warm_start needs the public hold-out or the clients' pooled statistics")
     loss = task.client_loss(cfg, stats, ctx.device)
     scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)
     state, gen = ClientState(), task.generator_for(cfg.seed, "warm-start", device=ctx.device)
     value, t0 = float("nan"), time.perf_counter()
     chunks = -(-steps // WARM_CHUNK)
-    bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {len(idx):,} public images", unit="x100 steps")
+    what = f"{len(idx):,} public images" if source == "public" else f"the clients' pooled statistics ({stats.count:,})"
+    bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {what}", unit="x100 steps")
     for done in bar:
         chunk = done // WARM_CHUNK + 1
         # train.warm_start_schedule: one learning rate per chunk of 100 steps, as round_lr gives one per round
@@ -339,5 +344,12 @@ def warm_start(ctx: ClientContext, steps: int) -> tuple[bytes, dict]:
         bar.set_postfix(loss=f"{value:.4f}")
         if chunk % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)
             progress_line(f"warm start: {done + WARM_CHUNK:,}/{steps:,} steps, loss {value:.4f}")
-    info = {"steps": steps, "images": len(idx), "loss": value, "seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "steps": steps,
+        "images": len(idx) if source == "public" else stats.count,
+        "loss": value,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if source == "pooled":  # (a public warm start's record is as it always was)
+        info["source"] = "the clients' pooled statistics"
     return wire.encode_state(scores.cpu(), round_=0, table_hash=ctx.table_hash), info

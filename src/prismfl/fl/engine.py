@@ -221,7 +221,8 @@ def warm_start(method: Method, state: dict, setup: Setup, log) -> None:
     except wire.WireError as exc:
         raise PrismError(f"the warm-start scores do not decode: {type(exc).__name__}: {exc}") from None
     info = setup.warm_info or {}
-    log(f"warm start: {info.get('steps', 0):,} steps on {info.get('images', 0):,} public images "
+    on = info.get("source", f"{info.get('images', 0):,} public images")
+    log(f"warm start: {info.get('steps', 0):,} steps on {on} "
         f"(loss {info.get('loss', float('nan')):.4f}, {info.get('seconds', 0.0):.0f} s); every client gets "
         "these scores as the full state of round 0")  # fmt: skip
 

@@ -27,6 +27,7 @@ from prismfl.fl.client import (
 )
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
+from prismfl.loss.matching import combine_stats
 from prismfl.progress import bar as progress_bar
 from prismfl.safestate import StateError
 
@@ -67,8 +68,12 @@ class InProcess:
         shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
                   if c.shared is not None}  # fmt: skip
         warm, warm_info = None, None
-        if checkpoint is None and cfg.train.warm_start and method.warm_starts:  # public images: no privacy cost
-            warm, warm_info = warm_start(ctx, cfg.train.warm_start)
+        if checkpoint is None and cfg.train.warm_start and method.warm_starts:
+            # on the public images (no privacy cost), or else on the clients' pooled statistics: the sum of
+            # what each released, which the server would learn from them as one more message
+            held = [c.stats for c in self.clients.values() if c.stats is not None]
+            pooled = None if len(ctx.fed.public_idx) else combine_stats(held)
+            warm, warm_info = warm_start(ctx, cfg.train.warm_start, pooled)
         target = ctx.shrink_target() if cfg.privacy.secagg and checkpoint is None else None  # the server shrinks
         return Setup(
             num_weights=ctx.num_weights,

@@ -91,13 +91,20 @@ class Federation:
     @cached_property
     def codes(self) -> np.ndarray:
         """Every training image's condition code under model.modes (data/modes.py): the modes are fitted on
-        the public images; a client computes its own images' codes from them (in one process: all at once)."""
-        from prismfl.data.modes import fit_modes
+        the public images or, without them, taken from the moments the clients release (principal_modes);
+        a client computes its own images' codes from them (in one process: all at once)."""
+        from prismfl.data.modes import fit_modes, moment_sums, principal_modes
 
-        pub = self.public_idx
-        modes = fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, self.cfg.model.modes,
-                          derived_seed(self.cfg.seed, "modes"), scale=1 / 255)  # fmt: skip
-        return modes.codes(self.train.images, self.train.labels, scale=1 / 255)
+        pub, k, scale = self.public_idx, self.cfg.model.modes, 1 / 255
+        if len(pub):
+            modes = fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, k,
+                              derived_seed(self.cfg.seed, "modes"), scale=scale)  # fmt: skip
+        else:  # the server sums what each client released: its per-class counts, sums and outer products
+            parts = [moment_sums(self.train.images[i], self.train.labels[i], self.num_classes, scale)
+                     for i in self.parts]  # fmt: skip
+            summed = {key: sum(part[key] for part in parts) for key in parts[0]}
+            modes = principal_modes(summed, k, self.train.images.shape[1:])
+        return modes.codes(self.train.images, self.train.labels, scale=scale)
 
 
 def prepare_federation(cfg: RunConfig) -> Federation:
@@ -203,10 +210,10 @@ PUBLIC_EPOCHS = 10
 # machines trained different nets for one seed; the figures measured before 2026-11-26 afternoon used 1)
 PUBLIC_NET_VERSION = 2
 PUBLIC_NET = "the public feature net"
-# Public feature nets that ship with prismfl (shipped.py), by `shipped_key`: the demo's (configs/fmnist-
-# noniid.toml and every config with its data, partition, seed and loss.feature_* settings), the net this
-# machine's benchmarks have trained with since 2026-11-26, so a fresh `make demo` skips about 2.5 minutes
-# of training it and trains the same model on every machine. Any other net is trained and cached.
+# Public feature nets that ship with prismfl (shipped.py), by `shipped_key`: the privileged setting's
+# (configs/fmnist-public.toml and every config with its data, partition, seed and loss.feature_* settings),
+# the net this machine's benchmarks have trained with since 2026-11-26, so a run of it skips about 2.5
+# minutes of training and trains the same model on every machine. Any other net is trained and cached.
 SHIPPED_PUBLIC_NETS = {
     "a9b83fb6c4f00d8357e3503f4e974522abe2806f1886e3a806863f14ab892ef3": Shipped(
         "public-fashion-mnist-w32-seed0.safetensors", "9f3a8219358036d36d71c6def26e5675aa0388786123be395c00aadcb49a1536"
@@ -248,21 +255,41 @@ def feature_training(cfg: RunConfig) -> dict:
     elif recipe == "one-cycle":
         args = {"epochs": 15, **one_cycle}
     else:
-        args = {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(cfg.data.dataset).mirror}
+        data = cfg.data.dataset if cfg.loss.feature_data == "holdout" else cfg.loss.feature_data
+        args = {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(data).mirror}
     return {**args, "epochs": cfg.loss.feature_epochs or args["epochs"]}
 
 
-def train_public_net(cfg: RunConfig, fed: Federation, desc: str = "public feature net"):
-    """The loss's public feature net trained on the federation's public hold-out (never client data)
+def public_feature_data(cfg: RunConfig, fed: Federation) -> tuple[torch.Tensor, np.ndarray, str, str]:
+    """The public feature net's images (float, at the run's size), labels, source and a description:
+    the federation's public hold-out, or every training image of loss.feature_data's dataset (another
+    distribution than the clients'; a ConfigError when its images are not the clients' shape)."""
+    if cfg.loss.feature_data == "holdout":
+        idx = fed.public_idx
+        what = f"{len(idx)} held-out training images no client holds"
+        return fed.images(idx), fed.train.labels[idx], fed.train.source, what
+    other = load_split(cfg.loss.feature_data, "train")
+    images = to_float(other.images, cfg.data.resize or None)
+    theirs = tuple(fed.images(fed.parts[0][:1]).shape[1:])
+    if tuple(images.shape[1:]) != theirs:
+        from prismfl.errors import ConfigError
+
+        raise ConfigError(f"loss.feature_data = {cfg.loss.feature_data!r} has images of shape "
+                          f"{tuple(images.shape[1:])}, the clients' are {theirs}")  # fmt: skip
+    what = f"{len(other.labels):,} images of {cfg.loss.feature_data} ({other.source})"
+    return images, other.labels, other.source, what
+
+
+def train_public_net(cfg: RunConfig, images: torch.Tensor, labels: np.ndarray, desc: str = "public feature net"):
+    """The loss's public feature net trained on public images (never client data: public_feature_data)
     by the config's recipe (feature_training); not cached: build_feature_net caches it."""
     from prismfl.loss.features import seeded_cnn
     from prismfl.supervised import train_classifier
 
     # its initial weights from the run's seed (version 1 drew them from the process's unseeded generator)
-    net = seeded_cnn(fed.train.images.shape[1], cfg.loss.feature_width, fed.num_classes,
-                     derived_seed(cfg.seed, "public-features"))  # fmt: skip
-    labels = torch.from_numpy(fed.train.labels[fed.public_idx])
-    return train_classifier(net, fed.images(fed.public_idx), labels, seed=cfg.seed, desc=desc,
+    classes = int(labels.max()) + 1
+    net = seeded_cnn(images.shape[1], cfg.loss.feature_width, classes, derived_seed(cfg.seed, "public-features"))
+    return train_classifier(net, images, torch.from_numpy(labels.astype(np.int64)), seed=cfg.seed, desc=desc,
                             **feature_training(cfg))  # fmt: skip
 
 
@@ -282,36 +309,39 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
         net = load_vgg19bn(cfg.loss.vgg_weights)
         meta = {"kind": "vgg19bn", "trained_on": f"user-supplied weights {cfg.loss.vgg_weights}"}
     else:
+        images, labels, source, what = public_feature_data(cfg, fed)
+        recipe["classes"] = int(labels.max()) + 1
         holdout = hashlib.sha256(fed.public_idx.astype("<i8").tobytes()).hexdigest()
         recipe_args = feature_training(cfg)
         spec = {
             "kind": "public-cnn", "version": PUBLIC_NET_VERSION, "dataset": cfg.data.dataset,
-            "source": fed.train.source, "resize": cfg.data.resize, "holdout_sha256": holdout,
+            "source": source, "resize": cfg.data.resize, "holdout_sha256": holdout,
             "width": cfg.loss.feature_width, "epochs": recipe_args["epochs"], "seed": cfg.seed,
         }  # fmt: skip
+        if cfg.loss.feature_data != "holdout":  # another distribution's data: its name and every image it holds
+            spec.update(dataset=cfg.loss.feature_data, holdout_sha256=None)
         if cfg.loss.feature_training != "plain":  # the plain recipe's spec is as it always was, bar the version
             spec.update(training=cfg.loss.feature_training, **recipe_args)
 
         def build():
-            log(f"training the public feature net on {len(fed.public_idx)} held-out images (cached afterwards)")
-            trained = train_public_net(cfg, fed)
-            return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(fed.public_idx)}
+            log(f"training the public feature net on {what} (cached afterwards)")
+            trained = train_public_net(cfg, images, labels)
+            return trained.state_dict(), {"trained_on_indices_sha256": holdout, "images": len(labels)}
 
         clients = np.concatenate(fed.parts)
         if np.intersect1d(clients, fed.public_idx).size:
             raise RuntimeError("public hold-out overlaps client data: refusing to train the loss on private images")
-        net = SmallCNN(channels, cfg.loss.feature_width, fed.num_classes)
-        key = shipped_key(spec, fed.images(fed.public_idx), fed.train.labels[fed.public_idx])
-        trained_on = f"{len(fed.public_idx)} held-out training images no client holds"
+        net = SmallCNN(channels, cfg.loss.feature_width, recipe["classes"])
+        key = shipped_key(spec, images, labels)
         if key in SHIPPED_PUBLIC_NETS:
-            meta = {"kind": "public", "trained_on": trained_on, **load_shipped_public_net(key, net)}
+            meta = {"kind": "public", "trained_on": what, **load_shipped_public_net(key, net)}
             recipe["shipped"] = key
         else:
             state, meta = cached_state_dict("features", spec, build, log)
             if meta.get("trained_on_indices_sha256") != holdout:
                 raise RuntimeError("the cached public feature net was trained on other images; delete the cache entry")
             net.load_state_dict(state)
-            meta = {"kind": "public", "trained_on": trained_on, "sha256": meta["sha256"]}
+            meta = {"kind": "public", "trained_on": what, "sha256": meta["sha256"]}
         recipe["cache_spec"] = spec
         if cfg.loss.pca:
             pca_spec = {"kind": "public-pca", "version": 2, "dataset": cfg.data.dataset, "source": fed.train.source,

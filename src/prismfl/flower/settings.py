@@ -107,6 +107,10 @@ def server_settings(run_config: dict) -> ServerSettings:
     if cfg.faults != type(cfg.faults)():
         raise ConfigError("[faults] are injected by the in-process simulator only; on Flower the faults are real "
                           "(remove the [faults] settings)")  # fmt: skip
+    if not cfg.public_images() and (cfg.model.modes > 1 or (cfg.train.warm_start and cfg.train.method == "prism")):
+        raise ConfigError("without public images, model.modes > 1 and train.warm_start come from the clients' pooled "
+                          "statistics, which only the in-process simulator gathers so far: on Flower add "
+                          "overrides=\"model.modes=1 train.warm_start=0\", or give a public hold-out")  # fmt: skip
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ConfigError(f"run config 'resume' must be true or false, got {resume!r}")

@@ -126,6 +126,19 @@ def stats_from_sums(sums, squares, n) -> FeatureStats:
     return FeatureStats([m.float() for m in mean], [v.float() for v in var], int(round(float(n))))
 
 
+def combine_stats(parts: list[FeatureStats]) -> FeatureStats:
+    """The statistics of the union of the parts' images (the federation's pooled statistics): each part's
+    means and raw second moments weighed by its image count (per class: by its class counts)."""
+    if not parts or len({p.class_counts is None for p in parts}) != 1:
+        raise ValueError("combine_stats needs statistics, all per class or all not")
+    per_class = parts[0].class_counts is not None
+    weights = [p.class_counts.double()[:, None] if per_class else float(p.count) for p in parts]
+    sums = [sum(w * p.mean[i].double() for w, p in zip(weights, parts)) for i in range(len(parts[0].mean))]
+    squares = [sum(w * q.double() for w, q in zip(weights, (p.second[i] for p in parts))) for i in range(len(sums))]
+    n = sum(p.class_counts.double() for p in parts) if per_class else float(sum(p.count for p in parts))
+    return stats_from_sums(sums, squares, n)
+
+
 def feature_stats(extract, images: torch.Tensor, batch: int = 500, labels: torch.Tensor | None = None,
                   num_classes: int = 0) -> FeatureStats:  # fmt: skip
     """Exact mean and (biased) variance per feature over all images (per class, with `labels`)."""

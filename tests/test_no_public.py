@@ -1,0 +1,192 @@
+"""Runs without public images (partition.public_holdout = 0): everything that trains or is fitted comes
+from the clients' own partitions or from data of another distribution that the config names.
+
+Checked here: the pooled statistics are exactly those of the union of the clients' images; the
+federation's modes are the slices of a hand-built class's principal direction; a run reads no training
+image outside the clients' partitions (recorded on the loaded split itself, with a public hold-out as the
+control that the recording sees such reads); the warm start trains on the pooled statistics; the public
+feature net of another dataset; refusals in one line.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from prismfl.config import ConfigError, load_config
+from prismfl.data import modes as modes_mod
+from prismfl.data.sources import Split
+from prismfl.fl import simulate, task
+from prismfl.loss.matching import combine_stats, feature_stats
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+QUIET = {"log": lambda *_: None}
+
+
+def _extract(x):
+    flat = x.flatten(1)
+    return [flat, flat[:, :3] ** 2]
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_pooled_statistics_are_those_of_the_union(per_class):
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 1, 2, 3, generator=gen) * (1 + i) + i for i, n in enumerate((7, 12, 5))]
+    labels = [torch.randint(0, 3, (len(p),), generator=gen) for p in parts]
+    kw = [{"labels": y, "num_classes": 3} if per_class else {} for y in labels]
+    pooled = combine_stats([feature_stats(_extract, p, **k) for p, k in zip(parts, kw)])
+    union = feature_stats(_extract, torch.cat(parts), **({"labels": torch.cat(labels), "num_classes": 3}
+                                                         if per_class else {}))  # fmt: skip
+    assert pooled.count == union.count == 24
+    for a, b in zip([*pooled.mean, *pooled.var], [*union.mean, *union.var]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if per_class:
+        assert torch.equal(pooled.class_counts, union.class_counts)
+
+
+def test_combine_stats_refuses_a_mix_of_per_class_and_not():
+    a = feature_stats(_extract, torch.zeros(2, 1, 2, 3))
+    b = feature_stats(_extract, torch.zeros(2, 1, 2, 3), labels=torch.tensor([0, 1]), num_classes=2)
+    with pytest.raises(ValueError, match="all per class or all not"):
+        combine_stats([a, b])
+
+
+def test_principal_modes_slice_the_class_along_its_first_direction():
+    """Class 0 varies only in the brightness of its left half (2 x 2 blocks): its first principal direction
+    is that half, and 3 modes cut it at the slices of a Gaussian: centres -/0/+ 1.0911 sd."""
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=600)
+    images = np.zeros((600, 1, 4, 4))
+    images[:, 0, :, :2] = 5 + t[:, None, None]  # left half: 8 pixels, pooled to 2 values of 5 + t
+    labels = np.zeros(600, dtype=np.int64)
+    sums = modes_mod.moment_sums(images[:200], labels[:200], 2)  # two "clients" of one class
+    more = modes_mod.moment_sums(images[200:], labels[200:], 2)
+    summed = {k: sums[k] + more[k] for k in sums}
+    m = modes_mod.principal_modes(summed, 3, (1, 4, 4))
+    assert m.centres[1] is None  # class 1 has no image: one mode
+    sd = np.sqrt(2 * t.var())  # the pooled coordinate along (1, 1, 0, 0)/sqrt(2): sqrt(2) x t's deviation
+    np.testing.assert_allclose(np.abs(m.centres[0][:, 0]), np.array([1.0911, 0, 1.0911]) * sd, atol=1e-3 * sd)
+    codes = m.codes(images, labels)
+    coord = (t - t.mean()) * np.sqrt(2) * np.sign(m.bases[0][0, 0])
+    order = np.argsort(m.centres[0][:, 0])  # the modes from low to high coordinate
+    rank = np.argsort(order)[codes]
+    assert np.all(np.diff(rank[np.argsort(coord)]) >= 0)  # monotone in the coordinate: slices, not clusters
+    shares = np.bincount(codes, minlength=3) / 600
+    assert shares.min() > 0.25  # about 0.29 / 0.41 / 0.29 for a Gaussian
+
+
+class Recording(np.ndarray):
+    """A training split's images that record every index read through them."""
+
+    reads: list = []
+
+    def __getitem__(self, key):
+        Recording.reads.append(key)
+        return np.asarray(super().__getitem__(key))
+
+
+def _read_indices(n: int) -> set[int]:
+    out: set[int] = set()
+    for key in Recording.reads:
+        if isinstance(key, tuple):
+            key = key[0]
+        out.update(np.arange(n)[key].reshape(-1).tolist())
+    return out
+
+
+@needs_fmnist
+@pytest.mark.parametrize("holdout", [0, 300])
+def test_a_run_without_public_images_reads_only_the_clients_partitions(monkeypatch, holdout):
+    """The federation's training split records what is read; with holdout 0 only indices in some client's partition
+    are (statistics, modes, warm start); the control with a hold-out shows that the recording sees more."""
+    prepared = task.prepare_federation
+
+    def recording_federation(cfg):
+        fed = prepared(cfg)
+        fed.train = Split(fed.train.images.view(Recording), fed.train.labels, fed.train.source)
+        return fed
+
+    monkeypatch.setattr(task, "prepare_federation", recording_federation)
+    Recording.reads = []
+    features = "public" if holdout else "random"
+    cfg = load_config(SMOKE, [f"partition.public_holdout={holdout}", f'loss.features="{features}"',
+                              "model.conditional=true", "model.modes=2", "train.warm_start=5", "train.rounds=1",
+                              "train.batch_size=40", "train.local_steps=1", "train.sample_every=0",
+                              "loss.feature_epochs=1"])  # fmt: skip
+    transport = simulate.InProcess(cfg)
+    from prismfl.fl.methods.registry import build
+
+    transport.setup(build(cfg), None, QUIET["log"])
+    fed = transport.ctx.fed
+    clients = set(np.concatenate(fed.parts).tolist())
+    read = _read_indices(len(fed.train.labels))
+    assert read, "the recording saw no read"
+    if holdout:
+        assert read - clients == set(fed.public_idx.tolist())
+    else:
+        assert not len(fed.public_idx) and read <= clients
+        assert fed.codes.max() == 2 * 10 - 1  # the federation's modes are in use
+
+
+@needs_fmnist
+def test_the_warm_start_trains_on_the_pooled_statistics(monkeypatch):
+    cfg = load_config(SMOKE, ["partition.public_holdout=0", "train.warm_start=5", "train.rounds=1",
+                              "train.sample_every=0"])  # fmt: skip
+    seen = {}
+    real = simulate.warm_start
+
+    def spy(ctx, steps, pooled=None):
+        seen["pooled"] = pooled
+        return real(ctx, steps, pooled)
+
+    monkeypatch.setattr(simulate, "warm_start", spy)
+    transport = simulate.InProcess(cfg)
+    from prismfl.fl.methods.registry import build
+
+    setup = transport.setup(build(cfg), None, QUIET["log"])
+    union = combine_stats([c.stats for c in transport.clients.values()])
+    assert seen["pooled"].count == union.count == sum(len(p) for p in transport.ctx.fed.parts)
+    assert setup.warm_info["source"] == "the clients' pooled statistics"
+    assert all(torch.equal(a, b) for a, b in zip(seen["pooled"].mean, union.mean))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (['loss.feature_data="fashion-mnist"', 'loss.features="public"'], "the clients' own dataset"),
+        (['loss.feature_data="mnist"'], "set loss.features = 'public'"),
+        (['loss.feature_data="imagenet"', 'loss.features="public"'], "loss.feature_data"),
+        (['loss.features="public"', "partition.public_holdout=0"], "loss.feature_data = 'mnist'"),
+        (
+            [
+                "partition.public_holdout=0",
+                "model.conditional=true",
+                "model.modes=2",
+                "privacy.epsilon=4",
+                "train.batch_size=40",
+            ],
+            "not released under privacy.epsilon",
+        ),
+    ],
+)
+def test_bad_public_data_settings_are_refused_with_one_line(overrides, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        load_config(SMOKE, overrides)
+    assert "\n" not in str(info.value)
+
+
+@needs_fmnist
+def test_a_public_feature_net_of_another_distribution(tmp_path):
+    """loss.feature_data = "mnist": the net learns MNIST's digits (10 classes), every image of its training
+    split; the run records that, and reads no FashionMNIST image outside the clients' partitions."""
+    cfg = load_config(SMOKE, ['loss.features="public"', 'loss.feature_data="mnist"', "partition.public_holdout=0",
+                              "loss.feature_epochs=1"])  # fmt: skip
+    fed = task.prepare_federation(cfg)
+    net, meta, recipe = task.build_feature_net(cfg, fed, log=lambda *_: None)
+    assert "4,000 images of mnist" in meta["trained_on"] and recipe["classes"] == 10
+    assert len(fed.public_idx) == 0
+    again = task.feature_net_from_recipe(cfg, recipe)  # a Flower message's process: from the cache alone
+    x = fed.images(fed.parts[0][:4])
+    assert all(torch.equal(a, b) for a, b in zip(net.extract(x), again.extract(x)))
