@@ -21,7 +21,10 @@ def _one_line_error(code, err, *needles):
     [
         (["--set", "train.round=5"], ["unknown config key 'train.round'", "did you mean 'train.rounds'"]),
         (["--set", "train.rounds=many"], ["train.rounds must be int"]),
-        (["--set", "partition.alpha=0", "--set", "partition.scheme=dirichlet"], ["partition.alpha must be > 0"]),
+        (
+            ["--set", "partition.alpha=0", "--set", "partition.scheme=dirichlet"],
+            ["partition.alpha must be a finite number in"],
+        ),
         (["--set", "partition.num_clients=5000"], ["5000 clients but only", "use fewer clients"]),
         (["--set", "data.root=/nonexistent/fm"], ["/nonexistent/fm", "data.root"]),
         (["--set", "loss.features=vgg19bn", "--set", "loss.vgg_weights=/no/vgg.pth"], ["/no/vgg.pth"]),

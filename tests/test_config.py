@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from prismfl.config import RunConfig, load_config, parse_override
@@ -31,12 +33,12 @@ def test_parse_override():
         ("train.rounds=five", "train.rounds must be int, got str 'five'"),
         ("train.rounds=2.5", "train.rounds must be int"),
         ("train.mada=1", "train.mada must be bool"),
-        ("partition.alpha=0", "partition.alpha must be > 0"),
-        ("partition.alpha=-0.5", "partition.alpha must be > 0"),
+        ("partition.alpha=0", "partition.alpha must be a finite number in [0.001, 1e+06], got 0.0"),
+        ("partition.alpha=-0.5", "partition.alpha must be a finite number in"),
         ("partition.scheme=shard", "did you mean 'shards'"),
         ("model.arch=resnt", "did you mean 'resnet'"),
-        ("train.client_fraction=0", "client_fraction must be in"),
-        ("train.rounds=0", "train.rounds must be at least 1"),
+        ("train.client_fraction=0", "train.client_fraction must be a finite number in (0, 1], got 0.0"),
+        ("train.rounds=0", "train.rounds must be an integer in [1, 1000000], got 0"),
         ("data.resize=30", "data.resize must be"),
         ("loss.features=vgg19bn", "needs loss.vgg_weights"),
         ("train.upload_sampling=strata", "did you mean 'stratified'"),
@@ -44,7 +46,7 @@ def test_parse_override():
     ],
 )
 def test_bad_values_name_the_problem(override, msg):
-    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(msg)):
         load_config(None, [override])
 
 
@@ -72,3 +74,61 @@ def test_class_and_covariance_terms_need_a_small_cnn_feature_net():
         with pytest.raises(ConfigError, match="need the public or random feature net"):
             load_config(None, ["loss.features=vgg19bn", "loss.vgg_weights=w.pth", f"loss.{term}=true"])
     assert load_config(None, ["loss.class_term=true", "loss.covariance=true"]).loss.class_term
+
+
+def _numeric_keys() -> list[tuple[str, str]]:
+    from prismfl.config import numeric_values
+
+    return [(key, kind) for key, kind, _ in numeric_values(RunConfig())]
+
+
+def test_every_numeric_key_has_one_range():
+    from prismfl.config import RANGES
+    from prismfl.model.generators import MAX_MODES, MAX_WIDTH, MAX_Z_DIM
+
+    assert sorted(key for key, _ in _numeric_keys()) == sorted(RANGES)
+    assert (RANGES["model.z_dim"][1], RANGES["model.width"][1], RANGES["model.modes"][1]) == (
+        MAX_Z_DIM,
+        MAX_WIDTH,
+        MAX_MODES,
+    )
+
+
+@pytest.mark.parametrize(("key", "kind"), _numeric_keys())
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "1e300", str(10**40)])
+def test_every_numeric_key_refuses_values_out_of_its_range(key, kind, value):
+    if key == "privacy.epsilon" and value in ("inf", "1e300", str(10**40)):  # inf: no privacy; the others: weak
+        return
+    with pytest.raises(ConfigError, match=re.escape(key)) as info:
+        load_config(None, [f"{key}={value}"])
+    assert "\n" not in str(info.value)
+
+
+def test_range_bounds_are_kept():
+    assert load_config(None, ["partition.alpha=0.001", "partition.scheme=dirichlet"]).partition.alpha == 0.001
+    assert load_config(None, ["partition.alpha=1e6"]).partition.alpha == 1e6
+    assert load_config(None, ["seed=9223372036854775807"]).seed == 2**63 - 1
+    with pytest.raises(ConfigError, match=re.escape("seed must be an integer in [0, 9223372036854775808), got")):
+        load_config(None, ["seed=9223372036854775808"])
+    with pytest.raises(ConfigError, match=re.escape("train.smoothing must be a finite number in [0, 0.5), got 0.5")):
+        load_config(None, ["train.smoothing=0.5"])
+    with pytest.raises(ConfigError, match=re.escape("privacy.epsilon must be a number in (0, inf], got nan")):
+        load_config(None, ["privacy.epsilon=nan"])
+
+
+def test_config_text_is_bounded_in_size_and_depth(tmp_path):
+    from prismfl.config import MAX_CONFIG_BYTES
+
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="over prismfl's limit of 1,048,576"):
+        load_config(big)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("seed = " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(deep)
+    deep.write_text("seed = " + "[" * 20 + "]" * 20 + "\n")
+    with pytest.raises(ConfigError, match="nested more than 16 deep"):
+        load_config(deep)
+    with pytest.raises(ConfigError, match=r"seed must be int, got list \[\[\["):
+        load_config(None, ["seed=" + "[" * 16 + "]" * 16])

@@ -53,9 +53,9 @@ def test_the_recipes():
 def test_a_bad_recipe_is_refused():
     with pytest.raises(ConfigError, match="loss.feature_training"):
         load_config(SMOKE, ['loss.feature_training="fancy"'])
-    with pytest.raises(ConfigError, match="loss.feature_epochs must be >= 0"):
+    with pytest.raises(ConfigError, match=r"loss.feature_epochs must be an integer in \[0, 1000\], got -1"):
         load_config(SMOKE, ["loss.feature_epochs=-1"])
-    with pytest.raises(ConfigError, match="loss.feature_epochs = 5,000 is over"):
+    with pytest.raises(ConfigError, match="loss.feature_epochs must be an integer in .*, got 5000"):
         load_config(SMOKE, ["loss.feature_epochs=5000"])
 
 

@@ -136,6 +136,14 @@ def test_fuzz_config_values_load_or_raise_config_error(key, value):
         (["loss.feature_width=1000000000"], "feature_width"),
         (["faults.dropout=1.5"], "faults.dropout"),
         (['robust.rule="krum"'], "robust.rule"),
+        # issue 35: these passed validation, then failed in training and left files behind
+        (
+            ['loss.tracker="adam"', "loss.tracker_lr=nan"],
+            "loss.tracker_lr must be a finite number in (0, 100], got nan",
+        ),
+        (["train.eval_every=-1"], "train.eval_every must be an integer in [0, 1000000], got -1"),
+        (["privacy.clip=inf"], "privacy.clip"),
+        (['partition.scheme="dirichlet"', "partition.alpha=1e-300"], "partition.alpha"),
     ],
 )
 def test_train_values_out_of_range_are_one_line(run_cli, tmp_path, sets, needle):
@@ -284,3 +292,180 @@ def test_settings_that_do_not_apply_are_refused():
         settings.server_settings({"config-file": SMOKE, "overrides": "faults.dropout=0.1"})
     with pytest.raises(ValueError, match="payload"):
         from_array(b"raw bytes where an Array belongs")
+
+
+# ---------------------------------------------------------------- files that are not files, and their sizes
+
+# Runs the CLI on each argument list (split on \x1f) in one child process, under a memory limit and a timeout:
+# a regression that reads /dev/zero without end or blocks on a pipe fails the test, never hangs the suite.
+_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from prismfl.cli import main
+for args in sys.argv[1:]:
+    sys.argv = ["prismfl", *args.split("\\x1f")]
+    try:
+        main()
+    except SystemExit as exc:
+        print("exit", exc.code, flush=True)
+        print("--", file=sys.stderr, flush=True)
+"""
+
+
+def test_devices_pipes_and_directories_are_refused_unread(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo, fifo_toml = tmp_path / "fifo.prism", tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    os.mkfifo(fifo_toml)
+    png = str(tmp_path / "s.png")
+    commands = [["info", "/dev/zero"], ["sample", "/dev/zero", "--out", png], ["evaluate", "/dev/zero"],
+                ["info", str(fifo)], ["sample", str(fifo), "--out", png], ["info", str(fifo_toml)],
+                ["train", "--config", str(fifo_toml), "--out", str(tmp_path / "run")]]  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", _CHILD, *("\x1f".join(c) for c in commands)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.stdout.split("\n")[:-1] == ["exit 2"] * len(commands), (result.stdout, result.stderr[-2000:])
+    errors = result.stderr.split("--\n")[:-1]
+    assert len(errors) == len(commands)
+    for err, command in zip(errors, commands, strict=True):
+        one_line(2, err, "is not a regular file", next(a for a in command if a == "/dev/zero" or "fifo" in a))
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "run").exists()
+
+
+def test_read_capped_reads_only_a_regular_file_within_its_cap(tmp_path):
+    import os
+    import threading
+
+    from prismfl.errors import PrismError
+    from prismfl.files import read_capped
+
+    (tmp_path / "ok").write_bytes(b"abc")
+    assert read_capped(tmp_path / "ok", 3, "thing") == b"abc"
+    with pytest.raises(PrismError, match=r"thing .*ok is 3 bytes, over prismfl's limit of 2$"):
+        read_capped(tmp_path / "ok", 2, "thing")
+    with open(tmp_path / "sparse", "wb") as f:  # 1 TB on paper, nothing on disk: refused by its size, unread
+        f.truncate(1 << 40)
+    with pytest.raises(ConfigError, match="over prismfl's limit"):
+        read_capped(tmp_path / "sparse", 1 << 20, "config file", ConfigError)
+    with pytest.raises(PrismError, match="thing not found"):
+        read_capped(tmp_path / "none", 10, "thing")
+    with pytest.raises(ModelFileError, match="is a directory"):
+        read_capped(tmp_path, 10, "model file", ModelFileError)
+    with pytest.raises(PrismError, match="not a regular file"):
+        read_capped("/dev/zero", 10, "thing")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(PrismError, read_capped, fifo, 10, "x")),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # a regression blocked on the pipe: a writer that closes at once releases it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+        pytest.fail("read_capped blocked on a pipe")
+    assert "not a regular file" in str(outcome[0].value)
+
+
+def test_model_files_are_capped_by_the_largest_network(tmp_path):
+    from prismfl.model.generators import MAX_WEIGHTS
+
+    assert modelfile.MAX_MODEL_BYTES == 12 + modelfile.MAX_HEADER_BYTES + MAX_WEIGHTS // 8 + 32
+    path = tmp_path / "m.prism"
+    with open(path, "wb") as f:
+        f.truncate(modelfile.MAX_MODEL_BYTES + 1)
+    with pytest.raises(ModelFileError, match="over prismfl's limit"):
+        modelfile.load(path)
+    path.write_bytes(forge_model(b" " * (modelfile.MAX_HEADER_BYTES + 1), b""))
+    with pytest.raises(ModelFileError, match="header of 1,048,577 bytes is over"):
+        modelfile.load(path)
+
+
+def _no_generator(monkeypatch):
+    """Make building a generator fail the test (model files are checked, and info shown, without one)."""
+    from prismfl.model import generators
+
+    def refuse(spec):
+        raise AssertionError(f"a generator was built for {spec}")
+
+    monkeypatch.setattr(generators, "build_generator", refuse)
+    monkeypatch.setattr(modelfile, "build_generator", refuse)
+
+
+def test_a_model_of_50m_weights_is_checked_and_shown_without_building_its_generator(tmp_path, run_cli, monkeypatch):
+    from prismfl.model.generators import MAX_WEIGHTS, count_weights, layer_shapes
+
+    spec = ArchSpec("mlp", 64, 4096, 1, 44, weight_seed=1)  # 49,676,288 weights in a 6.2 MB file
+    n = count_weights(spec)
+    assert MAX_WEIGHTS - 10**6 < n <= MAX_WEIGHTS
+    layers = [[name, list(shape)] for name, shape in layer_shapes(spec)]
+    header = {"format": "prismfl-model", "arch": spec.to_dict(), "num_weights": n, "layers": layers,
+              "mask_coding": "packed-bits-le", "info": {"dataset": "forged"}}  # fmt: skip
+    path = tmp_path / "big.prism"
+    path.write_bytes(forge_model(json.dumps(header).encode(), b"\0" * ((n + 7) // 8)))
+    _no_generator(monkeypatch)
+    code, out, err = run_cli("info", str(path))
+    assert code == 0, err
+    assert f"{n:,}" in out and "forged" in out
+    header["layers"][0][1][0] += 1  # a layer table this prismfl would not build: refused, still without building
+    path.write_bytes(forge_model(json.dumps(header).encode(), b"\0" * ((n + 7) // 8)))
+    one_line(*run_cli("info", str(path))[::2], "layer table does not match")
+
+
+def test_a_dense_model_whose_weights_do_not_fit_is_refused_before_building(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    modelfile.save_dense(path, SPEC, torch.zeros(7), "fashion-mnist")
+    _no_generator(monkeypatch)
+    with pytest.raises(ModelFileError, match=r"weights of shape \(7,\)"):
+        modelfile.load_dense(path)
+
+
+def test_a_gzip_file_that_inflates_past_the_cap_is_a_data_error(tmp_path, monkeypatch):
+    import gzip
+
+    from prismfl.data import idx
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\0" * (4 << 20)))  # 4 MB of zeros in 4 kB
+    monkeypatch.setattr(idx, "MAX_DATA_FILE_BYTES", 1 << 20)
+    with pytest.raises(DataError, match="decompresses to over prismfl's limit of 1,048,576"):
+        idx.read_idx(path)
+
+
+# ---------------------------------------------------------------- numbers on the command line
+
+DEEP = "[" * 3000
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["sample", "m.prism", "--seed", str(2**64)], "--seed must be in 0..9,223,372,036,854,775,807"),
+        (["sample", "m.prism", "--seed", "-1"], "--seed"),
+        (["sample", "m.prism", "--seed", "1" + "0" * 5000], "--seed"),  # past Python's int() digit limit
+        (["evaluate", "m.prism", "--seed", str(2**64)], "--seed"),
+        (["evaluate", "m.prism", "--n", str(10**9)], "--n must be in 2..100,000"),
+        (["privacy", "--epsilon", "1", "--images", "1" + "0" * 400], "got a number of 401 digits"),
+        (["privacy", "--epsilon", "1", "--layers", str(10**9)], "--layers"),
+        (["privacy", "--epsilon", "1", "--secagg", "-3"], "--secagg"),
+        (["privacy", "--epsilon", "1", "--colluders", "2"], "--colluders must be in 0..0"),
+        (["privacy", "--epsilon", "1", "--secagg", "4", "--colluders", "4"], "--colluders must be in 0..3"),
+        (["privacy", "--epsilon", "1", "--audit", "-1"], "--audit"),
+        (["privacy", "--epsilon", "nan"], "privacy.epsilon"),
+        (["privacy", "--epsilon", "1", "--delta", "nan"], "privacy.delta"),
+        (["grid", "--config", SMOKE, "--seeds", f"0,{2**64}"], "--seeds"),
+        (["grid", "--config", SMOKE, "--samples", "0"], "--samples"),
+        (["train", "--config", SMOKE, "--set", "seed=" + DEEP], "over prismfl's limit of 1,000"),
+        (["train", "--config", SMOKE, "--set", "seed=" + "[" * 900], "nested too deeply"),
+        (["train", "--config", SMOKE, "--set", "seed=" + "[" * 20 + "]" * 20], "nested more than 16 deep"),
+        (["train", "--config", SMOKE, "--set", "train.lr=1" + "0" * 400], "train.lr must be a finite number"),
+        (["train", "--no-such-flag"], "No such option"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_on_the_command_line_are_one_line(run_cli, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    one_line(*run_cli(*args, *(["--out", str(tmp_path / "out")] if args[0] in ("train", "grid") else []))[::2],
+             needle)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even a run directory

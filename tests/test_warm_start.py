@@ -28,9 +28,9 @@ QUIET = {"log": lambda *_: None}
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["train.warm_start=-1"], "must be >= 0"),
+        (["train.warm_start=-1"], "train.warm_start must be an integer in"),
         (['train.warm_start_schedule="linear"'], "train.warm_start_schedule"),
-        (["train.warm_start=20000000"], "over prismfl's limit"),
+        (["train.warm_start=20000000"], "got 20000000"),
         # without public images the warm start trains on the clients' pooled statistics, which secagg hides
         (
             [

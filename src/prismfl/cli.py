@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from prismfl.config import METHODS
+from prismfl.config import METHODS, show_number
 from prismfl.errors import PrismError
 
 app = typer.Typer(
@@ -22,7 +22,15 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-MAX_SAMPLES = 100_000
+MAX_SAMPLES = 100_000  # images one command generates (sample --n, evaluate --n and --synthetic, grid --samples)
+MAX_SEED = 2**63 - 1  # a noise seed, as a config's seed: in [0, 2^63)
+MAX_CLIENTS = 65_535  # privacy --secagg, as partition.num_clients
+
+
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    """Refuse an integer option outside low..high with one line naming it (before any work is done)."""
+    if not low <= value <= high:
+        raise PrismError(f"{option} must be in {low:,}..{high:,}, got {show_number(value)}")
 
 
 def _output_kind(out: Path, kinds: dict[str, str]) -> str:
@@ -99,8 +107,8 @@ def sample(
     """Sample images from a run or a model file into a PNG grid or an array file (.npy; .npz with labels)."""
     from prismfl import modelfile, plots
 
-    if not 1 <= n <= MAX_SAMPLES:
-        raise PrismError(f"--n must be in 1..{MAX_SAMPLES:,}, got {n}")
+    _check_range("--n", n, 1, MAX_SAMPLES)
+    _check_range("--seed", seed, 0, MAX_SEED)
     kind = _output_kind(out, {".png": "a PNG grid", ".npy": "an array", ".npz": "an array"})
     model = _load_model(source)
     labels, nrow = _sample_labels(model, n, class_, per_class)
@@ -166,8 +174,9 @@ def export(
 @app.command()
 def info(source: Annotated[Path, typer.Argument(help="run directory, .prism model file or TOML config")]):
     """Layers, maskable-weight counts and provenance of a model, run or config."""
-    from prismfl.model import masked
-    from prismfl.model.generators import build_generator
+    import math
+
+    from prismfl.model.generators import layer_shapes
 
     if source.suffix == ".toml":
         from prismfl.config import load_config
@@ -177,7 +186,7 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
     else:
         model = _load_model(source)
         spec, meta = model.spec, model.info
-    net = build_generator(spec)
+    table = layer_shapes(spec)  # no generator is built: the shapes are all info shows
     typer.echo(f"architecture {spec.name}: z_dim={spec.z_dim} width={spec.width} "
                f"channels={spec.channels} size={spec.img_size} seed={spec.weight_seed}"
                + (f" classes={spec.num_classes} (conditional)" if spec.num_classes else "")
@@ -187,9 +196,9 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
         per_class = [sum(shares[c * spec.modes : (c + 1) * spec.modes]) for c in range(spec.num_classes)]
         typer.echo("class shares: " + " ".join(f"{v:.3f}" for v in per_class))
     typer.echo(f"{'layer':<24} {'shape':<22} {'weights':>12}")
-    for name, shape in masked.layer_table(net):
-        typer.echo(f"{name:<24} {'x'.join(map(str, shape)):<22} {int(__import__('math').prod(shape)):>12,}")
-    n = masked.num_maskable(net)
+    for name, shape in table:
+        typer.echo(f"{name:<24} {'x'.join(map(str, shape)):<22} {math.prod(shape):>12,}")
+    n = sum(math.prod(shape) for _, shape in table)
     typer.echo(f"{'total maskable':<47} {n:>12,}  ({(n + 7) // 8:,} bytes packed)")
     if meta:
         typer.echo("info: " + json.dumps(meta, sort_keys=True))
@@ -230,13 +239,14 @@ def evaluate(
 
     The references `real` (training images) and `pca-gaussian` (a closed-form class-conditional
     sampler) are scored on the same protocol: they show where real and where trivial lie."""
+    import math
+
     from prismfl.eval.evaluate import evaluate as run_evaluation
     from prismfl.eval.evaluate import evaluate_reference, format_table
     from prismfl.eval.references import REFERENCES
 
-    if n < 2:
-        raise PrismError(f"--n must be at least 2, got {n}")
-    import math
+    _check_range("--n", n, 2, MAX_SAMPLES)
+    _check_range("--seed", seed, 0, MAX_SEED)
 
     if not epsilon > 0:
         raise PrismError(f"--epsilon must be > 0, got {epsilon}")
@@ -293,11 +303,13 @@ def privacy(
 
     from prismfl.privacy import noise_multiplier, spent_epsilon
 
-    if images < 1 or layers < 1:
-        raise PrismError(f"--images and --layers must be at least 1, got {images} and {layers}")
-    if audit < 0 or (audit and means_only):
-        raise PrismError(f"--audit takes a number of trials >= 0, got {audit}" if audit < 0 else
-                         "--audit attacks the release of means and second moments, not --means-only")  # fmt: skip
+    _check_range("--images", images, 1, 10**12)
+    _check_range("--layers", layers, 1, 10_000)
+    _check_range("--secagg", secagg, 0, MAX_CLIENTS)
+    _check_range("--colluders", colluders, 0, max(secagg - 1, 0))  # fewer than the clients of --secagg
+    _check_range("--audit", audit, 0, 10**7)
+    if audit and means_only:
+        raise PrismError("--audit attacks the release of means and second moments, not --means-only")
     z = noise_multiplier(epsilon, delta)
     sens = math.sqrt((1 if means_only else 2) * layers + 1)
     typer.echo("mechanism        Gaussian, one release of clipped feature sums per client (docs/privacy.md)")
@@ -309,8 +321,6 @@ def privacy(
     typer.echo(f"on a mean        {z * sens / images:.6f}   per coordinate for a client of {images} images")
     typer.echo(f"guarantee        epsilon={spent_epsilon(z, delta):.4f}, delta={delta:g} per client, record-level")
     if secagg:
-        if not 0 <= colluders < secagg:
-            raise PrismError(f"--colluders must be in [0, {secagg - 1}], got {colluders}")
         share = z * sens / math.sqrt(secagg - colluders)
         total = share * math.sqrt(secagg)
         typer.echo(f"secure sum       each of {secagg} clients adds std {share:.4f}; the server sees only the sum, "
@@ -352,7 +362,10 @@ def grid(
     try:
         seed_list = [int(x) for x in split(seeds)]
     except ValueError:
-        raise PrismError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        raise PrismError(f"--seeds must be comma-separated integers, got {seeds[:100]!r}") from None
+    for seed in seed_list:
+        _check_range("--seeds", seed, 0, MAX_SEED)
+    _check_range("--samples", samples, 2, MAX_SAMPLES)
     cells = grid_mod.cells(split(datasets), split(partitions), split(methods), seed_list)
     known = [*METHODS, *grid_mod.VARIANTS]
     for m in {c.method for c in cells}:
@@ -396,9 +409,13 @@ def main() -> None:
     except Exception as exc:  # click's usage errors
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+            exc.show()  # the help text
             sys.exit(2)
+        if isinstance(exc, click.ClickException):  # a usage error: one line, as every other error
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "prismfl"
+            message = " ".join(exc.format_message().split())  # the value it quotes may be huge: cut
+            _fail((message if len(message) <= 200 else message[:200] + "...") + f" (see '{where} --help')")
         raise
 
 

@@ -146,6 +146,53 @@ FEATURE_TRAINING = ("plain", "one-cycle", "augmented")  # loss.feature_training;
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 
+# Every numeric key's range, checked before anything else in RunConfig.validate: (low, high, brackets), the
+# brackets as the message writes them, "[" and "]" including the bound, "(" and ")" excluding it. A NaN is in
+# no range, and an infinity only in privacy.epsilon's (inf: no privacy). The upper bounds of sizes and counts
+# are prismfl's limits; the other relations between keys are checked after, in validate.
+RANGES: dict[str, tuple[float, float, str]] = {
+    "seed": (0, 2**63, "[)"),
+    "data.resize": (0, 32, "[]"),  # and 0 (native), 28 or 32
+    "data.subset": (0, 10**8, "[]"),
+    "partition.num_clients": (1, 65_535, "[]"),
+    "partition.shards_per_client": (1, 10**6, "[]"),
+    "partition.alpha": (1e-3, 1e6, "[]"),  # below 0.001 every class already goes to one client
+    "partition.public_holdout": (0, 10**8, "[]"),
+    "model.z_dim": (1, 4096, "[]"),  # model.generators.MAX_Z_DIM
+    "model.width": (1, 4096, "[]"),  # MAX_WIDTH
+    "model.modes": (1, 64, "[]"),  # MAX_MODES
+    "loss.feature_width": (1, 1024, "[]"),
+    "loss.tracker_beta": (0, 1, "[)"),
+    "loss.tracker_lr": (0, 100, "(]"),
+    "loss.feature_epochs": (0, 1000, "[]"),  # 0: the recipe's own
+    "loss.pool": (1, 8, "[]"),
+    "loss.pca": (0, 256, "[]"),
+    "loss.rff": (0, 65_536, "[]"),
+    "loss.codes_per_step": (0, 64_000, "[]"),  # 0: every class; at most classes x modes (1,000 x 64)
+    "train.rounds": (1, 10**6, "[]"),
+    "train.local_steps": (1, 10**7, "[]"),
+    "train.batch_size": (1, 65_536, "[]"),
+    "train.lr": (0, 100, "(]"),
+    "train.dense_lr": (0, 100, "(]"),
+    "train.lr_floor": (0, 1, "(]"),
+    "train.client_fraction": (0, 1, "(]"),
+    "train.smoothing": (0, 0.5, "[)"),
+    "train.server_momentum": (0, 1, "[)"),
+    "train.warm_start": (0, 10**7, "[]"),  # 0: no warm start
+    "train.sample_every": (0, 10**6, "[]"),  # 0: only at the end
+    "train.eval_every": (0, 10**6, "[]"),  # 0: never
+    "privacy.epsilon": (0, math.inf, "(]"),  # inf: no privacy
+    "privacy.delta": (0, 1, "()"),
+    "privacy.clip": (0, 1000, "(]"),  # x the median feature norm
+    "privacy.pool": (0, 1, "[]"),
+    "privacy.colluders": (0, 65_534, "[]"),  # and fewer than partition.num_clients
+    "faults.dropout": (0, 1, "[)"),
+    "faults.straggler": (0, 1, "[)"),
+    "faults.byzantine": (0, 1, "[)"),
+    "robust.trim": (0, 0.5, "[)"),
+    "robust.tolerance": (0, 1000, "(]"),
+}
+
 
 @dataclass
 class RunConfig:
@@ -188,6 +235,8 @@ class RunConfig:
         from prismfl.model.generators import ARCHITECTURES
         from prismfl.model.masked import ESTIMATORS
 
+        for key, kind, value in numeric_values(self):
+            check_range(key, kind, value, *RANGES[key])
         _one_of("data.dataset", self.data.dataset, tuple(DATASETS))
         _one_of("partition.scheme", self.partition.scheme, SCHEMES)
         _one_of("model.arch", self.model.arch, ARCHITECTURES)
@@ -202,78 +251,33 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
         _one_of("loss.moment", self.loss.moment, MOMENTS)
         _one_of("loss.tracker", self.loss.tracker, TRACKERS)
-        if not 0 <= self.loss.pca <= 256:
-            raise ConfigError(f"loss.pca must be an integer in 0..256 (principal components), got {self.loss.pca}")
         if self.loss.pca and not self.public_images():
             raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
                               "= 'public'")  # fmt: skip
-        if not 0 <= self.loss.rff <= 65536:
-            raise ConfigError(f"loss.rff must be an integer in 0..65536 (random features), got {self.loss.rff}")
         if self.loss.rff and not self.loss.pca:
             raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
         _one_of("loss.feature_training", self.loss.feature_training, FEATURE_TRAINING)
-        if not 1 <= self.loss.pool <= 8:
-            raise ConfigError(f"loss.pool must be an integer in 1..8, got {self.loss.pool}")
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.pool needs the public or random feature net")
         if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
-        if not 0 <= self.loss.tracker_beta < 1:
-            raise ConfigError(f"loss.tracker_beta must be in [0, 1), got {self.loss.tracker_beta}")
         _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
         if self.train.method == "prism-nomada":
             raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
         _one_of("train.method", self.train.method, METHODS)
-        if not self.train.dense_lr > 0:
-            raise ConfigError(f"train.dense_lr must be > 0, got {self.train.dense_lr}")
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
         _one_of("train.warm_start_schedule", self.train.warm_start_schedule, ("constant", "cosine"))
-        if not 0 < self.train.lr_floor <= 1:
-            raise ConfigError(f"train.lr_floor must be in (0, 1], got {self.train.lr_floor}")
-        if not 0 <= self.train.server_momentum < 1:
-            raise ConfigError(f"train.server_momentum must be in [0, 1), got {self.train.server_momentum}")
         _one_of("faults.attack", self.faults.attack, ATTACKS)
         _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
-        for key in ("dropout", "straggler", "byzantine"):
-            if not 0 <= getattr(self.faults, key) < 1:
-                raise ConfigError(f"faults.{key} must be in [0, 1), got {getattr(self.faults, key)}")
-        if not 0 <= self.robust.trim < 0.5:
-            raise ConfigError(f"robust.trim must be in [0, 0.5), got {self.robust.trim}")
-        if not self.robust.tolerance > 0:
-            raise ConfigError(f"robust.tolerance must be > 0, got {self.robust.tolerance}")
         if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
             raise ConfigError(f"robust.rule needs a method whose clients' uploads are aggregated, not "
                               f"{self.train.method!r}")  # fmt: skip
         if self.robust.rule == "trimmed" and self.train.method != "prism":
             raise ConfigError("robust.rule = 'trimmed' trims mask counts: it needs train.method = 'prism'")
-        _positive("partition.num_clients", self.partition.num_clients)
-        _positive("partition.shards_per_client", self.partition.shards_per_client)
-        _positive("model.z_dim", self.model.z_dim)
-        _positive("model.width", self.model.width)
-        _positive("loss.feature_width", self.loss.feature_width)
-        if self.loss.feature_epochs < 0:
-            raise ConfigError(f"loss.feature_epochs must be >= 0 (0: the recipe's own), got {self.loss.feature_epochs}")
-        _positive("train.rounds", self.train.rounds)
-        _positive("train.local_steps", self.train.local_steps)
-        _positive("train.batch_size", self.train.batch_size)
-        for key, value, high in (("train.batch_size", self.train.batch_size, 65536),
-                                 ("train.local_steps", self.train.local_steps, 10**7),
-                                 ("train.warm_start", self.train.warm_start, 10**7),
-                                 ("train.rounds", self.train.rounds, 10**6),
-                                 ("loss.feature_width", self.loss.feature_width, 1024),
-                                 ("loss.feature_epochs", self.loss.feature_epochs, 1000),
-                                 ("partition.num_clients", self.partition.num_clients, 65535)):  # fmt: skip
-            if value > high:
-                raise ConfigError(f"{key} = {value:,} is over prismfl's limit of {high:,}")
-        for key, value in (("train.lr", self.train.lr), ("train.dense_lr", self.train.dense_lr)):
-            if not (math.isfinite(value) and 0 < value <= 100):
-                raise ConfigError(f"{key} must be a finite number in (0, 100], got {value}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
         if self.model.modes != 1 and not self.model.conditional:
             raise ConfigError("model.modes splits the classes of a class-conditional generator: set "
                               "model.conditional = true, or leave model.modes at 1")  # fmt: skip
@@ -302,12 +306,6 @@ class RunConfig:
         if self.model.conditional and self.train.method not in ("prism", "central", "public"):
             raise ConfigError(f"model.conditional is implemented for the prism, central and public methods, not "
                               f"{self.train.method!r}")  # fmt: skip
-        if not self.partition.alpha > 0:
-            raise ConfigError(f"partition.alpha must be > 0, got {self.partition.alpha}")
-        if self.data.subset < 0:
-            raise ConfigError(f"data.subset must be >= 0 (0 uses every image), got {self.data.subset}")
-        if self.partition.public_holdout < 0:
-            raise ConfigError(f"partition.public_holdout must be >= 0, got {self.partition.public_holdout}")
         needs_holdout = "trains on the public hold-out, which exists with loss.features = 'public' and " \
             "partition.public_holdout > 0"  # fmt: skip
         if self.train.method == "public" and not self.public_images():
@@ -319,26 +317,12 @@ class RunConfig:
             raise ConfigError("without public images the modes come from the clients' moment sums, which are not "
                               "released under privacy.epsilon yet: set model.modes = 1 (and loss.codes_per_step "
                               "<= 10) or give a public hold-out")  # fmt: skip
-        if self.train.warm_start < 0:
-            raise ConfigError(f"train.warm_start must be >= 0 (0: no warm start), got {self.train.warm_start}")
         # (prism only: the baselines ignore it, as they ignore the server momentum)
         if self.train.warm_start and self.train.method == "prism" and not self.public_images() and self.privacy.secagg:
             raise ConfigError("train.warm_start without public images trains on the clients' pooled statistics, "
                               "which privacy.secagg hides from everyone until the rounds start: set "
                               "train.warm_start = 0 or give a public hold-out")  # fmt: skip
-        if not self.train.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
-        if not 0 < self.train.client_fraction <= 1:
-            raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.train.client_fraction}")
-        if not 0 <= self.train.smoothing < 0.5:
-            raise ConfigError(f"train.smoothing must be in [0, 0.5), got {self.train.smoothing}")
-        if not self.privacy.epsilon > 0:
-            raise ConfigError(f"privacy.epsilon must be > 0 (inf turns privacy off), got {self.privacy.epsilon}")
         self.check_pool()
-        if not 0 < self.privacy.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.privacy.delta}")
-        if not self.privacy.clip > 0:
-            raise ConfigError(f"privacy.clip must be > 0, got {self.privacy.clip}")
         if self.privacy.epsilon != float("inf"):
             from prismfl.privacy import noise_multiplier
 
@@ -362,8 +346,6 @@ class RunConfig:
     def check_pool(self) -> None:
         p = self.privacy
         _one_of("privacy.pool_classes", p.pool_classes, ("own", "all"))
-        if not (math.isfinite(p.pool) and 0 <= p.pool <= 1):
-            raise ConfigError(f"privacy.pool must be in [0, 1] (the pooled statistics' weight), got {p.pool}")
         if p.pool > 0 and math.isinf(p.epsilon):
             raise ConfigError("privacy.pool shares the clients' statistics with the server: only private releases "
                               "may leave a client (set privacy.epsilon)")  # fmt: skip
@@ -399,9 +381,31 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{extra}")
 
 
-def _positive(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{key} must be at least 1, got {value}")
+def numeric_values(node, prefix: str = ""):
+    """(key, "int" or "float", value) of every numeric key of a config (a bool is not one), nested keys dotted."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from numeric_values(value, f"{prefix}{f.name}.")
+        elif f.type in ("int", "float"):
+            yield f"{prefix}{f.name}", f.type, value
+
+
+def check_range(key: str, kind: str, value: float, low: float, high: float, brackets: str) -> None:
+    """A ConfigError naming `key` unless `value` lies in the range (a NaN lies in none); see RANGES."""
+    above = value > low if brackets[0] == "(" else value >= low
+    below = value < high if brackets[1] == ")" else value <= high
+    if not (above and below):
+        what = "an integer" if kind == "int" else "a number" if math.isinf(high) else "a finite number"
+        bounds = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+        raise ConfigError(f"{key} must be {what} in {brackets[0]}{bounds}{brackets[1]}, got {show_number(value)}")
+
+
+def show_number(value: float) -> str:
+    """A value for a one-line message: as written, a huge integer by its length."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"a number of {len(str(abs(value))):,} digits"
+    return repr(value)
 
 
 # ---------------------------------------------------------------- building from TOML and --set
@@ -410,9 +414,12 @@ def _positive(key: str, value: int) -> None:
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1000:  # float() would overflow; no key's range comes near
+            raise ConfigError(f"{key} must be a finite number, got {show_number(value)}")
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+        raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {shown}")
     return value
 
 
@@ -436,8 +443,16 @@ def _build(cls, table: dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file; prismfl's own are about 2 kB
+MAX_OVERRIDE_CHARS = 1000  # one --set key=value
+MAX_DEPTH = 16  # nested tables and arrays in a config (its own are 2 deep): deeper is refused, not recursed into
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.rounds=5' -> (['train', 'rounds'], 5); values are read as TOML, else as strings."""
+    if len(item) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"--set {item[:40]!r}... is {len(item):,} characters, over prismfl's limit of "
+                          f"{MAX_OVERRIDE_CHARS:,}")  # fmt: skip
     if "=" not in item:
         raise ConfigError(f"--set expects key=value (for example train.rounds=5), got {item!r}")
     key, raw = (part.strip() for part in item.split("=", 1))
@@ -445,7 +460,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply") from None
+    _check_depth(value, f"--set {key}")
     return key.split("."), value
+
+
+def _check_depth(value: Any, what: str) -> None:
+    """Refuse tables and arrays nested more than MAX_DEPTH deep (no key takes one), iteratively."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for x in level if isinstance(x, dict | list) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return
+    raise ConfigError(f"{what}: tables and arrays nested more than {MAX_DEPTH} deep")
 
 
 def merge(table: dict[str, Any], path: list[str], value: Any) -> None:
@@ -461,19 +489,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     """Read a TOML file (or start from defaults or `base`), apply --set overrides, validate."""
     table: dict[str, Any] = dict(base or {})
     if path is not None:
+        from prismfl.files import read_capped
+
         path = Path(path)
+        data = read_capped(path, MAX_CONFIG_BYTES, "config file", ConfigError)
         try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a directory; give a .toml file") from None
+            table = tomllib.loads(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, RecursionError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from None
+        _check_depth(table, f"config file {path}")
     for item in overrides:
         merge(table, *parse_override(item))
     return _build(RunConfig, table).validate()

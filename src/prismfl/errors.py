@@ -18,10 +18,8 @@ class ModelFileError(PrismError):
 
 
 def read_file_bytes(path, error: type[PrismError], missing: str) -> bytes:
-    """The bytes of `path`; a missing or unreadable file raises `error` with one line (`missing` if absent)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise error(missing) from None
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    """The bytes of the regular file `path` (files.read_capped with the checkpoint cap, the largest file prismfl
+    reads); kept for rundir.load_checkpoint: everything else calls read_capped with its own kind's cap."""
+    from prismfl.files import MAX_CHECKPOINT_BYTES, read_capped
+
+    return read_capped(path, MAX_CHECKPOINT_BYTES, "checkpoint", error, missing)

@@ -14,7 +14,7 @@ import numpy as np
 
 from prismfl import rundir
 from prismfl.config import load_config
-from prismfl.files import atomic_write_bytes
+from prismfl.files import MAX_RECORD_BYTES, atomic_write_bytes, read_capped
 from prismfl.progress import bar
 
 EVAL_FILE = "evaluation.json"
@@ -49,7 +49,7 @@ def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, *, sampl
 
     out = cell.path(root)
     if (out / EVAL_FILE).exists():
-        return json.loads((out / EVAL_FILE).read_text())
+        return _evaluation(out / EVAL_FILE)
     cfg = load_config(config, [*overrides, f'data.dataset="{cell.dataset}"', f'partition.scheme="{cell.partition}"',
                                *method_overrides(cell.method), f"seed={cell.seed}"])  # fmt: skip
     resume = (out / rundir.CHECKPOINT).exists()
@@ -83,7 +83,11 @@ def run_cell(cell: Cell, config: str, overrides: list[str], root: Path, *, sampl
 
 def finished(grid: list[Cell], root: Path) -> dict:
     """The evaluations of the cells that have finished; the others are left out (nothing is trained)."""
-    return {c: json.loads((c.path(root) / EVAL_FILE).read_text()) for c in grid if (c.path(root) / EVAL_FILE).exists()}
+    return {c: _evaluation(c.path(root) / EVAL_FILE) for c in grid if (c.path(root) / EVAL_FILE).exists()}
+
+
+def _evaluation(path: Path) -> dict:
+    return json.loads(read_capped(path, MAX_RECORD_BYTES, "evaluation"))
 
 
 def run_grid(grid: list[Cell], config: str, overrides: list[str], root: Path, *, samples: int, log=print) -> dict:

@@ -17,16 +17,26 @@ from pathlib import Path
 
 import torch
 
-from prismfl.errors import ModelFileError, read_file_bytes
-from prismfl.files import atomic_write_bytes
+from prismfl.errors import ModelFileError
+from prismfl.files import atomic_write_bytes, read_capped
 from prismfl.fl.wire import pack_mask, unpack_mask
 from prismfl.model import masked
-from prismfl.model.generators import ArchSpec, build_generator, calibrate_batchnorm, count_weights
+from prismfl.model.generators import (
+    MAX_WEIGHTS,
+    ArchSpec,
+    build_generator,
+    calibrate_batchnorm,
+    count_weights,
+    layer_shapes,
+)
 
 MAGIC = b"PRISM\x00"
 VERSION = 1
 _PREFIX = struct.Struct("<6sHI")
 BN_SAMPLES = 2048
+MAX_HEADER_BYTES = 1 << 20  # a model file's JSON header (arch, layer table, provenance): a few kB in practice
+# the largest model file: prefix, header, the mask of the largest network (MAX_WEIGHTS bits) and the sha256
+MAX_MODEL_BYTES = _PREFIX.size + MAX_HEADER_BYTES + (MAX_WEIGHTS + 7) // 8 + 32
 
 
 @dataclass
@@ -37,13 +47,12 @@ class PrismModel:
     class_shares: list[float] | None = None  # a conditional model's class shares (the default labels)
 
     def layers(self) -> list[tuple[str, tuple[int, ...]]]:
-        return masked.layer_table(build_generator(self.spec))
+        return layer_shapes(self.spec)
 
 
 def to_bytes(model: PrismModel) -> bytes:
-    net = build_generator(model.spec)
-    table = masked.layer_table(net)
-    n = masked.num_maskable(net)
+    table = layer_shapes(model.spec)
+    n = sum(math.prod(shape) for _, shape in table)
     if model.mask.numel() != n:
         raise ValueError(f"mask has {model.mask.numel()} entries, the architecture {n}")
     payload = pack_mask(model.mask)
@@ -67,7 +76,8 @@ def to_bytes(model: PrismModel) -> bytes:
 
 def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
     """Parse and check a model file; any defect is a ModelFileError naming what is wrong. Every field
-    is checked, and the mask's size against the architecture, before the generator is built."""
+    is checked, and the mask's size and the layer table against the architecture; no generator is built
+    (materialize builds one), so the memory it takes is the mask's: N bytes as a bool tensor."""
     if len(data) < _PREFIX.size + 32:
         raise ModelFileError(f"{source} is not a prismfl model (too short: {len(data)} bytes)")
     magic, version, head_len = _PREFIX.unpack_from(data)
@@ -79,6 +89,9 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
         raise ModelFileError(f"{source} is corrupt or truncated (checksum mismatch)")
     if head_len > len(data) - _PREFIX.size - 32:
         raise ModelFileError(f"{source}: its header length runs past the end of the file")
+    if head_len > MAX_HEADER_BYTES:
+        raise ModelFileError(f"{source}: its header of {head_len:,} bytes is over prismfl's limit of "
+                             f"{MAX_HEADER_BYTES:,}")  # fmt: skip
     try:
         header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
         if not isinstance(header, dict) or not isinstance(header.get("arch"), dict):
@@ -104,9 +117,7 @@ def from_bytes(data: bytes, source: str = "model file") -> PrismModel:
     if len(payload) != (n + 7) // 8:
         raise ModelFileError(f"{source}: a mask of {n:,} weights takes {(n + 7) // 8:,} bytes, the file has "
                              f"{len(payload):,}")  # fmt: skip
-    net = build_generator(spec)
-    table = [[name, list(shape)] for name, shape in masked.layer_table(net)]
-    if table != header.get("layers") or n != masked.num_maskable(net):
+    if [[name, list(shape)] for name, shape in layer_shapes(spec)] != header.get("layers"):
         raise ModelFileError(f"{source}: its layer table does not match architecture {spec.name!r} in this prismfl")
     try:
         mask = unpack_mask(payload, n)
@@ -144,7 +155,7 @@ def save(model: PrismModel, path: str | Path) -> int:
 
 def load(path: str | Path) -> PrismModel:
     path = Path(path)
-    data = read_file_bytes(path, ModelFileError, f"model file not found: {path}")
+    data = read_capped(path, MAX_MODEL_BYTES, "model file", ModelFileError)
     return from_bytes(data, str(path))
 
 
@@ -215,6 +226,8 @@ def mode_shares(net: torch.nn.Module) -> torch.Tensor:
 
 DENSE_MODEL = "model.pt"
 DENSE_KEY = "prismfl-dense"
+# the largest dense model file: safetensors' u64 header length, its JSON header, MAX_WEIGHTS float32 weights
+MAX_DENSE_BYTES = 8 + MAX_HEADER_BYTES + 4 * MAX_WEIGHTS
 
 
 def save_dense(path: Path, spec: ArchSpec, weights: torch.Tensor, dataset: str) -> int:
@@ -239,13 +252,16 @@ def load_dense(path: Path) -> tuple[torch.nn.Module, dict]:
     """The FedAvg model file as a generator, with its metadata; any defect is a ModelFileError."""
     from safetensors.torch import load
 
-    data = read_file_bytes(Path(path), ModelFileError, f"model file not found: {path}")
+    data = read_capped(path, MAX_DENSE_BYTES, "model file", ModelFileError)
     try:
         from prismfl.safestate import read_header
 
         meta = json.loads(read_header(data, str(path))["__metadata__"][DENSE_KEY])
         spec = ArchSpec(**meta["arch"]).validate()
         weights = load(data)["weights"]
+        if weights.shape != (count_weights(spec),):  # before the generator is built
+            raise ValueError(f"weights of shape {tuple(weights.shape)}; architecture {spec.name!r} has "
+                             f"{count_weights(spec):,}")  # fmt: skip
         net = dense_generator(spec, weights)
     except ModelFileError:
         raise

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from prismfl import rundir
-from prismfl.files import atomic_write_bytes
+from prismfl.config import MAX_CONFIG_BYTES
+from prismfl.files import MAX_RECORD_BYTES, atomic_write_bytes, read_capped
 from prismfl.plots import PAPER_BITS_PER_WEIGHT, PAPER_MB_PER_ROUND
 
 
 def run_report(run_dir: Path) -> Path:
     """Write report.md in a run directory from its config, metrics, model and evaluation."""
     run_dir = Path(run_dir)
-    cfg = tomllib.loads((run_dir / rundir.CONFIG).read_text())
+    cfg = tomllib.loads(read_capped(run_dir / rundir.CONFIG, MAX_CONFIG_BYTES, "run config").decode())
     records = rundir.read_metrics(run_dir)
     t = cfg["train"]
     lines = [f"# Run report: {run_dir.name}", ""]
@@ -88,7 +89,7 @@ def run_report(run_dir: Path) -> Path:
             ]
     evaluation = run_dir / "evaluation.json"
     if evaluation.exists():
-        q = json.loads(evaluation.read_text())
+        q = json.loads(read_capped(evaluation, MAX_RECORD_BYTES, "evaluation"))
         lines += ["## Quality", "", "| metric | value |", "|---|---|"]
         for key in ("domain_fid", "precision", "recall", "density", "coverage", "confident_share", "class_kl",
                     "inception_fid", "label_agreement", "tstr_accuracy", "real_accuracy"):  # fmt: skip

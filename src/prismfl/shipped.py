@@ -13,7 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from prismfl.errors import PrismError, read_file_bytes
+from prismfl.errors import PrismError
+from prismfl.files import MAX_NET_WEIGHTS_BYTES, read_capped
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -38,7 +39,7 @@ def load_shipped(shipped: Shipped, net: nn.Module, what: str, where: Path = WEIG
     from safetensors.torch import load
 
     path = where / shipped.file
-    data = read_file_bytes(path, WeightsError, f"{what} {path} is missing: reinstall prismfl")
+    data = read_capped(path, MAX_NET_WEIGHTS_BYTES, what, WeightsError, f"{what} {path} is missing: reinstall prismfl")
     if hashlib.sha256(data).hexdigest() != shipped.sha256:
         raise WeightsError(f"{what} {path} fails its sha256 check: reinstall prismfl")
     try:

@@ -64,9 +64,11 @@ def _image_folder(folder: Path) -> Path:
 
 
 def _read_text(path: Path) -> str:
+    from prismfl.files import MAX_DATA_FILE_BYTES, read_capped
+
     try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        return read_capped(path, MAX_DATA_FILE_BYTES, "CelebA list", DataError).decode()
+    except UnicodeDecodeError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prismfl.errors import DataError, read_file_bytes
+from prismfl.errors import DataError
+from prismfl.files import MAX_DATA_FILE_BYTES, read_capped
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -49,7 +50,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    raw = read_file_bytes(path, DataError, f"CIFAR-10 file missing: {path}; {FETCH_HINT}")
+    raw = read_capped(
+        path, MAX_DATA_FILE_BYTES, "CIFAR-10 file", DataError, f"CIFAR-10 file missing: {path}; {FETCH_HINT}"
+    )
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch

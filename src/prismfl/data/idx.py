@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from prismfl.errors import DataError
+from prismfl.files import MAX_DATA_FILE_BYTES, read_capped
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -16,14 +18,15 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file into an array; any defect is a DataError naming the file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    raw = read_capped(path, MAX_DATA_FILE_BYTES, "data file", DataError)
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as z:
+                raw = z.read(MAX_DATA_FILE_BYTES + 1)  # a small file may inflate to anything: at most the cap
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        if len(raw) > MAX_DATA_FILE_BYTES:
+            raise DataError(f"{path} decompresses to over prismfl's limit of {MAX_DATA_FILE_BYTES:,} bytes")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_DTYPES[raw[2]]), raw[3]

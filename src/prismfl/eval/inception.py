@@ -254,19 +254,15 @@ class InceptionV3(nn.Module):
         return self.features(images)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _read_state_dict(path: Path) -> tuple[dict, str]:
+    """The weights file's state_dict and its sha256."""
+    import io
 
+    from prismfl.files import MAX_NET_WEIGHTS_BYTES, read_capped
 
-def _read_state_dict(path: Path) -> dict:
+    data = read_capped(path, MAX_NET_WEIGHTS_BYTES, "Inception weights", ModelFileError)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelFileError(f"Inception weights not found: {path}") from None
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a weights file"
         why = (str(exc).splitlines() or [""])[0][:200]
         raise ModelFileError(f"{path} is not a PyTorch state_dict ({type(exc).__name__}: {why}); {_WANTED}") from None
@@ -276,7 +272,7 @@ def _read_state_dict(path: Path) -> dict:
         raise ModelFileError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; {_WANTED}")
     if obj and all(k.startswith("module.") for k in obj):  # saved from a DataParallel wrapper
         obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+    return obj, hashlib.sha256(data).hexdigest()
 
 
 _WANTED = "expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torchvision's inception_v3_google-*.pth"
@@ -304,7 +300,7 @@ def detect_variant(state: dict, path: Path | str = "weights") -> str:
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> InceptionV3:
     """The network for a weights file, in eval mode; any other file is a ModelFileError saying why."""
     path = Path(path).expanduser()
-    state = _read_state_dict(path)
+    state, sha256 = _read_state_dict(path)
     variant = detect_variant(state, path)
     net = InceptionV3(variant)
     own = net.state_dict()
@@ -322,7 +318,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
             )
     net.load_state_dict({**{k: own[k] for k in optional}, **state})
     net.weights_name = path.name
-    net.weights_sha256 = _sha256(path)
+    net.weights_sha256 = sha256
     stated = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$", path.name)  # torch hub names carry a sha256 prefix
     net.name_hash_matches = None if stated is None else net.weights_sha256.startswith(stated.group(1))
     return net.to(device).eval()

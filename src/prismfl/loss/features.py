@@ -118,10 +118,15 @@ def load_vgg19bn(path: str | Path) -> VGG19BNFeatures:
             f"loss.vgg_weights: {path} does not exist; supply torchvision's vgg19_bn state_dict "
             "(vgg19_bn-c79401a0.pth), nothing is downloaded"
         )
+    import io
+
+    from prismfl.files import MAX_NET_WEIGHTS_BYTES, read_capped
+
+    data = read_capped(path, MAX_NET_WEIGHTS_BYTES, "VGG weights", ModelFileError)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ModelFileError(f"cannot read VGG weights {path}: {exc}") from None
+        raise ModelFileError(f"cannot read VGG weights {path}: {str(exc)[:200]}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     net = VGG19BNFeatures()

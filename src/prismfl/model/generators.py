@@ -222,6 +222,16 @@ class MLPUpGenerator(MLPGenerator):
 _BUILDERS = {"resnet": ResNetGenerator, "dcgan": DCGANGenerator, "mlp": MLPGenerator, "mlp-up": MLPUpGenerator}
 
 
+def layer_shapes(spec: ArchSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """The maskable layers' names and weight shapes (masked.layer_table of the generator), found without
+    allocating or initialising a weight: the network is laid out on PyTorch's meta device."""
+    from prismfl.model.masked import layer_table
+
+    spec.validate()
+    with torch.device("meta"):
+        return layer_table(_BUILDERS[spec.name](spec))
+
+
 def build_generator(spec: ArchSpec) -> nn.Module:
     """A generator with its frozen weights regenerated from spec.weight_seed; scores are zero."""
     spec.validate()
