@@ -63,10 +63,12 @@ def test_variant_tables_name_real_config_keys():
 
 def test_the_fuzz_campaign_runs_and_finds_no_crash_hang_or_wrong_accept():
     fuzz = load("fuzz")
-    for name in fuzz.TARGETS:
+    # (the restored state's target trains a run first; tests/test_resume_fields.py covers it field by field)
+    for name in [*fuzz.TARGETS, *(t for t in fuzz.STRUCTURED if t != "restored state")]:
         r = fuzz.campaign(name, 60, seed=1)
-        assert r["tried"] == 60 and r["clean error"] > 0, name
-        assert (r["wrong accept"], r["crash"], r["hang"]) == (0, 0, 0), (name, r["examples"])
+        assert 0 < r["tried"] <= 60 and r["clean error"] > 0, name
+        assert (r["wrong accept"], r["crash"], r["hang"], r.get("honest refused", 0)) == (0, 0, 0, 0), (
+            name, r["examples"])  # fmt: skip
 
 
 def test_bytes_to_reach_takes_the_first_round_at_or_below_the_target():

@@ -25,7 +25,10 @@ def _one_line_error(code, err, *needles):
             ["--set", "partition.alpha=0", "--set", "partition.scheme=dirichlet"],
             ["partition.alpha must be a finite number in"],
         ),
-        (["--set", "partition.num_clients=5000"], ["5000 clients but only", "use fewer clients"]),
+        (
+            ["--set", "partition.num_clients=5000", "--set", "train.client_fraction=0.01"],
+            ["5000 clients but only", "use fewer clients"],
+        ),
         (["--set", "data.root=/nonexistent/fm"], ["/nonexistent/fm", "data.root"]),
         (["--set", "loss.features=vgg19bn", "--set", "loss.vgg_weights=/no/vgg.pth"], ["/no/vgg.pth"]),
     ],

@@ -378,14 +378,14 @@ def test_the_server_class_table_from_reported_rows():
 
 
 def test_flower_server_sums_the_class_counts_the_clients_report():
-    from prismfl.errors import PrismError
+    from prismfl.flower.replies import SetupReply
     from prismfl.flower.server_app import class_counts
 
-    infos = [{"statistics-class-counts": [1.0, 2.0]}, {"statistics-class-counts": [0.5, 0.5]}, {}]
-    assert class_counts(infos) == [1.5, 2.5]
-    assert class_counts([{}, {}]) is None
-    with pytest.raises(PrismError, match="different lengths"):
-        class_counts([{"statistics-class-counts": [1.0]}, {"statistics-class-counts": [1.0, 2.0]}])
+    def reply(counts):  # (the length of each list is checked against the model's codes when the reply is read)
+        return SetupReply(0, [], "s", {}, b"k" * 32, statistics_class_counts=counts)
+
+    assert class_counts([reply([1.0, 2.0]), reply([0.5, 0.5]), reply(None)]) == [1.5, 2.5]
+    assert class_counts([reply(None), reply(None)]) is None
 
 
 def test_pooled_features_are_block_means_of_the_maps():
@@ -582,6 +582,7 @@ def test_resume_accepts_a_checkpoint_written_before_the_new_config_keys(tmp_path
     del old["model"]["conditional"], old["loss"]["pool"]  # a checkpoint of the version before this change
     (tmp_path / rundir.CHECKPOINT).write_bytes(b"x")
     monkeypatch.setattr(rundir, "load_checkpoint", lambda out: {"config": old, "transport": "simulator"})
+    monkeypatch.setattr(rundir, "check_progress", lambda state, cfg: None)  # (the rest of the checkpoint)
     assert rundir.check(tmp_path, cfg, resume=True, transport="simulator")["config"] is old
     with pytest.raises(PrismError, match="configuration differs"):
         rundir.check(tmp_path, load_config(SMOKE, ["train.rounds=9"]), resume=True, transport="simulator")

@@ -15,11 +15,3 @@ class DataError(PrismError):
 
 class ModelFileError(PrismError):
     pass
-
-
-def read_file_bytes(path, error: type[PrismError], missing: str) -> bytes:
-    """The bytes of the regular file `path` (files.read_capped with the checkpoint cap, the largest file prismfl
-    reads); kept for rundir.load_checkpoint: everything else calls read_capped with its own kind's cap."""
-    from prismfl.files import MAX_CHECKPOINT_BYTES, read_capped
-
-    return read_capped(path, MAX_CHECKPOINT_BYTES, "checkpoint", error, missing)

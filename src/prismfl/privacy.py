@@ -18,6 +18,7 @@ the seed could otherwise regenerate and subtract it.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import sys
@@ -79,6 +80,47 @@ class PrivateRelease:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "sensitivity": self.sensitivity, "noise_std": self.noise_multiplier * self.sensitivity,
                 "clip": self.clip}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def calibration(epsilon: float, delta: float) -> tuple[float, float]:
+    """(noise multiplier, epsilon spent) of one release calibrated for (epsilon, delta)."""
+    z = noise_multiplier(epsilon, delta)
+    return z, spent_epsilon(z, delta)
+
+
+def summary_schema(cfg, layers: int | None = None):
+    """What a client keeps of its release (`PrivateRelease.summary`, with `Private.release`'s secure
+    aggregation fields) in a run of `cfg` whose feature net has `layers` layers: null without privacy;
+    the guarantee as calibrated for cfg's (epsilon, delta), the sensitivity of that many layers and a
+    positive clip bound per layer (what the run's records and model file state, and what the loss uses)."""
+    from prismfl import schema
+
+    p = cfg.privacy
+    if math.isinf(p.epsilon):
+        return schema.Null()
+    positive = schema.Num(0, above=True)
+    fields = {"epsilon": positive, "delta": schema.Const(p.delta, what=f"{p.delta:g} (privacy.delta)"),
+              "noise_multiplier": positive, "sensitivity": positive, "noise_std": positive,
+              "clip": schema.List(positive, layers, what="a positive clip bound per feature layer")}  # fmt: skip
+    if p.secagg:
+        fields.update(secagg=schema.Const(True), colluders=schema.Const(p.colluders), client_noise_std=positive)
+    table = schema.Table(fields, what="a private release's parameters (a table)")
+
+    def calibrated(summary: dict, path: str) -> None:
+        z, spent = calibration(p.epsilon, p.delta)
+        second = cfg.loss.moment != "mean"
+        want = {"noise_multiplier": z, "epsilon": spent,
+                "sensitivity": math.sqrt((2 if second else 1) * len(summary["clip"]) + 1)}  # fmt: skip
+        want["noise_std"] = want["noise_multiplier"] * want["sensitivity"]
+        if p.secagg:
+            want["client_noise_std"] = want["noise_std"] / math.sqrt(cfg.partition.num_clients - p.colluders)
+        for key, value in want.items():
+            if not math.isclose(summary[key], value, rel_tol=1e-6):
+                schema.fail(schema.join(path, key), f"{value:.6g} (the release of privacy.epsilon = {p.epsilon:g}, "
+                            f"delta = {p.delta:g})", summary[key])  # fmt: skip
+
+    return schema.Each(table, calibrated)
 
 
 def clip_rows(f: torch.Tensor, bound: float) -> torch.Tensor:

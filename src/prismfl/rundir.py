@@ -14,16 +14,18 @@ A checkpoint holds the round records too, so metrics.jsonl always matches it aft
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from prismfl import safestate
+from prismfl import safestate, schema
 from prismfl.config import RunConfig
-from prismfl.errors import PrismError, read_file_bytes
-from prismfl.files import atomic_write_bytes
+from prismfl.errors import PrismError
+from prismfl.files import MAX_CHECKPOINT_BYTES, atomic_write_bytes, read_capped
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # prismfl < 0.2: a pickle, never read (it could run code)
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: a few hundred bytes a round
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 MODEL = "model.prism"
@@ -63,6 +65,45 @@ class RoundRecord:
         d["lambda"] = d.pop("lam")
         return d
 
+    @staticmethod
+    def schema(rnd: int, cfg: RunConfig, chosen: list[int]) -> schema.Node:
+        """What to_dict wrote for round `rnd` of a run of `cfg` whose round chose the clients `chosen` (with
+        the engine's `failures` and `rejected`), as a checkpoint holds it: metrics.jsonl, curves.png and
+        report.md are rewritten from it on resume."""
+        client = schema.Expect(num_clients=cfg.partition.num_clients).client
+        count, share = schema.Int(0), schema.Num(0)
+        private = not math.isinf(cfg.privacy.epsilon)
+        mada = cfg.train.method == "prism" and cfg.train.mada
+        record = schema.Table(
+            {"round": schema.Const(rnd, what=f"round {rnd} (the records are rounds 1, 2, ... in order)"),
+             "loss": schema.Num(0, finite=False), "start_loss": schema.Num(0, finite=False),
+             "lambda": schema.Num(0, 1) if mada else schema.Null(), "upload_bytes": count, "download_bytes": count,
+             "bits_per_param": share, "entropy_bound_bits_per_param": share, "broadcast_bytes": count,
+             "seconds": share, "client_seconds": share, "clients": schema.List(client, min_len=1, unique=True),
+             "mask_entropy": schema.Num(0, 1), "epsilon": schema.Num(0, above=True) if private else schema.Null(),
+             "domain_fid": schema.Num(0, finite=False) if due(cfg.train.eval_every, rnd, cfg.train.rounds) else
+             schema.Null()},
+            optional={"failures": schema.List(schema.Table({"client": client, "error": schema.Str()})),
+                      "rejected": schema.List(schema.Table({"client": client, "why": schema.Str()}))},
+            extra=schema.Json(), what=f"the record of round {rnd} (a table)")  # fmt: skip
+
+        def took_part(r: dict, path: str) -> None:
+            """The round's clients are those it chose but those that failed; only those are left out by a rule."""
+            failed = {f["client"] for f in r.get("failures", [])}
+            if not failed <= set(chosen):
+                schema.fail(schema.join(path, "failures"), f"failures of the round's clients {chosen}",
+                            got=f"clients {sorted(failed)}")  # fmt: skip
+            want = [k for k in chosen if k not in failed]
+            if r["clients"] != want:
+                schema.fail(schema.join(path, "clients"), f"{want} (the round's clients {chosen}, without those "
+                            "that failed)", got=str(r["clients"][:20]))  # fmt: skip
+            left_out = {x["client"] for x in r.get("rejected", [])}
+            if not left_out <= set(want):
+                schema.fail(schema.join(path, "rejected"), f"uploads of the round's clients {want}",
+                            got=f"clients {sorted(left_out)}")  # fmt: skip
+
+        return schema.Each(record, took_part)
+
 
 def due(every: int, rnd: int, last: int) -> bool:
     """Whether a periodic task (every `every` rounds, 0 = never) runs after round `rnd`; always after the last."""
@@ -95,16 +136,27 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise PrismError(f"{run_dir} was written by an older prismfl ({LEGACY_CHECKPOINT}, a pickle, which this "
                          "prismfl never reads because loading it could run code); train it again")  # fmt: skip
     what = str(path)
-    data = read_file_bytes(path, safestate.StateError, f"{run_dir} is not a prismfl run directory (no {CHECKPOINT})")
-    tree = safestate.from_bytes(data, what)
-    safestate.require(tree, {"format": str, "version": int}, what)
+    data = read_capped(path, MAX_CHECKPOINT_BYTES, "checkpoint", safestate.StateError,
+                       f"{run_dir} is not a prismfl run directory (no {CHECKPOINT})")  # fmt: skip
+    return checked(safestate.from_bytes(data, what), what)
+
+
+def checked(tree, what: str = "the checkpoint") -> dict:
+    """A checkpoint's tree (safestate) of this format and version, with the top-level fields of one (one
+    record per round done); else a StateError. What each field holds is checked where it is used: on
+    resume, rundir.check_progress, Method.check_state and the transport's restore (fl.simulate.restore)."""
+    schema.check(schema.Table({"format": schema.Str(), "version": schema.Int()}, what="a checkpoint (a table)"), tree)
     if tree["format"] != CHECKPOINT_FORMAT or tree["version"] != CHECKPOINT_VERSION:
-        raise safestate.StateError(f"{what} is a {tree['format']} version {tree['version']}; this prismfl reads "
-                                   f"{CHECKPOINT_FORMAT} version {CHECKPOINT_VERSION}")  # fmt: skip
-    safestate.require(tree, {"round": int, "config": dict, "transport": str, "server": dict,
-                             "clients": (dict, type(None)), "records": list, "model_info": dict}, what)  # fmt: skip
-    if tree["round"] < 1 or len(tree["records"]) != tree["round"]:
-        raise safestate.StateError(f"{what}: round {tree['round']} with {len(tree['records'])} records")
+        raise safestate.StateError(f"{what} is a {schema.shown(tree['format'])} version "
+                                   f"{schema.describe(tree['version'])}; this prismfl reads {CHECKPOINT_FORMAT} "
+                                   f"version {CHECKPOINT_VERSION}")  # fmt: skip
+    table = schema.Table({}, what="a table")
+    schema.check(schema.Table({"round": schema.Int(1, what="a round (an int >= 1)"), "config": table,
+                               "transport": schema.Str(max_len=100), "server": table, "clients": schema.Opt(table),
+                               "records": schema.List(), "model_info": table}), tree)  # fmt: skip
+    n = tree["round"]
+    schema.check(schema.List(length=n, what=f"a list of {n} round records (one per round done)"), tree["records"],
+                 path="records")  # fmt: skip
     return tree
 
 
@@ -117,6 +169,28 @@ def checkpoint_config(state: dict) -> RunConfig:
         raise safestate.StateError(f"the checkpoint's configuration is not valid: {exc}") from None
 
 
+def check_progress(state: dict, cfg: RunConfig) -> None:
+    """What a resumed run takes from a checkpoint besides the method's and the clients' states: its round,
+    every round's record and the model's info; a StateError (one line, naming the field) for anything
+    that is not what a run of `cfg` writes. Before anything is written to the run directory."""
+    from prismfl.fl.task import select_clients
+
+    rnd = state["round"]
+    if not 1 <= rnd <= cfg.train.rounds:
+        schema.check(schema.Int(1, cfg.train.rounds), rnd, path="round")
+    for i, record in enumerate(state["records"]):
+        schema.check(RoundRecord.schema(i + 1, cfg, select_clients(cfg, i + 1)), record, path=f"records[{i}]")
+    json_table = schema.Table({}, extra=schema.Json())
+    warm = {"warm_start": schema.Table({"steps": schema.Const(cfg.train.warm_start), "images": schema.Int(0),
+                                        "loss": schema.Num(finite=False)}, optional={"source": schema.Str()},
+                                       extra=schema.Json())} if cfg.train.warm_start else \
+        {"warm_start": schema.Never("no warm start (train.warm_start = 0)")}  # fmt: skip
+    private = json_table if not math.isinf(cfg.privacy.epsilon) else schema.Null()
+    info = schema.Table({"method": schema.Const(cfg.train.method), "feature_net": json_table, "privacy": private},
+                        optional=warm, extra=schema.Json())  # fmt: skip
+    schema.check(info, state["model_info"], path="model_info")
+
+
 def check(out: Path, cfg: RunConfig, *, resume: bool, transport: str) -> dict | None:
     """The checkpoint to resume from, or None for a fresh run; writes nothing.
 
@@ -127,12 +201,7 @@ def check(out: Path, cfg: RunConfig, *, resume: bool, transport: str) -> dict | 
     if out.exists() and not out.is_dir():
         raise PrismError(f"--out {out} is a file; choose a directory")
     if resume and (out / CHECKPOINT).exists():
-        state = load_checkpoint(out)
-        if checkpoint_config(state).to_dict() != cfg.to_dict():  # keys added since are at their defaults
-            raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
-        if state["transport"] != transport:
-            raise PrismError(f"{out} was trained by the {state['transport']}; resume it there")
-        return state
+        return resumable(load_checkpoint(out), cfg, transport, out)
     if resume and (out / LEGACY_CHECKPOINT).exists():
         load_checkpoint(out)  # raises: an old pickle checkpoint
     if resume and not (out.exists() and any(out.iterdir())):
@@ -142,6 +211,17 @@ def check(out: Path, cfg: RunConfig, *, resume: bool, transport: str) -> dict | 
             raise PrismError(f"--resume: no checkpoint in {out}; start a new run without --resume")
         raise PrismError(f"{out} is not empty; choose a new --out, or add --resume to continue that run")
     return None
+
+
+def resumable(state: dict, cfg: RunConfig, transport: str, out: Path) -> dict:
+    """A loaded checkpoint (`checked`) that a run of `cfg` on `transport` may resume: its configuration,
+    its transport, its round, records and model info (`check_progress`); a PrismError otherwise."""
+    if checkpoint_config(state).to_dict() != cfg.to_dict():  # keys added since are at their defaults
+        raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
+    if state["transport"] != transport:
+        raise PrismError(f"{out} was trained by the {schema.shown(state['transport'])}; resume it there")
+    check_progress(state, cfg)
+    return state
 
 
 STARTED = (CONFIG, "partition.txt", METRICS)
@@ -180,7 +260,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_capped(path, MAX_METRICS_BYTES, "metrics", PrismError).decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -81,33 +81,52 @@ def from_bytes(data: bytes, what: str = "state"):
         tensors = load(bytes(data))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own and builtin types
         raise StateError(f"{what}: tensors do not load: {str(exc)[:100]}") from None
+    return decode_tree(tree, tensors, what)
+
+
+def decode_tree(tree, tensors: dict[str, torch.Tensor], what: str = "state"):
+    """The state a parsed JSON tree stands for, its tensor references resolved in `tensors` (each used
+    at most once); a StateError for a reference or marker that is not one `to_bytes` writes."""
     used: set[str] = set()
 
-    def decode(x, depth: int):
+    def field(path: str) -> str:
+        return f"{what} field {path}" if path else what
+
+    def decode(x, depth: int, path: str):
         if depth > MAX_DEPTH:
-            raise StateError(f"{what}: state nested too deeply")
+            raise StateError(f"{field(path)}: state nested too deeply")
         if isinstance(x, dict):
             if set(x) == {"$tensor"}:
                 name = x["$tensor"]
                 if not isinstance(name, str) or name not in tensors or name in used:
-                    raise StateError(f"{what}: bad tensor reference {name!r}")
+                    raise StateError(f"{field(path)}: bad tensor reference {name!r:.60} (not a tensor of the file, "
+                                     "or one referenced twice)")  # fmt: skip
                 used.add(name)
                 return tensors[name]
             if set(x) == {"$int_keys"}:
                 pairs = x["$int_keys"]
-                if not isinstance(pairs, list) or not all(
-                    isinstance(p, list) and len(p) == 2 and type(p[0]) is int for p in pairs
+                if (
+                    not isinstance(pairs, list)
+                    or not all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int for p in pairs)
+                    or len({p[0] for p in pairs}) != len(pairs)
                 ):
-                    raise StateError(f"{what}: bad integer-keyed dict")
-                return {k: decode(v, depth + 1) for k, v in pairs}
+                    raise StateError(f"{field(path)}: bad integer-keyed dict (not [[key, value], ...] with distinct "
+                                     "int keys)")  # fmt: skip
+                return {k: decode(v, depth + 1, f"{path}[{k}]") for k, v in pairs}
             if any(k.startswith("$") for k in x):
-                raise StateError(f"{what}: unknown marker in {sorted(x)[:3]}")
-            return {k: decode(v, depth + 1) for k, v in x.items()}
+                raise StateError(f"{field(path)}: unknown marker in {[k[:20] for k in sorted(x)[:3]]}")
+            return {k: decode(v, depth + 1, join(path, k)) for k, v in x.items()}
         if isinstance(x, list):
-            return [decode(v, depth + 1) for v in x]
+            return [decode(v, depth + 1, f"{path}[{i}]") for i, v in enumerate(x)]
         return x
 
-    return decode(tree, 0)
+    return decode(tree, 0, "")
+
+
+def join(path: str, key: str) -> str:
+    """`a.b` below `a` for a plain name, `a['...']` for any other key (as an error line shows a field)."""
+    plain = key.isidentifier() and len(key) <= 60
+    return (f"{path}.{key}" if path else key) if plain else f"{path}[{key[:40]!r}]"
 
 
 def require(tree, keys: dict[str, type | tuple[type, ...]], what: str) -> dict:

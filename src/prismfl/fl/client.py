@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prismfl import schema
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
 from prismfl.fl import task, wire
@@ -43,9 +44,24 @@ class ClientState:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer, "tracker": self.tracker.state_dict()}
 
+    @staticmethod
+    def schema(params: list[tuple[int, ...]] | None = None) -> schema.Node:
+        """What state_dict writes: the local Adam's state (null before the first round) over the tensors local
+        training updates, of the shapes `params` where known (any learning rate: each round sets its own;
+        LocalConfig's betas), and the trackers (TrackerState.schema; checked against the loss where the
+        statistics are known, ClientRuntime.from_state_dict)."""
+        betas = schema.Const(list(LocalConfig.betas), what=f"{list(LocalConfig.betas)} (the local Adam's betas)")
+        optimizer = schema.Opt(schema.adam(params, schema.Num(0, above=True), betas))
+        return schema.Table({"optimizer": optimizer, "tracker": TrackerState.schema()},
+                            what="a client's optimizer and trackers (a table)")  # fmt: skip
+
     @classmethod
-    def from_state_dict(cls, state: dict, tracker_lr: float = 1e-5) -> ClientState:
-        return cls(state["optimizer"], TrackerState.from_state_dict(state["tracker"], tracker_lr))
+    def from_state_dict(cls, state: dict, tracker_lr: float = 1e-5, *, params: list[tuple[int, ...]] | None = None,
+                        where: str = "client state", path: str = "", checked: bool = False) -> ClientState:  # fmt: skip
+        """The inverse of state_dict, after a check against `schema` (`checked`: the caller has checked it)."""
+        if not checked:
+            schema.check(ClientState.schema(params), state, where, path)
+        return cls(state["optimizer"], TrackerState.from_state_dict(state["tracker"], tracker_lr, expect=schema.ANY))
 
 
 @dataclass
@@ -223,19 +239,71 @@ class ClientRuntime:
         return {"k": self.k, "stats": stats, "privacy": self.privacy, "state": self.state.state_dict(),
                 "held_round": self.held_round, "replica": self.replica, "own": self.own, "secagg": secagg}  # fmt: skip
 
+    @staticmethod
+    def schema(expect: schema.Expect, cfg: RunConfig | None = None, fields: dict | None = None) -> schema.Node:
+        """What state_dict writes. Without `cfg`, what any client state holds (a Flower client's own saved
+        state). With `cfg`, as a checkpoint of a run of cfg holds it (every client there holds data and has
+        pooled its statistics): statistics of the feature layers `expect.features` and the model's classes,
+        the release's parameters with privacy on (privacy.summary_schema) and null with it off, the Adam
+        state over `expect.params`, a held round before the checkpoint's, no secure-aggregation state, and
+        the method's `replica` and `own` (`fields`: Method.client_fields). The trackers' shapes depend on the
+        statistics: from_state_dict checks them once those are known (`tracker_schema`)."""
+        tensor = schema.Opt(schema.Tensor(torch.float32, (None,)))
+        if cfg is None:
+            return schema.Table({"k": expect.client, "stats": schema.Opt(FeatureStats.schema()),
+                                 "privacy": schema.Opt(schema.Table({}, extra=schema.Json())),
+                                 "state": ClientState.schema(), "held_round": expect.rounds(),
+                                 "replica": tensor, "own": tensor}, optional={"secagg": schema.Opt(schema.Table({}))},
+                                what="a client's state (a table)")  # fmt: skip
+        from prismfl.privacy import summary_schema
+
+        features = expect.features
+        before = None if expect.round is None else expect.round - 1
+        return schema.Table(
+            {"k": expect.client, "stats": FeatureStats.schema(features, task.arch_spec(cfg).codes),
+             "privacy": summary_schema(cfg, None if features is None else len(features)),
+             "state": ClientState.schema(expect.params), "held_round": expect.rounds(before),
+             **(fields or {"replica": tensor, "own": tensor})},
+            optional={"secagg": schema.Null()}, what="a client's state (a table)")  # fmt: skip
+
     @classmethod
-    def from_state_dict(cls, d: dict, tracker_lr: float) -> ClientRuntime:
+    def from_state_dict(cls, d: dict, tracker_lr: float, *, cfg: RunConfig | None = None,
+                        expect: schema.Expect | None = None, fields: dict | None = None,
+                        where: str = "client state", path: str = "") -> ClientRuntime:  # fmt: skip
+        """The inverse of state_dict, after a check against `schema` (with `cfg`, `expect` and `fields`: as
+        a checkpoint of a run of cfg holds it, its trackers checked against the loss of its statistics).
+        A StateError naming the first field that does not fit; a ValueError where the statistics' parts
+        do not fit one another."""
+        expect = expect or schema.Expect()
+        schema.check(ClientRuntime.schema(expect, cfg, fields), d, where, path)
         try:
-            stats = None if d["stats"] is None else FeatureStats.from_tree(d["stats"])
+            stats = None if d["stats"] is None else FeatureStats.from_tree(d["stats"], checked=True)
         except ValueError as exc:
             raise ValueError(f"client {d['k']}: its statistics: {exc}") from None
+        if cfg is not None and stats is not None:
+
+            def trackers(tree, at: str) -> None:
+                tracker_schema(cfg, stats, d["privacy"], schema.join(path, "stats"))(tree, at)
+
+            schema.check(trackers, d["state"]["tracker"], where, schema.join(schema.join(path, "state"), "tracker"))
         shared = None
         if d.get("secagg") is not None:
             from prismfl.secagg import SecAggClient
 
             shared = SecAggClient.from_tree(d["secagg"])
-        return cls(int(d["k"]), stats, d["privacy"], ClientState.from_state_dict(d["state"], tracker_lr),
-                   int(d["held_round"]), d["replica"], d["own"], shared)  # fmt: skip
+        state = ClientState.from_state_dict(d["state"], tracker_lr, checked=True)
+        return cls(d["k"], stats, d["privacy"], state, d["held_round"], d["replica"], d["own"], shared)
+
+
+def tracker_schema(cfg: RunConfig, stats: FeatureStats, privacy: dict | None, path: str = "stats") -> schema.Node:
+    """What a client's trackers may hold (TrackerState.schema) for the loss of `stats` in a run of `cfg`: of
+    the shapes of its statistics; a conditional loss's trackers of an older layout start afresh."""
+    try:
+        loss = task.client_loss(cfg, stats, "cpu", privacy)
+    except ValueError as exc:  # e.g. no class above the noise: what ClientRuntime.loss refuses
+        schema.fail(path, "statistics this run's loss can match", got=f"statistics it refuses ({exc})")
+    return TrackerState.schema(cfg.loss.tracker, [tuple(t.shape) for t in loss.targets], redraws=loss.redraws,
+                               legacy=cfg.model.conditional, lr=cfg.loss.tracker_lr)  # fmt: skip
 
 
 NOISY_TOTAL = "images (noisy)"  # the class table's one column when private clients released no per-class counts

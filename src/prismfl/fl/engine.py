@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +55,9 @@ class Setup:
     # privacy.secagg with privacy.shrink_to = "public": the public hold-out's clipped statistics that the
     # server shrinks the secure sum toward (privacy.public_target; checked before use)
     shrink_target: dict | None = None
+    # partitions that take no part (on Flower: their SuperNode was dropped at set-up); a round that
+    # chooses one lists it under failures
+    absent: list[int] = field(default_factory=list)
 
 
 class Transport(Protocol):
@@ -104,8 +107,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
         pooled = pool_statistics(cfg, method, setup, transport, log) if cfg.privacy.pool > 0 else None
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
-        if cfg.train.warm_start and method.warm_starts:
-            warm_start(method, state, setup, log)
+        if cfg.train.warm_start and method.warm_starts and warm_start(method, state, setup, log):
             # (its time stays in the log: a model file is the same bytes whoever trained it, however fast)
             model_info["warm_start"] = {k: v for k, v in (setup.warm_info or {}).items() if k != "seconds"}
         if method.spec.num_classes:
@@ -118,7 +120,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
         if "warm_start" in ckpt["model_info"]:
             model_info["warm_start"] = ckpt["model_info"]["warm_start"]
-        method.check_state(state, setup.num_weights)
+        method.check_state(state, setup.num_weights, setup.table_hash, ckpt["round"])  # (the simulator: again)
         if ckpt["clients"] is None:  # the clients kept their own state, and have started afresh since
             method.clients_restarted(state)
         rundir.write_metrics(out, records)
@@ -212,8 +214,13 @@ def check_feature_net(before: dict | None, now: dict) -> None:
                          "with this one; start it again (without --resume) or in another directory")  # fmt: skip
 
 
-def warm_start(method: Method, state: dict, setup: Setup, log) -> None:
-    """train.warm_start: round 1 starts from the scores the transport trained on the public hold-out."""
+def warm_start(method: Method, state: dict, setup: Setup, log) -> bool:
+    """train.warm_start: round 1 starts from the scores the transport trained (on the public hold-out or
+    the clients' pooled statistics). False when there are none because partition 0 was dropped."""
+    if setup.warm_start is None and 0 in setup.absent:
+        log("warm start: none (partition 0, which trains it, was dropped at set-up); round 1 starts from the "
+            "seed's scores")  # fmt: skip
+        return False
     if setup.warm_start is None:
         raise PrismError("train.warm_start is set but the transport brought no warm-start scores")
     try:
@@ -225,6 +232,7 @@ def warm_start(method: Method, state: dict, setup: Setup, log) -> None:
     log(f"warm start: {info.get('steps', 0):,} steps on {on} "
         f"(loss {info.get('loss', float('nan')):.4f}, {info.get('seconds', 0.0):.0f} s); every client gets "
         "these scores as the full state of round 0")  # fmt: skip
+    return True
 
 
 def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Transport, log):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prismfl import schema
 from prismfl.config import RunConfig
 from prismfl.fl import faults, task
 from prismfl.fl.client import (
@@ -28,6 +29,7 @@ from prismfl.fl.client import (
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
 from prismfl.loss.matching import combine_stats
+from prismfl.model import masked
 from prismfl.progress import bar as progress_bar
 from prismfl.safestate import StateError
 
@@ -54,8 +56,7 @@ class InProcess:
                     method.init_client(ctx, client)
                     self.clients[k] = client
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
-            self.clients = restore_clients(checkpoint["clients"], cfg.loss.tracker_lr)
-            self.sent = {k: t.numpy().tobytes() for k, t in checkpoint["clients"].get("sent", {}).items()}
+            self.clients, self.sent = restore(checkpoint, method, expect_of(method, ctx, checkpoint["round"]))
         first = next(iter(self.clients.values())).privacy
         private, rows, counts = not math.isinf(cfg.privacy.epsilon), [], []
         for k in range(cfg.partition.num_clients):
@@ -127,6 +128,110 @@ class InProcess:
             states.append(state)
         sent = {k: torch.frombuffer(bytearray(data), dtype=torch.uint8) for k, data in self.sent.items()}
         return {"clients": states, "replicas": replicas, "sent": sent}
+
+
+def expect_of(method: Method, ctx: ClientContext, round_: int) -> schema.Expect:
+    """What a checkpoint of round `round_` must fit in this run: the model's N and layer-table hash, the
+    clients and how many images each holds, the feature net's layer shapes and the shapes of the tensors
+    local training updates."""
+    cfg, spec = method.cfg, method.spec
+    with torch.no_grad():
+        features = ctx.extract(torch.zeros(2, spec.channels, spec.img_size, spec.img_size, device=ctx.device))
+    images = {k: len(method.client_indices(ctx, k)) for k in range(cfg.partition.num_clients) if method.holds_data(k)}
+    return schema.Expect(num_weights=ctx.num_weights, table_hash=ctx.table_hash,
+                         num_clients=cfg.partition.num_clients, round=round_,
+                         features=[tuple(f.shape[1:]) for f in features],
+                         params=[tuple(p.shape) for p in masked.trainable(ctx.model)], images=images)  # fmt: skip
+
+
+def restore(checkpoint: dict, method: Method, expect: schema.Expect) -> tuple[dict[int, ClientRuntime], dict]:
+    """The clients of a checkpoint (and the uploads the replay attack sends again), once all of it fits
+    this run (`expect_of`): the method's global state (Method.check_state), the clients that hold data
+    in order, each one's state (ClientRuntime.from_state_dict, as a checkpoint holds it), each round's
+    replica once, and what the server believes each client holds. A StateError naming the first field
+    that does not fit (rundir.check_progress has checked the round, records and model info before)."""
+    cfg = method.cfg
+    method.check_state(checkpoint["server"], expect.num_weights, expect.table_hash, expect.round)
+    holders = [k for k in range(cfg.partition.num_clients) if method.holds_data(k)]
+    fields = method.client_fields(expect)
+    keeps = not isinstance(fields["replica"], schema.Null)
+    before = expect.rounds(expect.round - 1)
+    replay = cfg.faults.attack == "replay"
+    top = schema.Table({
+        "clients": schema.List(schema.ANY, len(holders), what=f"a list of {len(holders)} client states (clients "
+                               f"{holders[0]}..{holders[-1]}, which hold data)"),
+        "replicas": schema.IntKeys(before, fields["replica"] if keeps else
+                                   schema.Never("no replica (this method keeps none)")),
+        "sent": schema.IntKeys(expect.client, schema.Tensor(torch.uint8, (None,)) if replay else
+                               schema.Never("no earlier upload (faults.attack is not 'replay')")),
+    }, what="the clients' states (a table)")  # fmt: skip
+    saved = checkpoint["clients"]
+    schema.check(top, saved, "checkpoint", "clients")
+    trained = trained_rounds(cfg, holders, expect.round)
+    clients = {}
+    for i, state in enumerate(saved["clients"]):
+        path = f"clients.clients[{i}]"
+        try:
+            client = ClientRuntime.from_state_dict(state, cfg.loss.tracker_lr, cfg=cfg, expect=expect,
+                                                   fields={**fields, "replica": schema.Null()}, where="checkpoint",
+                                                   path=path)  # fmt: skip
+        except ValueError as exc:
+            raise StateError(f"checkpoint field {path}: {exc}") from None
+        if client.k != holders[i]:
+            schema.refuse(f"{path}.k", f"{holders[i]} (the clients that hold data are {holders}, in order)", client.k)
+        check_trained(client, trained[client.k], keeps, path, cfg.loss.tracker)
+        if client.privacy is None and expect.images and client.stats.count != expect.images[client.k]:
+            schema.refuse(f"{path}.stats.count", f"{expect.images[client.k]} (the images client {client.k} holds: "
+                          "its statistics are exact)", client.stats.count)  # fmt: skip
+        if keeps:
+            client.replica = saved["replicas"].get(client.held_round)
+            if client.replica is None:
+                schema.refuse(f"{path}.held_round", "a round whose replica the checkpoint keeps "
+                              f"({sorted(saved['replicas'])})", client.held_round)  # fmt: skip
+        clients[client.k] = client
+    if keeps:
+        extra = sorted(set(saved["replicas"]) - {c.held_round for c in clients.values()})
+        if extra:
+            schema.refuse(f"clients.replicas[{extra[0]}]", "only replicas of rounds a client holds",
+                          saved["replicas"][extra[0]])  # fmt: skip
+        for k, synced in enumerate(checkpoint["server"].get("synced", [])):
+            if synced is not None and synced != clients[k].held_round:
+                schema.refuse(f"server.synced[{k}]", f"null or {clients[k].held_round} (the round client {k} "
+                              "holds)", synced)  # fmt: skip
+    return clients, {k: t.numpy().tobytes() for k, t in saved["sent"].items()}
+
+
+def trained_rounds(cfg: RunConfig, holders: list[int], last: int) -> dict[int, list[int]]:
+    """The rounds 1..last in which each client that holds data trained: those that chose it (this transport
+    runs every chosen client's round, whatever becomes of its upload), or all of them where one client
+    holds all the data (central)."""
+    rounds = {k: [] for k in holders}
+    for r in range(1, last + 1):
+        for k in holders if len(holders) == 1 else task.select_clients(cfg, r):
+            if k in rounds:
+                rounds[k].append(r)
+    return rounds
+
+
+def check_trained(client: ClientRuntime, rounds: list[int], keeps: bool, path: str, tracker: str) -> None:
+    """A client's state is that of the rounds it trained in: an Adam state and started trackers once it
+    has trained, none before; with a replica, the one of the round before its last."""
+    k, trained = client.k, bool(rounds)
+    when = f"client {k} trained in rounds {rounds[:5]}{'...' if len(rounds) > 5 else ''}" if trained else \
+        f"client {k} has not trained yet"  # fmt: skip
+    held = rounds[-1] - 1 if trained and keeps else 0
+    if client.held_round != held:
+        schema.refuse(f"{path}.held_round", f"{held} ({when})", client.held_round)
+    state = client.state
+    if (state.optimizer is not None) != trained:
+        schema.refuse(f"{path}.state.optimizer", f"{'an Adam state' if trained else 'null'} ({when})",
+                      state.optimizer)  # fmt: skip
+    if tracker != "none" and bool(state.tracker.vectors) != trained:
+        schema.refuse(f"{path}.state.tracker.vectors", f"{'its trackers' if trained else '[]'} ({when})",
+                      state.tracker.vectors)  # fmt: skip
+    if trained and len(state.optimizer["state"]) != len(state.optimizer["param_groups"][0]["params"]):
+        schema.refuse(f"{path}.state.optimizer.state", f"the moments of every parameter ({when})",
+                      state.optimizer["state"])  # fmt: skip
 
 
 def restore_clients(saved: dict, tracker_lr: float) -> dict[int, ClientRuntime]:

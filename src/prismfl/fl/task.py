@@ -186,10 +186,15 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
                                codes_per_step=loss.codes_per_step, **options).to(device)  # fmt: skip
 
 
+def clients_per_round(cfg: RunConfig) -> int:
+    """How many clients a round chooses: train.client_fraction of them, at least one."""
+    return max(1, round(cfg.train.client_fraction * cfg.partition.num_clients))
+
+
 def select_clients(cfg: RunConfig, round_: int) -> list[int]:
     """Clients taking part in a round: all, or a seeded random fraction (at least one)."""
     k = cfg.partition.num_clients
-    m = max(1, round(cfg.train.client_fraction * k))
+    m = clients_per_round(cfg)
     if m == k:
         return list(range(k))
     rng = np.random.default_rng(derived_seed(cfg.seed, "select", round_))

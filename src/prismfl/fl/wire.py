@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ PLANE_TABLE = 4 * 256 * 4  # a planes payload starts with 4 x 256 u32 counts
 CALIBRATION_BINS = 64  # a calibrated upload carries P(kept | global probability in bin b) for 64 bins
 _DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
 _NO_LAMBDA = struct.pack("<d", float("nan"))  # the one NaN that means "no MADA"
+# The most uploads one broadcast delta aggregates. constriction's Binomial model (0.4) never returns
+# for some decoder states when m is in the hundreds (found by benchmarks/fuzz.py at m = 900 to 977), and
+# a decode cannot be interrupted; m is checked against this bound, and the run's own, before decoding.
+MAX_DELTA_M = 256
+# The largest magnitude a float32 state may hold. Scores live within a few logits (the server's clamp
+# is logit(1 - smoothing)), a server velocity within a few tens, a generator's dense weights (FedAvg)
+# far below it; a value beyond it is a hostile or broken sender, refused like a non-finite one.
+VALUE_LIMIT = 1e4
 
 
 class WireError(PrismError):
@@ -315,7 +324,10 @@ def encode_delta(counts: torch.Tensor, m: int, lam: float | None, smoothing: flo
                  *, round_: int, table_hash: int) -> bytes:  # fmt: skip
     """The round's outcome for clients that hold the previous global scores (see module doc)."""
     n = counts.numel()
-    prefix = _DELTA_PREFIX.pack(m, float("nan") if lam is None else lam, smoothing)
+    if not 1 <= m <= MAX_DELTA_M:
+        raise ValueError(f"a broadcast delta aggregates 1 to {MAX_DELTA_M} uploads, not {m}")
+    # (+ 0.0 writes a -0.0 as 0.0: the one byte pattern a receiver accepts)
+    prefix = _DELTA_PREFIX.pack(m, float("nan") if lam is None else lam + 0.0, smoothing + 0.0)
     payload = prefix + _binomial_payload(counts.cpu().numpy(), m, _probabilities(global_scores))
     return Message(KIND_DELTA, CODER_BINOMIAL, round_, SERVER, table_hash, n, payload).to_bytes()
 
@@ -328,7 +340,13 @@ class Delta:
     smoothing: float
 
 
-def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int) -> Delta:
+def _negative_zero(x: float) -> bool:
+    """-0.0, which compares equal to 0.0 but is not the canonical byte pattern prismfl writes."""
+    return x == 0.0 and math.copysign(1.0, x) < 0
+
+
+def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int,
+                 max_m: int = MAX_DELTA_M) -> Delta:  # fmt: skip
     import constriction
 
     n = global_scores.numel()
@@ -337,11 +355,12 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
     if len(msg.payload) < _DELTA_PREFIX.size or (len(msg.payload) - _DELTA_PREFIX.size) % 4:
         raise LengthMismatch("broadcast delta payload has the wrong length")
     m, lam, smoothing = _DELTA_PREFIX.unpack_from(msg.payload)
-    if m < 1:
-        raise UnexpectedMessage("broadcast delta aggregates m = 0 uploads")
-    if not (0.0 <= lam <= 1.0 or struct.pack("<d", lam) == _NO_LAMBDA):
+    if not 1 <= m <= min(max_m, MAX_DELTA_M):  # before the coder sees it (see MAX_DELTA_M)
+        raise UnexpectedMessage(f"broadcast delta aggregates m = {m} uploads; a round of this run has 1 to "
+                                f"{min(max_m, MAX_DELTA_M)}")  # fmt: skip
+    if not (0.0 <= lam <= 1.0 or struct.pack("<d", lam) == _NO_LAMBDA) or _negative_zero(lam):
         raise UnexpectedMessage(f"broadcast delta carries lambda = {lam}, outside [0, 1] (and not 'no MADA')")
-    if not 0.0 <= smoothing < 0.5:
+    if not 0.0 <= smoothing < 0.5 or _negative_zero(smoothing):
         raise UnexpectedMessage(f"broadcast delta carries smoothing = {smoothing}, outside [0, 0.5)")
     p = _probabilities(global_scores)
     if not np.isfinite(p).all():
@@ -424,6 +443,6 @@ def decode_state(data: bytes, *, num_weights: int, table_hash: int, client: int 
         raise LengthMismatch(f"state payload has {len(msg.payload)} bytes, expected {4 * num_weights}")
     else:
         values = np.frombuffer(msg.payload, dtype="<f4")
-    if not np.isfinite(values).all():
-        raise UnexpectedMessage("state holds values that are not finite")
+    if values.size and not np.abs(values).max() <= VALUE_LIMIT:  # NaN fails the comparison too
+        raise UnexpectedMessage(f"state holds values that are not finite or beyond +-{VALUE_LIMIT:g}")
     return msg.round, torch.from_numpy(values.astype(np.float32))

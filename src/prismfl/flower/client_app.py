@@ -14,9 +14,11 @@ builds for a run (the data view, the feature net, the generator) is built once p
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
 import math
+import os
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,7 +31,7 @@ from prismfl.fl import task
 from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context, warm_start
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
-from prismfl.flower.payload import SECAGG, STATE, from_array, to_array, wire_messages
+from prismfl.flower.payload import LINK_KEY_BYTES, SECAGG, STATE, downlink_tag, from_array, to_array, wire_messages
 from prismfl.flower.settings import client_config, node_settings
 from prismfl.loss.matching import FeatureStats
 from prismfl.secagg import SecAggClient
@@ -59,8 +61,9 @@ def train_context(cfg_json: str, recipe_json: str):
     return method, training_context(cfg, method.build_model, device, json.loads(recipe_json))
 
 
-def _save(context: Context, cfg_json: str, recipe_json: str, client: ClientRuntime) -> None:
-    context.state[NODE] = ConfigRecord({"config": cfg_json, "feature-recipe": recipe_json, "partition-id": client.k})
+def _save(context: Context, cfg_json: str, recipe_json: str, client: ClientRuntime, link_key: bytes) -> None:
+    context.state[NODE] = ConfigRecord({"config": cfg_json, "feature-recipe": recipe_json, "partition-id": client.k,
+                                        "link-key": link_key})  # fmt: skip
     context.state[BLOBS] = ArrayRecord({"client": to_array(safestate.to_bytes(client.state_dict()), STATE)})
 
 
@@ -73,7 +76,8 @@ def setup(message: Message, context: Context) -> Message:
     client = ClientRuntime.released(k, method.release(ctx, *method.client_data(ctx, k))) if method.holds_data(k) \
         else ClientRuntime(k, None)  # fmt: skip
     method.init_client(ctx, client)
-    _save(context, cfg_json, json.dumps(ctx.feature_recipe, sort_keys=True), client)
+    link_key = os.urandom(LINK_KEY_BYTES)  # the server tags every train message with it (downlink_tag)
+    _save(context, cfg_json, json.dumps(ctx.feature_recipe, sort_keys=True), client, link_key)
     log(f"prismfl client {k}: {len(ctx.fed.parts[k])} images, statistics ready, {ctx.num_weights:,} weights")
     row, counts = reported_counts(client, ctx.fed.table[k], not math.isinf(cfg.privacy.epsilon))
     reply = {
@@ -83,6 +87,7 @@ def setup(message: Message, context: Context) -> Message:
         "model-info": json.dumps({"feature_net": ctx.feature_meta, "privacy": client.privacy}),
         "num-weights": ctx.num_weights,
         "table-hash": f"{ctx.table_hash:016x}",
+        "link-key": link_key,
     }
     if counts is not None:
         reply["statistics-class-counts"] = counts
@@ -110,6 +115,10 @@ def _saved_run(context: Context) -> tuple[str, str]:
     if NODE not in context.state:
         raise PrismError("this client has no state for the run: it missed the setup message (restarted?)")
     return context.state[NODE]["config"], context.state[NODE]["feature-recipe"]
+
+
+def _link_key(context: Context) -> bytes:
+    return context.state[NODE]["link-key"]
 
 
 def _saved_client(context: Context, tracker_lr: float) -> ClientRuntime:
@@ -144,7 +153,7 @@ def pool(message: Message, context: Context) -> Message:
     cfg_json, recipe_json, cfg, client = _restore(context)
     tree = safestate.from_bytes(from_array(message.content["pooled"]["000"], STATE), "pooled statistics")
     client.take_pool(cfg, FeatureStats.from_tree(tree))
-    _save(context, cfg_json, recipe_json, client)
+    _save(context, cfg_json, recipe_json, client, _link_key(context))
     return Message(RecordDict({"prismfl": ConfigRecord({"partition-id": client.k})}), reply_to=message)
 
 
@@ -160,8 +169,12 @@ def train(message: Message, context: Context) -> Message:
     check = int(request["check-crc32"]) if "check-crc32" in request else None
     messages = wire_messages(message.content["broadcast"]) if "broadcast" in message.content else []
     down = Downlink(int(request["round"]), messages, int(request["steps"]), check)
+    tag = downlink_tag(_link_key(context), down.round, down.steps, check, messages)
+    if not hmac.compare_digest(tag, bytes(request.get("auth", b""))):
+        raise PrismError(f"client {client.k}: the train message of round {down.round} does not carry the tag of "
+                         "this run's server (altered on the way, or not from the server)")  # fmt: skip
     upload = method.client_round(ctx, client, down)
-    _save(context, cfg_json, recipe_json, client)
+    _save(context, cfg_json, recipe_json, client, _link_key(context))
     content = RecordDict({
         "upload": ArrayRecord({"000": to_array(upload.data)}),
         "prismfl": ConfigRecord({"partition-id": client.k, "held-round": client.held_round}),

@@ -34,3 +34,22 @@ def wire_record(messages: list[bytes]) -> ArrayRecord:
 
 def wire_messages(record: ArrayRecord) -> list[bytes]:
     return [from_array(record[key]) for key in sorted(record.keys())]
+
+
+LINK_KEY_BYTES = 32
+
+
+def downlink_tag(key: bytes, rnd: int, steps: int, check: int | None, messages: list[bytes]) -> bytes:
+    """HMAC-SHA256, under the key a client chose at set-up, of everything a round's train message tells
+    it (round, steps, replica checksum, broadcasts in order): the client refuses a message whose tag does
+    not match, so the checksum no longer travels as a plain field anyone on the path could rewrite."""
+    import hashlib
+    import hmac
+    import struct
+
+    mac = hmac.new(key, b"prismfl/downlink/v1" + struct.pack("<qqq", rnd, steps, -1 if check is None else check),
+                   hashlib.sha256)  # fmt: skip
+    for m in messages:
+        mac.update(struct.pack("<Q", len(m)))
+        mac.update(m)
+    return mac.digest()

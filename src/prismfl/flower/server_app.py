@@ -34,8 +34,10 @@ from prismfl.fl import engine, task
 from prismfl.fl.client import class_table_of
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
-from prismfl.flower.payload import SECAGG, STATE, from_array, to_array, wire_record
+from prismfl.flower import replies
+from prismfl.flower.payload import SECAGG, STATE, WIRE, downlink_tag, from_array, to_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
+from prismfl.safestate import StateError
 
 log = logging.getLogger("flwr").info
 POLL_SECONDS = 0.2
@@ -87,79 +89,89 @@ def _error(reply: Message) -> str:
     return f"error {reply.error.code}: {reply.error.reason}"
 
 
-def setup_clients(grid: Grid, s: ServerSettings, n: int, table_hash: int,
-                  warm: bool = True) -> tuple[dict[int, int], list[dict], dict[int, dict]]:  # fmt: skip
-    """Send the RunConfig to every node; return {partition id: node id}, the setup replies by partition
-    (with `warm`, a new prism run's train.warm_start: partition 0's with its "warm-start" message) and the
-    noisy sums the clients shared (privacy.pool; decoded, not yet checked)."""
-    k = s.cfg.partition.num_clients
+def setup_clients(
+    grid: Grid, s: ServerSettings, method, n: int, table_hash: int, warm: bool = True
+) -> tuple[dict[int, int], dict[int, replies.SetupReply], dict[str, str]]:
+    """Send the RunConfig to every node; return {partition id: node id} and the checked setup replies
+    of the nodes kept, by partition (with `warm`, a new prism run's train.warm_start: partition 0's
+    carries its scores), and {node: why} for the nodes dropped.
+
+    A node is dropped, with one log line, when it does not answer, answers with an error, or sends a
+    reply that is not what an honest node of this run sends (replies.setup_reply); when two nodes
+    claim one partition (neither can be told from the other); and when its secure-aggregation layout
+    or its shared statistics' shapes differ from what most nodes sent. Its partition then takes no
+    part in the run: a round that chooses it lists it under failures. The run stops only when fewer
+    than min-replies nodes are left."""
+    from prismfl import privacy, secagg
+
+    cfg = s.cfg
+    k = cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
-    steps = s.cfg.train.warm_start if warm else 0
-    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(s.cfg.to_dict()), "warm-start": steps})})
+    steps = cfg.train.warm_start if warm else 0
+    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict()), "warm-start": steps})})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
-    node_of: dict[int, int] = {}
-    infos: dict[int, dict] = {}
-    shared: dict[int, dict] = {}
+    num_classes = len(dataset_info(cfg.data.dataset).class_names)
+    claims: dict[int, list[tuple[int, replies.SetupReply]]] = {}
+    dropped: dict[str, str] = {}
     for node in nodes:
         reply = got.replies.get(node)
-        if reply is None:
-            raise PrismError(f"SuperNode {node} did not answer the setup message within {s.reply_timeout:g} s")
-        if reply.has_error():
-            raise PrismError(f"SuperNode {node} failed to set up its client: {_error(reply)}")
-        info = dict(reply.content["prismfl"])
-        pid = int(info["partition-id"])
-        if pid in node_of:
-            raise PrismError(f"SuperNodes {node_of[pid]} and {node} both have partition-id {pid}")
-        if info["num-weights"] != n or info["table-hash"] != f"{table_hash:016x}":
-            raise PrismError(f"SuperNode {node} built another model ({info['num-weights']} weights): "
-                             "are server and clients running the same prismfl version?")  # fmt: skip
-        node_of[pid], infos[pid] = node, info
-        if "secagg-public-key" in info:
-            try:
-                layout, clip = json.loads(info["secagg-layout"]), json.loads(info["secagg-clip"])
-                shared[pid] = {"public_key": bytes(info["secagg-public-key"]), "layout": layout, "clip": clip}
-            except (KeyError, ValueError, TypeError) as exc:
-                raise PrismError(f"SuperNode {node}'s secure-aggregation key: {type(exc).__name__}: {exc}") from None
-        if pid == 0 and "warm-start" in reply.content:
-            try:
-                info["warm-start"] = from_array(reply.content["warm-start"]["000"])
-            except (KeyError, ValueError, TypeError) as exc:
-                raise PrismError(f"SuperNode {node}'s warm-start scores: {type(exc).__name__}: {exc}") from None
-        if pid == 0 and "shrink-target" in reply.content:
-            try:
-                blob = from_array(reply.content["shrink-target"]["000"], STATE)
-                info["shrink-target"] = safestate.from_bytes(blob, "shrinkage target")
-            except (KeyError, ValueError, TypeError, safestate.StateError) as exc:
-                raise PrismError(f"SuperNode {node}'s shrinkage target: {type(exc).__name__}: {exc}") from None
-        if "shared" in reply.content:
-            try:
-                shared[pid] = safestate.from_bytes(from_array(reply.content["shared"]["000"], STATE), "shared sums")
-            except (KeyError, ValueError, TypeError, safestate.StateError) as exc:
-                raise PrismError(f"SuperNode {node}'s shared statistics: {type(exc).__name__}: {exc}") from None
-    missing = sorted(set(range(k)) - set(node_of))
-    if missing:
-        raise PrismError(f"no SuperNode holds partition(s) {missing}")
-    return node_of, [infos[i] for i in range(k)], shared
+        try:
+            if reply is None:
+                raise replies.NodeError(f"no answer to the setup message within {s.reply_timeout:g} s")
+            if reply.has_error():
+                raise replies.NodeError(f"it failed to set up its client: {_error(reply)}")
+            checked = replies.setup_reply(reply.content, clients=k, num_weights=n, table_hash=table_hash,
+                                          num_classes=num_classes, codes=method.spec.codes,
+                                          secagg=cfg.privacy.secagg, key_bytes=secagg.KEY_BYTES)  # fmt: skip
+            if checked.shared is not None:
+                privacy.check_shared(checked.shared, None, method.spec.codes if method.spec.num_classes else 0)
+        except (replies.NodeError, StateError) as exc:
+            dropped[str(node)] = str(exc)
+            continue
+        claims.setdefault(checked.partition, []).append((node, checked))
+    for pid, claimed in sorted(claims.items()):
+        if len(claimed) > 1:
+            for node, _ in claimed:
+                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
+            del claims[pid]
+    infos = {pid: claimed[0][1] for pid, claimed in claims.items()}
+    node_of = {pid: claimed[0][0] for pid, claimed in claims.items()}
+    consensus = (  # what every honest node sends alike (an empty signature: nothing to compare)
+        ("class-count rows' width", lambda r: len(r.class_counts)),
+        ("secure-aggregation layout and clip bounds", lambda r: r.secagg and [r.secagg["layout"], r.secagg["clip"]]),
+        ("shared statistics' shapes", lambda r: r.shared and [list(t.shape) for t in (*r.shared["sums"],
+                                                                                      *r.shared["squares"])]),
+    )  # fmt: skip
+    for what, signature in consensus:
+        signatures = {pid: sig for pid, r in infos.items() if (sig := signature(r))}
+        agreed = replies.majority(signatures) if signatures else None
+        for pid in [pid for pid, sig in signatures.items() if sig != agreed]:
+            dropped[str(node_of.pop(pid))] = f"its {what} differ from those most nodes sent"
+            del infos[pid]
+    for node, why in dropped.items():
+        log(f"SuperNode {node} dropped at set-up: {why}")
+    if not node_of or len(node_of) < min(s.min_replies, k):
+        reasons = "; ".join(f"SuperNode {node}: {why}" for node, why in dropped.items())
+        raise PrismError(f"{len(node_of)} of {k} SuperNodes set up their client, fewer than min-replies = "
+                         f"{s.min_replies}: {reasons}")  # fmt: skip
+    return node_of, infos, dropped
 
 
-def class_counts(infos: list[dict]) -> list[float] | None:
-    """The sum of the class counts the clients' statistics hold (conditional models), None otherwise."""
-    reported = [list(info["statistics-class-counts"]) for info in infos if "statistics-class-counts" in info]
-    if reported and len({len(r) for r in reported}) != 1:
-        raise PrismError("the clients reported class counts of different lengths")
-    return np.sum(reported, axis=0).tolist() if reported else None
+def warm_start_decodes(message: bytes, n: int, table_hash: int) -> bool:
+    """Partition 0's warm-start scores are a state message of round 0 for this model."""
+    from prismfl.fl import wire
 
-
-def warm_info(info: dict) -> dict | None:
-    """What partition 0's warm start reports (numbers only: a node's reply is not trusted to be well formed)."""
     try:
-        got = json.loads(info.get("warm-start-info", "null"))
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(got, dict):
-        return None
-    keep = ("steps", "images", "loss", "seconds")
-    return {key: v for key, v in got.items() if key in keep and type(v) in (int, float)}
+        return wire.decode_state(message, num_weights=n, table_hash=table_hash)[0] == 0
+    except wire.WireError:
+        return False
+
+
+def class_counts(infos: list[replies.SetupReply]) -> list[float] | None:
+    """The sum of the class counts the clients' statistics hold (conditional models), None otherwise
+    (each list's length was checked against the model's codes)."""
+    reported = [r.statistics_class_counts for r in infos if r.statistics_class_counts is not None]
+    return np.sum(reported, axis=0).tolist() if reported else None
 
 
 class GridTransport:
@@ -171,7 +183,9 @@ class GridTransport:
     def __init__(self, grid: Grid, settings: ServerSettings):
         self.grid, self.s = grid, settings
         self.min_replies = settings.min_replies
-        self.node_of: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}  # the partitions kept at set-up -> their SuperNode
+        self.absent: set[int] = set()  # partitions whose node was dropped at set-up
+        self.link_keys: dict[int, bytes] = {}  # each kept partition's key for its train messages' tags
 
     def setup(self, method, checkpoint: dict | None, log_) -> Setup:
         cfg = self.s.cfg
@@ -182,26 +196,39 @@ class GridTransport:
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
-        self.node_of, infos, shared = setup_clients(
-            self.grid, self.s, n, table_hash, warm=checkpoint is None and method.warm_starts
-        )
-        first = json.loads(infos[0]["model-info"])  # partition 0 holds data for every method
-        privacy = first["privacy"] and {key: v for key, v in first["privacy"].items() if key != "clip"}
-        table, names = class_table_of([list(info["class-counts"]) for info in infos],
-                                      list(dataset_info(cfg.data.dataset).class_names))  # fmt: skip
+        self.node_of, infos, _ = setup_clients(self.grid, self.s, method, n, table_hash,
+                                               warm=checkpoint is None and method.warm_starts)  # fmt: skip
+        zero = infos.get(0)
+        if zero is not None and zero.warm_start is not None and not warm_start_decodes(zero.warm_start, n, table_hash):
+            log(f"SuperNode {self.node_of.pop(0)} dropped at set-up: its warm-start scores do not decode")
+            del infos[0]
+            zero = None
+            if not infos:
+                raise PrismError("no SuperNode is left after set-up")
+        k = cfg.partition.num_clients
+        self.absent = {pid for pid in range(k) if pid not in infos}
+        self.link_keys = {pid: r.link_key for pid, r in infos.items()}
+        first = infos[min(infos)]  # the lowest partition kept: its feature net and privacy parameters
+        privacy = first.model_info["privacy"]
+        privacy = privacy and {key: v for key, v in privacy.items() if key != "clip"}
+        rows = [infos[pid].class_counts if pid in infos else [] for pid in range(k)]
+        table, names = class_table_of(rows, list(dataset_info(cfg.data.dataset).class_names))
+        shared = {pid: r.secagg if r.secagg is not None else r.shared for pid, r in infos.items()
+                  if r.secagg is not None or r.shared is not None}  # fmt: skip
         return Setup(
             num_weights=n,
             table_hash=table_hash,
             class_table=table,
-            class_counts=class_counts(infos),
+            class_counts=class_counts([infos[pid] for pid in sorted(infos)]),
             class_names=names,
-            source=infos[0]["source"],
-            feature_meta=first["feature_net"],
+            source=first.source,
+            feature_meta=first.model_info["feature_net"],
             privacy=privacy,
             shared=shared or None,
-            warm_start=infos[0].get("warm-start"),
-            warm_info=warm_info(infos[0]),
-            shrink_target=infos[0].get("shrink-target"),
+            warm_start=zero and zero.warm_start,
+            warm_info=zero and zero.warm_info,
+            shrink_target=zero and zero.shrink_target,
+            absent=sorted(self.absent),
         )
 
     def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
@@ -224,16 +251,28 @@ class GridTransport:
         request = RecordDict({"pooled": ArrayRecord({"000": data})})
         got = exchange(self.grid, dict.fromkeys(self.node_of.values(), request), f"{MessageType.QUERY}.pool",
                        self.s.reply_timeout, "pool")  # fmt: skip
-        for k, node in self.node_of.items():
+        lost = []
+        for k, node in list(self.node_of.items()):
             reply = got.replies.get(node)
-            if reply is None or reply.has_error():
+            if reply is None or reply.has_error():  # it cannot train against the pooled targets: drop it
                 why = "no reply" if reply is None else _error(reply)
-                raise PrismError(f"client {k} (SuperNode {node}) did not take the pooled statistics: {why}")
+                lost.append(f"client {k} (SuperNode {node}) did not take the pooled statistics: {why}")
+                log(f"{lost[-1]}; dropped")
+                del self.node_of[k]
+                self.absent.add(k)
+        if not self.node_of or len(self.node_of) < min(self.min_replies, self.s.cfg.partition.num_clients):
+            raise PrismError(f"{len(self.node_of)} clients left, fewer than min-replies = {self.min_replies}: "
+                             f"{'; '.join(lost)}")  # fmt: skip
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
-        contents = {}
+        contents, failures = {}, []
+        for k in sorted(set(downlinks) & self.absent):
+            failures.append({"client": k, "error": "its SuperNode was dropped at set-up"})
         for k, down in downlinks.items():
-            request = {"round": rnd, "steps": down.steps}
+            if k in self.absent:
+                continue
+            request = {"round": rnd, "steps": down.steps,
+                       "auth": downlink_tag(self.link_keys[k], rnd, down.steps, down.check, down.messages)}  # fmt: skip
             if down.check is not None:
                 request["check-crc32"] = down.check
             content = RecordDict({"prismfl": ConfigRecord(request)})
@@ -241,8 +280,8 @@ class GridTransport:
                 content["broadcast"] = wire_record(down.messages)
             contents[self.node_of[k]] = content
         got = exchange(self.grid, contents, MessageType.TRAIN, self.s.reply_timeout, f"round-{rnd}")
-        replies, failures = {}, []
-        for k in sorted(downlinks):
+        uploads = {}
+        for k in sorted(set(downlinks) - self.absent):
             node = self.node_of[k]
             reply = got.replies.get(node)
             if reply is None:
@@ -252,14 +291,13 @@ class GridTransport:
                 why = _error(reply)
             else:
                 try:
-                    m = reply.content["metrics"]
-                    replies[k] = Upload(from_array(reply.content["upload"]["000"]), float(m["loss"]),
-                                        float(m["start-loss"]), float(m["train-seconds"]))  # fmt: skip
+                    data = replies.payload(reply.content, "upload", WIRE, "upload")
+                    uploads[k] = Upload(data, *replies.train_metrics(reply.content["metrics"]))
                     continue
-                except (KeyError, ValueError, TypeError) as exc:
+                except (KeyError, TypeError, replies.NodeError) as exc:
                     why = f"reply rejected: {type(exc).__name__}: {exc}"
             failures.append({"client": k, "node": str(node), "error": why})
-        return replies, failures
+        return uploads, sorted(failures, key=lambda f: f["client"])
 
     def client_states(self) -> None:
         return None  # each client keeps its own state in its SuperNode

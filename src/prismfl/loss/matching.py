@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prismfl import schema
+
 NORMALIZATIONS = ("none", "layer", "dim")
 MOMENTS = ("second", "variance", "mean")  # "mean": match the means only (DP-MERF's choice at small epsilon)
 
@@ -43,25 +45,46 @@ class FeatureStats:
             tree["class_counts"] = self.class_counts
         return tree
 
+    @staticmethod
+    def schema(features: list[tuple[int, ...]] | None = None, codes: int | None = None) -> schema.Node:
+        """What to_tree writes: per feature layer a mean and a variance (>= 0), finite float32 of the layer's
+        shape in `features` ((codes, D) per class when `codes` > 0, with the float64 class counts: finite,
+        noisy ones may be negative), and the image count (an int >= 0). None: not known here."""
+        if features is None:
+            layer = schema.Tensor(torch.float32, None)
+            means = schema.List(layer, min_len=1, what="a list of float32 tensors, one per feature layer")
+            vars_ = schema.List(schema.Tensor(torch.float32, None, lo=0.0), min_len=1,
+                                what="a list of float32 tensors >= 0, one per feature layer")  # fmt: skip
+        else:
+            rows = (codes,) if codes else ()
+            n = len(features)
+            means = schema.Items([schema.Tensor(torch.float32, (*rows, *f)) for f in features],
+                                 what=f"a list of {n} float32 tensors, one per feature layer")  # fmt: skip
+            vars_ = schema.Items([schema.Tensor(torch.float32, (*rows, *f), lo=0.0) for f in features],
+                                 what=f"a list of {n} float32 tensors >= 0, one per feature layer")  # fmt: skip
+        fields = {"mean": means, "var": vars_, "count": schema.Int(0, 2**53, what="an image count (an int >= 0)")}
+        counts = schema.Tensor(torch.float64, (None,) if codes is None else (codes,))
+        if codes:
+            return schema.Table({**fields, "class_counts": counts}, what="feature statistics (a table)")
+        optional = {"class_counts": counts if codes is None else schema.Never("no class counts (unconditional)")}
+        return schema.Table(fields, optional=optional, what="feature statistics (a table)")
+
     @classmethod
-    def from_tree(cls, tree: dict) -> FeatureStats:
-        """The inverse of to_tree; a ValueError where the tree does not hold consistent statistics."""
-        try:
-            mean, var, counts = list(tree["mean"]), list(tree["var"]), tree.get("class_counts")
-            stats = cls(mean, var, int(tree["count"]), counts)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not feature statistics: {type(exc).__name__}: {exc}") from None
-        rows = 1 if counts is None else len(counts) if isinstance(counts, torch.Tensor) and counts.dim() == 1 else -1
-        if not (
-            len(mean) == len(var) > 0
-            and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and bool(torch.isfinite(t).all())
-                    for t in (*mean, *var))
-            and all(m.shape == v.shape and m.dim() == (1 if counts is None else 2) for m, v in zip(mean, var))
-            and (counts is None or (rows > 0 and counts.dtype == torch.float64 and bool(torch.isfinite(counts).all())
-                                    and all(m.shape[0] == rows for m in mean)))
-        ):  # fmt: skip
-            raise ValueError("feature statistics of inconsistent shapes, types or non-finite values")
-        return stats
+    def from_tree(cls, tree: dict, features: list[tuple[int, ...]] | None = None, codes: int | None = None, *,
+                  where: str = "feature statistics", path: str = "",
+                  checked: bool = False) -> FeatureStats:  # fmt: skip
+        """The inverse of to_tree. A StateError naming the field where the tree does not fit `schema`
+        (for these feature layers and classes, where known; `checked`: the caller has checked it); a
+        ValueError where its parts do not fit one another."""
+        if not checked:
+            schema.check(FeatureStats.schema(features, codes), tree, where, path)
+        mean, var, counts = list(tree["mean"]), list(tree["var"]), tree.get("class_counts")
+        rows = 1 if counts is None else len(counts)
+        dim = 1 if counts is None else 2
+        fit = all(m.shape == v.shape and m.dim() == dim and (dim == 1 or m.shape[0] == rows) for m, v in zip(mean, var))
+        if len(mean) != len(var) or not fit:
+            raise ValueError("feature statistics of inconsistent shapes")
+        return cls(mean, var, tree["count"], counts)
 
     @property
     def second(self) -> list[torch.Tensor]:
@@ -171,8 +194,59 @@ class TrackerState:
             state["started"] = self.started.clone()
         return state
 
+    @staticmethod
+    def schema(kind: str | None = None, targets: list[tuple[int, ...]] | None = None, *, redraws: bool = False,
+               legacy: bool = False, lr: float | None = None, betas=(0.5, 0.999)) -> schema.Node:  # fmt: skip
+        """What state_dict writes for a loss whose tracker is `kind` ("none", "ema", "adam"; None: not known)
+        and whose statistics have the shapes `targets` (MeanVarMatching.targets): no vectors (not started
+        yet) or one per statistic of its shape; an Adam state over them for "adam" (at `lr`, `betas`);
+        the drawn rows' `started` flags for a loss that draws classes at every step (`redraws`).
+        `legacy`: vectors of another layout are allowed, without flags (ConditionalMatching starts them afresh)."""
+        vectors = schema.List(schema.Tensor(torch.float32, None), what="a list of float32 tensors")
+        table = schema.Table({"vectors": vectors, "optimizer": schema.Opt(schema.Table({}, what="an Adam state"))},
+                             optional={"started": schema.Tensor(torch.bool, (None,))},
+                             what="a tracker state (a table)")  # fmt: skip
+
+        def fits(state: dict, path: str) -> None:
+            vs, opt = state["vectors"], state["optimizer"]
+            shapes = [tuple(v.shape) for v in vs]
+            at = lambda key: schema.join(path, key)  # noqa: E731
+            if kind == "none" and (vs or opt is not None or "started" in state):
+                schema.fail(at("vectors"), "no trackers (loss.tracker = 'none')", vs)
+            layout = targets is None or not vs or shapes == [tuple(t) for t in targets]
+            if not layout and not (legacy and "started" not in state):
+                want = f"[] or {len(targets)} tensors of the statistics' shapes ({', '.join(map(str, targets[:3]))}...)"
+                schema.fail(at("vectors"), want, got=f"{len(vs)} tensors of shapes "
+                            f"{', '.join(str(s) for s in shapes[:3])}{'...' if len(shapes) > 3 else ''}")  # fmt: skip
+            if opt is not None:
+                if kind not in (None, "adam") or not vs:
+                    schema.fail(at("optimizer"), "null (an Adam state only for loss.tracker = 'adam', once started)",
+                                got=schema.describe(opt))  # fmt: skip
+                rate = schema.Num(0, above=True) if lr is None else schema.Const(lr, what=f"{lr} (loss.tracker_lr)")
+                schema.adam(shapes, rate, schema.Const(list(betas)))(opt, at("optimizer"))
+            elif kind == "adam" and vs:
+                schema.fail(at("optimizer"), "the trackers' Adam state (loss.tracker = 'adam')", opt)
+            if "started" in state:
+                if kind is not None and not redraws:
+                    schema.fail(at("started"), "no flags (only for a loss that draws classes at every step)",
+                                state["started"])  # fmt: skip
+                rows = targets[0][0] if targets else None
+                schema.Tensor(torch.bool, (rows,))(state["started"], at("started"))
+                if not vs:
+                    schema.fail(at("started"), "no flags before the trackers start", state["started"])
+            elif redraws and vs and layout:
+                schema.fail(at("started"), "the flags of the classes whose trackers have started", schema.MISSING)
+
+        return schema.Each(table, fits)
+
     @classmethod
-    def from_state_dict(cls, state: dict, lr: float = 1e-5, betas=(0.5, 0.999)) -> TrackerState:
+    def from_state_dict(cls, state: dict, lr: float = 1e-5, betas=(0.5, 0.999), *, expect: schema.Node | None = None,
+                        where: str = "tracker state", path: str = "") -> TrackerState:  # fmt: skip
+        """The inverse of state_dict, after a check against `expect` (TrackerState.schema; by default,
+        one that knows neither the loss nor its statistics; schema.ANY: the caller has checked it). A
+        StateError naming the field otherwise."""
+        if expect is not schema.ANY:
+            schema.check(expect or TrackerState.schema(lr=None, betas=betas), state, where, path)
         started = state.get("started")
         tracker = cls([v.clone() for v in state["vectors"]], started=None if started is None else started.clone())
         if state["optimizer"] is not None:

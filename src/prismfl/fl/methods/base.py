@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from prismfl import modelfile
+from prismfl import modelfile, schema
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
 from prismfl.fl import aggregate, task, wire
@@ -134,30 +134,35 @@ class Method:
 
     STATE: dict[str, str] = {}  # the global state's tensors: "weights" (N float32) or "weights list" (one per client)
 
-    def check_state(self, state: dict, num_weights: int) -> None:
-        """A global state read from a checkpoint holds what this method needs, for a model of N weights;
-        a StateError otherwise (a crafted or damaged checkpoint must not reach the round loop)."""
-        from prismfl.safestate import StateError, require
-
-        require(state, {"num_weights": int, "table_hash": int, **{k: (torch.Tensor, list) for k in self.STATE}},
-                "the checkpoint's global state")  # fmt: skip
-        if state["num_weights"] != num_weights:
-            raise StateError(f"the checkpoint is for {state['num_weights']:,} weights, this model has {num_weights:,}")
-        if self.spec.num_classes:
-            shares = state.get("class_shares")
-            ok = isinstance(shares, torch.Tensor) and shares.dtype == torch.float64
-            try:
-                modelfile.check_class_shares(shares.tolist() if ok else None, self.spec.codes)
-            except ValueError as exc:
-                raise StateError(f"the checkpoint's class shares: {exc}") from None
-        k_clients = self.cfg.partition.num_clients
+    def state_schema(self, expect: schema.Expect) -> schema.Node:
+        """The global state this method writes (init_state, aggregate), as schema nodes, for a model of
+        `expect.num_weights` weights and layer-table hash `expect.table_hash` after round `expect.round`."""
+        n, k = expect.num_weights, self.cfg.partition.num_clients
+        weights = schema.Tensor(torch.float32, (n,), what=f"{n:,} finite float32 values (a float32 tensor)")
+        table_hash = schema.TABLE_HASH if expect.table_hash is None else \
+            schema.Const(expect.table_hash, what=f"{expect.table_hash} (this model's layer-table hash)")  # fmt: skip
+        fields = {"num_weights": schema.Const(n, what=f"{n:,} (the number of weights of this model)"),
+                  "table_hash": table_hash}  # fmt: skip
+        per_client = schema.List(weights, k, what=f"a list of {k} weight tensors, one per client")
         for key, kind in self.STATE.items():
-            values = state[key] if kind == "weights list" else [state[key]]
-            if kind == "weights list" and len(values) != k_clients:
-                raise StateError(f"the checkpoint's '{key}' holds {len(values)} entries for {k_clients} clients")
-            for v in values:
-                if not is_weights(v, num_weights):
-                    raise StateError(f"the checkpoint's '{key}' is not {num_weights:,} finite float32 values")
+            fields[key] = weights if kind == "weights" else per_client
+        if self.spec.num_classes:
+            fields["class_shares"] = schema.Each(schema.Tensor(torch.float64, (self.spec.codes,)), class_shares)
+        return schema.Table(fields, what="a table (the method's global state)")
+
+    def check_state(self, state: dict, num_weights: int, table_hash: int | None = None,
+                    round_: int | None = None) -> None:  # fmt: skip
+        """A global state read from a checkpoint holds what this method needs, for a model of N weights (and
+        this layer-table hash, after this round, where given); a StateError naming the first field that
+        does not fit otherwise (a crafted or damaged checkpoint must not reach the round loop)."""
+        expect = schema.Expect(num_weights=num_weights, table_hash=table_hash,
+                               num_clients=self.cfg.partition.num_clients, round=round_)  # fmt: skip
+        schema.check(self.state_schema(expect), state, "checkpoint", "server")
+
+    def client_fields(self, expect: schema.Expect) -> dict[str, schema.Node]:
+        """What this method keeps in a client's state (ClientRuntime) besides the statistics, optimizer and
+        trackers, as a checkpoint holds it: `replica` (held in the checkpoint's `replicas`) and `own`."""
+        return {"replica": schema.Null(), "own": schema.Null()}
 
     warm_starts = False  # True: train.warm_start applies (prism); the baselines ignore it
 
@@ -207,10 +212,12 @@ class Method:
         return Upload(data, float(result.loss), float(result.start_loss), time.perf_counter() - t0)
 
 
-def is_weights(v, num_weights: int) -> bool:
-    """A state tensor of one value per weight: num_weights finite float32 values."""
-    return (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (num_weights,)
-            and bool(torch.isfinite(v).all()))  # fmt: skip
+def class_shares(shares: torch.Tensor, path: str) -> None:
+    """A conditional model's class shares: finite, >= 0, summing to 1 (modelfile.check_class_shares)."""
+    try:
+        modelfile.check_class_shares(shares.tolist(), len(shares))
+    except ValueError as exc:
+        schema.fail(path, "class shares (finite, >= 0, summing to 1)", got=f"{schema.describe(shares)}: {exc}")
 
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:

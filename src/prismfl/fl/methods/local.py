@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from prismfl import modelfile
+from prismfl import modelfile, schema
 from prismfl.fl import aggregate, task
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model
@@ -35,6 +35,12 @@ class OwnScores(Method):
 
     def decode(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
         return self._decode_floats(state, rnd, k, data)
+
+    def client_fields(self, expect: schema.Expect) -> dict[str, schema.Node]:
+        """Its own scores (`init_client`), which every client that holds data trains; no replica."""
+        n = expect.num_weights
+        own = schema.Tensor(torch.float32, (n,), what=f"its own scores: {n:,} finite float32 values")
+        return {"replica": schema.Null(), "own": own}
 
 
 class Local(OwnScores):

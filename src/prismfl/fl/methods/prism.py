@@ -12,16 +12,19 @@ messages of the same round, the scores then the velocity.
 
 from __future__ import annotations
 
+import struct
 import time
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
+from prismfl import schema
 from prismfl.errors import PrismError
 from prismfl.fl import aggregate, task, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
-from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, is_weights, masked_final_model, scores_crc
+from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
 from prismfl.modelfile import PrismModel
 
 
@@ -38,16 +41,48 @@ def prune(deltas: dict[int, torch.Tensor], state_size: int) -> None:
         del deltas[min(deltas)]
 
 
+@dataclass(frozen=True)
+class Rules:
+    """What a client knows a broadcast delta of this run must carry (from the run's config): at most
+    `max_m` uploads, the config's smoothing, and MADA's lambda exactly as the server computes it from
+    the state both hold and the run seed (`mada`), or no lambda at all (not `mada`)."""
+
+    max_m: int
+    smoothing: float
+    mada: bool
+    seed: int
+
+    def check(self, d: wire.Delta, scores: torch.Tensor, proposal: torch.Tensor, round_: int) -> None:
+        if d.m > self.max_m:
+            raise wire.UnexpectedMessage(f"broadcast delta aggregates m = {d.m} uploads; a round of this run "
+                                         f"has at most {self.max_m}")  # fmt: skip
+        if struct.pack("<d", d.smoothing) != struct.pack("<d", self.smoothing):
+            raise wire.UnexpectedMessage(f"broadcast delta carries smoothing = {d.smoothing!r}; this run's is "
+                                         f"{self.smoothing!r}")  # fmt: skip
+        if not self.mada:
+            if d.lam is not None:
+                raise wire.UnexpectedMessage(f"broadcast delta carries lambda = {d.lam!r} in a run without MADA")
+            return
+        expected = aggregate.mada_lambda(scores, proposal, task.generator_for(self.seed, "mada", round_))
+        if d.lam is None or struct.pack("<d", d.lam) != struct.pack("<d", expected):
+            raise wire.UnexpectedMessage(f"broadcast delta carries lambda = {d.lam!r}; the state and the run seed "
+                                         f"give {expected!r}")  # fmt: skip
+
+
 def apply_broadcast(replica: torch.Tensor, message: bytes, *, round_: int, table_hash: int,
-                    beta: float = 0.0) -> torch.Tensor:  # fmt: skip
+                    beta: float = 0.0, rules: Rules | None = None) -> torch.Tensor:  # fmt: skip
     """Client side: rebuild the new global state from the previous one and the round's delta (the
-    scores; with server momentum beta > 0, the scores and the velocity, concatenated)."""
+    scores; with server momentum beta > 0, the scores and the velocity, concatenated). With `rules`,
+    the delta must carry what this run's server could have sent (Rules)."""
     n = len(replica) // 2 if beta else len(replica)
     scores = replica[:n].cpu()
-    d = wire.decode_delta(message, scores, round_=round_, table_hash=table_hash)
-    if not beta:
-        return aggregate.apply_round(scores, d.counts, d.m, d.lam, d.smoothing)
+    d = wire.decode_delta(message, scores, round_=round_, table_hash=table_hash,
+                          max_m=wire.MAX_DELTA_M if rules is None else rules.max_m)  # fmt: skip
     proposal = aggregate.aggregate_scores(d.counts, d.m, d.smoothing)
+    if rules is not None:
+        rules.check(d, scores, proposal, round_)
+    if not beta:
+        return aggregate.blend(scores, proposal, d.lam)
     step = 1.0 if d.lam is None else d.lam
     return torch.cat(aggregate.momentum_step(scores, proposal, replica[n:].cpu(), beta, step, d.smoothing))
 
@@ -56,7 +91,8 @@ MEMO_SIZE = 8
 
 
 def catch_up(replica: torch.Tensor, held: int, messages: list[bytes], *, num_weights: int, table_hash: int,
-             memo: OrderedDict | None = None, beta: float = 0.0) -> tuple[int, torch.Tensor]:  # fmt: skip
+             memo: OrderedDict | None = None, beta: float = 0.0,
+             rules: Rules | None = None) -> tuple[int, torch.Tensor]:  # fmt: skip
     """Apply a round's downlink (full states and deltas, in order) to a replica of round `held`
     (with server momentum beta > 0: scores and velocity; a full state is then two messages).
 
@@ -85,7 +121,7 @@ def catch_up(replica: torch.Tensor, held: int, messages: list[bytes], *, num_wei
             memo.move_to_end(key)
             replica = memo[key]
         else:
-            replica = apply_broadcast(replica, data, round_=held + 1, table_hash=table_hash, beta=beta)
+            replica = apply_broadcast(replica, data, round_=held + 1, table_hash=table_hash, beta=beta, rules=rules)
             if memo is not None:
                 memo[key] = replica
                 while len(memo) > MEMO_SIZE:
@@ -106,13 +142,18 @@ class Prism(Method):
 
     # ---- client side
 
+    def rules(self) -> Rules:
+        """What this run's broadcast deltas must carry (a client refuses any other)."""
+        return Rules(task.clients_per_round(self.cfg), self.cfg.train.smoothing + 0.0, self.mada, self.cfg.seed)
+
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         scores = task.initial_scores(self.cfg, ctx.num_weights)
         client.held_round, client.replica = 0, torch.cat([scores, torch.zeros_like(scores)]) if self.beta else scores
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         held, replica = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
-                                 table_hash=ctx.table_hash, memo=ctx.replica_memo, beta=self.beta)  # fmt: skip
+                                 table_hash=ctx.table_hash, memo=ctx.replica_memo, beta=self.beta,
+                                 rules=self.rules())  # fmt: skip
         scores = replica[: ctx.num_weights]
         if held != down.round - 1 or (down.check is not None and scores_crc(replica) != down.check):
             raise PrismError(f"client {client.k}: its replica of round {held} does not match the server's "
@@ -203,27 +244,60 @@ class Prism(Method):
             mask_entropy=aggregate.binary_entropy_bits(new),
         )
 
-    def check_state(self, state: dict, num_weights: int) -> None:
-        from prismfl.safestate import StateError
+    def state_schema(self, expect: schema.Expect) -> schema.Node:
+        """The base state, and what the server knows of each client (`synced`: the round whose global state
+        it holds, null: unknown, at most the round before the last), every round's delta size and the
+        newest deltas (`prune`), the velocity with server momentum."""
+        n, k, last = expect.num_weights, self.cfg.partition.num_clients, expect.round
+        base = super().state_schema(expect)
+        before = None if last is None else last - 1
+        held = schema.Opt(expect.rounds(before))
+        fields = {**base.fields,
+                  "synced": schema.List(held, k, what=f"a list of {k} rounds or nulls, one per client"),
+                  "delta_sizes": schema.IntKeys(schema.Int(1, last), schema.Int(wire.HEADER.size + 1),
+                                                what="a table of each round's delta size"),
+                  "deltas": schema.IntKeys(schema.Int(1, last), schema.Tensor(torch.uint8, (None,)),
+                                           what="a table of the newest rounds' deltas")}  # fmt: skip
+        if self.beta:
+            fields["velocity"] = schema.Tensor(torch.float32, (n,), what=f"the server velocity: {n:,} finite float32 "
+                                               "values (was it written without train.server_momentum?)")  # fmt: skip
+        return schema.Each(schema.Table(fields, what=base.expected), lambda state, path: self._check_deltas(
+            state, path, expect))  # fmt: skip
 
-        super().check_state(state, num_weights)
-        synced, sizes, deltas = state.get("synced"), state.get("delta_sizes"), state.get("deltas")
-        ok = isinstance(synced, list) and len(synced) == self.cfg.partition.num_clients
-        ok = ok and all(s is None or type(s) is int for s in synced)
-        ok = ok and isinstance(sizes, dict) and all(type(k) is int and type(v) is int for k, v in sizes.items())
-        ok = (
-            ok
-            and isinstance(deltas, dict)
-            and all(
-                type(k) is int and k in sizes and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
-                for k, v in deltas.items()
-            )
-        )
-        if not ok:
-            raise StateError("the checkpoint's record of what each client holds is not usable")
-        if self.beta and not is_weights(state.get("velocity"), num_weights):
-            raise StateError(f"the checkpoint's server velocity is not {num_weights:,} finite float32 values "
-                             "(was it written without train.server_momentum?)")  # fmt: skip
+    def _check_deltas(self, state: dict, path: str, expect: schema.Expect) -> None:
+        """Every round has its delta size; the deltas kept are the newest whose bytes fit in a full state
+        (what `prune` keeps, so that `plan` finds every delta it sends), each the broadcast of its round."""
+        sizes, deltas, last = state["delta_sizes"], state["deltas"], expect.round
+        rounds = sorted(sizes)
+        if last is not None and rounds != list(range(1, last + 1)):
+            schema.fail(schema.join(path, "delta_sizes"), f"the delta sizes of rounds 1..{last}",
+                        got=f"rounds {rounds[:6]}{'...' if len(rounds) > 6 else ''}")  # fmt: skip
+        bound, kept, total = (2 if self.beta else 1) * (wire.HEADER.size + 4 * state["num_weights"]), [], 0
+        for r in sorted(sizes, reverse=True):
+            if total + sizes[r] > bound:
+                break
+            total += sizes[r]
+            kept.append(r)
+        if sorted(deltas) != sorted(kept):
+            schema.fail(schema.join(path, "deltas"), f"the deltas of rounds {sorted(kept)} (the newest that fit in "
+                        "a full state)", got=f"rounds {sorted(deltas)[:6]}")  # fmt: skip
+        for r, delta in deltas.items():
+            where = schema.join(schema.join(path, "deltas"), r)
+            if delta.numel() != sizes[r]:
+                schema.fail(where, f"{sizes[r]:,} bytes (its delta size)", got=f"{delta.numel():,} bytes")
+            try:
+                msg = wire.parse(delta.numpy().tobytes(), table_hash=state["table_hash"],
+                                 num_weights=state["num_weights"])  # fmt: skip
+                wire.expect(msg, kind=wire.KIND_DELTA, coders=tuple(wire.CODERS), round_=r, client=wire.SERVER)
+            except wire.WireError as exc:
+                schema.fail(where, f"the broadcast delta of round {r}", got=f"a message that is not: {exc}")
+
+    def client_fields(self, expect: schema.Expect) -> dict[str, schema.Node]:
+        """A client's replica of the global state (scores, and the velocity with server momentum), which every
+        client holds (`init_client`; a checkpoint keeps each round's once, under `replicas`); no own scores."""
+        size = (2 if self.beta else 1) * expect.num_weights
+        what = f"a replica of the global state: {size:,} finite float32 values"
+        return {"replica": schema.Tensor(torch.float32, (size,), what=what), "own": schema.Null()}
 
     def client_lost(self, state: dict, k: int) -> None:
         state["synced"][k] = None
