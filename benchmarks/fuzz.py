@@ -345,21 +345,7 @@ def restored_state_target(tmp: Path):
     ctx = client_context(cfg, method.build_model, "cpu", log=lambda *_: None)
     restore = rf.Restore(tmp / "run", cfg, tree, load(data), method, simulate.expect_of(method, ctx, 1))
     edits = [(path, name, new) for path, value in rf.fields(tree) for name, new in rf.hostile(value)]
-    configs: dict = {}
-    parse = rundir.checkpoint_config
-
-    def config_once(state: dict):  # the configuration's check (the slow part), once per distinct configuration
-        key = json.dumps(state["config"], sort_keys=True, default=repr)
-        if key not in configs:
-            try:
-                configs[key] = parse(state)
-            except PrismError as exc:
-                configs[key] = exc
-        if isinstance(configs[key], PrismError):
-            raise configs[key]
-        return configs[key]
-
-    rundir.checkpoint_config = config_once  # (this process only runs the campaign)
+    rundir.checkpoint_config = rf.memo_config(rundir.checkpoint_config)  # (this process only runs the campaign)
 
     def harmless(path, name) -> bool:
         import re

@@ -135,14 +135,12 @@ HARMLESS = [
 ]
 
 
-def campaign(restore: Restore) -> dict:
-    """Every field of the checkpoint, every edit of it: how many were tried, refused (one line, a
-    PrismError), accepted; the accepted ones, and anything else (which must not happen)."""
-    import re
+def memo_config(parse):
+    """`parse` (rundir.checkpoint_config: the configuration's check, the slow part of a restore) run once
+    per distinct configuration, its result or its refusal remembered."""
+    configs: dict = {}
 
-    configs, parse = {}, rundir.checkpoint_config
-
-    def config_once(state: dict):  # the configuration's check (the slow part), once per distinct configuration
+    def config_once(state: dict):
         key = json.dumps(state["config"], sort_keys=True, default=repr)
         if key not in configs:
             try:
@@ -153,6 +151,15 @@ def campaign(restore: Restore) -> dict:
             raise configs[key]
         return configs[key]
 
+    return config_once
+
+
+def campaign(restore: Restore) -> dict:
+    """Every field of the checkpoint, every edit of it: how many were tried, refused (one line, a
+    PrismError), accepted; the accepted ones, and anything else (which must not happen)."""
+    import re
+
+    config_once = memo_config(rundir.checkpoint_config)
     restore(restore.tree)  # the checkpoint as written resumes
     out = {"tried": 0, "refused": 0, "accepted": [], "wrong": []}
     with pytest.MonkeyPatch.context() as mp:
