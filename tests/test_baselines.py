@@ -31,6 +31,9 @@ def test_fedavg_sends_float32_weights_and_saves_a_dense_model(tmp_path):
     assert meta["method"] == "fedavg" and meta["dataset"] == "fashion-mnist"
     assert modelfile.sample(net, 4).shape == (4, 1, 28, 28)
     assert (out / "report.md").is_file() and (out / "samples.png").is_file()
+    # the report counts both ways: dense FedAvg's traffic is itself (plus a 36-byte header a message)
+    total = sum(r["upload_bytes"] + r["download_bytes"] for r in rundir.read_metrics(out))
+    assert f"Traffic up and down: {total / 1e6:.2f} MB (1.000 x dense FedAvg's" in (out / "report.md").read_text()
 
 
 def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):

@@ -14,6 +14,14 @@ from prismfl.files import MAX_RECORD_BYTES, atomic_write_bytes, read_capped
 from prismfl.plots import PAPER_BITS_PER_WEIGHT, PAPER_MB_PER_ROUND
 
 
+def _num_weights(records: list[dict]) -> int:
+    """The model's weight count N, from a round record (bits_per_param = 8 x upload bytes / (N x clients))."""
+    for r in records:
+        if r.get("bits_per_param") and r.get("clients"):
+            return round(8 * r["upload_bytes"] / (r["bits_per_param"] * len(r["clients"])))
+    return 0
+
+
 def run_report(run_dir: Path) -> Path:
     """Write report.md in a run directory from its config, metrics, model and evaluation."""
     run_dir = Path(run_dir)
@@ -49,10 +57,18 @@ def run_report(run_dir: Path) -> Path:
         down = sum(r["download_bytes"] for r in records)
         uploads = sum(len(r["clients"]) for r in records)
         last = records[-1]
+        n = _num_weights(records)
+        dense = 2 * 4 * n * uploads if n else 0  # dense FedAvg: float32 weights down and up, each client-round
+        versus = f" ({(up + down) / dense:.3f} x dense FedAvg's {dense / 1e6:.2f} MB)" if dense else ""
+        per_weight = (lambda b: f" | {8 * b / (n * max(uploads, 1)):.2f}") if n else (lambda b: "")
+        head = "| | total | per client-round |" + (" bits per weight and client-round |" if n else "")
         lines += ["## Communication", "",
-                  "| | total | per upload |", "|---|---|---|",
-                  f"| uploaded | {up / 1e6:.2f} MB | {up / max(uploads, 1) / 1e3:.1f} kB |",
-                  f"| downloaded | {down / 1e6:.2f} MB | {down / max(uploads, 1) / 1e3:.1f} kB |", "",
+                  head, "|---|---|---|" + ("---|" if n else ""),
+                  f"| uploaded | {up / 1e6:.2f} MB | {up / max(uploads, 1) / 1e3:.1f} kB{per_weight(up)} |",
+                  f"| downloaded | {down / 1e6:.2f} MB | {down / max(uploads, 1) / 1e3:.1f} kB{per_weight(down)} |",
+                  f"| total | {(up + down) / 1e6:.2f} MB | {(up + down) / max(uploads, 1) / 1e3:.1f} kB"
+                  f"{per_weight(up + down)} |", "",
+                  f"Traffic up and down: {(up + down) / 1e6:.2f} MB{versus}.", "",
                   f"Upload cost: {np.mean([r['bits_per_param'] for r in records]):.3f} bits/weight on average, "
                   f"{last['bits_per_param']:.3f} in the last round (entropy bound "
                   f"{last.get('entropy_bound_bits_per_param') or 0:.3f}); packing costs 1 bit/weight, dense "
