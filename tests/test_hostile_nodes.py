@@ -116,11 +116,18 @@ def test_undecodable_warm_start_scores_drop_partition_0_and_the_run_goes_on_with
 
 @needs_fmnist
 @pytest.mark.slow
-def test_two_nodes_claiming_one_partition_are_both_dropped(tmp_path, caplog):
+def test_two_nodes_claiming_one_partition_are_both_dropped(tmp_path):
+    from prismfl.flower import server_app
+
     mod = Hostile(NODE[2], "query", lambda reply: reply.content["prismfl"].__setitem__("partition-id", 1))
-    _, records = run(tmp_path, "twice", mods=[mod])
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_app, "log", lines.append)
+        _, records = run(tmp_path, "twice", mods=[mod])
+    dropped = [line for line in lines if "dropped at set-up" in line and "all claim partition 1" in line]
+    assert sorted(line.split()[1] for line in dropped) == sorted([str(NODE[1]), str(NODE[2])])
     lost = {f["client"] for r in records for f in r.get("failures", [])}
-    assert lost <= {1, 2} and lost  # both claims are dropped; the run finishes
+    assert lost <= {1, 2} and lost  # the rounds that chose them record them; the run finishes
 
 
 @needs_fmnist
@@ -311,6 +318,7 @@ def test_the_downlink_tag_covers_every_field():
     assert tag not in others and len(set(others)) == len(others)
 
 
+@needs_fmnist
 def test_no_usable_node_stops_the_run_with_every_reason(tmp_path):
     grid = LocalGrid(make_client_app(mods=[Hostile(n, "query", lambda r: r.content["prismfl"].__delitem__("source"))
                                            for n in NODE.values()]), nodes_for(5))  # fmt: skip
@@ -327,22 +335,22 @@ def test_no_usable_node_stops_the_run_with_every_reason(tmp_path):
         "an integer public key": lambda r: r.__setitem__("secagg-public-key", 300_000_000),
         "a deeply nested layout": lambda r: r.__setitem__("secagg-layout", deep()),
         "another layout": lambda r: r.__setitem__("secagg-layout", "[[3], [3], [1]]"),
+        "a small-order key": lambda r: r.__setitem__("secagg-public-key", bytes(32)),
     }.items(),
     ids=lambda a: a[0] if isinstance(a, tuple) else a,
 )
-def test_a_hostile_secure_aggregation_reply_drops_the_node_and_the_secure_sum_goes_on(attack, tmp_path):
-    """(Private runs draw fresh noise, so the model is not compared with another run's; the run finishes
-    with the four other clients' secure sum.)"""
+def test_a_hostile_secure_aggregation_reply_stops_the_run_before_any_release(attack, tmp_path):
+    """Each client's noise share assumes all clients add theirs: with one node dropped at set-up the
+    secure sum would carry less noise than epsilon states, so the run stops, naming the node, before any
+    vector is sent (a small-order key would otherwise break every other client's masking)."""
     name, change = attack
     overrides = ("partition.num_clients=5 train.rounds=1 privacy.epsilon=20 privacy.pool=1 privacy.secagg=true "
-                 "privacy.pool_classes=\"all\" "
-                 "model.conditional=true train.batch_size=40")  # fmt: skip
+                 'privacy.pool_classes="all" model.conditional=true train.batch_size=40')  # fmt: skip
     grid = LocalGrid(make_client_app(mods=[Hostile(NODE[2], "query", lambda r: change(r.content["prismfl"]))]),
                      nodes_for(5))  # fmt: skip
-    out = tmp_path / "secagg"
-    run_federation(grid, server({"out-dir": str(out), "overrides": overrides}))
-    (record,) = rundir.read_metrics(out)
-    assert 2 not in record["clients"] and record["clients"]
+    with pytest.raises(PrismError, match=f"secure aggregation needs every client: 1 SuperNode.*{NODE[2]}"):
+        run_federation(grid, server({"out-dir": str(tmp_path / "secagg"), "overrides": overrides}))
+    assert not any(m.metadata.message_type == "query.secagg" for m in grid.sent)
 
 
 def test_a_delta_of_more_uploads_than_the_run_allows_is_refused_before_the_coder_runs(monkeypatch):
@@ -364,7 +372,7 @@ def test_a_round_of_more_clients_than_a_delta_holds_is_refused_by_the_config():
 
     cfg = RunConfig()
     cfg.partition.num_clients, cfg.train.client_fraction = 1000, 0.3
-    with pytest.raises(ConfigError, match="300 clients a round: a broadcast delta aggregates at most 256"):
+    with pytest.raises(ConfigError, match="300 clients a round: a PRISM round aggregates at most 256 uploads"):
         cfg.validate()
-    cfg.train.broadcast = "float32"
+    cfg.train.client_fraction = 0.25
     cfg.validate()

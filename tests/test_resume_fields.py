@@ -148,7 +148,7 @@ def memo_config(parse):
             except PrismError as exc:
                 configs[key] = exc
         if isinstance(configs[key], PrismError):
-            raise configs[key]
+            raise type(configs[key])(str(configs[key]))  # (a fresh one: no traceback chain grows over the cases)
         return configs[key]
 
     return config_once

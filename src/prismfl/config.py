@@ -268,10 +268,10 @@ class RunConfig:
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
         _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
         per_round = max(1, round(self.train.client_fraction * self.partition.num_clients))
-        if self.train.method == "prism" and self.train.broadcast == "delta" and per_round > 256:
-            raise ConfigError(f"{per_round} clients a round: a broadcast delta aggregates at most 256 uploads "
-                              "(fl/wire.py MAX_DELTA_M); lower train.client_fraction or set train.broadcast = "
-                              "'float32'")  # fmt: skip
+        if self.train.method == "prism" and per_round > 256:
+            raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
+                              "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
+                              "train.client_fraction")  # fmt: skip
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))

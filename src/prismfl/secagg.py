@@ -97,6 +97,19 @@ def raw(key) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def check_public_key(key: bytes) -> None:
+    """A peer's public key that every client can use: 32 bytes, not of small order (an exchange with it
+    gives a non-zero secret); a SecAggError otherwise, before anyone depends on it."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    if not (isinstance(key, bytes) and len(key) == KEY_BYTES):
+        raise SecAggError(f"a secure-aggregation public key is not {KEY_BYTES} bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError as exc:
+        raise SecAggError(f"a secure-aggregation public key is unusable: {exc}") from None
+
+
 def mask(private, my_id: int, peer_id: int, peer_key: bytes, context: bytes, words: int) -> np.ndarray:
     """The mask pair (my_id, peer_id) shares: X25519, then HKDF-SHA256 bound to the run `context` and
     the pair, then AES-256-CTR over zeros. Both ends compute the same words."""

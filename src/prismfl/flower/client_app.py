@@ -118,6 +118,9 @@ def _saved_run(context: Context) -> tuple[str, str]:
 
 
 def _link_key(context: Context) -> bytes:
+    if "link-key" not in context.state[NODE]:
+        raise PrismError("this client's state has no link key: it was set up by another prismfl version; "
+                         "restart the run")  # fmt: skip
     return context.state[NODE]["link-key"]
 
 

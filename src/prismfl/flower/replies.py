@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from prismfl import safestate
+from prismfl import safestate, schema
 from prismfl.errors import PrismError
 from prismfl.flower.payload import LINK_KEY_BYTES, STATE, from_array
 
@@ -60,6 +60,14 @@ def json_field(value, what: str, limit: int = MAX_TEXT):
         raise NodeError(f"{what} is not JSON: {exc}") from None
 
 
+def finite(x, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """x is an int (not a bool) or float, finite, in [lo, hi]; integers beyond 2^53 are refused unread
+    (math.isfinite of a 400-digit integer raises OverflowError)."""
+    if type(x) is int:
+        return abs(x) <= 2**53 and lo <= x <= hi
+    return type(x) is float and math.isfinite(x) and lo <= x <= hi
+
+
 def number_list(value, what: str, lengths: set[int], lo: float, hi: float, integral: bool = False) -> list:
     """A list of numbers (ints where `integral`) of one of `lengths`, each finite in [lo, hi]."""
     kinds = (int,) if integral else (int, float)
@@ -67,7 +75,7 @@ def number_list(value, what: str, lengths: set[int], lo: float, hi: float, integ
         sizes = " or ".join(map(str, sorted(lengths)))
         raise NodeError(f"{what} must be a list of {sizes} numbers, got {_show(value)}")
     for x in value:
-        if type(x) not in kinds or not (math.isfinite(x) and lo <= x <= hi):
+        if type(x) not in kinds or not finite(x, lo, hi):
             kind = "an integer" if integral else "a number"
             raise NodeError(f"{what} holds {_show(x)}, not {kind} in [{lo:g}, {hi:g}]")
     return value
@@ -91,8 +99,12 @@ def payload(content, key: str, stype: str, what: str) -> bytes:
 
 
 def _show(value) -> str:
-    shown = repr(value)
-    return f"{type(value).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}"
+    """A short description of a value that may be huge (its repr is taken of a bounded part only)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxlong = 60, 60, 6, 40
+    return f"{type(value).__name__} {short.repr(value)}"
 
 
 @dataclass
@@ -116,7 +128,7 @@ WARM_KEYS = ("steps", "images", "loss", "seconds")
 
 
 def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num_classes: int, codes: int,
-                secagg: bool, key_bytes: int) -> SetupReply:  # fmt: skip
+                secagg: bool, key_bytes: int, private: bool = False, privacy_schema=None) -> SetupReply:  # fmt: skip
     """Check a setup reply against the run: partition id, model identity, counts, and the optional
     parts (warm start, secure-aggregation key, shared sums); a NodeError for the first bad field."""
     from prismfl import secagg as sa
@@ -134,35 +146,42 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
             f"it built another model ({_show(info['num-weights'])} weights, layer table "
             f"{_show(info['table-hash'])}): are server and clients running one prismfl version?"
         )
-    row = number_list(info["class-counts"], "class-counts", {0, 1, num_classes}, 0, MAX_COUNT, integral=True)
+    widths = {0, 1, num_classes} if private else {0, num_classes}  # (1: a private release's one noisy total)
+    row = number_list(info["class-counts"], "class-counts", widths, 0, MAX_COUNT, integral=True)
     model_info = json_field(info["model-info"], "model-info")
     if not (isinstance(model_info, dict) and isinstance(model_info.get("feature_net"), dict)
             and (model_info.get("privacy") is None or isinstance(model_info["privacy"], dict))):  # fmt: skip
         raise NodeError("model-info must be {'feature_net': {...}, 'privacy': {...} or null}")
-    privacy = model_info.get("privacy")
-    if privacy is not None:
-        for key in ("epsilon", "delta", "noise_std"):
-            x = privacy.get(key)
-            if type(x) not in (int, float) or not math.isfinite(x) or x < 0:
-                raise NodeError(f"model-info privacy.{key} must be a finite number >= 0, got {_show(x)}")
+    try:  # the release's parameters: null without privacy, else calibrated for the run's (epsilon, delta)
+        schema.check(privacy_schema or schema.Null(), model_info.get("privacy"), "setup reply", "model-info.privacy")
+    except safestate.StateError as exc:
+        raise NodeError(str(exc)) from None
     link_key = raw_bytes(info.get("link-key"), "link-key", LINK_KEY_BYTES)
     reply = SetupReply(pid, row, text(info["source"], "source", 1000), model_info, link_key)
     if "statistics-class-counts" in info:
-        reply.statistics_class_counts = number_list(info["statistics-class-counts"], "statistics-class-counts",
-                                                    {codes}, -MAX_COUNT, MAX_COUNT)  # fmt: skip
+        counts = number_list(info["statistics-class-counts"], "statistics-class-counts", {codes}, -MAX_COUNT,
+                             MAX_COUNT)  # fmt: skip
+        per_class = [sum(counts[c * (codes // num_classes) : (c + 1) * (codes // num_classes)])
+                     for c in range(num_classes)] if codes % num_classes == 0 else None  # fmt: skip
+        if not private and per_class != [float(x) for x in row]:  # exact counts: the row's, class by class
+            raise NodeError("statistics-class-counts do not add up to its class-counts row")
+        reply.statistics_class_counts = counts
     if "warm-start-info" in info:
         got = json_field(info["warm-start-info"], "warm-start-info", 4096)
         if isinstance(got, dict):
-            reply.warm_info = {key: v for key, v in got.items() if key in WARM_KEYS and type(v) in (int, float)
-                               and math.isfinite(v)}  # fmt: skip
+            reply.warm_info = {key: v for key, v in got.items() if key in WARM_KEYS and finite(v)}
     if "warm-start" in content:
         reply.warm_start = payload(content, "warm-start", "prismfl/wire", "warm-start scores")
     if secagg:
         key = raw_bytes(info.get("secagg-public-key"), "secagg-public-key", key_bytes)
         layout = json_field(info.get("secagg-layout"), "secagg-layout")
         try:
+            sa.check_public_key(key)  # (a small-order key would make every other client's masking fail)
             sa.check_layout(layout)
-            clip = sa.check_clip(json_field(info.get("secagg-clip"), "secagg-clip"))
+            clip = json_field(info.get("secagg-clip"), "secagg-clip")
+            if not (isinstance(clip, list) and all(finite(c) for c in clip)):
+                raise NodeError("secagg-clip must be a list of finite numbers")
+            clip = sa.check_clip(clip)
         except sa.SecAggError as exc:
             raise NodeError(str(exc)) from None
         reply.secagg = {"public_key": key, "layout": layout, "clip": clip}
@@ -192,12 +211,12 @@ def majority(values: dict[int, object]) -> object:
 
 
 def train_metrics(metrics) -> tuple[float, float, float]:
-    """(loss, start loss, train seconds) of a round's reply: finite numbers, seconds >= 0."""
+    """(loss, start loss, train seconds) of a round's reply: finite numbers >= 0 (what a round record holds)."""
     try:
         got = [metrics[key] for key in ("loss", "start-loss", "train-seconds")]
     except (KeyError, TypeError) as exc:
         raise NodeError(f"the reply's metrics lack {exc}") from None
     for key, x in zip(("loss", "start-loss", "train-seconds"), got):
-        if type(x) not in (int, float) or not math.isfinite(x) or abs(x) > 1e12 or (key == "train-seconds" and x < 0):
+        if not finite(x, 0, 1e12):
             raise NodeError(f"metrics {key} = {_show(x)} is not a finite number in range")
     return float(got[0]), float(got[1]), float(got[2])

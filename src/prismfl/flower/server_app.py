@@ -86,7 +86,9 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 
 def _error(reply: Message) -> str:
-    return f"error {reply.error.code}: {reply.error.reason}"
+    """A node's error reply in one bounded line (it is recorded in metrics.jsonl and the checkpoint)."""
+    reason = " ".join(str(reply.error.reason).split())
+    return f"error {reply.error.code}: {reason[:1000]}{'...' if len(reason) > 1000 else ''}"
 
 
 def setup_clients(
@@ -105,6 +107,7 @@ def setup_clients(
     from prismfl import privacy, secagg
 
     cfg = s.cfg
+    private = not math.isinf(cfg.privacy.epsilon)
     k = cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
     steps = cfg.train.warm_start if warm else 0
@@ -122,11 +125,17 @@ def setup_clients(
                 raise replies.NodeError(f"it failed to set up its client: {_error(reply)}")
             checked = replies.setup_reply(reply.content, clients=k, num_weights=n, table_hash=table_hash,
                                           num_classes=num_classes, codes=method.spec.codes,
-                                          secagg=cfg.privacy.secagg, key_bytes=secagg.KEY_BYTES)  # fmt: skip
+                                          secagg=cfg.privacy.secagg, key_bytes=secagg.KEY_BYTES, private=private,
+                                          privacy_schema=privacy.summary_schema(cfg))  # fmt: skip
             if checked.shared is not None:
                 privacy.check_shared(checked.shared, None, method.spec.codes if method.spec.num_classes else 0)
+            if checked.partition == 0 and steps and checked.warm_start is None:
+                raise replies.NodeError("partition 0 sent no warm-start scores in a warm-started run")
         except (replies.NodeError, StateError) as exc:
             dropped[str(node)] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a check missed a case: still one node's reply, never the run
+            dropped[str(node)] = f"its reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
             continue
         claims.setdefault(checked.partition, []).append((node, checked))
     for pid, claimed in sorted(claims.items()):
@@ -139,8 +148,8 @@ def setup_clients(
     consensus = (  # what every honest node sends alike (an empty signature: nothing to compare)
         ("class-count rows' width", lambda r: len(r.class_counts)),
         ("secure-aggregation layout and clip bounds", lambda r: r.secagg and [r.secagg["layout"], r.secagg["clip"]]),
-        ("shared statistics' shapes", lambda r: r.shared and [list(t.shape) for t in (*r.shared["sums"],
-                                                                                      *r.shared["squares"])]),
+        ("shared statistics' shapes", lambda r: r.shared and ["shapes", *(list(t.shape) for t in (
+            *r.shared["sums"], *r.shared["squares"]))]),
     )  # fmt: skip
     for what, signature in consensus:
         signatures = {pid: sig for pid, r in infos.items() if (sig := signature(r))}
@@ -150,6 +159,10 @@ def setup_clients(
             del infos[pid]
     for node, why in dropped.items():
         log(f"SuperNode {node} dropped at set-up: {why}")
+    if cfg.privacy.secagg and dropped:  # each client's noise share assumes all k clients add theirs
+        raise PrismError(f"secure aggregation needs every client: {len(dropped)} SuperNode(s) dropped at set-up, "
+                         "so the secure sum would carry less noise than privacy.epsilon states; "
+                         + "; ".join(f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
     if not node_of or len(node_of) < min(s.min_replies, k):
         reasons = "; ".join(f"SuperNode {node}: {why}" for node, why in dropped.items())
         raise PrismError(f"{len(node_of)} of {k} SuperNodes set up their client, fewer than min-replies = "
@@ -203,8 +216,9 @@ class GridTransport:
             log(f"SuperNode {self.node_of.pop(0)} dropped at set-up: its warm-start scores do not decode")
             del infos[0]
             zero = None
-            if not infos:
-                raise PrismError("no SuperNode is left after set-up")
+            if not infos or len(infos) < min(self.s.min_replies, cfg.partition.num_clients):
+                raise PrismError(f"{len(infos)} SuperNodes left after set-up, fewer than min-replies = "
+                                 f"{self.s.min_replies}")  # fmt: skip
         k = cfg.partition.num_clients
         self.absent = {pid for pid in range(k) if pid not in infos}
         self.link_keys = {pid: r.link_key for pid, r in infos.items()}
