@@ -32,7 +32,7 @@ import torch
 from prismfl import modelfile, rundir, safestate
 from prismfl.config import RunConfig, load_config
 from prismfl.errors import ConfigError, ModelFileError
-from prismfl.fl import aggregate, wire
+from prismfl.fl import aggregate, quantize, wire
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
 
@@ -109,6 +109,18 @@ def wire_target(kind: str):
             coder = "auto" if data[6] == wire.CODER_PLANES else "float32"
             again = wire.encode_state(values, round_=rnd, table_hash=TABLE, coder=coder)
         return "ok" if again == data else "wrong"
+
+    return seeds, check, reseal_wire, wire.WireError
+
+
+def quantized_target():
+    """The quantized broadcast (fl/quantize.py) a client of a 4-level run decodes."""
+    seeds = [quantize.encode(quantize.quantize(STATE, levels, 0.01, torch.Generator().manual_seed(4)), levels,
+                             round_=2, table_hash=TABLE) for levels in (4, 4, 2)]  # fmt: skip
+
+    def check(data: bytes) -> str:
+        got = quantize.decode(data, num_weights=STATE_N, table_hash=TABLE, count=4, round_=2)
+        return "ok" if quantize.encode(got, 4, round_=2, table_hash=TABLE) == data and int(got.max()) < 4 else "wrong"
 
     return seeds, check, reseal_wire, wire.WireError
 
@@ -384,7 +396,8 @@ def restored_state_target(tmp: Path):
 
 # each target gets a scratch directory for the files its decoder reads, removed after its campaign
 TARGETS = {"upload": lambda _: wire_target("upload"), "delta": lambda _: wire_target("delta"),
-           "state": lambda _: wire_target("state"), "model file": lambda _: model_target(),
+           "state": lambda _: wire_target("state"), "quantized": lambda _: quantized_target(),
+           "model file": lambda _: model_target(),
            "checkpoint": checkpoint_target, "config": config_target}  # fmt: skip
 STRUCTURED = {"setup reply": setup_reply_target, "broadcast": broadcast_target, "config values": config_values_target,
               "restored state": restored_state_target}  # fmt: skip

@@ -44,6 +44,27 @@ def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):
     assert not torch.equal(models[0].mask, models[1].mask)  # trained apart
 
 
+def test_a_conditional_local_client_draws_its_own_classes_and_the_best_one_heads_its_evaluation(tmp_path):
+    """The `local` reference for a conditional model: each client's model samples the classes it holds, in
+    their shares; evaluated, every client's model is scored and the best one (least domain FID) is the row."""
+    from test_run import _write_small_fmnist
+
+    from prismfl.eval.evaluate import evaluate
+
+    cfg = load_config(SMOKE, ['train.method="local"', "train.rounds=1", "train.sample_every=0",
+                              "model.conditional=true", 'model.arch="mlp-up"'])  # fmt: skip
+    out = simulate.train(cfg, tmp_path / "local", **QUIET)
+    table = [line.split()[1:-1] for line in (out / "partition.txt").read_text().splitlines()[1:]]
+    for k, row in enumerate(table):
+        counts = torch.tensor([float(c) for c in row], dtype=torch.float64)
+        shares = modelfile.load(out / "models" / f"client-{k}.prism").class_shares
+        assert torch.allclose(torch.tensor(shares, dtype=torch.float64), counts / counts.sum())
+    result = evaluate(out, n=200, root=str(_write_small_fmnist(tmp_path, 1200, 300)), synthetic=0)
+    fids = [r["domain_fid"] for r in result["per_client"]]
+    assert result["best_client"] == fids.index(min(fids)) and result["domain_fid"] == min(fids)
+    assert result["mean_domain_fid"] == pytest.approx(sum(fids) / 3)
+
+
 def test_central_takes_as_many_steps_as_the_federation(tmp_path):
     out = run("central", tmp_path / "central")
     state = rundir.load_checkpoint(out)

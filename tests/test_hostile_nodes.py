@@ -358,7 +358,7 @@ def test_a_delta_of_more_uploads_than_the_run_allows_is_refused_before_the_coder
     (fuzz: m = 900..977); m is checked against the run's round size and wire.MAX_DELTA_M first."""
     old = torch.zeros(300)
     honest = delta_of(old, [torch.ones(300, dtype=torch.bool)])
-    monkeypatch.setattr(wire, "_coder_call", lambda *_: pytest.fail("the coder ran"))
+    monkeypatch.setattr(wire, "coder_call", lambda *_: pytest.fail("the coder ran"))
     for m, max_m in ((977, wire.MAX_DELTA_M), (wire.MAX_DELTA_M + 1, 10**6), (4, 3)):
         with pytest.raises(wire.UnexpectedMessage, match=f"m = {m} uploads"):
             wire.decode_delta(with_m(honest, m), old, round_=1, table_hash=5, max_m=max_m)

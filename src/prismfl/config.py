@@ -88,7 +88,12 @@ class TrainConfig:
     mada: bool = True  # prism: blend rounds with MADA; false is the paper's PRISM-dagger
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
-    broadcast: str = "delta"  # "delta": counts + lambda, clients rebuild; "float32": the full scores
+    # prism's downlink: "delta" (counts + lambda, from which a client that holds the previous global scores
+    # rebuilds the new ones; the full float state to one that does not), "float32" (the full scores every
+    # round, the paper's), or "quantized" (every round, the global probabilities drawn to
+    # train.broadcast_levels levels by unbiased stochastic rounding, range-coded: fl/quantize.py)
+    broadcast: str = "delta"
+    broadcast_levels: int = 4  # the quantized broadcast's levels, evenly spaced in logit space
     server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
     # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
     upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
@@ -171,6 +176,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "loss.codes_per_step": (0, 64_000, "[]"),  # 0: every class; at most classes x modes (1,000 x 64)
     "train.rounds": (1, 10**6, "[]"),
     "train.local_steps": (1, 10**7, "[]"),
+    "train.broadcast_levels": (2, 256, "[]"),
     "train.batch_size": (1, 65_536, "[]"),
     "train.lr": (0, 100, "(]"),
     "train.dense_lr": (0, 100, "(]"),
@@ -266,12 +272,12 @@ class RunConfig:
             raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
         _one_of("train.method", self.train.method, METHODS)
         _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
-        _one_of("train.broadcast", self.train.broadcast, ("delta", "float32"))
+        _one_of("train.broadcast", self.train.broadcast, ("delta", "float32", "quantized"))
         per_round = max(1, round(self.train.client_fraction * self.partition.num_clients))
-        if self.train.method == "prism" and per_round > 256:
+        if self.train.method == "prism" and self.train.broadcast == "delta" and per_round > 256:
             raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
                               "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
-                              "train.client_fraction")  # fmt: skip
+                              "train.client_fraction, or set train.broadcast = 'quantized'")  # fmt: skip
         _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
         _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
         _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
@@ -308,8 +314,8 @@ class RunConfig:
             )  # fmt: skip
         if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
-        if self.model.conditional and self.train.method not in ("prism", "central", "public"):
-            raise ConfigError(f"model.conditional is implemented for the prism, central and public methods, not "
+        if self.model.conditional and self.train.method not in ("prism", "central", "public", "local"):
+            raise ConfigError(f"model.conditional is implemented for the prism, local, central and public methods, not "
                               f"{self.train.method!r}")  # fmt: skip
         needs_holdout = "trains on the public hold-out, which exists with loss.features = 'public' and " \
             "partition.public_holdout > 0"  # fmt: skip

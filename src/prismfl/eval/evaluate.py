@@ -211,14 +211,15 @@ def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = 
     method = cfg.train.method
     if method == "fedavg":
         return {"method": method, **evaluate_file(source / modelfile.DENSE_MODEL, n, seed, root, inception)}
-    if method == "local":  # every client's own model, each judged alone; the mean is the headline
-        per_client = [evaluate_file(p, n, seed, root, inception)
-                      for p in sorted((source / "models").glob("client-*.prism"))]  # fmt: skip
-        keys = [k for k, v in per_client[0].items() if isinstance(v, float)]
-        mean = {k: float(np.mean([r[k] for r in per_client])) for k in keys}
-        hist = np.sum([r["class_histogram"] for r in per_client], axis=0).tolist()
-        return {"method": method, **per_client[0], **mean, "class_histogram": hist, "per_client": per_client,
-                "model_bytes": per_client[0]["model_bytes"]}  # fmt: skip
+    if method == "local":  # every client's own model, each judged alone; the best one is the headline
+        paths = sorted((source / "models").glob("client-*.prism"), key=lambda p: int(p.stem.split("-")[1]))
+        per_client = [evaluate_file(p, n, seed, root, inception, synthetic=0) for p in paths]
+        best = int(np.argmin([r["domain_fid"] for r in per_client]))
+        headline = evaluate_file(paths[best], n, seed, root, inception, synthetic) if synthetic else per_client[best]
+        return {"method": method, **headline, "best_client": best,
+                "mean_domain_fid": float(np.mean([r["domain_fid"] for r in per_client])),
+                "per_client": [{"client": k, "domain_fid": r["domain_fid"], "class_kl": r.get("class_kl")}
+                               for k, r in enumerate(per_client)]}  # fmt: skip
     if not ensemble:
         return {"method": method, **evaluate_file(source / rundir.MODEL, n, seed, root, inception, synthetic)}
     from prismfl.fl import aggregate, task

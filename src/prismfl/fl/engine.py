@@ -45,6 +45,7 @@ class Setup:
     feature_meta: dict  # what the loss's feature net was trained on
     privacy: dict | None  # the release's parameters (without the clip bounds), None without privacy
     class_counts: list[float] | None = None  # conditional models: the clients' statistics' class counts, summed
+    client_counts: dict[int, list[float]] | None = None  # and each client's own (`local` exports a model each)
     # fresh runs only: privacy.pool: each client's released noisy sums; privacy.secagg: each client's
     # public key and vector layout for secure aggregation
     shared: dict[int, dict] | None = None
@@ -115,6 +116,10 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             if counts is None and pooled is not None:  # secagg: the class counts of the secure sum
                 counts = pooled.class_counts.tolist()
             state["class_shares"] = class_shares(counts, method.spec.codes)
+            if method.own_class_shares:  # a model per client, drawing the classes it holds in their shares
+                own = setup.client_counts or {}  # (a client that reported none: the federation's shares)
+                state["client_shares"] = [class_shares(own[k], method.spec.codes) if k in own else
+                                          state["class_shares"] for k in range(cfg.partition.num_clients)]  # fmt: skip
     else:
         check_feature_net(ckpt["model_info"].get("feature_net"), setup.feature_meta)
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1

@@ -58,13 +58,13 @@ class InProcess:
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
             self.clients, self.sent = restore(checkpoint, method, expect_of(method, ctx, checkpoint["round"]))
         first = next(iter(self.clients.values())).privacy
-        private, rows, counts = not math.isinf(cfg.privacy.epsilon), [], []
+        private, rows, counts = not math.isinf(cfg.privacy.epsilon), [], {}
         for k in range(cfg.partition.num_clients):
             client = self.clients.get(k, ClientRuntime(k, None))
             row, reported = reported_counts(client, ctx.fed.table[k], private)
             rows.append(row)
             if reported is not None:
-                counts.append(reported)
+                counts[k] = reported
         table, names = class_table_of(rows, ctx.fed.class_names)
         shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
                   if c.shared is not None}  # fmt: skip
@@ -80,7 +80,8 @@ class InProcess:
             num_weights=ctx.num_weights,
             table_hash=ctx.table_hash,
             class_table=table,
-            class_counts=np.sum(counts, axis=0).tolist() if counts else None,
+            class_counts=np.sum(list(counts.values()), axis=0).tolist() if counts else None,
+            client_counts=counts or None,
             class_names=names,
             source=ctx.fed.train.source,
             feature_meta=ctx.feature_meta,
@@ -109,7 +110,9 @@ class InProcess:
                 continue
             honest = up.data
             if fate.get(k) == "byzantine":
-                up.data = faults.forge(self.cfg, honest=honest, replica=self.clients[k].replica, rnd=rnd, k=k,
+                held = self.clients[k].replica
+                held = self.method.received_scores(self.ctx, downlinks[k]) if held is None else held
+                up.data = faults.forge(self.cfg, honest=honest, replica=held, rnd=rnd, k=k,
                                        table_hash=self.ctx.table_hash, num_weights=self.ctx.num_weights,
                                        earlier=self.sent.get(k))  # fmt: skip
             if self.cfg.faults.attack == "replay":

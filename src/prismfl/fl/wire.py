@@ -7,7 +7,8 @@ A message is a fixed 36-byte header followed by the payload:
     4      1     version (2)
     5      1     kind: 1 upload (a client's mask or weights), 2 broadcast delta, 3 full state
     6      1     coder: 0 packed bits, 1 range-coded Bernoulli, 2 range-coded binomial counts, 3 float32,
-                 4 range-coded Bernoulli with a calibration table, 5 range-coded float32 byte planes
+                 4 range-coded Bernoulli with a calibration table, 5 range-coded float32 byte planes,
+                 6 range-coded probability levels (fl/quantize.py)
     7      1     reserved, 0
     8      4     round (u32)
     12     4     client (u32): who sent an upload; 0xFFFFFFFF for what the server sends
@@ -25,7 +26,9 @@ bit with the same function the server uses (`aggregate.apply_round`). A full sta
 values, raw or (coder 5, for PRISM's broadcast state when smaller) losslessly coded: the four bytes of
 each little-endian float32 as four planes, each plane's 256-symbol histogram (4 x 256 u32 counts), then
 the planes range-coded against their histograms. Scores saturated at the clamp and a velocity that is
-still zero cost next to nothing (a warm start's scores: about half their float32 size).
+still zero cost next to nothing (a warm start's scores: about half their float32 size). A quantized
+state (coder 6, `train.broadcast = "quantized"`) carries the number of levels L (u32), the L u32 counts
+of its level indices, then the indices range-coded against those counts (fl/quantize.py).
 
 A receiver checks everything before it allocates or computes: the sizes against the model's N (no
 payload is larger than a float32 state), the reserved byte, the kind, coder, round and sender it
@@ -59,8 +62,10 @@ SERVER = 0xFFFFFFFF  # the sender of broadcasts
 KIND_UPLOAD, KIND_DELTA, KIND_STATE = 1, 2, 3
 KINDS = {KIND_UPLOAD: "upload", KIND_DELTA: "broadcast delta", KIND_STATE: "broadcast state"}
 CODER_PACKED, CODER_BERNOULLI, CODER_BINOMIAL, CODER_FLOAT32, CODER_CALIBRATED, CODER_PLANES = 0, 1, 2, 3, 4, 5
+CODER_QUANTIZED = 6  # fl/quantize.py
 CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINOMIAL: "range-binomial",
-          CODER_FLOAT32: "float32", CODER_CALIBRATED: "range-calibrated", CODER_PLANES: "range-planes"}  # fmt: skip
+          CODER_FLOAT32: "float32", CODER_CALIBRATED: "range-calibrated", CODER_PLANES: "range-planes",
+          CODER_QUANTIZED: "range-quantized"}  # fmt: skip
 UPLOAD_CODERS = ("auto", "range", "calibrated", "packed")
 STATE_CODERS = ("float32", "auto")  # auto: range-coded byte planes where smaller than float32
 PLANE_TABLE = 4 * 256 * 4  # a planes payload starts with 4 x 256 u32 counts
@@ -185,7 +190,7 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
-def _coder_call(what: str, call):
+def coder_call(what: str, call):
     """Run an entropy-coder call; anything it raises (a panic included) becomes a WireError."""
     try:
         return call()
@@ -238,7 +243,7 @@ def _bernoulli_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
     if len(payload) % 4:
         raise LengthMismatch("range-coded payload is not a whole number of 32-bit words")
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    bits = _coder_call("range-coded payload", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
+    bits = coder_call("range-coded payload", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
         constriction.stream.model.Bernoulli(perfect=False), p)))  # fmt: skip
     if _bernoulli_encode(bits, p) != payload:  # canonical: trailing or altered words are refused
         raise LengthMismatch("range-coded payload is not what its mask encodes to (stray or altered bytes)")
@@ -366,7 +371,7 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
     if not np.isfinite(p).all():
         raise UnexpectedMessage("the global scores this delta applies to are not finite")
     words = np.frombuffer(msg.payload[_DELTA_PREFIX.size :], dtype="<u4").astype(np.uint32)
-    counts = _coder_call("broadcast delta", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
+    counts = coder_call("broadcast delta", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
         constriction.stream.model.Binomial(), np.full(n, m, np.int32), p), dtype=np.int32))  # fmt: skip
     if _binomial_payload(counts, m, p) != msg.payload[_DELTA_PREFIX.size :]:
         raise LengthMismatch("broadcast delta is not what its counts encode to (stray or altered bytes)")
@@ -381,11 +386,13 @@ def _planes_encode(values: np.ndarray) -> bytes:
     counts = np.stack([np.bincount(planes[:, j], minlength=256) for j in range(4)])
     enc = constriction.stream.queue.RangeEncoder()
     for j in range(4):
-        enc.encode(planes[:, j].astype(np.int32), _plane_model(counts[j]))
+        enc.encode(planes[:, j].astype(np.int32), categorical(counts[j]))
     return counts.astype("<u4").tobytes() + enc.get_compressed().tobytes()
 
 
-def _plane_model(counts: np.ndarray):
+def categorical(counts: np.ndarray):
+    """constriction's categorical model of symbols 0..len(counts)-1 in proportion to `counts` (leaky: a
+    symbol that never occurs still has a little probability)."""
     import constriction
 
     return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
@@ -407,10 +414,10 @@ def _planes_decode(payload: bytes, n: int) -> np.ndarray:
     def decode() -> np.ndarray:
         dec, planes = constriction.stream.queue.RangeDecoder(words), np.empty((n, 4), np.uint8)
         for j in range(4):
-            planes[:, j] = dec.decode(_plane_model(counts[j]), n)
+            planes[:, j] = dec.decode(categorical(counts[j]), n)
         return planes.reshape(-1).view("<f4")
 
-    values = _coder_call("byte-plane payload", decode)
+    values = coder_call("byte-plane payload", decode)
     if _planes_encode(values) != payload:  # canonical: the histograms are the values' own, no stray words
         raise LengthMismatch("byte-plane payload is not what its values encode to (stray or altered bytes)")
     return values

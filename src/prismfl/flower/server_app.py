@@ -226,6 +226,7 @@ class GridTransport:
         privacy = first.model_info["privacy"]
         privacy = privacy and {key: v for key, v in privacy.items() if key != "clip"}
         rows = [infos[pid].class_counts if pid in infos else [] for pid in range(k)]
+        own_counts = {pid: r.statistics_class_counts for pid, r in infos.items() if r.statistics_class_counts}
         table, names = class_table_of(rows, list(dataset_info(cfg.data.dataset).class_names))
         shared = {pid: r.secagg if r.secagg is not None else r.shared for pid, r in infos.items()
                   if r.secagg is not None or r.shared is not None}  # fmt: skip
@@ -234,6 +235,7 @@ class GridTransport:
             table_hash=table_hash,
             class_table=table,
             class_counts=class_counts([infos[pid] for pid in sorted(infos)]),
+            client_counts=own_counts or None,
             class_names=names,
             source=first.source,
             feature_meta=first.model_info["feature_net"],

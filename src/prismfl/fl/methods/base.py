@@ -115,6 +115,11 @@ class Method:
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         raise NotImplementedError
 
+    def received_scores(self, ctx: ClientContext, down: Downlink) -> torch.Tensor | None:
+        """The global scores a round's downlink alone gives a client that keeps no replica (None: the
+        method's clients keep one, or need none)."""
+        return None
+
     # ---- server side
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
@@ -147,7 +152,10 @@ class Method:
         for key, kind in self.STATE.items():
             fields[key] = weights if kind == "weights" else per_client
         if self.spec.num_classes:
-            fields["class_shares"] = schema.Each(schema.Tensor(torch.float64, (self.spec.codes,)), class_shares)
+            shares = schema.Each(schema.Tensor(torch.float64, (self.spec.codes,)), class_shares)
+            fields["class_shares"] = shares
+            if self.own_class_shares:
+                fields["client_shares"] = schema.List(shares, k, what=f"a list of {k} clients' class shares")
         return schema.Table(fields, what="a table (the method's global state)")
 
     def check_state(self, state: dict, num_weights: int, table_hash: int | None = None,
@@ -165,6 +173,7 @@ class Method:
         return {"replica": schema.Null(), "own": schema.Null()}
 
     warm_starts = False  # True: train.warm_start applies (prism); the baselines ignore it
+    own_class_shares = False  # True: a conditional model per client, each with its own class shares (local)
 
     def warm_start(self, state: dict, message: bytes) -> None:
         """train.warm_start: replace the round-0 global scores by the wire state `message`."""

@@ -46,6 +46,7 @@ class OwnScores(Method):
 class Local(OwnScores):
     name = "local"
     STATE = {"params": "weights list"}
+    own_class_shares = True  # a conditional client's model draws the classes (and modes) it holds
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         scores = task.initial_scores(self.cfg, num_weights)
@@ -63,7 +64,9 @@ class Local(OwnScores):
         return Outcome(None, 0, 0, 0.0, aggregate.binary_entropy_bits(state["params"][0]))
 
     def final_model(self, state: dict, rounds: int, info: dict, k: int = 0):
-        return masked_final_model(self.cfg, self.spec, {"scores": state["params"][k]}, rounds, {**info, "client": k})
+        own = {"scores": state["params"][k], **({"class_shares": state["client_shares"][k]} if self.spec.num_classes
+                                                else {})}  # fmt: skip
+        return masked_final_model(self.cfg, self.spec, own, rounds, {**info, "client": k})
 
     def _models(self, state: dict, rounds: int = 0, info: dict | None = None):
         return [self.final_model(state, rounds, info or {}, k) for k in range(len(state["params"]))]

@@ -8,6 +8,11 @@ With a server optimiser (`train.server_momentum` = beta > 0) the global state is
 server's velocity: a client's replica holds both (2N float32, scores first), a delta still carries only
 counts + lambda (both sides run the same `aggregate.momentum_step`), and the full state is two state
 messages of the same round, the scores then the velocity.
+
+With `train.broadcast = "quantized"` the downlink is instead one message a round, the same for every
+client of the round: the global probabilities drawn to a few levels (fl/quantize.py). A client starts
+from those levels' scores and codes its upload against them; it keeps no replica between rounds, and
+the server, which keeps full precision, decodes the round's uploads against the same levels.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from prismfl import schema
 from prismfl.errors import PrismError
-from prismfl.fl import aggregate, task, wire
+from prismfl.fl import aggregate, quantize, task, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
 from prismfl.modelfile import PrismModel
@@ -139,6 +144,9 @@ class Prism(Method):
         super().__init__(cfg)
         self.mada = cfg.train.mada if mada is None else mada
         self.beta = cfg.train.server_momentum  # > 0: the global state is the scores and a velocity
+        # train.broadcast = "quantized": the levels of each round's broadcast (0: the lossless broadcasts)
+        self.levels = cfg.train.broadcast_levels if cfg.train.broadcast == "quantized" else 0
+        self._sent: tuple | None = None  # the quantized broadcast: (round, state crc, message, its scores)
 
     # ---- client side
 
@@ -147,10 +155,15 @@ class Prism(Method):
         return Rules(task.clients_per_round(self.cfg), self.cfg.train.smoothing + 0.0, self.mada, self.cfg.seed)
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
+        if self.levels:  # every round brings its whole (quantized) state: nothing to keep before the first
+            client.held_round, client.replica = 0, None
+            return
         scores = task.initial_scores(self.cfg, ctx.num_weights)
         client.held_round, client.replica = 0, torch.cat([scores, torch.zeros_like(scores)]) if self.beta else scores
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
+        if self.levels:
+            return self._quantized_round(ctx, client, down)
         held, replica = catch_up(client.replica, client.held_round, down.messages, num_weights=ctx.num_weights,
                                  table_hash=ctx.table_hash, memo=ctx.replica_memo, beta=self.beta,
                                  rules=self.rules())  # fmt: skip
@@ -159,6 +172,30 @@ class Prism(Method):
             raise PrismError(f"client {client.k}: its replica of round {held} does not match the server's "
                              f"round {down.round - 1}")  # fmt: skip
         client.held_round, client.replica = held, replica
+        return self._train(ctx, client, down, scores)
+
+    def _quantized_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
+        """A round of the quantized broadcast: one message, the round's levels; nothing kept after."""
+        scores = self.received_scores(ctx, down)
+        if down.check is not None and scores_crc(scores) != down.check:
+            raise PrismError(f"client {client.k}: its quantized scores of round {down.round - 1} do not match "
+                             "the server's")  # fmt: skip
+        client.held_round, client.replica = 0, None  # it holds nothing after the round
+        return self._train(ctx, client, down, scores)
+
+    def received_scores(self, ctx: ClientContext, down: Downlink) -> torch.Tensor | None:
+        """The scores a round's quantized broadcast stands for (None with the lossless broadcasts, whose
+        scores are the client's replica)."""
+        if not self.levels:
+            return None
+        if len(down.messages) != 1:
+            raise wire.UnexpectedMessage(f"a quantized broadcast is one message, got {len(down.messages)}")
+        indices = quantize.decode(down.messages[0], num_weights=ctx.num_weights, table_hash=ctx.table_hash,
+                                  count=self.levels, round_=down.round - 1)  # fmt: skip
+        return quantize.dequantize(indices, self.levels, self.cfg.train.smoothing)
+
+    def _train(self, ctx: ClientContext, client: ClientRuntime, down: Downlink, scores: torch.Tensor) -> Upload:
+        """Local training from the round's global scores, and the sampled mask coded against them."""
         t0 = time.perf_counter()
         result = train_round(ctx, client, scores, round_=down.round, steps=down.steps)
         data = wire.encode_upload(result.mask.cpu(), scores.cpu(), round_=down.round, table_hash=ctx.table_hash,
@@ -185,8 +222,33 @@ class Prism(Method):
         state["scores"] = scores
         state["synced"] = [None] * len(state["synced"])
 
+    def _broadcast(self, state: dict, rnd: int) -> tuple[bytes, torch.Tensor]:
+        """The quantized broadcast before round `rnd` and the scores it stands for, drawn once per round
+        and state (cached: the plan, the decodes and the aggregate of a round all need them)."""
+        crc = scores_crc(state["scores"])
+        if self._sent is None or self._sent[:2] != (rnd, crc):
+            smoothing = self.cfg.train.smoothing
+            indices = quantize.round_indices(state["scores"], self.levels, smoothing, self.cfg.seed, rnd)
+            message = quantize.encode(indices, self.levels, round_=rnd - 1, table_hash=state["table_hash"])
+            self._sent = (rnd, crc, message, quantize.dequantize(indices, self.levels, smoothing))
+        return self._sent[2], self._sent[3]
+
+    def reference(self, state: dict, rnd: int) -> torch.Tensor:
+        """The global scores the clients of round `rnd` start from and code their uploads against: the
+        state's own, or with the quantized broadcast, the round's levels."""
+        return self._broadcast(state, rnd)[1] if self.levels else state["scores"]
+
+    def _plan_quantized(self, state: dict, rnd: int, chosen: list[int]) -> Plan:
+        message, scores = self._broadcast(state, rnd)
+        crc, steps = scores_crc(scores), self.cfg.train.local_steps
+        for k in chosen:
+            state["synced"][k] = None  # a client keeps nothing between rounds
+        return Plan(chosen, {k: Downlink(rnd, [message], steps, crc) for k in chosen}, len(message) * len(chosen))
+
     def plan(self, state: dict, rnd: int) -> Plan:
         chosen = task.select_clients(self.cfg, rnd)
+        if self.levels:
+            return self._plan_quantized(state, rnd, chosen)
         scores, th = state["scores"], state["table_hash"]
         # with deltas, the full state a client gets once is range-coded (lossless; `train.broadcast =
         # "float32"` sends the raw float32 scores every round, as the paper's baseline does)
@@ -210,13 +272,15 @@ class Prism(Method):
         return Plan(chosen, downlinks, down)
 
     def decode(self, state: dict, rnd: int, k: int, data: bytes) -> torch.Tensor:
-        return wire.decode_upload(data, state["scores"], round_=rnd, table_hash=state["table_hash"], client=k)
+        return wire.decode_upload(data, self.reference(state, rnd), round_=rnd, table_hash=state["table_hash"],
+                                  client=k)  # fmt: skip
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],
                   sizes: list[int], trim: int = 0) -> Outcome:  # fmt: skip
         """`trim` > 0: coordinate-wise trimmed counts (robust.rule = "trimmed"): per weight, the `trim`
         highest and `trim` lowest of the m bits are left out, so the counts are over m - 2 trim uploads."""
-        old = state["scores"].cpu()
+        old, sent = state["scores"].cpu(), self.reference(state, rnd).cpu()
+        broadcast = len(self._broadcast(state, rnd)[0]) if self.levels else 0
         masks = [uploads[k][1] for k in sorted(uploads)]
         smoothing = self.cfg.train.smoothing
         counts, m = aggregate.count_masks(masks), len(masks)
@@ -231,16 +295,17 @@ class Prism(Method):
                                                              smoothing)  # fmt: skip
         else:
             new = aggregate.blend(old, proposal, lam)
-        delta = wire.encode_delta(counts, m, lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
         state["scores"] = new
-        state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
-        state["delta_sizes"][rnd] = len(delta)
-        prune(state["deltas"], (2 if self.beta else 1) * (wire.HEADER.size + 4 * state["num_weights"]))
+        if not self.levels:  # (with the quantized broadcast, the round's was its quantized state)
+            delta = wire.encode_delta(counts, m, lam, smoothing, old, round_=rnd, table_hash=state["table_hash"])
+            state["deltas"][rnd] = torch.frombuffer(bytearray(delta), dtype=torch.uint8)
+            state["delta_sizes"][rnd] = broadcast = len(delta)
+            prune(state["deltas"], (2 if self.beta else 1) * (wire.HEADER.size + 4 * state["num_weights"]))
         return Outcome(
             lam=lam,
             upload_bytes=sum(len(uploads[k][0]) for k in uploads),
-            broadcast_bytes=len(delta),
-            entropy_bound_bits=sum(aggregate.cross_entropy_bits(m, old) for m in masks),
+            broadcast_bytes=broadcast,
+            entropy_bound_bits=sum(aggregate.cross_entropy_bits(m, sent) for m in masks),
             mask_entropy=aggregate.binary_entropy_bits(new),
         )
 
@@ -269,7 +334,10 @@ class Prism(Method):
         (what `prune` keeps, so that `plan` finds every delta it sends), each the broadcast of its round."""
         sizes, deltas, last = state["delta_sizes"], state["deltas"], expect.round
         rounds = sorted(sizes)
-        if last is not None and rounds != list(range(1, last + 1)):
+        if self.levels and rounds:
+            schema.fail(schema.join(path, "delta_sizes"), "no delta sizes (the broadcast is quantized)",
+                        got=f"rounds {rounds[:6]}{'...' if len(rounds) > 6 else ''}")  # fmt: skip
+        if last is not None and not self.levels and rounds != list(range(1, last + 1)):
             schema.fail(schema.join(path, "delta_sizes"), f"the delta sizes of rounds 1..{last}",
                         got=f"rounds {rounds[:6]}{'...' if len(rounds) > 6 else ''}")  # fmt: skip
         bound, kept, total = (2 if self.beta else 1) * (wire.HEADER.size + 4 * state["num_weights"]), [], 0
@@ -294,7 +362,10 @@ class Prism(Method):
 
     def client_fields(self, expect: schema.Expect) -> dict[str, schema.Node]:
         """A client's replica of the global state (scores, and the velocity with server momentum), which every
-        client holds (`init_client`; a checkpoint keeps each round's once, under `replicas`); no own scores."""
+        client holds (`init_client`; a checkpoint keeps each round's once, under `replicas`), none with the
+        quantized broadcast; no own scores."""
+        if self.levels:  # the quantized broadcast: a client keeps nothing between rounds
+            return {"replica": schema.Null(), "own": schema.Null()}
         size = (2 if self.beta else 1) * expect.num_weights
         what = f"a replica of the global state: {size:,} finite float32 values"
         return {"replica": schema.Tensor(torch.float32, (size,), what=what), "own": schema.Null()}
