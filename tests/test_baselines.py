@@ -47,9 +47,8 @@ def test_local_writes_one_model_per_client_and_sends_nothing(tmp_path):
 def test_a_conditional_local_client_draws_its_own_classes_and_the_best_one_heads_its_evaluation(tmp_path):
     """The `local` reference for a conditional model: each client's model samples the classes it holds, in
     their shares; evaluated, every client's model is scored and the best one (least domain FID) is the row."""
-    from test_run import _write_small_fmnist
-
     from prismfl.eval.evaluate import evaluate
+    from test_run import _write_small_fmnist
 
     cfg = load_config(SMOKE, ['train.method="local"', "train.rounds=1", "train.sample_every=0",
                               "model.conditional=true", 'model.arch="mlp-up"'])  # fmt: skip

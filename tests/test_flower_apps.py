@@ -240,6 +240,24 @@ def test_the_quantized_broadcast_on_flower_matches_the_simulator_bit_for_bit(tmp
 
 
 @needs_fmnist
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_pooled_warm_start_on_flower_matches_the_simulator_bit_for_bit(tmp_path, conditional):
+    """train.warm_start without public images: every node sends its statistics in its setup reply, the
+    server sums them in partition order and trains the warm start itself (the feature net from the seed)."""
+    warm = "train.warm_start=30 train.rounds=2" + (' model.conditional=true model.arch="mlp-up"' if conditional else "")
+    cfg = load_config(SMOKE, warm.split())
+    assert cfg.public_images() == 0 and cfg.loss.features == "random"
+    sim_out, sim_states = simulate_with_states(cfg, tmp_path / "sim")
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": warm}, grid)
+    assert len(per_round) == 2 and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(per_round, sim_states))
+    assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+    info = modelfile.load(sim_out / "model.prism").info["warm_start"]
+    assert info["steps"] == 30 and info["images"] == 3000 and info["source"] == "the clients' pooled statistics"
+
+
+@needs_fmnist
 def test_a_warm_start_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
     """train.warm_start: partition 0's node trains the round-0 scores on the public hold-out and sends
     them in its set-up reply; the server starts from them and sends every client the full state."""

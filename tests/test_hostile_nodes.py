@@ -18,7 +18,7 @@ pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]
 from flwr.app import ConfigRecord
 
 from conftest import needs_fmnist
-from prismfl import rundir
+from prismfl import modelfile, rundir
 from prismfl.errors import PrismError
 from prismfl.fl import wire
 from prismfl.fl.methods.prism import Rules, apply_broadcast
@@ -112,6 +112,27 @@ def test_undecodable_warm_start_scores_drop_partition_0_and_the_run_goes_on_with
     states, _ = run(tmp_path, "warm", mods=[Hostile(NODE[0], "query", forge)])
     assert same_model(states, without[0][0])
     assert not same_model(states, without[2][0])  # (the warm start matters: this is not vacuous)
+
+
+@needs_fmnist
+def test_a_node_with_hostile_statistics_is_left_out_of_the_pooled_warm_start(tmp_path):
+    """Without public images the server trains the warm start on the nodes' statistics: a node whose
+    statistics are out of range is dropped at set-up, and the warm start is the other nodes' alone."""
+    from prismfl import safestate
+    from prismfl.flower.payload import STATE, from_array
+
+    def forge(reply):
+        tree = safestate.from_bytes(from_array(reply.content["statistics"]["000"], STATE), "statistics")
+        tree["mean"][0] = tree["mean"][0] + 1e9
+        reply.content["statistics"]["000"] = to_array(safestate.to_bytes(tree), STATE)
+
+    pooled = RUN.replace('loss.features="public" ', "")
+    out, grid = tmp_path / "pooled", LocalGrid(make_client_app(mods=[Hostile(NODE[2], "query", forge)]), nodes_for(5))
+    states = flower_with_states({"out-dir": str(out), "overrides": pooled, "reply-timeout": 2.0}, grid)
+    records = rundir.read_metrics(out)
+    assert len(states) == 2 and all(f["client"] == 2 for r in records for f in r.get("failures", []))
+    info = modelfile.load(out / "model.prism").info["warm_start"]
+    assert info["source"] == "the clients' pooled statistics" and info["images"] == 4 * 600  # 4 of 5 nodes, 600 images each
 
 
 @needs_fmnist
@@ -215,6 +236,38 @@ def test_the_secure_aggregation_fields_of_a_setup_reply_are_checked():
                           ({"table-hash": 7}, "another model")]:  # fmt: skip
         with pytest.raises(replies.NodeError, match=match):
             parse(**change)
+
+
+def test_the_statistics_of_a_setup_reply_for_a_pooled_warm_start_are_checked():
+    from flwr.app import ArrayRecord, RecordDict
+
+    from prismfl import safestate
+    from prismfl.flower.payload import STATE
+    from prismfl.loss.matching import FeatureStats
+
+    base = {"partition-id": 1, "num-weights": 10, "table-hash": f"{7:016x}", "class-counts": [2, 1],
+            "source": "s", "model-info": '{"feature_net": {}, "privacy": null}', "link-key": b"k" * 32,
+            "statistics-class-counts": [2.0, 1.0]}  # fmt: skip
+    honest = FeatureStats(
+        [torch.ones(2, 3)], [torch.full((2, 3), 0.5)], 3, torch.tensor([2.0, 1.0], dtype=torch.float64)
+    )
+
+    def parse(tree=None, **change):
+        blob = to_array(safestate.to_bytes((tree or honest).to_tree()), STATE)
+        content = RecordDict({"prismfl": ConfigRecord({**base, **change}), "statistics": ArrayRecord({"000": blob})})
+        return replies.setup_reply(content, clients=3, num_weights=10, table_hash=7, num_classes=2, codes=2,
+                                   secagg=False, key_bytes=32)  # fmt: skip
+
+    got = parse().statistics
+    assert torch.equal(got.mean[0], honest.mean[0]) and got.count == 3
+    bad = [(FeatureStats([torch.full((2, 3), 1e7)], honest.var, 3, honest.class_counts), "beyond"),
+           (FeatureStats(honest.mean, [torch.full((2, 3), -1.0)], 3, honest.class_counts), "values below 0"),
+           (FeatureStats(honest.mean, honest.var, 3, torch.tensor([1.0, 2.0], dtype=torch.float64)), "class counts"),
+           (FeatureStats([torch.ones(3, 3)], [torch.ones(3, 3)], 3, torch.ones(3, dtype=torch.float64)), "statistics"),
+           (FeatureStats([torch.ones(2, 3)], [torch.ones(2, 4)], 3, honest.class_counts), "statistics")]  # fmt: skip
+    for tree, match in bad:
+        with pytest.raises(replies.NodeError, match=match):
+            parse(tree)
 
 
 def test_round_metrics_are_finite_numbers_in_range():

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_fmnist
 from prismfl import rundir
 from prismfl.config import load_config
 from prismfl.errors import ConfigError
 from prismfl.fl import quantize, simulate, wire
 from prismfl.fl.methods.base import scores_crc
 from prismfl.fl.methods.registry import build
-from conftest import needs_fmnist
 from test_run import assert_same_run, kill_during
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"

@@ -383,10 +383,12 @@ def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = Non
     train.lr, or on train.warm_start_schedule) of the run's matching loss against the exact statistics of
     the public hold-out (no client holds them: no privacy cost) or, without one, against `pooled`, the
     federation's pooled statistics (the sum of the clients' releases: with privacy, post-processing of
-    them); every draw from the run's "warm-start" stream. Computed once, at the server (the simulator; on
-    Flower the node with partition-id 0), and broadcast to the clients as the full state of round 0.
-    Returns the scores as a wire state message of round 0, and what was done (for the model's info)."""
-    cfg, idx = ctx.cfg, ctx.fed.public_idx
+    them); every draw from the run's "warm-start" stream. Computed once, at the server (on Flower, a public
+    warm start at the node with partition-id 0, which holds the hold-out), and broadcast to the clients
+    as the full state of round 0. Returns the scores as a wire state message of round 0, and what was
+    done (for the model's info)."""
+    cfg = ctx.cfg
+    idx = ctx.fed.public_idx if ctx.fed is not None else ()  # (a server's context holds no data)
     classes = task.arch_spec(cfg).codes
     if len(idx):
         labels = ctx.fed.labels(idx) if classes else None

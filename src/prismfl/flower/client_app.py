@@ -105,6 +105,9 @@ def setup(message: Message, context: Context) -> Message:
     target = ctx.shrink_target() if k == 0 and cfg.privacy.secagg else None  # privacy.shrink_to = "public"
     if target is not None:  # the public hold-out's clipped statistics, which the server shrinks the secure sum toward
         content["shrink-target"] = ArrayRecord({"000": to_array(safestate.to_bytes(target), STATE)})
+    if int(message.content["prismfl"].get("send-statistics", 0)) and client.stats is not None:
+        # a warm start without public images: the server trains it on the sum of what the clients released
+        content["statistics"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.stats.to_tree()), STATE)})
     if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
     return Message(content, reply_to=message)

@@ -122,6 +122,7 @@ class SetupReply:
     secagg: dict | None = None  # privacy.secagg: public_key, layout, clip
     shrink_target: dict | None = None
     shared: dict | None = None  # privacy.pool: its release's noisy sums (a safestate tree)
+    statistics: object | None = None  # a pooled warm start: its (released) feature statistics, a FeatureStats
 
 
 WARM_KEYS = ("steps", "images", "loss", "seconds")
@@ -190,7 +191,35 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
         reply.shrink_target = _tree(blob, "shrinkage target")
     if "shared" in content:
         reply.shared = _tree(payload(content, "shared", STATE, "shared statistics"), "shared sums")
+    if "statistics" in content:
+        reply.statistics = statistics(_tree(payload(content, "statistics", STATE, "statistics"), "statistics"),
+                                      codes, None if private else reply.statistics_class_counts)  # fmt: skip
     return reply
+
+
+STATS_LIMIT = 1e6  # the largest |mean| or variance a feature statistic may hold (the loss's features are O(1))
+
+
+def statistics(tree, codes: int, class_counts: list[float] | None):
+    """A node's feature statistics for the pooled warm start: a FeatureStats of the run's codes (per class
+    for a conditional model) whose values are finite and in range, variances >= 0, and whose exact class
+    counts (without privacy) are those its reply reported; a NodeError otherwise. The layers' shapes are
+    compared between nodes by the server (they must agree)."""
+    # (a node's honest statistics can still pull the pooled ones anywhere within range: as its mask can,
+    # a node takes part in what the federation learns)
+    from prismfl.loss.matching import FeatureStats
+
+    try:
+        stats = FeatureStats.from_tree(tree, None, codes or None, where="setup reply", path="statistics")
+    except (safestate.StateError, KeyError, TypeError, ValueError) as exc:
+        raise NodeError(f"statistics: {exc}") from None
+    for t in [*stats.mean, *stats.var]:  # (the schema checked that they are finite, the variances >= 0)
+        if not bool((t.double().abs() <= STATS_LIMIT).all()):
+            raise NodeError(f"statistics: values beyond +-{STATS_LIMIT:g}")
+    if class_counts is not None and (stats.class_counts is None
+                                     or stats.class_counts.tolist() != [float(c) for c in class_counts]):  # fmt: skip
+        raise NodeError("statistics: class counts that are not those of statistics-class-counts")
+    return stats
 
 
 def _tree(blob: bytes, what: str):

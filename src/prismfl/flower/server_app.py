@@ -110,8 +110,10 @@ def setup_clients(
     private = not math.isinf(cfg.privacy.epsilon)
     k = cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
-    steps = cfg.train.warm_start if warm else 0
-    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict()), "warm-start": steps})})
+    pooled = warm and pooled_warm_start(cfg)  # the server trains it on the sum of the clients' statistics
+    steps = cfg.train.warm_start if warm and not pooled else 0  # partition 0 trains it on the public hold-out
+    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict()), "warm-start": steps,
+                                                   "send-statistics": int(pooled)})})  # fmt: skip
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     num_classes = len(dataset_info(cfg.data.dataset).class_names)
     claims: dict[int, list[tuple[int, replies.SetupReply]]] = {}
@@ -131,6 +133,8 @@ def setup_clients(
                 privacy.check_shared(checked.shared, None, method.spec.codes if method.spec.num_classes else 0)
             if checked.partition == 0 and steps and checked.warm_start is None:
                 raise replies.NodeError("partition 0 sent no warm-start scores in a warm-started run")
+            if pooled and checked.statistics is None:
+                raise replies.NodeError("it sent no statistics for the pooled warm start")
         except (replies.NodeError, StateError) as exc:
             dropped[str(node)] = str(exc)
             continue
@@ -150,6 +154,7 @@ def setup_clients(
         ("secure-aggregation layout and clip bounds", lambda r: r.secagg and [r.secagg["layout"], r.secagg["clip"]]),
         ("shared statistics' shapes", lambda r: r.shared and ["shapes", *(list(t.shape) for t in (
             *r.shared["sums"], *r.shared["squares"]))]),
+        ("statistics' shapes", lambda r: r.statistics and ["shapes", *(list(t.shape) for t in r.statistics.mean)]),
     )  # fmt: skip
     for what, signature in consensus:
         signatures = {pid: sig for pid, r in infos.items() if (sig := signature(r))}
@@ -168,6 +173,25 @@ def setup_clients(
         raise PrismError(f"{len(node_of)} of {k} SuperNodes set up their client, fewer than min-replies = "
                          f"{s.min_replies}: {reasons}")  # fmt: skip
     return node_of, infos, dropped
+
+
+def pooled_warm_start(cfg) -> bool:
+    """A new run's train.warm_start without public images: trained at the server on the clients' pooled
+    statistics (as the simulator does), which each node sends in its setup reply."""
+    return bool(cfg.train.warm_start) and cfg.train.method == "prism" and not cfg.public_images()
+
+
+def server_warm_start(cfg, method, infos: dict[int, replies.SetupReply]) -> tuple[bytes, dict]:
+    """The pooled warm start, trained here: the union statistics of the kept nodes (in partition order,
+    as the simulator sums them), a data-less context (the loss's random feature net comes from the seed)."""
+    from prismfl.fl.client import training_context, warm_start
+    from prismfl.loss.matching import combine_stats
+
+    info = dataset_info(cfg.data.dataset)
+    recipe = {"kind": "random", "channels": info.channels, "classes": len(info.class_names)}
+    ctx = training_context(cfg, method.build_model, task.resolve_device(cfg.train.device), recipe)
+    pooled = combine_stats([infos[pid].statistics for pid in sorted(infos)])
+    return warm_start(ctx, cfg.train.warm_start, pooled)
 
 
 def warm_start_decodes(message: bytes, n: int, table_hash: int) -> bool:
@@ -219,6 +243,9 @@ class GridTransport:
             if not infos or len(infos) < min(self.s.min_replies, cfg.partition.num_clients):
                 raise PrismError(f"{len(infos)} SuperNodes left after set-up, fewer than min-replies = "
                                  f"{self.s.min_replies}")  # fmt: skip
+        warm, warm_info = (zero.warm_start, zero.warm_info) if zero is not None else (None, None)
+        if checkpoint is None and method.warm_starts and pooled_warm_start(cfg):
+            warm, warm_info = server_warm_start(cfg, method, infos)
         k = cfg.partition.num_clients
         self.absent = {pid for pid in range(k) if pid not in infos}
         self.link_keys = {pid: r.link_key for pid, r in infos.items()}
@@ -241,8 +268,8 @@ class GridTransport:
             feature_meta=first.model_info["feature_net"],
             privacy=privacy,
             shared=shared or None,
-            warm_start=zero and zero.warm_start,
-            warm_info=zero and zero.warm_info,
+            warm_start=warm,
+            warm_info=warm_info,
             shrink_target=zero and zero.shrink_target,
             absent=sorted(self.absent),
         )

@@ -107,10 +107,14 @@ def server_settings(run_config: dict) -> ServerSettings:
     if cfg.faults != type(cfg.faults)():
         raise ConfigError("[faults] are injected by the in-process simulator only; on Flower the faults are real "
                           "(remove the [faults] settings)")  # fmt: skip
-    if not cfg.public_images() and (cfg.model.modes > 1 or (cfg.train.warm_start and cfg.train.method == "prism")):
-        raise ConfigError("without public images, model.modes > 1 and train.warm_start come from the clients' pooled "
-                          "statistics, which only the in-process simulator gathers so far: on Flower add "
-                          "overrides=\"model.modes=1 train.warm_start=0\", or give a public hold-out")  # fmt: skip
+    if not cfg.public_images() and cfg.model.modes > 1:
+        raise ConfigError("without public images, model.modes > 1 come from the clients' moment sums, which only the "
+                          "in-process simulator gathers so far: on Flower add overrides=\"model.modes=1\", or give a "
+                          "public hold-out")  # fmt: skip
+    if not cfg.public_images() and cfg.train.warm_start and cfg.train.method == "prism" and \
+            cfg.loss.features != "random":  # fmt: skip
+        raise ConfigError("on Flower, a warm start without public images is trained at the server, which builds "
+                          "the loss's feature net from the seed: it needs loss.features = 'random'")  # fmt: skip
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ConfigError(f"run config 'resume' must be true or false, got {resume!r}")
