@@ -21,7 +21,7 @@ from conftest import full_state_bytes, needs_fmnist
 from prismfl import modelfile, rundir
 from prismfl.config import load_config
 from prismfl.errors import ConfigError, PrismError
-from prismfl.fl import engine, simulate, wire
+from prismfl.fl import engine, simulate, task, wire
 from prismfl.flower import settings
 from prismfl.flower.client_app import make_client_app
 from prismfl.flower.payload import from_array, to_array
@@ -208,6 +208,28 @@ def test_a_conditional_model_on_flower_matches_the_simulator_bit_for_bit(tmp_pat
     spec = modelfile.load(sim_out / "model.prism").spec
     assert (spec.num_classes, spec.modes, len(per_round[-1]["class_shares"])) == (10, modes, 10 * modes)
     assert ("tracker ema, 8 codes a step" in (sim_out / "report.md").read_text()) == (modes > 1)
+
+
+@needs_fmnist
+def test_the_demo_setting_without_public_images_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch):
+    """The demo's setting in small: the modes from the nodes' moment sums (one exchange before set-up; each
+    node reads its own partition only), the warm start at the server on their pooled statistics, the
+    quantized broadcast and server momentum."""
+    demo = ('model.conditional=true model.arch="mlp-up" model.modes=2 loss.codes_per_step=8 train.batch_size=16 '
+            'loss.class_term=true train.warm_start=20 train.rounds=2 train.server_momentum=0.8 '
+            'train.broadcast="quantized"')  # fmt: skip
+    cfg = load_config(SMOKE, demo.split())
+    assert cfg.public_images() == 0
+    sim_out, sim_states = simulate_with_states(cfg, tmp_path / "sim")
+    read, real = [], task.Federation.moments
+    monkeypatch.setattr(task.Federation, "moments", lambda fed, k: read.append(k) or real(fed, k))
+    grid = LocalGrid(make_client_app(), nodes_for(3))
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": demo}, grid)
+    assert sorted(read) == [0, 1, 2]  # each node its own partition's moments, once; nobody all of them
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(per_round, sim_states) for k in ("scores", "class_shares"))
+    assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))
+    assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
+    assert modelfile.load(sim_out / "model.prism").spec.modes == 2
 
 
 @needs_fmnist

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,7 +133,54 @@ def test_a_node_with_hostile_statistics_is_left_out_of_the_pooled_warm_start(tmp
     records = rundir.read_metrics(out)
     assert len(states) == 2 and all(f["client"] == 2 for r in records for f in r.get("failures", []))
     info = modelfile.load(out / "model.prism").info["warm_start"]
-    assert info["source"] == "the clients' pooled statistics" and info["images"] == 4 * 600  # 4 of 5 nodes, 600 images each
+    assert info["source"] == "the clients' pooled statistics" and info["images"] == 4 * 600  # 4 nodes of 600 images
+
+
+@needs_fmnist
+def test_a_node_with_hostile_moments_is_dropped_before_set_up(tmp_path):
+    """model.modes without public images: a node whose moment sums could not come from images in [0, 1] is
+    dropped before set-up; the modes are the other nodes' and the run finishes without it."""
+    from prismfl import safestate
+    from prismfl.flower.payload import STATE, from_array
+
+    def forge(reply):
+        tree = safestate.from_bytes(from_array(reply.content["moments"]["000"], STATE), "moments")
+        tree["sums"] = tree["sums"] * 1e6  # every pixel a million times white
+        reply.content["moments"]["000"] = to_array(safestate.to_bytes(tree), STATE)
+
+    modes = RUN.replace('loss.features="public" ', "") + " model.modes=2 loss.codes_per_step=8 train.batch_size=16"
+    out = tmp_path / "modes"
+    grid = LocalGrid(make_client_app(mods=[Hostile(NODE[2], "query.moments", forge)]), nodes_for(5))
+    states = flower_with_states({"out-dir": str(out), "overrides": modes, "reply-timeout": 2.0}, grid)
+    lost = [f for r in rundir.read_metrics(out) for f in r.get("failures", [])]
+    assert len(states) == 2 and lost and all(f["client"] == 2 for f in lost)
+    assert modelfile.load(out / "model.prism").spec.modes == 2
+
+
+def test_moment_sums_and_modes_from_the_network_are_checked():
+    from prismfl.data.modes import Modes, check_moments
+
+    c, d = 2, 3
+    good = {"counts": np.array([2.0, 1.0]), "sums": np.ones((c, d)), "outer": np.full((c, d, d), 0.5)}
+    assert check_moments(good, c, d) is not None
+    for key, value, match in [("counts", np.array([2.5, 1.0]), "whole numbers"),
+                              ("counts", np.array([-1.0, 1.0]), "whole numbers"),
+                              ("sums", np.full((c, d), 3.0), "add up to"),
+                              ("outer", np.full((c, d, d), np.nan), "add up to"),
+                              ("sums", np.ones((c, d + 1)), "shape"),
+                              ("sums", np.ones((c, d), dtype=np.float32), "float64")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            check_moments({**good, key: value}, c, d)
+    with pytest.raises(ValueError, match="a table"):
+        check_moments({"counts": good["counts"]}, c, d)
+    arrays = {"means": np.zeros((c, 4)), "bases": np.ones((c, 4, 1)), "centres": np.zeros((c, 3, 1)),
+              "fitted": np.array([1.0, 0.0])}  # fmt: skip
+    modes = Modes.from_arrays(arrays, 3, c, 4)
+    assert modes.centres[1] is None and modes.centres[0].shape == (3, 1)
+    for key, value in [("fitted", np.array([0.5, 0.0])), ("centres", np.zeros((c, 2, 1))),
+                       ("means", np.full((c, 4), np.inf)), ("bases", np.ones((c, 4, 0)))]:  # fmt: skip
+        with pytest.raises(ValueError):
+            Modes.from_arrays({**arrays, key: value}, 3, c, 4)
 
 
 @needs_fmnist

@@ -29,6 +29,34 @@ class Modes:
     bases: list[np.ndarray]
     centres: list[np.ndarray | None]  # None: the class had too few public images: all its images are mode 0
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The modes as four float64 arrays (what a server sends its nodes): means (classes, D), bases
+        (classes, D, d), centres (classes, K, d) and `fitted` (classes,): 1 where the class has K modes."""
+        d = self.bases[0].shape[1]
+        zeros = np.zeros((self.k, d))
+        return {"means": np.stack(self.means), "bases": np.stack(self.bases),
+                "centres": np.stack([zeros if c is None else c for c in self.centres]),
+                "fitted": np.array([c is not None for c in self.centres], dtype=np.float64)}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, arrays, k: int, num_classes: int, size: int) -> Modes:
+        """The inverse of to_arrays, for K modes of `num_classes` classes of images of `size` values; a
+        ValueError for anything else (the arrays came over the network)."""
+        if not isinstance(arrays, dict) or sorted(arrays) != ["bases", "centres", "fitted", "means"]:
+            raise ValueError("modes must be a table of means, bases, centres and fitted")
+        if not all(isinstance(a, np.ndarray) and a.dtype == np.float64 and np.isfinite(a).all()
+                   for a in arrays.values()):  # fmt: skip
+            raise ValueError("modes must be finite float64 arrays")
+        means, bases, centres, fitted = (arrays[key] for key in ("means", "bases", "centres", "fitted"))
+        d = bases.shape[-1] if bases.ndim == 3 else 0
+        if (means.shape != (num_classes, size) or bases.shape != (num_classes, size, d) or not 1 <= d <= COMPONENTS
+                or centres.shape != (num_classes, k, d) or fitted.shape != (num_classes,)
+                or not np.isin(fitted, (0.0, 1.0)).all()):  # fmt: skip
+            raise ValueError(f"modes of other shapes than {k} modes of {num_classes} classes of {size} values")
+        if max(np.abs(means).max(), np.abs(bases).max(), np.abs(centres).max()) > 1e6:
+            raise ValueError("modes with values beyond +-1e6")
+        return cls(k, list(means), list(bases), [c if f else None for c, f in zip(centres, fitted)])
+
     def codes(self, images: np.ndarray, labels: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """The condition code (label * k + nearest mode) of every image; images (N, ...) times `scale`
         in [0, 1] (uint8 images: scale 1/255; converted a class at a time)."""
@@ -94,6 +122,36 @@ def moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, scale:
         xc = x[labels == c]
         sums["counts"][c], sums["sums"][c], sums["outer"][c] = len(xc), xc.sum(0), xc.T @ xc
     return sums
+
+
+def sum_moments(parts: list[dict]) -> dict:
+    """The federation's moments: the clients' moment_sums added in client order (the same float64 sums
+    on every transport)."""
+    return {key: sum(part[key] for part in parts) for key in parts[0]}
+
+
+def check_moments(sums, num_classes: int, d: int) -> dict:
+    """A client's moment_sums as it came over the network: counts (classes,) of whole numbers, sums
+    (classes, d) and outer products (classes, d, d), float64, each class's within what that many images
+    in [0, 1] can add up to; a ValueError otherwise."""
+    if not isinstance(sums, dict) or sorted(sums) != ["counts", "outer", "sums"]:
+        raise ValueError("moment sums must be a table of counts, sums and outer")
+    shapes = {"counts": (num_classes,), "sums": (num_classes, d), "outer": (num_classes, d, d)}
+    out = {}
+    for key, shape in shapes.items():
+        value = sums[key]
+        if not (isinstance(value, np.ndarray) and value.dtype == np.float64 and value.shape == shape):
+            raise ValueError(f"moment {key} must be float64 of shape {shape}")
+        out[key] = value
+    counts = out["counts"]
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts <= 2**40).all()
+            and (counts == np.round(counts)).all()):  # fmt: skip
+        raise ValueError("moment counts must be whole numbers of images")
+    for key in ("sums", "outer"):
+        v = out[key].reshape(num_classes, -1)
+        if not (np.isfinite(v).all() and (v >= 0).all() and (v <= counts[:, None]).all()):
+            raise ValueError(f"moment {key} must lie within what the class's images can add up to")
+    return out
 
 
 def principal_modes(sums: dict, k: int, shape: tuple[int, int, int]) -> Modes:

@@ -55,6 +55,9 @@ class Federation:
     train: Split
     public_idx: np.ndarray
     parts: list[np.ndarray]
+    # model.modes without public images, on Flower: the modes the server fitted on the nodes' moment sums
+    # (a node must not read the other partitions' images to fit them itself)
+    given_modes: object | None = None
 
     @property
     def num_classes(self) -> int:
@@ -93,18 +96,25 @@ class Federation:
         """Every training image's condition code under model.modes (data/modes.py): the modes are fitted on
         the public images or, without them, taken from the moments the clients release (principal_modes);
         a client computes its own images' codes from them (in one process: all at once)."""
-        from prismfl.data.modes import fit_modes, moment_sums, principal_modes
+        from prismfl.data.modes import fit_modes, principal_modes, sum_moments
 
         pub, k, scale = self.public_idx, self.cfg.model.modes, 1 / 255
-        if len(pub):
+        if self.given_modes is not None:
+            modes = self.given_modes
+        elif len(pub):
             modes = fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, k,
                               derived_seed(self.cfg.seed, "modes"), scale=scale)  # fmt: skip
         else:  # the server sums what each client released: its per-class counts, sums and outer products
-            parts = [moment_sums(self.train.images[i], self.train.labels[i], self.num_classes, scale)
-                     for i in self.parts]  # fmt: skip
-            summed = {key: sum(part[key] for part in parts) for key in parts[0]}
-            modes = principal_modes(summed, k, self.train.images.shape[1:])
+            modes = principal_modes(sum_moments([self.moments(i) for i in range(len(self.parts))]), k,
+                                    self.train.images.shape[1:])  # fmt: skip
         return modes.codes(self.train.images, self.train.labels, scale=scale)
+
+    def moments(self, k: int) -> dict:
+        """What client k releases for the federation's modes (data/modes.py moment_sums)."""
+        from prismfl.data.modes import moment_sums
+
+        idx = self.parts[k]
+        return moment_sums(self.train.images[idx], self.train.labels[idx], self.num_classes, 1 / 255)
 
 
 def prepare_federation(cfg: RunConfig) -> Federation:

@@ -67,12 +67,50 @@ def _save(context: Context, cfg_json: str, recipe_json: str, client: ClientRunti
     context.state[BLOBS] = ArrayRecord({"client": to_array(safestate.to_bytes(client.state_dict()), STATE)})
 
 
+def moments(message: Message, context: Context) -> Message:
+    """model.modes without public images: this node's moment sums out (data/modes.py), before set-up."""
+    import torch
+
+    node = node_settings(dict(context.node_config))
+    cfg = client_config(json.loads(message.content["prismfl"]["config"]), node)
+    _, ctx = run_context(json.dumps(cfg.to_dict(), sort_keys=True))
+    sums = ctx.fed.moments(node.partition_id)
+    blob = safestate.to_bytes({key: torch.from_numpy(v) for key, v in sums.items()})
+    content = RecordDict({"prismfl": ConfigRecord({"partition-id": node.partition_id}),
+                          "moments": ArrayRecord({"000": to_array(blob, STATE)})})  # fmt: skip
+    return Message(content, reply_to=message)
+
+
+def _take_modes(message: Message, ctx) -> None:
+    """The modes the server fitted on the nodes' moment sums, where the run needs them: checked, then
+    what this node's images' codes come from (it never reads another partition's images)."""
+    import numpy as np
+
+    from prismfl.data.modes import Modes
+
+    cfg = ctx.cfg
+    if cfg.model.modes == 1 or ctx.fed.public_idx.size:
+        return
+    if "modes" not in message.content:
+        raise PrismError("the setup message carries no modes, which this run's model.modes need")
+    tree = safestate.from_bytes(from_array(message.content["modes"]["000"], STATE), "modes")
+    try:
+        if not (isinstance(tree, dict) and all(hasattr(v, "numpy") for v in tree.values())):
+            raise ValueError("modes must be a table of tensors")
+        arrays = {key: np.asarray(v.numpy()) for key, v in tree.items()}
+        size = int(np.prod(ctx.fed.train.images.shape[1:]))
+        ctx.fed.given_modes = Modes.from_arrays(arrays, cfg.model.modes, ctx.fed.num_classes, size)
+    except ValueError as exc:
+        raise PrismError(f"the setup message's modes: {exc}") from None
+
+
 def setup(message: Message, context: Context) -> Message:
     node = node_settings(dict(context.node_config))
     cfg = client_config(json.loads(message.content["prismfl"]["config"]), node)
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     method, ctx = run_context(cfg_json)
     k = node.partition_id
+    _take_modes(message, ctx)
     client = ClientRuntime.released(k, method.release(ctx, *method.client_data(ctx, k))) if method.holds_data(k) \
         else ClientRuntime(k, None)  # fmt: skip
     method.init_client(ctx, client)
@@ -195,6 +233,7 @@ def make_client_app(mods=()) -> ClientApp:
     app = ClientApp(mods=list(mods))
     app.query()(setup)
     app.query("pool")(pool)
+    app.query("moments")(moments)
     app.query("secagg")(secagg)
     app.train()(train)
     return app

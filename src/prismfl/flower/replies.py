@@ -197,6 +197,27 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
     return reply
 
 
+def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[int, dict]:
+    """A node's answer to the moments message (model.modes without public images): (its partition, its
+    moment sums as float64 arrays, data/modes.py check_moments); a NodeError for the first bad field."""
+    import numpy as np
+    import torch
+
+    from prismfl.data.modes import check_moments
+
+    try:
+        pid = integer(dict(content["prismfl"])["partition-id"], "partition-id", 0, clients - 1)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NodeError(f"the moments reply has no partition-id ({type(exc).__name__})") from None
+    tree = _tree(payload(content, "moments", STATE, "moment sums"), "moment sums")
+    try:
+        if not (isinstance(tree, dict) and all(isinstance(v, torch.Tensor) for v in tree.values())):
+            raise ValueError("moment sums must be a table of tensors")
+        return pid, check_moments({key: np.asarray(v.numpy()) for key, v in tree.items()}, num_classes, d)
+    except ValueError as exc:
+        raise NodeError(f"moment sums: {exc}") from None
+
+
 STATS_LIMIT = 1e6  # the largest |mean| or variance a feature statistic may hold (the loss's features are O(1))
 
 

@@ -91,6 +91,57 @@ def _error(reply: Message) -> str:
     return f"error {reply.error.code}: {reason[:1000]}{'...' if len(reason) > 1000 else ''}"
 
 
+def needs_modes(cfg) -> bool:
+    """model.modes without public images: the modes come from the nodes' moment sums (data/modes.py)."""
+    return cfg.model.modes > 1 and not cfg.public_images()
+
+
+def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes, dict[int, int], dict[str, str]]:
+    """Ask every node for its moment sums, add up those of the nodes that answered well (in partition order,
+    as the simulator does) and fit the modes (principal_modes). Returns the modes as a state blob for the
+    setup message, {node: partition} of the nodes kept, and {node: why} of those dropped (as at set-up)."""
+    import torch
+
+    from prismfl.data.modes import MODE_POOL, principal_modes, sum_moments
+
+    cfg = s.cfg
+    info = dataset_info(cfg.data.dataset)
+    num_classes, shape = len(info.class_names), (info.channels, info.size, info.size)
+    d = info.channels * (info.size // MODE_POOL) ** 2
+    request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict())})})
+    got = exchange(grid, {node: request for node in nodes}, f"{MessageType.QUERY}.moments", s.reply_timeout,
+                   "moments")  # fmt: skip
+    claims: dict[int, list[tuple[int, dict]]] = {}
+    dropped: dict[str, str] = {}
+    for node in nodes:
+        reply = got.replies.get(node)
+        try:
+            if reply is None:
+                raise replies.NodeError(f"no answer to the moments message within {s.reply_timeout:g} s")
+            if reply.has_error():
+                raise replies.NodeError(f"it failed to compute its moment sums: {_error(reply)}")
+            pid, sums = replies.moments_reply(reply.content, clients=cfg.partition.num_clients,
+                                              num_classes=num_classes, d=d)  # fmt: skip
+        except replies.NodeError as exc:
+            dropped[str(node)] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one node's reply, never the run
+            dropped[str(node)] = f"its moments reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+            continue
+        claims.setdefault(pid, []).append((node, sums))
+    for pid, claimed in sorted(claims.items()):
+        if len(claimed) > 1:
+            for node, _ in claimed:
+                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
+            del claims[pid]
+    if not claims:
+        raise PrismError("no SuperNode sent usable moment sums for the modes: " + "; ".join(
+            f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
+    modes = principal_modes(sum_moments([claims[pid][0][1] for pid in sorted(claims)]), cfg.model.modes, shape)
+    blob = safestate.to_bytes({key: torch.from_numpy(v) for key, v in modes.to_arrays().items()})
+    return blob, {claimed[0][0]: pid for pid, claimed in claims.items()}, dropped
+
+
 def setup_clients(
     grid: Grid, s: ServerSettings, method, n: int, table_hash: int, warm: bool = True
 ) -> tuple[dict[int, int], dict[int, replies.SetupReply], dict[str, str]]:
@@ -110,14 +161,20 @@ def setup_clients(
     private = not math.isinf(cfg.privacy.epsilon)
     k = cfg.partition.num_clients
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
+    dropped: dict[str, str] = {}
+    partition_of: dict[int, int] = {}
+    if needs_modes(cfg):  # one exchange before set-up: the modes the clients' statistics are per
+        modes, partition_of, dropped = gather_modes(grid, s, nodes)
+        nodes = [node for node in nodes if node in partition_of]
     pooled = warm and pooled_warm_start(cfg)  # the server trains it on the sum of the clients' statistics
     steps = cfg.train.warm_start if warm and not pooled else 0  # partition 0 trains it on the public hold-out
     request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict()), "warm-start": steps,
                                                    "send-statistics": int(pooled)})})  # fmt: skip
+    if partition_of:
+        request["modes"] = ArrayRecord({"000": to_array(modes, STATE)})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     num_classes = len(dataset_info(cfg.data.dataset).class_names)
     claims: dict[int, list[tuple[int, replies.SetupReply]]] = {}
-    dropped: dict[str, str] = {}
     for node in nodes:
         reply = got.replies.get(node)
         try:
@@ -135,6 +192,9 @@ def setup_clients(
                 raise replies.NodeError("partition 0 sent no warm-start scores in a warm-started run")
             if pooled and checked.statistics is None:
                 raise replies.NodeError("it sent no statistics for the pooled warm start")
+            if partition_of and checked.partition != partition_of[node]:
+                raise replies.NodeError(f"it sent the moments of partition {partition_of[node]} and now claims "
+                                        f"partition {checked.partition}")  # fmt: skip
         except (replies.NodeError, StateError) as exc:
             dropped[str(node)] = str(exc)
             continue

@@ -107,10 +107,6 @@ def server_settings(run_config: dict) -> ServerSettings:
     if cfg.faults != type(cfg.faults)():
         raise ConfigError("[faults] are injected by the in-process simulator only; on Flower the faults are real "
                           "(remove the [faults] settings)")  # fmt: skip
-    if not cfg.public_images() and cfg.model.modes > 1:
-        raise ConfigError("without public images, model.modes > 1 come from the clients' moment sums, which only the "
-                          "in-process simulator gathers so far: on Flower add overrides=\"model.modes=1\", or give a "
-                          "public hold-out")  # fmt: skip
     if not cfg.public_images() and cfg.train.warm_start and cfg.train.method == "prism" and \
             cfg.loss.features != "random":  # fmt: skip
         raise ConfigError("on Flower, a warm start without public images is trained at the server, which builds "
