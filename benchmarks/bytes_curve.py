@@ -1,7 +1,8 @@
-"""Quality per uploaded byte: the quick domain FID of runs (train.eval_every > 0) against the bytes
-their clients uploaded so far, and the bytes each run needed to reach given FIDs.
+"""Quality per byte: the quick domain FID of runs (train.eval_every > 0) against the bytes their clients
+uploaded so far (or, --x total, uploaded and downloaded), and the bytes each run needed to reach given FIDs.
 
 Run: .venv/bin/python benchmarks/bytes_curve.py RUN_DIR [RUN_DIR ...] --out docs/img/bytes-to-fid.png
+     .venv/bin/python benchmarks/bytes_curve.py RUN_DIR [RUN_DIR ...] --x total --out docs/img/traffic-to-fid.png
      .venv/bin/python benchmarks/bytes_curve.py RUN_DIR --x seconds --out docs/img/hour-fid.png
      (--x seconds: the quick FID against the rounds' cumulative wall time instead of the bytes;
       --offset S adds the S seconds before round 1, set-up and warm start, read off the run's log)
@@ -17,11 +18,12 @@ from prismfl import rundir
 
 
 def curve(run: Path, x: str = "bytes", offset: float = 0.0) -> list[tuple[int, float, float]]:
-    """(round, quick domain FID, cumulative upload bytes or round seconds) for every round with a quick FID;
-    `offset` is where the count starts (seconds before round 1)."""
+    """(round, quick domain FID, cumulative upload bytes, upload + download bytes ("total") or round seconds)
+    for every round with a quick FID; `offset` is where the count starts (seconds before round 1)."""
     records, total, out = rundir.read_metrics(run), offset, []
     for r in records:
-        total += r["upload_bytes"] if x == "bytes" else r["seconds"]
+        total += {"bytes": r["upload_bytes"], "total": r["upload_bytes"] + r["download_bytes"],
+                  "seconds": r["seconds"]}[x]  # fmt: skip
         if r.get("domain_fid") is not None:
             out.append((r["round"], r["domain_fid"], total))
     return out
@@ -37,12 +39,12 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("bytes-to-fid.png"))
     p.add_argument("--targets", default="80,60,50", help="FIDs to report the bytes needed for")
-    p.add_argument("--x", choices=("bytes", "seconds"), default="bytes", help="what the x axis counts")
+    p.add_argument("--x", choices=("bytes", "total", "seconds"), default="bytes", help="what the x axis counts")
     p.add_argument("--offset", type=float, default=0.0, help="--x seconds: seconds before round 1 (warm start)")
     a = p.parse_args()
     if a.offset and a.x != "seconds":
         p.error("--offset counts seconds: it needs --x seconds")
-    unit, scale = ("MB", 1e6) if a.x == "bytes" else ("min", 60.0)
+    unit, scale = ("min", 60.0) if a.x == "seconds" else ("MB", 1e6)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,8 +60,9 @@ def main() -> None:
         summary[run.name] = {"method": method, "curve": points, f"{a.x}_to_reach": targets}
         print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / scale:.1f} {unit}'}" for t, b in
                                  targets.items()))  # fmt: skip
-    if a.x == "bytes":
-        ax.set(xscale="log", xlabel="MB uploaded by all clients (cumulative)", title="quality per uploaded byte")
+    if a.x != "seconds":
+        what = "uploaded" if a.x == "bytes" else "uploaded and downloaded"
+        ax.set(xscale="log", xlabel=f"MB {what} by all clients (cumulative)", title=f"quality per {what} byte")
     else:
         what = "set-up, warm start and rounds" if a.offset else "rounds"
         ax.set(xlabel=f"minutes of {what} (cumulative wall time)", title="quality against training time")

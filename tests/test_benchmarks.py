@@ -80,14 +80,16 @@ def test_bytes_to_reach_takes_the_first_round_at_or_below_the_target():
     assert bytes_curve.bytes_to_reach(points, 50) is None
 
 
-def test_the_curve_sums_bytes_or_seconds_from_its_offset(tmp_path):
+def test_the_curve_sums_bytes_total_traffic_or_seconds_from_its_offset(tmp_path):
     from prismfl import rundir
 
     bytes_curve = load("bytes_curve")
     for rnd, fid, up, sec in [(1, None, 10, 2.0), (2, 40.0, 20, 3.0), (3, None, 30, 4.0), (4, 35.0, 40, 5.0)]:
-        rundir.append_metrics(tmp_path, {"round": rnd, "domain_fid": fid, "upload_bytes": up, "seconds": sec})
+        record = {"round": rnd, "domain_fid": fid, "upload_bytes": up, "download_bytes": 10 * up, "seconds": sec}
+        rundir.append_metrics(tmp_path, record)
     assert bytes_curve.curve(tmp_path) == [(2, 40.0, 30), (4, 35.0, 100)]  # only the rounds with a quick FID
     assert bytes_curve.curve(tmp_path, "seconds") == [(2, 40.0, 5.0), (4, 35.0, 14.0)]
+    assert bytes_curve.curve(tmp_path, "total") == [(2, 40.0, 30 + 300), (4, 35.0, 100 + 1000)]
     assert bytes_curve.curve(tmp_path, "seconds", offset=100.0) == [(2, 40.0, 105.0), (4, 35.0, 114.0)]
 
 
