@@ -91,6 +91,37 @@ def _error(reply: Message) -> str:
     return f"error {reply.error.code}: {reason[:1000]}{'...' if len(reason) > 1000 else ''}"
 
 
+def claimed_replies(got: Exchange, nodes: list[int], timeout: float, message: str, failed: str,
+                    parse) -> tuple[dict[int, tuple[int, object]], dict[str, str]]:  # fmt: skip
+    """Each node's reply through `parse(node, reply) -> (partition, value)`, which raises a NodeError (or a
+    StateError) for a reply an honest node of this run does not send. Returns {partition: (node, value)}
+    and {node: why} for the nodes dropped: no answer within `timeout`, an error reply (`failed`: what it
+    failed to do), a reply `parse` refused or could not read, or a partition two nodes claim (neither can
+    be told from the other)."""
+    claims: dict[int, list[tuple[int, object]]] = {}
+    dropped: dict[str, str] = {}
+    for node in nodes:
+        reply = got.replies.get(node)
+        try:
+            if reply is None:
+                raise replies.NodeError(f"no answer to the {message} within {timeout:g} s")
+            if reply.has_error():
+                raise replies.NodeError(f"it failed to {failed}: {_error(reply)}")
+            pid, value = parse(node, reply)
+        except (replies.NodeError, StateError) as exc:
+            dropped[str(node)] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a check missed a case: still one node's reply, never the run
+            dropped[str(node)] = f"its reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+            continue
+        claims.setdefault(pid, []).append((node, value))
+    for pid, claimed in sorted(claims.items()):
+        if len(claimed) > 1:
+            for node, _ in claimed:
+                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
+    return {pid: claimed[0] for pid, claimed in claims.items() if len(claimed) == 1}, dropped
+
+
 def needs_modes(cfg) -> bool:
     """model.modes without public images: the modes come from the nodes' moment sums (data/modes.py)."""
     return cfg.model.modes > 1 and not cfg.public_images()
@@ -111,35 +142,17 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
     request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict())})})
     got = exchange(grid, {node: request for node in nodes}, f"{MessageType.QUERY}.moments", s.reply_timeout,
                    "moments")  # fmt: skip
-    claims: dict[int, list[tuple[int, dict]]] = {}
-    dropped: dict[str, str] = {}
-    for node in nodes:
-        reply = got.replies.get(node)
-        try:
-            if reply is None:
-                raise replies.NodeError(f"no answer to the moments message within {s.reply_timeout:g} s")
-            if reply.has_error():
-                raise replies.NodeError(f"it failed to compute its moment sums: {_error(reply)}")
-            pid, sums = replies.moments_reply(reply.content, clients=cfg.partition.num_clients,
-                                              num_classes=num_classes, d=d)  # fmt: skip
-        except replies.NodeError as exc:
-            dropped[str(node)] = str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one node's reply, never the run
-            dropped[str(node)] = f"its moments reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
-            continue
-        claims.setdefault(pid, []).append((node, sums))
-    for pid, claimed in sorted(claims.items()):
-        if len(claimed) > 1:
-            for node, _ in claimed:
-                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
-            del claims[pid]
-    if not claims:
+
+    def parse(node: int, reply: Message) -> tuple[int, dict]:
+        return replies.moments_reply(reply.content, clients=cfg.partition.num_clients, num_classes=num_classes, d=d)
+
+    kept, dropped = claimed_replies(got, nodes, s.reply_timeout, "moments message", "compute its moment sums", parse)
+    if not kept:
         raise PrismError("no SuperNode sent usable moment sums for the modes: " + "; ".join(
             f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
-    modes = principal_modes(sum_moments([claims[pid][0][1] for pid in sorted(claims)]), cfg.model.modes, shape)
+    modes = principal_modes(sum_moments([kept[pid][1] for pid in sorted(kept)]), cfg.model.modes, shape)
     blob = safestate.to_bytes({key: torch.from_numpy(v) for key, v in modes.to_arrays().items()})
-    return blob, {claimed[0][0]: pid for pid, claimed in claims.items()}, dropped
+    return blob, {node: pid for pid, (node, _) in kept.items()}, dropped
 
 
 def setup_clients(
@@ -174,41 +187,27 @@ def setup_clients(
         request["modes"] = ArrayRecord({"000": to_array(modes, STATE)})
     got = exchange(grid, {node: request for node in nodes}, MessageType.QUERY, s.reply_timeout, "setup")
     num_classes = len(dataset_info(cfg.data.dataset).class_names)
-    claims: dict[int, list[tuple[int, replies.SetupReply]]] = {}
-    for node in nodes:
-        reply = got.replies.get(node)
-        try:
-            if reply is None:
-                raise replies.NodeError(f"no answer to the setup message within {s.reply_timeout:g} s")
-            if reply.has_error():
-                raise replies.NodeError(f"it failed to set up its client: {_error(reply)}")
-            checked = replies.setup_reply(reply.content, clients=k, num_weights=n, table_hash=table_hash,
-                                          num_classes=num_classes, codes=method.spec.codes,
-                                          secagg=cfg.privacy.secagg, key_bytes=secagg.KEY_BYTES, private=private,
-                                          privacy_schema=privacy.summary_schema(cfg))  # fmt: skip
-            if checked.shared is not None:
-                privacy.check_shared(checked.shared, None, method.spec.codes if method.spec.num_classes else 0)
-            if checked.partition == 0 and steps and checked.warm_start is None:
-                raise replies.NodeError("partition 0 sent no warm-start scores in a warm-started run")
-            if pooled and checked.statistics is None:
-                raise replies.NodeError("it sent no statistics for the pooled warm start")
-            if partition_of and checked.partition != partition_of[node]:
-                raise replies.NodeError(f"it sent the moments of partition {partition_of[node]} and now claims "
-                                        f"partition {checked.partition}")  # fmt: skip
-        except (replies.NodeError, StateError) as exc:
-            dropped[str(node)] = str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a check missed a case: still one node's reply, never the run
-            dropped[str(node)] = f"its reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
-            continue
-        claims.setdefault(checked.partition, []).append((node, checked))
-    for pid, claimed in sorted(claims.items()):
-        if len(claimed) > 1:
-            for node, _ in claimed:
-                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
-            del claims[pid]
-    infos = {pid: claimed[0][1] for pid, claimed in claims.items()}
-    node_of = {pid: claimed[0][0] for pid, claimed in claims.items()}
+
+    def parse(node: int, reply: Message) -> tuple[int, replies.SetupReply]:
+        checked = replies.setup_reply(reply.content, clients=k, num_weights=n, table_hash=table_hash,
+                                      num_classes=num_classes, codes=method.spec.codes, secagg=cfg.privacy.secagg,
+                                      key_bytes=secagg.KEY_BYTES, private=private,
+                                      privacy_schema=privacy.summary_schema(cfg))  # fmt: skip
+        if checked.shared is not None:
+            privacy.check_shared(checked.shared, None, method.spec.codes if method.spec.num_classes else 0)
+        if checked.partition == 0 and steps and checked.warm_start is None:
+            raise replies.NodeError("partition 0 sent no warm-start scores in a warm-started run")
+        if pooled and checked.statistics is None:
+            raise replies.NodeError("it sent no statistics for the pooled warm start")
+        if partition_of and checked.partition != partition_of[node]:
+            raise replies.NodeError(f"it sent the moments of partition {partition_of[node]} and now claims "
+                                    f"partition {checked.partition}")  # fmt: skip
+        return checked.partition, checked
+
+    kept, refused = claimed_replies(got, nodes, s.reply_timeout, "setup message", "set up its client", parse)
+    dropped.update(refused)
+    infos = {pid: checked for pid, (_, checked) in kept.items()}
+    node_of = {pid: node for pid, (node, _) in kept.items()}
     consensus = (  # what every honest node sends alike (an empty signature: nothing to compare)
         ("class-count rows' width", lambda r: len(r.class_counts)),
         ("secure-aggregation layout and clip bounds", lambda r: r.secagg and [r.secagg["layout"], r.secagg["clip"]]),
