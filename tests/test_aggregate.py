@@ -4,27 +4,28 @@ import numpy as np
 import pytest
 import torch
 
-from prismfl.fl import aggregate, wire
+from prismfl import bits
+from prismfl.fl import aggregate
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 12345])
 def test_pack_round_trip_and_exact_size(n):
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
-    payload = wire.pack_mask(mask)
-    assert len(payload) == math.ceil(n / 8) == wire.packed_size(n)
-    assert torch.equal(wire.unpack_mask(payload, n), mask)
+    payload = bits.pack_mask(mask)
+    assert len(payload) == math.ceil(n / 8) == bits.packed_size(n)
+    assert torch.equal(bits.unpack_mask(payload, n), mask)
 
 
 def test_pack_exact_bytes():
     mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
-    assert wire.pack_mask(mask) == bytes([0b1000_0001, 0b0000_0011])
+    assert bits.pack_mask(mask) == bytes([0b1000_0001, 0b0000_0011])
 
 
 def test_unpack_rejects_bad_input():
     with pytest.raises(ValueError, match="needs 2 bytes"):
-        wire.unpack_mask(b"\x00", 10)
+        bits.unpack_mask(b"\x00", 10)
     with pytest.raises(ValueError, match="padding"):
-        wire.unpack_mask(bytes([0, 0b1000_0000]), 10)
+        bits.unpack_mask(bytes([0, 0b1000_0000]), 10)
 
 
 def aggregate_masks(masks, smoothing):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from prismfl.bits import pack_mask, unpack_mask
 from prismfl.errors import ModelFileError
 from prismfl.files import atomic_write_bytes, read_capped
-from prismfl.fl.wire import pack_mask, unpack_mask
 from prismfl.model import masked
 from prismfl.model.generators import (
     MAX_WEIGHTS,

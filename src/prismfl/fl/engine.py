@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from prismfl import plots, rundir, runreport
+from prismfl import bits, plots, rundir, runreport
 from prismfl.config import RunConfig
 from prismfl.data.partition import format_class_table
 from prismfl.errors import PrismError
@@ -132,7 +132,7 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         log(f"resuming {out} after round {ckpt['round']}")
     n = setup.num_weights
     log(f"method {cfg.train.method}: {cfg.model.arch} generator, {n:,} weights "
-        f"({wire.packed_size(n):,} bytes as packed bits)")  # fmt: skip
+        f"({bits.packed_size(n):,} bytes as packed bits)")  # fmt: skip
     sizes = setup.class_table.sum(axis=1).tolist()
     rounds = cfg.train.rounds
     bar = progress_bar(range(start, rounds + 1), desc=f"{cfg.train.method} rounds", unit="round", leave=True,

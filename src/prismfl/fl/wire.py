@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prismfl.bits import pack_mask, unpack_mask
 from prismfl.errors import PrismError
 
 MAGIC = b"PRFL"
@@ -201,27 +202,6 @@ def coder_call(what: str, call):
 
 
 # ---------------------------------------------------------------- coders
-
-
-def pack_mask(mask: torch.Tensor | np.ndarray) -> bytes:
-    """Bool mask -> ceil(N/8) bytes, little bit order, trailing bits zero."""
-    bits = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    return np.packbits(bits.reshape(-1).astype(bool), bitorder="little").tobytes()
-
-
-def unpack_mask(payload: bytes, n: int) -> torch.Tensor:
-    """Inverse of pack_mask; rejects a payload of the wrong length or with stray trailing bits."""
-    expected = (n + 7) // 8
-    if len(payload) != expected:
-        raise ValueError(f"packed mask of {n} bits needs {expected} bytes, got {len(payload)}")
-    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")
-    if bits[n:].any():
-        raise ValueError("packed mask has non-zero padding bits")
-    return torch.from_numpy(bits[:n].astype(bool))
-
-
-def packed_size(n: int) -> int:
-    return (n + 7) // 8
 
 
 def _probabilities(scores: torch.Tensor) -> np.ndarray:
