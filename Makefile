@@ -36,6 +36,7 @@ demo: $(STAMP) data
 	@echo "demo done: see $(DEMO_OUT)/samples.png, $(DEMO_OUT)/curves.png, $(DEMO_OUT)/quality.json"
 
 test: $(STAMP) data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) data

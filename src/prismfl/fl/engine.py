@@ -87,8 +87,12 @@ class Transport(Protocol):
 
 
 def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool = False, log=print,
-        on_round=None) -> Path:  # fmt: skip
-    """Run (or continue) a job and write its run directory; `on_round(rnd, state)` after every round."""
+        on_round=None, quick_fid=None) -> Path:  # fmt: skip
+    """Run (or continue) a job and write its run directory; `on_round(rnd, state)` after every round.
+    `quick_fid(net, dataset) -> float` scores the model every train.eval_every rounds (the caller passes
+    eval.evaluate.quick_fid: the engine sits below the evaluation and does not import it)."""
+    if cfg.train.eval_every and quick_fid is None:
+        raise PrismError("train.eval_every needs an evaluator: this caller passes no quick_fid to the engine")
     out = Path(out)
     method = methods.build(cfg)
     ckpt = rundir.check(out, cfg, resume=resume, transport=transport.name)
@@ -179,8 +183,6 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
             epsilon=setup.privacy["epsilon"] if setup.privacy else None,
         )
         if rundir.due(cfg.train.eval_every, rnd, rounds):
-            from prismfl.eval.evaluate import quick_fid
-
             record.domain_fid = float(np.mean([quick_fid(net, cfg.data.dataset) for net in method.nets(state)]))
         extra = {"failures": failures} if failures else {}
         if outcome.rejected:

@@ -254,4 +254,6 @@ def restore_clients(saved: dict, tracker_lr: float) -> dict[int, ClientRuntime]:
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, log=print) -> Path:
     """Run (or continue) a job of any method in this process and write its run directory."""
-    return run(cfg, out, InProcess(cfg), resume=resume, log=log)
+    from prismfl.eval.evaluate import quick_fid
+
+    return run(cfg, out, InProcess(cfg), resume=resume, log=log, quick_fid=quick_fid)

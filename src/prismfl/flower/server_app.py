@@ -408,7 +408,10 @@ class GridTransport:
 def run_federation(grid: Grid, s: ServerSettings, on_round=None) -> Path:
     """Run (or, with run config resume=true, continue) the rounds of `s.cfg` over the SuperNodes of
     `grid` and write the run directory `s.out`."""
-    return engine.run(s.cfg, s.out, GridTransport(grid, s), resume=s.resume, log=log, on_round=on_round)
+    from prismfl.eval.evaluate import quick_fid
+
+    return engine.run(s.cfg, s.out, GridTransport(grid, s), resume=s.resume, log=log, on_round=on_round,
+                      quick_fid=quick_fid)  # fmt: skip
 
 
 def make_server_app(run_config: dict | None = None, on_round=None) -> ServerApp:
