@@ -19,7 +19,9 @@ METHODS = ("prism", *BASELINES)  # fl/methods/__init__.py registers each
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"
+    """The training images: which dataset, where its files are, at what size."""
+
+    dataset: str = "fashion-mnist"  # the clients' dataset (its test split is what evaluate compares with)
     root: str = ""  # empty: look in the usual places (Debian package, ~/.cache/prismfl, ./data)
     resize: int = 0  # 0 keeps the native size; 32 for the paper's ResNet generator
     subset: int = 0  # use a seeded random subset of this many training images (0: all)
@@ -27,33 +29,48 @@ class DataConfig:
 
 @dataclass
 class PartitionConfig:
+    """Who holds which images (seeded by the run seed; partition.txt of a run lists it)."""
+
+    # "iid", "shards" (label-sorted shards: non-IID), "dirichlet" (class shares ~ Dir(alpha)), "attribute" (CelebA)
     scheme: str = "shards"
-    num_clients: int = 10
-    shards_per_client: int = 2
-    alpha: float = 0.5
-    public_holdout: int = 5000  # training images kept from every client: the public feature-net data
+    num_clients: int = 10  # data holders (on Flower: one SuperNode each)
+    shards_per_client: int = 2  # "shards": each client gets this many of the num_clients x shards label-sorted shards
+    alpha: float = 0.5  # "dirichlet": the concentration; small is more skewed
+    # training images held out of the clients' data as public, with loss.features = "public" on the hold-out
+    # only (a privileged setting: read it beside --method public); otherwise no image is held out
+    public_holdout: int = 5000
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"
-    z_dim: int = 64
-    width: int = 512
-    estimator: str = "plain"
+    """The frozen random generator whose weights the clients mask (regenerated from the run seed)."""
+
+    arch: str = "mlp"  # "mlp", "mlp-up" (the MLP at half size, upsampled), "dcgan", "resnet" (the paper's)
+    z_dim: int = 64  # the noise vector's size
+    width: int = 512  # the generator's width (hidden units or base channels)
+    estimator: str = "plain"  # the masks' gradient: "plain" straight through (g), "scaled" (theta x g, the authors')
     conditional: bool = False  # a class label beside z; clients match per-class statistics (mlp, mlp-up)
-    modes: int = 1  # conditional: each class split into this many modes fitted on public images (data/modes.py)
+    # conditional: each class split into this many modes, fitted on the public hold-out or, without one, from
+    # the clients' moment sums (data/modes.py)
+    modes: int = 1
 
 
 @dataclass
 class LossConfig:
+    """The feature-matching loss each client minimises against the statistics of its own images."""
+
+    # the feature net: "random" (a seeded random CNN, no data), "public" (a small CNN trained on public images:
+    # loss.feature_data), "vgg19bn" (ImageNet weights from loss.vgg_weights, a file you have)
     features: str = "public"
-    feature_width: int = 16
+    feature_width: int = 16  # the small CNN's base channels ("random" and "public")
+    # "layer": each layer's gaps relative to its real statistics' size; "dim": each feature by its own variance;
+    # "none": raw squared gaps (GFMN's)
     normalize: str = "layer"
     moment: str = "variance"  # match Var[f] (GFMN) or the raw second moment E[f^2] ("second")
     tracker: str = "ema"  # smooth the gaps over steps: "ema", "adam" (GFMN/the authors') or "none"
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
-    vgg_weights: str = ""
+    vgg_weights: str = ""  # "vgg19bn": the path of the torchvision VGG19-BN weights file (nothing is downloaded)
     # what the public feature net (features = "public") learns from: "holdout", partition.public_holdout images
     # of the clients' own distribution (a privileged setting: compare with --method public), or a dataset of
     # another distribution that no client holds, all of its training split ("mnist" for FashionMNIST clients)
@@ -74,17 +91,19 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """Rounds, local training, the server's update and the messages."""
+
     method: str = "prism"  # prism, or a baseline: fedavg, local, central, public (fl/methods/)
-    rounds: int = 20
-    local_steps: int = 50
-    batch_size: int = 64
-    lr: float = 0.1
+    rounds: int = 20  # communication rounds
+    local_steps: int = 50  # Adam steps a chosen client takes in a round
+    batch_size: int = 64  # generated images per local step
+    lr: float = 0.1  # the clients' Adam learning rate on the mask scores
     dense_lr: float = 1e-3  # Adam learning rate of the fedavg baseline's float weights
     # the clients' learning rate across rounds: "constant", or "cosine" from lr in round 1 down to
     # lr_floor x lr in the last round (fl.client.round_lr; the same for every method)
     lr_schedule: str = "constant"
-    lr_floor: float = 0.1
-    client_fraction: float = 1.0
+    lr_floor: float = 0.1  # "cosine": the last round's lr as a share of lr
+    client_fraction: float = 1.0  # the share of clients chosen each round (seeded by the round)
     mada: bool = True  # prism: blend rounds with MADA; false is the paper's PRISM-dagger
     smoothing: float = 0.01  # each uploaded bit counts as 0.01 / 0.99 when averaged
     upload_coder: str = "auto"  # "range" (vs global probabilities), "calibrated", "packed", or "auto": smallest
@@ -112,8 +131,10 @@ class TrainConfig:
 
 @dataclass
 class PrivacyConfig:
+    """Differential privacy of what the clients release (docs/privacy.md)."""
+
     epsilon: float = float("inf")  # inf: no privacy; otherwise record-level (epsilon, delta)-DP per client
-    delta: float = 1e-5
+    delta: float = 1e-5  # the delta of (epsilon, delta)-DP
     clip: float = 1.0  # per-layer clip bound = clip x median feature norm on non-private reference images
     # pooling (docs/privacy.md): the clients' releases, already DP, summed by the server and sent back
     pool: float = 0.0  # weight of the pooled statistics in each client's targets (0: its own release only)
@@ -202,7 +223,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # every random draw of the run (generator weights, partition, masks) derives from it
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,56 +255,49 @@ class RunConfig:
                         modes=self.model.modes if classes else 1)  # fmt: skip
 
     def validate(self) -> RunConfig:
-        from prismfl.data.partition import SCHEMES
-        from prismfl.data.sources import DATASETS
-        from prismfl.loss.features import FEATURE_NETS
-        from prismfl.loss.matching import MOMENTS, NORMALIZATIONS, TRACKERS
-        from prismfl.model.generators import ARCHITECTURES
-        from prismfl.model.masked import ESTIMATORS
-
         for key, kind, value in numeric_values(self):
             check_range(key, kind, value, *RANGES[key])
-        _one_of("data.dataset", self.data.dataset, tuple(DATASETS))
-        _one_of("partition.scheme", self.partition.scheme, SCHEMES)
-        _one_of("model.arch", self.model.arch, ARCHITECTURES)
-        _one_of("model.estimator", self.model.estimator, ESTIMATORS)
-        _one_of("loss.features", self.loss.features, FEATURE_NETS)
-        _one_of("loss.feature_data", self.loss.feature_data, ("holdout", *DATASETS))
+        _one_of("data.dataset", self.data.dataset)
+        _one_of("partition.scheme", self.partition.scheme)
+        _one_of("model.arch", self.model.arch)
+        _one_of("model.estimator", self.model.estimator)
+        _one_of("loss.features", self.loss.features)
+        _one_of("loss.feature_data", self.loss.feature_data)
         if self.loss.feature_data == self.data.dataset:
             raise ConfigError(f"loss.feature_data = {self.loss.feature_data!r} is the clients' own dataset: its public "
                               "images are partition.public_holdout's, set loss.feature_data = 'holdout'")  # fmt: skip
         if self.loss.feature_data != "holdout" and self.loss.features != "public":
             raise ConfigError("loss.feature_data names the public feature net's data: set loss.features = 'public'")
-        _one_of("loss.normalize", self.loss.normalize, NORMALIZATIONS)
-        _one_of("loss.moment", self.loss.moment, MOMENTS)
-        _one_of("loss.tracker", self.loss.tracker, TRACKERS)
+        _one_of("loss.normalize", self.loss.normalize)
+        _one_of("loss.moment", self.loss.moment)
+        _one_of("loss.tracker", self.loss.tracker)
         if self.loss.pca and not self.public_images():
             raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
                               "= 'public'")  # fmt: skip
         if self.loss.rff and not self.loss.pca:
             raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
-        _one_of("loss.feature_training", self.loss.feature_training, FEATURE_TRAINING)
+        _one_of("loss.feature_training", self.loss.feature_training)
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.pool needs the public or random feature net")
         if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
-        _one_of("train.device", self.train.device, ("cpu", "cuda", "auto"))
+        _one_of("train.device", self.train.device)
         if self.train.method == "prism-nomada":
             raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
-        _one_of("train.method", self.train.method, METHODS)
-        _one_of("train.upload_coder", self.train.upload_coder, ("auto", "range", "calibrated", "packed"))
-        _one_of("train.broadcast", self.train.broadcast, ("delta", "float32", "quantized"))
+        _one_of("train.method", self.train.method)
+        _one_of("train.upload_coder", self.train.upload_coder)
+        _one_of("train.broadcast", self.train.broadcast)
         per_round = max(1, round(self.train.client_fraction * self.partition.num_clients))
         if self.train.method == "prism" and self.train.broadcast == "delta" and per_round > 256:
             raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
                               "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
                               "train.client_fraction, or set train.broadcast = 'quantized'")  # fmt: skip
-        _one_of("train.final_mask", self.train.final_mask, ("mode", "sample"))
-        _one_of("train.upload_sampling", self.train.upload_sampling, ("independent", "stratified"))
-        _one_of("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
-        _one_of("train.warm_start_schedule", self.train.warm_start_schedule, ("constant", "cosine"))
-        _one_of("faults.attack", self.faults.attack, ATTACKS)
-        _one_of("robust.rule", self.robust.rule, ROBUST_RULES)
+        _one_of("train.final_mask", self.train.final_mask)
+        _one_of("train.upload_sampling", self.train.upload_sampling)
+        _one_of("train.lr_schedule", self.train.lr_schedule)
+        _one_of("train.warm_start_schedule", self.train.warm_start_schedule)
+        _one_of("faults.attack", self.faults.attack)
+        _one_of("robust.rule", self.robust.rule)
         if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
             raise ConfigError(f"robust.rule needs a method whose clients' uploads are aggregated, not "
                               f"{self.train.method!r}")  # fmt: skip
@@ -356,7 +370,7 @@ class RunConfig:
 
     def check_pool(self) -> None:
         p = self.privacy
-        _one_of("privacy.pool_classes", p.pool_classes, ("own", "all"))
+        _one_of("privacy.pool_classes", p.pool_classes)
         if p.pool > 0 and math.isinf(p.epsilon):
             raise ConfigError("privacy.pool shares the clients' statistics with the server: only private releases "
                               "may leave a client (set privacy.epsilon)")  # fmt: skip
@@ -364,7 +378,7 @@ class RunConfig:
             raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
         if p.shrink and math.isinf(p.epsilon):
             raise ConfigError("privacy.shrink pulls noisy statistics toward their layer averages: set privacy.epsilon")
-        _one_of("privacy.shrink_to", p.shrink_to, ("layer", "public"))
+        _one_of("privacy.shrink_to", p.shrink_to)
         if p.shrink_to == "public" and not p.shrink:
             raise ConfigError("privacy.shrink_to says where privacy.shrink pulls the statistics: "
                               "set privacy.shrink = true")  # fmt: skip
@@ -385,11 +399,47 @@ class RunConfig:
             raise ConfigError(f"privacy.colluders must be in [0, {self.partition.num_clients - 1}], got {p.colluders}")
 
 
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        hint = difflib.get_close_matches(value, choices, n=1)
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every string key's allowed values: what validate checks, and what docs/config.md lists."""
+    from prismfl.data.partition import SCHEMES
+    from prismfl.data.sources import DATASETS
+    from prismfl.loss.features import FEATURE_NETS
+    from prismfl.loss.matching import MOMENTS, NORMALIZATIONS, TRACKERS
+    from prismfl.model.generators import ARCHITECTURES
+    from prismfl.model.masked import ESTIMATORS
+
+    return {
+        "data.dataset": tuple(DATASETS),
+        "partition.scheme": SCHEMES,
+        "model.arch": ARCHITECTURES,
+        "model.estimator": ESTIMATORS,
+        "loss.features": FEATURE_NETS,
+        "loss.feature_data": ("holdout", *DATASETS),
+        "loss.normalize": NORMALIZATIONS,
+        "loss.moment": MOMENTS,
+        "loss.tracker": TRACKERS,
+        "loss.feature_training": FEATURE_TRAINING,
+        "train.device": ("cpu", "cuda", "auto"),
+        "train.method": METHODS,
+        "train.upload_coder": ("auto", "range", "calibrated", "packed"),
+        "train.broadcast": ("delta", "float32", "quantized"),
+        "train.final_mask": ("mode", "sample"),
+        "train.upload_sampling": ("independent", "stratified"),
+        "train.lr_schedule": ("constant", "cosine"),
+        "train.warm_start_schedule": ("constant", "cosine"),
+        "faults.attack": ATTACKS,
+        "robust.rule": ROBUST_RULES,
+        "privacy.pool_classes": ("own", "all"),
+        "privacy.shrink_to": ("layer", "public"),
+    }
+
+
+def _one_of(key: str, value: str) -> None:
+    allowed = choices()[key]
+    if value not in allowed:
+        hint = difflib.get_close_matches(value, allowed, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{extra}")
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
 
 
 def numeric_values(node, prefix: str = ""):

@@ -1,0 +1,133 @@
+"""docs/config.md, the reference of every run-config key, generated from config.py: each dataclass field's
+type and default, the comments written beside it, its range (config.RANGES) and its allowed values
+(config.choices). A test keeps the file equal to what this writes, so a key cannot be added undocumented.
+
+Write it: .venv/bin/python -m prismfl.configref docs/config.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import math
+import sys
+import textwrap
+import tokenize
+from pathlib import Path
+
+from prismfl import config
+
+HEADER = """# Configuration reference
+
+Every key of a run configuration: a TOML file (`prismfl train --config FILE`), each key also settable with
+`--set section.key=value` (strings in quotes: `--set 'train.broadcast="delta"'`). A run directory's
+`config.toml` is the resolved configuration, every key included. Numbers outside their range, unknown keys
+and values not among the allowed ones are refused with one line before anything runs; the relations between
+keys (which settings need which) are checked too, each with its own message.
+
+Generated from `src/prismfl/config.py` by `python -m prismfl.configref docs/config.md`; a test fails when
+this file and the code differ. The shipped configs (`configs/*.toml`) say in their headers what each is for.
+"""
+
+
+def field_notes(cls) -> dict[str, str]:
+    """The comments of each field of a dataclass: the full-line comments right above it, then the one
+    after it on its line."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    lines = source.splitlines()
+    notes = {}
+    for f in dataclasses.fields(cls):
+        at = next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{f.name}:"))
+        above, i = [], at - 1
+        while i in comments and i not in code_lines:
+            above.insert(0, comments[i])
+            i -= 1
+        notes[f.name] = " ".join([*above, *([comments[at]] if at in comments and at in code_lines else [])])
+    return notes
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _range(key: str) -> str:
+    if key not in config.RANGES:
+        return ""
+    lo, hi, brackets = config.RANGES[key]
+    show = lambda x: "inf" if isinstance(x, float) and math.isinf(x) else f"{x:,}" if isinstance(x, int) else f"{x:g}"  # noqa: E731
+    return f"{brackets[0]}{show(lo)}, {show(hi)}{brackets[1]}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def keys(cfg=None) -> list[str]:
+    """Every dotted key of a run config."""
+    cfg = cfg or config.RunConfig()
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def markdown() -> str:
+    allowed = config.choices()
+    parts = [HEADER]
+    top = [f for f in dataclasses.fields(config.RunConfig) if not dataclasses.is_dataclass(_default(f))]
+    sections = [("", config.RunConfig, top)] + [
+        (f.name, type(_default(f)), dataclasses.fields(_default(f)))
+        for f in dataclasses.fields(config.RunConfig)
+        if dataclasses.is_dataclass(_default(f))
+    ]
+    for name, cls, fields in sections:
+        notes = field_notes(cls)
+        title = f"[{name}]" if name else "top level"
+        doc = " ".join((cls.__doc__ or "").split()) if name else ""
+        doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # (a dataclass's generated signature)
+        parts += [f"## {title}", "", *([doc, ""] if doc else []),
+                  "| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]  # fmt: skip
+        for f in fields:
+            key = f"{name}.{f.name}" if name else f.name
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            values = ", ".join(f'"{v}"' for v in allowed[key]) if key in allowed else _range(key)
+            note = notes.get(f.name, "")
+            parts.append(f"| `{key}` | {_cell(kind)} | `{_show(_default(f))}` | {_cell(values)} | {_cell(note)} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/config.md")
+    out.write_text(markdown())
+    print(f"wrote {out} ({len(keys())} keys)")
+
+
+if __name__ == "__main__":
+    main()
