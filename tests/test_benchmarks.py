@@ -157,3 +157,27 @@ def test_the_server_adam_screen_takes_bias_corrected_steps():
     assert torch.allclose(m, torch.tensor([0.75, 13 / 3])) and torch.allclose(s2, expected, atol=1e-6)
     s3, _ = adam(s2, torch.tensor([40.0, 10.0]), m, 0.5, 10.0, 0.01)  # a large step is held at logit(0.99)
     assert s3[0].item() == pytest.approx(math.log(99), abs=1e-5)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs FashionMNIST")
+def test_the_warm_start_alone_is_what_a_run_starts_from(monkeypatch, tmp_path):
+    """The model of the warm start alone is the mode of the round-0 scores that a run of the same config
+    trains and starts its rounds from (captured from the run's own warm start)."""
+    from prismfl.config import load_config
+    from prismfl.errors import PrismError
+    from prismfl.fl import simulate, wire
+    from prismfl.fl.methods import prism
+
+    warm = load("warm_start_only")
+    cfg = load_config(ROOT / "configs" / "smoke.toml", ["train.warm_start=20", "train.rounds=1"])
+    model = warm.warm_start_model(cfg, log=lambda *_: None)
+    seen, real = [], prism.Prism.warm_start
+    monkeypatch.setattr(prism.Prism, "warm_start", lambda self, state, message: seen.append(message) or real(
+        self, state, message))  # fmt: skip
+    simulate.train(cfg, tmp_path / "run", log=lambda *_: None)
+    table_hash = wire.HEADER.unpack_from(seen[0])[7]  # (the header's layer-table hash field)
+    _, scores = wire.decode_state(seen[0], num_weights=model.mask.numel(), table_hash=table_hash)
+    assert model.mask.equal(scores > 0) and model.info["rounds"] == 0
+    assert model.info["warm_start"]["source"] == "the clients' pooled statistics"
+    with pytest.raises(PrismError, match="train.warm_start > 0"):
+        warm.warm_start_model(load_config(ROOT / "configs" / "smoke.toml"), log=lambda *_: None)
