@@ -190,3 +190,29 @@ def test_a_public_feature_net_of_another_distribution(tmp_path):
     again = task.feature_net_from_recipe(cfg, recipe)  # a Flower message's process: from the cache alone
     x = fed.images(fed.parts[0][:4])
     assert all(torch.equal(a, b) for a, b in zip(net.extract(x), again.extract(x)))
+
+
+@needs_fmnist
+def test_the_set_up_traffic_of_a_run_without_public_images_is_counted(tmp_path):
+    """The warm start at the server needs every client's feature statistics, the modes every client's
+    moment sums: their bytes (payload, as Flower carries them) are recorded in the model's info and the
+    report, beside the rounds' traffic."""
+    from prismfl import modelfile, rundir
+    from prismfl.fl.methods.registry import build
+
+    cfg = load_config(SMOKE, ["train.warm_start=20", "train.rounds=1", "model.conditional=true", 'model.arch="mlp-up"',
+                              "model.modes=2", "loss.codes_per_step=8", "train.batch_size=16"])  # fmt: skip
+    out = simulate.train(cfg, tmp_path / "run", **QUIET)
+    traffic = modelfile.load(out / "model.prism").info["setup_traffic"]
+    # each client's statistics: (20 codes x D) means and variances, float32, per feature layer; its moment sums:
+    # counts (10), sums (10 x 196) and outer products (10 x 196 x 196), float64; a little safestate framing each
+    state = rundir.load_checkpoint(out)["clients"]["clients"]
+    stats = sum(4 * 2 * sum(m.numel() for m in c["stats"]["mean"]) for c in state)
+    moments = 3 * 8 * (10 + 10 * 196 + 10 * 196 * 196)
+    assert stats + moments < traffic["up"] < stats + moments + 3 * 2 * 4096
+    fitted = task.prepare_federation(cfg).modes
+    assert traffic["down"] == 3 * len(simulate.modes_message(fitted))
+    assert 8 * 10 * 784 * 2 * 3 < traffic["down"]  # the means and bases of 10 classes, to 3 clients
+    report = (out / "report.md").read_text()
+    assert f"Set-up, before round 1: {traffic['up'] / 1e6:.2f} MB up" in report
+    assert build(cfg).spec.codes == 20

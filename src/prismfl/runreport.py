@@ -22,6 +22,19 @@ def _num_weights(records: list[dict]) -> int:
     return 0
 
 
+def _setup_traffic(run_dir: Path) -> dict | None:
+    """The set-up's payload bytes a run's model file records ({"up", "down"}), None where there were none."""
+    model = run_dir / rundir.MODEL
+    if not model.exists():
+        return None
+    from prismfl import modelfile
+
+    traffic = modelfile.load(model).info.get("setup_traffic")
+    if not (isinstance(traffic, dict) and all(type(traffic.get(k)) is int and traffic[k] >= 0 for k in ("up", "down"))):
+        return None
+    return traffic if traffic["up"] or traffic["down"] else None
+
+
 def run_report(run_dir: Path) -> Path:
     """Write report.md in a run directory from its config, metrics, model and evaluation."""
     run_dir = Path(run_dir)
@@ -52,6 +65,7 @@ def run_report(run_dir: Path) -> Path:
         "![curves](curves.png)",
         "",
     ]
+    setup = _setup_traffic(run_dir)
     if records:
         up = sum(r["upload_bytes"] for r in records)
         down = sum(r["download_bytes"] for r in records)
@@ -69,6 +83,11 @@ def run_report(run_dir: Path) -> Path:
                   f"| total | {(up + down) / 1e6:.2f} MB | {(up + down) / max(uploads, 1) / 1e3:.1f} kB"
                   f"{per_weight(up + down)} |", "",
                   f"Traffic up and down: {(up + down) / 1e6:.2f} MB{versus}.", "",
+                  *([f"Set-up, before round 1: {setup['up'] / 1e6:.2f} MB up (the clients' moment sums for the "
+                     f"modes and feature statistics for the warm start) and {setup['down'] / 1e6:.2f} MB down (the "
+                     f"modes); with it, {(up + down + setup['up'] + setup['down']) / 1e6:.2f} MB in all"
+                     + (f" ({(up + down + setup['up'] + setup['down']) / dense:.3f} x dense FedAvg's rounds)."
+                        if dense else "."), ""] if setup else []),
                   f"Upload cost: {np.mean([r['bits_per_param'] for r in records]):.3f} bits/weight on average, "
                   f"{last['bits_per_param']:.3f} in the last round (entropy bound "
                   f"{last.get('entropy_bound_bits_per_param') or 0:.3f}); packing costs 1 bit/weight, dense "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prismfl import schema
+from prismfl import safestate, schema
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
 from prismfl.fl import task, wire
@@ -423,3 +423,21 @@ def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = Non
     if source == "pooled":  # (a public warm start's record is as it always was)
         info["source"] = "the clients' pooled statistics"
     return wire.encode_state(scores.cpu(), round_=0, table_hash=ctx.table_hash), info
+
+
+# ---- what travels at set-up where a run has no public images (on Flower for real; the simulator counts it)
+
+
+def statistics_message(stats: FeatureStats) -> bytes:
+    """A client's feature statistics as it sends them for the warm start at the server."""
+    return safestate.to_bytes(stats.to_tree())
+
+
+def moments_message(sums: dict) -> bytes:
+    """A client's moment sums (data/modes.py moment_sums) as it sends them for the federation's modes."""
+    return safestate.to_bytes({key: torch.from_numpy(value) for key, value in sums.items()})
+
+
+def modes_message(modes) -> bytes:
+    """The modes the server fitted, as it sends them to every client in the setup message."""
+    return safestate.to_bytes({key: torch.from_numpy(value) for key, value in modes.to_arrays().items()})

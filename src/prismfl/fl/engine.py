@@ -59,6 +59,9 @@ class Setup:
     # partitions that take no part (on Flower: their SuperNode was dropped at set-up); a round that
     # chooses one lists it under failures
     absent: list[int] = field(default_factory=list)
+    # the set-up's payload bytes where a run has no public images: up, the clients' moment sums (model.modes)
+    # and feature statistics (the warm start at the server); down, the modes sent back to every client
+    setup_traffic: dict = field(default_factory=lambda: {"up": 0, "down": 0})
 
 
 class Transport(Protocol):
@@ -112,6 +115,10 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         rundir.start(out, cfg, format_class_table(setup.class_table, setup.class_names), setup.source, log)
         pooled = pool_statistics(cfg, method, setup, transport, log) if cfg.privacy.pool > 0 else None
         state, records, start = method.init_state(setup.num_weights, setup.table_hash), [], 1
+        if setup.setup_traffic["up"] or setup.setup_traffic["down"]:
+            model_info["setup_traffic"] = dict(setup.setup_traffic)
+            log(f"set-up traffic: {setup.setup_traffic['up'] / 1e6:.2f} MB up (the clients' moment sums and "
+                f"statistics), {setup.setup_traffic['down'] / 1e6:.2f} MB down (the modes)")  # fmt: skip
         if cfg.train.warm_start and method.warm_starts and warm_start(method, state, setup, log):
             # (its time stays in the log: a model file is the same bytes whoever trained it, however fast)
             model_info["warm_start"] = {k: v for k, v in (setup.warm_info or {}).items() if k != "seconds"}
@@ -127,8 +134,9 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
     else:
         check_feature_net(ckpt["model_info"].get("feature_net"), setup.feature_meta)
         state, records, start = ckpt["server"], ckpt["records"], ckpt["round"] + 1
-        if "warm_start" in ckpt["model_info"]:
-            model_info["warm_start"] = ckpt["model_info"]["warm_start"]
+        for key in ("warm_start", "setup_traffic"):
+            if key in ckpt["model_info"]:
+                model_info[key] = ckpt["model_info"][key]
         method.check_state(state, setup.num_weights, setup.table_hash, ckpt["round"])  # (the simulator: again)
         if ckpt["clients"] is None:  # the clients kept their own state, and have started afresh since
             method.clients_restarted(state)

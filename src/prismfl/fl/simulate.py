@@ -23,7 +23,10 @@ from prismfl.fl.client import (
     ClientRuntime,
     class_table_of,
     client_context,
+    modes_message,
+    moments_message,
     reported_counts,
+    statistics_message,
     warm_start,
 )
 from prismfl.fl.engine import Setup, run
@@ -75,6 +78,12 @@ class InProcess:
             held = [c.stats for c in self.clients.values() if c.stats is not None]
             pooled = None if len(ctx.fed.public_idx) else combine_stats(held)
             warm, warm_info = warm_start(ctx, cfg.train.warm_start, pooled)
+        traffic = {"up": 0, "down": 0}  # what Flower's set-up would carry (payload bytes), counted here alike
+        if checkpoint is None and cfg.model.modes > 1 and not len(ctx.fed.public_idx):
+            traffic["up"] += sum(len(moments_message(ctx.fed.moments(k))) for k in range(cfg.partition.num_clients))
+            traffic["down"] += len(modes_message(ctx.fed.modes)) * cfg.partition.num_clients
+        if warm is not None and not len(ctx.fed.public_idx):
+            traffic["up"] += sum(len(statistics_message(c.stats)) for c in self.clients.values() if c.stats is not None)
         target = ctx.shrink_target() if cfg.privacy.secagg and checkpoint is None else None  # the server shrinks
         return Setup(
             num_weights=ctx.num_weights,
@@ -90,6 +99,7 @@ class InProcess:
             warm_start=warm,
             warm_info=warm_info,
             shrink_target=target,
+            setup_traffic=traffic,
         )
 
     def share_pool(self, pooled) -> None:

@@ -92,22 +92,27 @@ class Federation:
         return torch.from_numpy(self.train.labels[idx].astype(np.int64))
 
     @cached_property
+    def modes(self):
+        """The modes of model.modes (data/modes.py): given by the server (Flower), fitted on the public
+        images, or taken from the moments the clients release (principal_modes)."""
+        from prismfl.data.modes import fit_modes, principal_modes, sum_moments
+
+        pub, k = self.public_idx, self.cfg.model.modes
+        if self.given_modes is not None:
+            return self.given_modes
+        if len(pub):
+            return fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, k,
+                             derived_seed(self.cfg.seed, "modes"), scale=1 / 255)  # fmt: skip
+        # the server sums what each client released: its per-class counts, sums and outer products
+        return principal_modes(sum_moments([self.moments(i) for i in range(len(self.parts))]), k,
+                               self.train.images.shape[1:])  # fmt: skip
+
+    @cached_property
     def codes(self) -> np.ndarray:
         """Every training image's condition code under model.modes (data/modes.py): the modes are fitted on
         the public images or, without them, taken from the moments the clients release (principal_modes);
         a client computes its own images' codes from them (in one process: all at once)."""
-        from prismfl.data.modes import fit_modes, principal_modes, sum_moments
-
-        pub, k, scale = self.public_idx, self.cfg.model.modes, 1 / 255
-        if self.given_modes is not None:
-            modes = self.given_modes
-        elif len(pub):
-            modes = fit_modes(self.train.images[pub], self.train.labels[pub], self.num_classes, k,
-                              derived_seed(self.cfg.seed, "modes"), scale=scale)  # fmt: skip
-        else:  # the server sums what each client released: its per-class counts, sums and outer products
-            modes = principal_modes(sum_moments([self.moments(i) for i in range(len(self.parts))]), k,
-                                    self.train.images.shape[1:])  # fmt: skip
-        return modes.codes(self.train.images, self.train.labels, scale=scale)
+        return self.modes.codes(self.train.images, self.train.labels, scale=1 / 255)
 
     def moments(self, k: int) -> dict:
         """What client k releases for the federation's modes (data/modes.py moment_sums)."""

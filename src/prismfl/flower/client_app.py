@@ -28,7 +28,15 @@ from prismfl import safestate
 from prismfl.config import config_from_dict
 from prismfl.errors import PrismError
 from prismfl.fl import task
-from prismfl.fl.client import ClientRuntime, client_context, reported_counts, training_context, warm_start
+from prismfl.fl.client import (
+    ClientRuntime,
+    client_context,
+    moments_message,
+    reported_counts,
+    statistics_message,
+    training_context,
+    warm_start,
+)
 from prismfl.fl.methods import registry as methods
 from prismfl.fl.methods.base import Downlink
 from prismfl.flower.payload import LINK_KEY_BYTES, SECAGG, STATE, downlink_tag, from_array, to_array, wire_messages
@@ -69,13 +77,10 @@ def _save(context: Context, cfg_json: str, recipe_json: str, client: ClientRunti
 
 def moments(message: Message, context: Context) -> Message:
     """model.modes without public images: this node's moment sums out (data/modes.py), before set-up."""
-    import torch
-
     node = node_settings(dict(context.node_config))
     cfg = client_config(json.loads(message.content["prismfl"]["config"]), node)
     _, ctx = run_context(json.dumps(cfg.to_dict(), sort_keys=True))
-    sums = ctx.fed.moments(node.partition_id)
-    blob = safestate.to_bytes({key: torch.from_numpy(v) for key, v in sums.items()})
+    blob = moments_message(ctx.fed.moments(node.partition_id))
     content = RecordDict({"prismfl": ConfigRecord({"partition-id": node.partition_id}),
                           "moments": ArrayRecord({"000": to_array(blob, STATE)})})  # fmt: skip
     return Message(content, reply_to=message)
@@ -145,7 +150,7 @@ def setup(message: Message, context: Context) -> Message:
         content["shrink-target"] = ArrayRecord({"000": to_array(safestate.to_bytes(target), STATE)})
     if int(message.content["prismfl"].get("send-statistics", 0)) and client.stats is not None:
         # a warm start without public images: the server trains it on the sum of what the clients released
-        content["statistics"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.stats.to_tree()), STATE)})
+        content["statistics"] = ArrayRecord({"000": to_array(statistics_message(client.stats), STATE)})
     if client.shared is not None and not cfg.privacy.secagg:  # privacy.pool: its release's noisy sums (DP)
         content["shared"] = ArrayRecord({"000": to_array(safestate.to_bytes(client.shared), STATE)})
     return Message(content, reply_to=message)

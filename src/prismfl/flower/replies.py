@@ -123,6 +123,7 @@ class SetupReply:
     shrink_target: dict | None = None
     shared: dict | None = None  # privacy.pool: its release's noisy sums (a safestate tree)
     statistics: object | None = None  # a pooled warm start: its (released) feature statistics, a FeatureStats
+    statistics_bytes: int = 0  # and their size on the wire (the payload)
 
 
 WARM_KEYS = ("steps", "images", "loss", "seconds")
@@ -192,8 +193,11 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
     if "shared" in content:
         reply.shared = _tree(payload(content, "shared", STATE, "shared statistics"), "shared sums")
     if "statistics" in content:
-        reply.statistics = statistics(_tree(payload(content, "statistics", STATE, "statistics"), "statistics"),
-                                      codes, None if private else reply.statistics_class_counts)  # fmt: skip
+        blob = payload(content, "statistics", STATE, "statistics")
+        reply.statistics = statistics(
+            _tree(blob, "statistics"), codes, None if private else reply.statistics_class_counts
+        )
+        reply.statistics_bytes = len(blob)
     return reply
 
 

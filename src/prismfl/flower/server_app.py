@@ -31,7 +31,7 @@ from prismfl import safestate
 from prismfl.data.sources import dataset_info
 from prismfl.errors import PrismError
 from prismfl.fl import engine, task
-from prismfl.fl.client import class_table_of
+from prismfl.fl.client import class_table_of, modes_message
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
 from prismfl.flower import replies
@@ -127,12 +127,11 @@ def needs_modes(cfg) -> bool:
     return cfg.model.modes > 1 and not cfg.public_images()
 
 
-def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes, dict[int, int], dict[str, str]]:
+def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes, dict[int, int], dict[str, str], dict]:
     """Ask every node for its moment sums, add up those of the nodes that answered well (in partition order,
     as the simulator does) and fit the modes (principal_modes). Returns the modes as a state blob for the
-    setup message, {node: partition} of the nodes kept, and {node: why} of those dropped (as at set-up)."""
-    import torch
-
+    setup message, {node: partition} of the nodes kept, {node: why} of those dropped (as at set-up), and
+    the bytes of the kept nodes' sums and of the modes sent back ({"up", "down"})."""
     from prismfl.data.modes import MODE_POOL, principal_modes, sum_moments
 
     cfg = s.cfg
@@ -143,7 +142,10 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
     got = exchange(grid, {node: request for node in nodes}, f"{MessageType.QUERY}.moments", s.reply_timeout,
                    "moments")  # fmt: skip
 
+    sizes: dict[int, int] = {}
+
     def parse(node: int, reply: Message) -> tuple[int, dict]:
+        sizes[node] = len(replies.payload(reply.content, "moments", STATE, "moment sums"))
         return replies.moments_reply(reply.content, clients=cfg.partition.num_clients, num_classes=num_classes, d=d)
 
     kept, dropped = claimed_replies(got, nodes, s.reply_timeout, "moments message", "compute its moment sums", parse)
@@ -151,16 +153,18 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
         raise PrismError("no SuperNode sent usable moment sums for the modes: " + "; ".join(
             f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
     modes = principal_modes(sum_moments([kept[pid][1] for pid in sorted(kept)]), cfg.model.modes, shape)
-    blob = safestate.to_bytes({key: torch.from_numpy(v) for key, v in modes.to_arrays().items()})
-    return blob, {node: pid for pid, (node, _) in kept.items()}, dropped
+    blob = modes_message(modes)
+    traffic = {"up": sum(sizes[node] for node, _ in kept.values()), "down": len(blob) * len(kept)}
+    return blob, {node: pid for pid, (node, _) in kept.items()}, dropped, traffic
 
 
 def setup_clients(
     grid: Grid, s: ServerSettings, method, n: int, table_hash: int, warm: bool = True
-) -> tuple[dict[int, int], dict[int, replies.SetupReply], dict[str, str]]:
+) -> tuple[dict[int, int], dict[int, replies.SetupReply], dict[str, str], dict]:
     """Send the RunConfig to every node; return {partition id: node id} and the checked setup replies
     of the nodes kept, by partition (with `warm`, a new prism run's train.warm_start: partition 0's
-    carries its scores), and {node: why} for the nodes dropped.
+    carries its scores), {node: why} for the nodes dropped, and the set-up's payload bytes ({"up", "down"}:
+    the moment sums and statistics the nodes sent, the modes sent back).
 
     A node is dropped, with one log line, when it does not answer, answers with an error, or sends a
     reply that is not what an honest node of this run sends (replies.setup_reply); when two nodes
@@ -176,8 +180,9 @@ def setup_clients(
     nodes = wait_for_nodes(grid, k, s.connect_timeout)
     dropped: dict[str, str] = {}
     partition_of: dict[int, int] = {}
+    traffic = {"up": 0, "down": 0}  # what the modes' exchange and the statistics carry (payload bytes)
     if needs_modes(cfg):  # one exchange before set-up: the modes the clients' statistics are per
-        modes, partition_of, dropped = gather_modes(grid, s, nodes)
+        modes, partition_of, dropped, traffic = gather_modes(grid, s, nodes)
         nodes = [node for node in nodes if node in partition_of]
     pooled = warm and pooled_warm_start(cfg)  # the server trains it on the sum of the clients' statistics
     steps = cfg.train.warm_start if warm and not pooled else 0  # partition 0 trains it on the public hold-out
@@ -208,6 +213,7 @@ def setup_clients(
     dropped.update(refused)
     infos = {pid: checked for pid, (_, checked) in kept.items()}
     node_of = {pid: node for pid, (node, _) in kept.items()}
+    traffic["up"] += sum(r.statistics_bytes for r in infos.values())
     consensus = (  # what every honest node sends alike (an empty signature: nothing to compare)
         ("class-count rows' width", lambda r: len(r.class_counts)),
         ("secure-aggregation layout and clip bounds", lambda r: r.secagg and [r.secagg["layout"], r.secagg["clip"]]),
@@ -231,7 +237,7 @@ def setup_clients(
         reasons = "; ".join(f"SuperNode {node}: {why}" for node, why in dropped.items())
         raise PrismError(f"{len(node_of)} of {k} SuperNodes set up their client, fewer than min-replies = "
                          f"{s.min_replies}: {reasons}")  # fmt: skip
-    return node_of, infos, dropped
+    return node_of, infos, dropped, traffic
 
 
 def pooled_warm_start(cfg) -> bool:
@@ -292,7 +298,7 @@ class GridTransport:
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
         n, table_hash = task.model_layout(method.build_model())
-        self.node_of, infos, _ = setup_clients(self.grid, self.s, method, n, table_hash,
+        self.node_of, infos, _, traffic = setup_clients(self.grid, self.s, method, n, table_hash,
                                                warm=checkpoint is None and method.warm_starts)  # fmt: skip
         zero = infos.get(0)
         if zero is not None and zero.warm_start is not None and not warm_start_decodes(zero.warm_start, n, table_hash):
@@ -331,6 +337,7 @@ class GridTransport:
             warm_info=warm_info,
             shrink_target=zero and zero.shrink_target,
             absent=sorted(self.absent),
+            setup_traffic=traffic,
         )
 
     def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
