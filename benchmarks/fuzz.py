@@ -125,6 +125,35 @@ def quantized_target():
     return seeds, check, reseal_wire, wire.WireError
 
 
+def setup_messages_target(which: str):
+    """A node's feature statistics (the pooled warm start) or moment sums (the modes) at set-up, as the
+    server decodes them (fl/client.py statistics_of_message, moments_of_message): 4 codes, 6 classes."""
+    from prismfl.data.modes import moment_sums
+    from prismfl.fl import client
+    from prismfl.loss.matching import feature_stats
+
+    gen = torch.Generator().manual_seed(5)
+    images, labels = torch.rand(12, 1, 4, 4, generator=gen), torch.tensor([0, 2] * 6)
+    if which == "statistics":
+        stats = feature_stats(lambda x: [x.flatten(1), x.flatten(1)[:, :2] * 3], images, labels=labels, num_classes=4)
+        seeds = [client.statistics_message(stats)]
+
+        def check(data: bytes) -> str:
+            got = client.statistics_of_message(data, 4)
+            fits = all(m.shape == v.shape and m.shape[0] == 4 for m, v in zip(got.mean, got.var))
+            return "ok" if fits and all(torch.isfinite(t).all() for t in got.mean + got.var) else "wrong"
+    else:
+        pixels = (torch.rand(12, 1, 28, 28, generator=gen) * 255).to(torch.uint8).numpy()
+        seeds = [client.moments_message(moment_sums(pixels, labels.numpy(), 6, 1 / 255))]
+
+        def check(data: bytes) -> str:
+            got = client.moments_of_message(data, 6, 196)  # (safestate's bytes are not canonical: no re-encoding)
+            symmetric = bool((got["outer"] == got["outer"].transpose(0, 2, 1)).all())
+            return "ok" if got["outer"].shape == (6, 196, 196) and symmetric else "wrong"
+
+    return seeds, check, lambda d: d, (safestate.StateError, ValueError)
+
+
 def model_target():
     spec = ArchSpec("mlp", 4, 8, 1, 28, weight_seed=3)
     n = masked.num_maskable(build_generator(spec))
@@ -397,6 +426,8 @@ def restored_state_target(tmp: Path):
 # each target gets a scratch directory for the files its decoder reads, removed after its campaign
 TARGETS = {"upload": lambda _: wire_target("upload"), "delta": lambda _: wire_target("delta"),
            "state": lambda _: wire_target("state"), "quantized": lambda _: quantized_target(),
+           "statistics": lambda _: setup_messages_target("statistics"),
+           "moments": lambda _: setup_messages_target("moments"),
            "model file": lambda _: model_target(),
            "checkpoint": checkpoint_target, "config": config_target}  # fmt: skip
 STRUCTURED = {"setup reply": setup_reply_target, "broadcast": broadcast_target, "config values": config_values_target,

@@ -231,9 +231,11 @@ def test_the_demo_setting_without_public_images_on_flower_matches_the_simulator_
     assert (tmp_path / "fl" / "model.prism").read_bytes() == (sim_out / "model.prism").read_bytes()
     assert modelfile.load(sim_out / "model.prism").spec.modes == 2
     # the set-up's bytes, counted alike on both transports (the model files are equal): each node's moment
-    # sums (10 classes x 196 x 196 float64 outer products and more) and statistics up, the modes down
+    # sums (per class it holds, a 196 x 197 / 2 float64 triangle of outer products and more) and statistics
+    # up, the modes down
     traffic = modelfile.load(sim_out / "model.prism").info["setup_traffic"]
-    assert traffic["up"] > 3 * (10 * 196 * 196 * 8) and traffic["down"] > 3 * (2 * 10 * 784 * 8)
+    held = int((task.prepare_federation(cfg).table > 0).sum())
+    assert traffic["up"] > held * 196 * 197 // 2 * 8 and traffic["down"] > 3 * (2 * 10 * 784 * 8)
     assert "Set-up, before round 1" in (tmp_path / "fl" / "report.md").read_text()
 
 

@@ -289,7 +289,7 @@ def test_the_secure_aggregation_fields_of_a_setup_reply_are_checked():
 def test_the_statistics_of_a_setup_reply_for_a_pooled_warm_start_are_checked():
     from flwr.app import ArrayRecord, RecordDict
 
-    from prismfl import safestate
+    from prismfl.fl.client import statistics_message
     from prismfl.flower.payload import STATE
     from prismfl.loss.matching import FeatureStats
 
@@ -301,7 +301,7 @@ def test_the_statistics_of_a_setup_reply_for_a_pooled_warm_start_are_checked():
     )
 
     def parse(tree=None, **change):
-        blob = to_array(safestate.to_bytes((tree or honest).to_tree()), STATE)
+        blob = to_array(statistics_message(tree or honest), STATE)
         content = RecordDict({"prismfl": ConfigRecord({**base, **change}), "statistics": ArrayRecord({"000": blob})})
         return replies.setup_reply(content, clients=3, num_weights=10, table_hash=7, num_classes=2, codes=2,
                                    secagg=False, key_bytes=32)  # fmt: skip

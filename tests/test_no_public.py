@@ -19,6 +19,7 @@ from prismfl.config import ConfigError, load_config
 from prismfl.data import modes as modes_mod
 from prismfl.data.sources import Split
 from prismfl.fl import simulate, task
+from prismfl.fl.client import moments_message, moments_of_message, statistics_message, statistics_of_message
 from prismfl.loss.matching import combine_stats, feature_stats
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -145,11 +146,17 @@ def test_the_warm_start_trains_on_the_pooled_statistics(monkeypatch):
     transport = simulate.InProcess(cfg)
     from prismfl.fl.methods.registry import build
 
-    setup = transport.setup(build(cfg), None, QUIET["log"])
-    union = combine_stats([c.stats for c in transport.clients.values()])
+    method = build(cfg)
+    setup = transport.setup(method, None, QUIET["log"])
+    held = [c.stats for c in transport.clients.values()]
+    union = combine_stats(held)
     assert seen["pooled"].count == union.count == sum(len(p) for p in transport.ctx.fed.parts)
     assert setup.warm_info["source"] == "the clients' pooled statistics"
-    assert all(torch.equal(a, b) for a, b in zip(seen["pooled"].mean, union.mean))
+    # the pooled statistics of what the clients' messages carry (float16): Flower's server decodes the same
+    sent = combine_stats([statistics_of_message(statistics_message(s), method.spec.codes) for s in held])
+    assert all(torch.equal(a, b) for a, b in zip(seen["pooled"].mean + seen["pooled"].var, sent.mean + sent.var))
+    for a, b in zip(seen["pooled"].mean, union.mean):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize(
@@ -206,9 +213,14 @@ def test_the_set_up_traffic_of_a_run_without_public_images_is_counted(tmp_path):
     traffic = modelfile.load(out / "model.prism").info["setup_traffic"]
     # each client's statistics: (20 codes x D) means and variances, float32, per feature layer; its moment sums:
     # counts (10), sums (10 x 196) and outer products (10 x 196 x 196), float64; a little safestate framing each
+    # each client's statistics: the rows of the codes it holds images of, means and variances, float16, per
+    # feature layer; its moment sums: counts (10) and, for each class it holds, sums (196) and the outer
+    # product's lower triangle (196 x 197 / 2), float64; a little safestate framing each
     state = rundir.load_checkpoint(out)["clients"]["clients"]
-    stats = sum(4 * 2 * sum(m.numel() for m in c["stats"]["mean"]) for c in state)
-    moments = 3 * 8 * (10 + 10 * 196 + 10 * 196 * 196)
+    stats = sum(2 * 2 * int((c["stats"]["class_counts"] != 0).sum()) * sum(m.shape[1] for m in c["stats"]["mean"])
+                for c in state)  # fmt: skip
+    held = (task.prepare_federation(cfg).table > 0).sum(1)
+    moments = 8 * sum(10 + n * (196 + 196 * 197 // 2) for n in held)
     assert stats + moments < traffic["up"] < stats + moments + 3 * 2 * 4096
     fitted = task.prepare_federation(cfg).modes
     assert traffic["down"] == 3 * len(simulate.modes_message(fitted))
@@ -216,3 +228,83 @@ def test_the_set_up_traffic_of_a_run_without_public_images_is_counted(tmp_path):
     report = (out / "report.md").read_text()
     assert f"Set-up, before round 1: {traffic['up'] / 1e6:.2f} MB up" in report
     assert build(cfg).spec.codes == 20
+
+
+def _stats(codes: int = 6):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(50, 1, 4, 4, generator=gen) * 3
+    labels = torch.tensor([0, 2, 5] * 16 + [0, 2])
+    return feature_stats(lambda x: [x.flatten(1), x.flatten(1)[:, :3] ** 2 * 1000], images, labels=labels,
+                         num_classes=codes)  # fmt: skip
+
+
+def test_a_statistics_message_carries_the_held_rows_in_float16():
+    """Rows of codes without images are not sent and come back exactly zero; the others within float16's
+    precision (2**-11 of each value; the power-of-two scale keeps 1000x features in range); the message
+    is a quarter of the float32 statistics for 3 codes of 6."""
+    stats = _stats()
+    blob = statistics_message(stats)
+    back = statistics_of_message(blob, 6)
+    assert torch.equal(back.class_counts, stats.class_counts) and back.count == 50
+    for a, b in zip(stats.mean + stats.var, back.mean + back.var):
+        assert a.shape == b.shape and b.dtype == torch.float32
+        assert torch.equal(b[[1, 3, 4]], torch.zeros_like(b[[1, 3, 4]]))
+        assert bool(((a - b).abs() <= a.abs() * 2.0**-11 + 1e-30).all())
+    assert statistics_message(back) == statistics_message(statistics_of_message(statistics_message(back), 6))
+    # the tensors' bytes: 3 rows x (16 + 3) features x mean and var in float16, 2 scales each in float32, the
+    # class counts in float64 (a quarter of the float32 statistics' 6 x 19 x 2 x 4)
+    header = int.from_bytes(blob[:8], "little")
+    assert len(blob) - 8 - header == 3 * 19 * 2 * 2 + 2 * 2 * 4 + 6 * 8
+
+
+def _tampered(blob: bytes, **changes) -> bytes:
+    from prismfl import safestate
+
+    tree = safestate.from_bytes(blob)
+    tree.update(changes)
+    return safestate.to_bytes(tree)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"mean": [torch.zeros(3, 16, dtype=torch.float32), torch.zeros(3, 3, dtype=torch.float32)]}, "float16"),
+        ({"class_counts": torch.zeros(6, dtype=torch.float64)}, "no class with images"),
+        ({"class_counts": torch.tensor([16.0, 0, 17, 1, 0, 16], dtype=torch.float64)}, "a row per class"),
+        ({"var": [torch.full((3, 16), -1.0).half(), torch.zeros(3, 3).half()]}, ">= 0"),
+        ({"mean_scale": torch.tensor([1.0], dtype=torch.float32)}, "one per layer"),
+        ({"mean_scale": torch.tensor([0.0, 1.0], dtype=torch.float32)}, "mean_scale"),
+        (
+            {
+                "mean": [torch.zeros(3, 17).half(), torch.zeros(3, 3).half()],
+                "var": [torch.zeros(3, 17).half(), torch.zeros(3, 3).half()],
+            },
+            "more than 114",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_statistics_message_is_refused_before_it_is_expanded(change, says, monkeypatch):
+    from prismfl.fl import client
+
+    monkeypatch.setattr(client, "STATS_FEATURES_LIMIT", 6 * 19)  # the honest message's 6 codes x 19 features
+    blob = _tampered(statistics_message(_stats()), **change)
+    with pytest.raises(Exception, match=says) as info:
+        statistics_of_message(blob, 6)
+    assert type(info.value).__name__ in ("StateError", "ValueError")
+
+
+def test_a_moments_message_is_exact_and_a_fifth_of_the_sums():
+    images = np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28)).astype(np.uint8)
+    sums = modes_mod.moment_sums(images, np.array([1, 3] * 20), 10, 1 / 255)
+    assert all(np.array_equal(o, o.T) for o in sums["outer"])  # symmetric: its lower triangle is all it takes
+    blob = moments_message(sums)
+    back = moments_of_message(blob, 10, 196)
+    assert all(np.array_equal(sums[key], back[key]) for key in sums)
+    assert len(blob) < 0.11 * 8 * (10 + 10 * 196 + 10 * 196 * 196)  # 2 classes of 10, half of each outer product
+    bad = _tampered(blob, counts=torch.tensor([0, 20, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="images can add up to"):
+        moments_of_message(bad, 10, 196)
+    with pytest.raises(ValueError, match="a row per class"):
+        moments_of_message(_tampered(blob, counts=torch.ones(10, dtype=torch.float64)), 10, 196)
+    with pytest.raises(ValueError, match="float64"):
+        moments_of_message(_tampered(blob, sums=torch.zeros(2, 196)), 10, 196)

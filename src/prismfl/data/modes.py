@@ -114,13 +114,15 @@ def pooled_pixels(images: np.ndarray, scale: float = 1.0) -> np.ndarray:
 def moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, scale: float = 1.0) -> dict:
     """What a client releases for the federation's modes: per class its image count, the sum of its pooled
     images (classes, d) and of their outer products (classes, d, d), float64. Summed over clients, they
-    are the federation's per-class means and covariances at that resolution."""
+    are the federation's per-class means and covariances at that resolution. Each outer product is exactly
+    symmetric (its lower triangle mirrored: what eigh reads), so its lower triangle is all a client sends."""
     x, labels = pooled_pixels(images, scale), np.asarray(labels, dtype=np.int64)
     d = x.shape[1]
     sums = {"counts": np.zeros(num_classes), "sums": np.zeros((num_classes, d)), "outer": np.zeros((num_classes, d, d))}
     for c in range(num_classes):
         xc = x[labels == c]
-        sums["counts"][c], sums["sums"][c], sums["outer"][c] = len(xc), xc.sum(0), xc.T @ xc
+        outer = xc.T @ xc
+        sums["counts"][c], sums["sums"][c], sums["outer"][c] = len(xc), xc.sum(0), np.tril(outer) + np.tril(outer, -1).T
     return sums
 
 

@@ -27,6 +27,7 @@ from prismfl.fl.client import (
     moments_message,
     reported_counts,
     statistics_message,
+    statistics_of_message,
     warm_start,
 )
 from prismfl.fl.engine import Setup, run
@@ -72,18 +73,19 @@ class InProcess:
         shared = {k: c.shared.public() if cfg.privacy.secagg else c.shared for k, c in self.clients.items()
                   if c.shared is not None}  # fmt: skip
         warm, warm_info = None, None
+        traffic = {"up": 0, "down": 0}  # what Flower's set-up would carry (payload bytes), counted here alike
         if checkpoint is None and cfg.train.warm_start and method.warm_starts:
             # on the public images (no privacy cost), or else on the clients' pooled statistics: the sum of
-            # what each released, which the server would learn from them as one more message
-            held = [c.stats for c in self.clients.values() if c.stats is not None]
-            pooled = None if len(ctx.fed.public_idx) else combine_stats(held)
+            # what each released, as its message carries it (what Flower's server decodes)
+            pooled = None
+            if not len(ctx.fed.public_idx):
+                sent = [statistics_message(c.stats) for c in self.clients.values() if c.stats is not None]
+                pooled = combine_stats([statistics_of_message(b, method.spec.codes) for b in sent])
+                traffic["up"] += sum(len(b) for b in sent)
             warm, warm_info = warm_start(ctx, cfg.train.warm_start, pooled)
-        traffic = {"up": 0, "down": 0}  # what Flower's set-up would carry (payload bytes), counted here alike
         if checkpoint is None and cfg.model.modes > 1 and not len(ctx.fed.public_idx):
             traffic["up"] += sum(len(moments_message(ctx.fed.moments(k))) for k in range(cfg.partition.num_clients))
             traffic["down"] += len(modes_message(ctx.fed.modes)) * cfg.partition.num_clients
-        if warm is not None and not len(ctx.fed.public_idx):
-            traffic["up"] += sum(len(statistics_message(c.stats)) for c in self.clients.values() if c.stats is not None)
         target = ctx.shrink_target() if cfg.privacy.secagg and checkpoint is None else None  # the server shrinks
         return Setup(
             num_weights=ctx.num_weights,

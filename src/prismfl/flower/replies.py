@@ -194,48 +194,41 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
         reply.shared = _tree(payload(content, "shared", STATE, "shared statistics"), "shared sums")
     if "statistics" in content:
         blob = payload(content, "statistics", STATE, "statistics")
-        reply.statistics = statistics(
-            _tree(blob, "statistics"), codes, None if private else reply.statistics_class_counts
-        )
+        reply.statistics = statistics(blob, codes, None if private else reply.statistics_class_counts)
         reply.statistics_bytes = len(blob)
     return reply
 
 
 def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[int, dict]:
     """A node's answer to the moments message (model.modes without public images): (its partition, its
-    moment sums as float64 arrays, data/modes.py check_moments); a NodeError for the first bad field."""
-    import numpy as np
-    import torch
-
-    from prismfl.data.modes import check_moments
+    moment sums as float64 arrays, fl/client.py moments_of_message); a NodeError for the first bad field."""
+    from prismfl.fl.client import moments_of_message
 
     try:
         pid = integer(dict(content["prismfl"])["partition-id"], "partition-id", 0, clients - 1)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise NodeError(f"the moments reply has no partition-id ({type(exc).__name__})") from None
-    tree = _tree(payload(content, "moments", STATE, "moment sums"), "moment sums")
+    blob = payload(content, "moments", STATE, "moment sums")
     try:
-        if not (isinstance(tree, dict) and all(isinstance(v, torch.Tensor) for v in tree.values())):
-            raise ValueError("moment sums must be a table of tensors")
-        return pid, check_moments({key: np.asarray(v.numpy()) for key, v in tree.items()}, num_classes, d)
-    except ValueError as exc:
+        return pid, moments_of_message(blob, num_classes, d)
+    except (safestate.StateError, ValueError) as exc:
         raise NodeError(f"moment sums: {exc}") from None
 
 
 STATS_LIMIT = 1e6  # the largest |mean| or variance a feature statistic may hold (the loss's features are O(1))
 
 
-def statistics(tree, codes: int, class_counts: list[float] | None):
-    """A node's feature statistics for the pooled warm start: a FeatureStats of the run's codes (per class
-    for a conditional model) whose values are finite and in range, variances >= 0, and whose exact class
-    counts (without privacy) are those its reply reported; a NodeError otherwise. The layers' shapes are
-    compared between nodes by the server (they must agree)."""
+def statistics(blob: bytes, codes: int, class_counts: list[float] | None):
+    """A node's feature statistics for the pooled warm start (fl/client.py statistics_message): a
+    FeatureStats of the run's codes (per class for a conditional model) whose values are finite and in
+    range, variances >= 0, and whose exact class counts (without privacy) are those its reply reported; a
+    NodeError otherwise. The layers' shapes are compared between nodes by the server (they must agree)."""
     # (a node's honest statistics can still pull the pooled ones anywhere within range: as its mask can,
     # a node takes part in what the federation learns)
-    from prismfl.loss.matching import FeatureStats
+    from prismfl.fl.client import statistics_of_message
 
     try:
-        stats = FeatureStats.from_tree(tree, None, codes or None, where="setup reply", path="statistics")
+        stats = statistics_of_message(blob, codes)
     except (safestate.StateError, KeyError, TypeError, ValueError) as exc:
         raise NodeError(f"statistics: {exc}") from None
     for t in [*stats.mean, *stats.var]:  # (the schema checked that they are finite, the variances >= 0)
