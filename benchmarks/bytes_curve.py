@@ -15,12 +15,17 @@ import json
 from pathlib import Path
 
 from prismfl import rundir
+from prismfl.runreport import setup_traffic
 
 
 def curve(run: Path, x: str = "bytes", offset: float = 0.0) -> list[tuple[int, float, float]]:
     """(round, quick domain FID, cumulative upload bytes, upload + download bytes ("total") or round seconds)
-    for every round with a quick FID; `offset` is where the count starts (seconds before round 1)."""
+    for every round with a quick FID; `offset` is where the count starts (seconds before round 1). The
+    total starts at the set-up's bytes both ways (a run without public images: the clients' statistics and
+    moment sums, the modes), which the run's model file records."""
     records, total, out = rundir.read_metrics(run), offset, []
+    if x == "total":
+        total += sum((setup_traffic(run) or {}).values())
     for r in records:
         total += {"bytes": r["upload_bytes"], "total": r["upload_bytes"] + r["download_bytes"],
                   "seconds": r["seconds"]}[x]  # fmt: skip
@@ -61,7 +66,7 @@ def main() -> None:
         print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / scale:.1f} {unit}'}" for t, b in
                                  targets.items()))  # fmt: skip
     if a.x != "seconds":
-        what = "uploaded" if a.x == "bytes" else "uploaded and downloaded"
+        what = "uploaded" if a.x == "bytes" else "uploaded and downloaded, set-up included"
         ax.set(xscale="log", xlabel=f"MB {what} by all clients (cumulative)", title=f"quality per {what} byte")
     else:
         what = "set-up, warm start and rounds" if a.offset else "rounds"

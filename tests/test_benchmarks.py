@@ -91,6 +91,19 @@ def test_the_curve_sums_bytes_total_traffic_or_seconds_from_its_offset(tmp_path)
     assert bytes_curve.curve(tmp_path, "seconds") == [(2, 40.0, 5.0), (4, 35.0, 14.0)]
     assert bytes_curve.curve(tmp_path, "total") == [(2, 40.0, 30 + 300), (4, 35.0, 100 + 1000)]
     assert bytes_curve.curve(tmp_path, "seconds", offset=100.0) == [(2, 40.0, 105.0), (4, 35.0, 114.0)]
+    # a run whose model file records set-up traffic (no public images): the total starts there
+    import torch
+
+    from prismfl import modelfile
+    from prismfl.model import masked
+    from prismfl.model.generators import ArchSpec, build_generator
+
+    spec = ArchSpec("mlp", 4, 8, 1, 28, weight_seed=3)
+    mask = torch.ones(masked.num_maskable(build_generator(spec)), dtype=torch.bool)
+    info = {"dataset": "fashion-mnist", "setup_traffic": {"up": 5000, "down": 700}}
+    (tmp_path / rundir.MODEL).write_bytes(modelfile.to_bytes(modelfile.PrismModel(spec, mask, info)))
+    assert bytes_curve.curve(tmp_path, "total") == [(2, 40.0, 5700 + 330), (4, 35.0, 5700 + 1100)]
+    assert bytes_curve.curve(tmp_path) == [(2, 40.0, 30), (4, 35.0, 100)]  # the uploads alone: rounds only
 
 
 def test_temperature_screen_scales_only_the_noise():

@@ -20,7 +20,7 @@ from prismfl.data import modes as modes_mod
 from prismfl.data.sources import Split
 from prismfl.fl import simulate, task
 from prismfl.fl.client import moments_message, moments_of_message, statistics_message, statistics_of_message
-from prismfl.loss.matching import combine_stats, feature_stats
+from prismfl.loss.matching import FeatureStats, combine_stats, feature_stats
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 QUIET = {"log": lambda *_: None}
@@ -152,11 +152,11 @@ def test_the_warm_start_trains_on_the_pooled_statistics(monkeypatch):
     union = combine_stats(held)
     assert seen["pooled"].count == union.count == sum(len(p) for p in transport.ctx.fed.parts)
     assert setup.warm_info["source"] == "the clients' pooled statistics"
-    # the pooled statistics of what the clients' messages carry (float16): Flower's server decodes the same
+    # the pooled statistics of what the clients' messages carry (variances in float16): Flower's server
+    # decodes the same; the means are the union's
     sent = combine_stats([statistics_of_message(statistics_message(s), method.spec.codes) for s in held])
     assert all(torch.equal(a, b) for a, b in zip(seen["pooled"].mean + seen["pooled"].var, sent.mean + sent.var))
-    for a, b in zip(seen["pooled"].mean, union.mean):
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3 * float(b.abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(seen["pooled"].mean, union.mean))
 
 
 @pytest.mark.parametrize(
@@ -213,11 +213,11 @@ def test_the_set_up_traffic_of_a_run_without_public_images_is_counted(tmp_path):
     traffic = modelfile.load(out / "model.prism").info["setup_traffic"]
     # each client's statistics: (20 codes x D) means and variances, float32, per feature layer; its moment sums:
     # counts (10), sums (10 x 196) and outer products (10 x 196 x 196), float64; a little safestate framing each
-    # each client's statistics: the rows of the codes it holds images of, means and variances, float16, per
-    # feature layer; its moment sums: counts (10) and, for each class it holds, sums (196) and the outer
+    # each client's statistics: the rows of the codes it holds images of, means float32 and variances float16,
+    # per feature layer; its moment sums: counts (10) and, for each class it holds, sums (196) and the outer
     # product's lower triangle (196 x 197 / 2), float64; a little safestate framing each
     state = rundir.load_checkpoint(out)["clients"]["clients"]
-    stats = sum(2 * 2 * int((c["stats"]["class_counts"] != 0).sum()) * sum(m.shape[1] for m in c["stats"]["mean"])
+    stats = sum((4 + 2) * int((c["stats"]["class_counts"] != 0).sum()) * sum(m.shape[1] for m in c["stats"]["mean"])
                 for c in state)  # fmt: skip
     held = (task.prepare_federation(cfg).table > 0).sum(1)
     moments = 8 * sum(10 + n * (196 + 196 * 197 // 2) for n in held)
@@ -238,23 +238,34 @@ def _stats(codes: int = 6):
                          num_classes=codes)  # fmt: skip
 
 
-def test_a_statistics_message_carries_the_held_rows_in_float16():
-    """Rows of codes without images are not sent and come back exactly zero; the others within float16's
-    precision (2**-11 of each value; the power-of-two scale keeps 1000x features in range); the message
-    is a quarter of the float32 statistics for 3 codes of 6."""
+def test_a_statistics_message_carries_the_held_rows_means_exact_variances_in_float16():
+    """Rows of codes without images are not sent and come back exactly zero; the means exactly (float32:
+    pooling subtracts their squares), the variances within float16's precision (2**-11 of each value; the
+    power-of-two scale keeps 1000x features in range). Pooled, the variances keep that precision even
+    where a feature's mean is far above its spread."""
     stats = _stats()
     blob = statistics_message(stats)
     back = statistics_of_message(blob, 6)
     assert torch.equal(back.class_counts, stats.class_counts) and back.count == 50
-    for a, b in zip(stats.mean + stats.var, back.mean + back.var):
+    assert all(torch.equal(a, b) for a, b in zip(stats.mean, back.mean))
+    for a, b in zip(stats.var, back.var):
         assert a.shape == b.shape and b.dtype == torch.float32
         assert torch.equal(b[[1, 3, 4]], torch.zeros_like(b[[1, 3, 4]]))
         assert bool(((a - b).abs() <= a.abs() * 2.0**-11 + 1e-30).all())
     assert statistics_message(back) == statistics_message(statistics_of_message(statistics_message(back), 6))
-    # the tensors' bytes: 3 rows x (16 + 3) features x mean and var in float16, 2 scales each in float32, the
-    # class counts in float64 (a quarter of the float32 statistics' 6 x 19 x 2 x 4)
+    # the tensors' bytes: 3 rows x (16 + 3) features, means float32 and variances float16, 2 scales in
+    # float32, the class counts in float64 (3/8 of the float32 statistics' 6 x 19 x 2 x 4)
     header = int.from_bytes(blob[:8], "little")
-    assert len(blob) - 8 - header == 3 * 19 * 2 * 2 + 2 * 2 * 4 + 6 * 8
+    assert len(blob) - 8 - header == 3 * 19 * (4 + 2) + 2 * 4 + 6 * 8
+    # a feature at 100 +- 0.01 (a class head's probability in small): its pooled variance to 2**-11
+    one = [
+        (torch.full((1, 1), 100.0 + d), n, torch.tensor([float(n)], dtype=torch.float64))
+        for d, n in ((0.01, 3), (-0.02, 5))
+    ]
+    parts = [FeatureStats([mean], [torch.full((1, 1), 1e-4)], n, counts) for mean, n, counts in one]
+    exact = combine_stats(parts).var[0]
+    sent = combine_stats([statistics_of_message(statistics_message(p), 1) for p in parts]).var[0]
+    assert float((sent - exact).abs() / exact) < 2.0**-10
 
 
 def _tampered(blob: bytes, **changes) -> bytes:
@@ -268,15 +279,16 @@ def _tampered(blob: bytes, **changes) -> bytes:
 @pytest.mark.parametrize(
     ("change", "says"),
     [
-        ({"mean": [torch.zeros(3, 16, dtype=torch.float32), torch.zeros(3, 3, dtype=torch.float32)]}, "float16"),
+        ({"var": [torch.zeros(3, 16, dtype=torch.float32), torch.zeros(3, 3, dtype=torch.float32)]}, "float16"),
+        ({"mean": [torch.zeros(3, 16).half(), torch.zeros(3, 3).half()]}, "float32"),
         ({"class_counts": torch.zeros(6, dtype=torch.float64)}, "no class with images"),
         ({"class_counts": torch.tensor([16.0, 0, 17, 1, 0, 16], dtype=torch.float64)}, "a row per class"),
         ({"var": [torch.full((3, 16), -1.0).half(), torch.zeros(3, 3).half()]}, ">= 0"),
-        ({"mean_scale": torch.tensor([1.0], dtype=torch.float32)}, "one per layer"),
-        ({"mean_scale": torch.tensor([0.0, 1.0], dtype=torch.float32)}, "mean_scale"),
+        ({"var_scale": torch.tensor([1.0], dtype=torch.float32)}, "one per layer"),
+        ({"var_scale": torch.tensor([0.0, 1.0], dtype=torch.float32)}, "var_scale"),
         (
             {
-                "mean": [torch.zeros(3, 17).half(), torch.zeros(3, 3).half()],
+                "mean": [torch.zeros(3, 17), torch.zeros(3, 3)],
                 "var": [torch.zeros(3, 17).half(), torch.zeros(3, 3).half()],
             },
             "more than 114",

@@ -22,7 +22,7 @@ def _num_weights(records: list[dict]) -> int:
     return 0
 
 
-def _setup_traffic(run_dir: Path) -> dict | None:
+def setup_traffic(run_dir: Path) -> dict | None:
     """The set-up's payload bytes a run's model file records ({"up", "down"}), None where there were none."""
     model = run_dir / rundir.MODEL
     if not model.exists():
@@ -65,7 +65,7 @@ def run_report(run_dir: Path) -> Path:
         "![curves](curves.png)",
         "",
     ]
-    setup = _setup_traffic(run_dir)
+    setup = setup_traffic(run_dir)
     if records:
         up = sum(r["upload_bytes"] for r in records)
         down = sum(r["download_bytes"] for r in records)

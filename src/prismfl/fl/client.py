@@ -432,23 +432,24 @@ STATS_FEATURES_LIMIT = 2**28  # the most values a decoded statistics message may
 
 def statistics_message(stats: FeatureStats) -> bytes:
     """A client's feature statistics as it sends them for the warm start at the server: per layer its
-    means and variances in float16 (each tensor scaled by a power of two that keeps it in float16's
-    range), per class only the rows of the codes it holds images of (class count not 0: the others are
-    zero). The simulator trains on what statistics_of_message decodes from it, as Flower's server does."""
+    means in float32 and its variances in float16 (each tensor scaled by a power of two that keeps it in
+    float16's range: 2**-11 of each variance, which the pooled variance keeps), per class only the rows
+    of the codes it holds images of (class count not 0: the others are zero). Means stay float32: the
+    pooled variance subtracts squared means, and features whose mean is far above their spread (a
+    random class head's probabilities) would lose their variance to float16's rounding of the means.
+    The simulator trains on what statistics_of_message decodes, as Flower's server does."""
     rows = None if stats.class_counts is None else stats.class_counts != 0
 
-    def half(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        out, scales = [], []
-        for t in tensors:
-            t = (t if rows is None else t[rows]).float()
-            peak = float(t.abs().max()) if t.numel() else 0.0
-            scale = 2.0 ** (math.frexp(peak)[1] - 15) if peak > 0 else 1.0  # |t| / scale < 2**15 < 65,504
-            out.append((t / scale).half())
-            scales.append(scale)
-        return out, torch.tensor(scales, dtype=torch.float32)
+    def held(t: torch.Tensor) -> torch.Tensor:
+        return (t if rows is None else t[rows]).float()
 
-    (mean, mean_scale), (var, var_scale) = half(stats.mean), half(stats.var)
-    tree = {"mean": mean, "var": var, "mean_scale": mean_scale, "var_scale": var_scale, "count": stats.count}
+    scales, var = [], []
+    for t in map(held, stats.var):
+        peak = float(t.max()) if t.numel() else 0.0
+        scale = 2.0 ** (math.frexp(peak)[1] - 15) if peak > 0 else 1.0  # t / scale < 2**15 < 65,504
+        var.append((t / scale).half())
+        scales.append(scale)
+    tree = {"mean": [held(t) for t in stats.mean], "var": var, "var_scale": torch.tensor(scales), "count": stats.count}
     if stats.class_counts is not None:
         tree["class_counts"] = stats.class_counts
     return safestate.to_bytes(tree)
@@ -458,25 +459,23 @@ def statistics_of_message(blob: bytes, codes: int) -> FeatureStats:
     """The FeatureStats a statistics_message carries, for a run of `codes` codes per class (0: not
     conditional), checked before anything is expanded: a StateError (or ValueError) for bytes that are
     not such a message, the FeatureStats schema's checks after."""
-    layer = schema.Tensor(torch.float16, None)
-    scales = schema.Tensor(torch.float32, (None,), lo=2.0**-149)
     fields = {
-        "mean": schema.List(layer, min_len=1, what="a list of float16 tensors, one per feature layer"),
+        "mean": schema.List(
+            schema.Tensor(torch.float32, None), min_len=1, what="a list of float32 tensors, one per feature layer"
+        ),  # fmt: skip
         "var": schema.List(
             schema.Tensor(torch.float16, None, lo=0.0),
             min_len=1,
             what="a list of float16 tensors >= 0, one per feature layer",
         ),  # fmt: skip
-        "mean_scale": scales,
-        "var_scale": scales,
+        "var_scale": schema.Tensor(torch.float32, (None,), lo=2.0**-149),
         "count": schema.Int(0, 2**53, what="an image count (an int >= 0)"),
     }
     if codes:
         fields["class_counts"] = schema.Tensor(torch.float64, (codes,))
     tree = safestate.from_bytes(blob, "statistics")
     schema.check(schema.Table(fields, what="feature statistics (a table)"), tree, "statistics message")
-    layers = len(tree["mean"])
-    if not (len(tree["var"]) == len(tree["mean_scale"]) == len(tree["var_scale"]) == layers):
+    if not (len(tree["var"]) == len(tree["var_scale"]) == len(tree["mean"])):
         raise ValueError("statistics message: as many variances and scales as means, one per layer")
     present = None if not codes else tree["class_counts"] != 0
     rows = None if present is None else int(present.sum())
@@ -489,16 +488,13 @@ def statistics_of_message(blob: bytes, codes: int) -> FeatureStats:
     if sum(m.shape[-1] for m in tree["mean"]) * max(codes, 1) > STATS_FEATURES_LIMIT:
         raise ValueError(f"statistics message: more than {STATS_FEATURES_LIMIT:,} values")
 
-    def full(tensors: list[torch.Tensor], scale: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for t, s in zip(tensors, scale.tolist()):
-            t = t.float() * s
-            if present is not None:
-                t = torch.zeros(codes, t.shape[1]).index_put_((present.nonzero()[:, 0],), t)
-            out.append(t)
-        return out
+    def full(t: torch.Tensor) -> torch.Tensor:
+        if present is None:
+            return t
+        return torch.zeros(codes, t.shape[1]).index_put_((present.nonzero()[:, 0],), t)
 
-    expanded = {"mean": full(tree["mean"], tree["mean_scale"]), "var": full(tree["var"], tree["var_scale"]),
+    expanded = {"mean": [full(m) for m in tree["mean"]],
+                "var": [full(v.float() * s) for v, s in zip(tree["var"], tree["var_scale"].tolist())],
                 "count": tree["count"]}  # fmt: skip
     if codes:
         expanded["class_counts"] = tree["class_counts"]
