@@ -588,24 +588,6 @@ def test_resume_accepts_a_checkpoint_written_before_the_new_config_keys(tmp_path
         rundir.check(tmp_path, load_config(SMOKE, ["train.rounds=9"]), resume=True, transport="simulator")
 
 
-@needs_fmnist
-def test_the_pca_layers_come_back_from_the_recipe_without_the_data(tmp_path, monkeypatch):
-    """A Flower training message rebuilds the feature net from the recipe: the public principal
-    components come from the cache entry set-up wrote, so the features are the same."""
-    from prismfl.config import load_config
-    from prismfl.fl import task
-
-    monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path))
-    cfg = load_config(SMOKE, ['loss.features="public"', "loss.pca=5"])
-    fed = task.prepare_federation(cfg)
-    net, _, recipe = task.build_feature_net(cfg, fed, log=lambda *_: None)
-    again = task.feature_net_from_recipe(cfg, recipe)
-    x = fed.images(fed.parts[0][:4])
-    got, want = again.extract(x), net.extract(x)
-    assert len(got) == len(want) and got[-2].shape == (4, 5) and got[-1].shape == (4, 15)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
 @pytest.mark.parametrize("moment", ["variance", "second", "mean"])
 def test_conditional_loss_value_and_gradient_are_the_share_weighted_sum_of_per_class_losses(moment):
     """The stacked loss against its definition written out class by class: L = sum_c share_c * 1/2 sum_j

@@ -344,10 +344,10 @@ def test_cli_evaluate_missing_source_names_the_references(run_cli):
 def test_issue12_levers_run_together_under_dp_with_one_more_released_layer_each(tmp_path):
     import math
 
-    levers = ["loss.class_term=true", "loss.covariance=true", "train.upload_sampling=stratified", "model.arch=mlp-up"]
+    levers = ["loss.class_term=true", "model.arch=mlp-up"]
     cfg = load_config(SMOKE, ["privacy.epsilon=4.0", "train.rounds=1", *levers])
     simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
     released = rundir.load_checkpoint(tmp_path / "dp")["clients"]["clients"]
     summary = next(c["privacy"] for c in released if c["privacy"] is not None)
-    assert summary["sensitivity"] == pytest.approx(math.sqrt(2 * 9 + 1))  # pixels, 6 ReLUs, class, covariance
+    assert summary["sensitivity"] == pytest.approx(math.sqrt(2 * 8 + 1))  # pixels, 6 ReLUs, class
     assert modelfile.load(tmp_path / "dp" / "model.prism").spec.name == "mlp-up"

@@ -80,10 +80,7 @@ class LossConfig:
     feature_training: str = "plain"
     feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10, 15 or 30)
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
-    covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
-    pca: int = 0  # also match the mean and covariance of the images' top-k public principal components (0: off)
-    rff: int = 0  # and the mean of this many random Fourier features of those components: an MMD (0: off)
     # conditional: each step's batch holds this many of a client's classes (or class modes) drawn at random,
     # their terms weighed up to keep the gradient unbiased (0: every class at every step)
     codes_per_step: int = 0
@@ -192,8 +189,6 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "loss.tracker_lr": (0, 100, "(]"),
     "loss.feature_epochs": (0, 1000, "[]"),  # 0: the recipe's own
     "loss.pool": (1, 8, "[]"),
-    "loss.pca": (0, 256, "[]"),
-    "loss.rff": (0, 65_536, "[]"),
     "loss.codes_per_step": (0, 64_000, "[]"),  # 0: every class; at most classes x modes (1,000 x 64)
     "train.rounds": (1, 10**6, "[]"),
     "train.local_steps": (1, 10**7, "[]"),
@@ -271,16 +266,11 @@ class RunConfig:
         _one_of("loss.normalize", self.loss.normalize)
         _one_of("loss.moment", self.loss.moment)
         _one_of("loss.tracker", self.loss.tracker)
-        if self.loss.pca and not self.public_images():
-            raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
-                              "= 'public'")  # fmt: skip
-        if self.loss.rff and not self.loss.pca:
-            raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
         _one_of("loss.feature_training", self.loss.feature_training)
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.pool needs the public or random feature net")
-        if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
-            raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
+        if self.loss.class_term and self.loss.features not in ("public", "random"):
+            raise ConfigError("loss.class_term needs the public or random feature net")
         _one_of("train.device", self.train.device)
         if self.train.method == "prism-nomada":
             raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")

@@ -363,34 +363,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
             net.load_state_dict(state)
             meta = {"kind": "public", "trained_on": what, "sha256": meta["sha256"]}
         recipe["cache_spec"] = spec
-        if cfg.loss.pca:
-            pca_spec = {"kind": "public-pca", "version": 2, "dataset": cfg.data.dataset, "source": fed.train.source,
-                        "resize": cfg.data.resize, "holdout_sha256": holdout, "components": cfg.loss.pca}  # fmt: skip
-            cached_state_dict("pca", pca_spec, lambda: (public_pca(fed.images(fed.public_idx), cfg.loss.pca),
-                                                        {"images": len(fed.public_idx)}), log)  # fmt: skip
-            recipe["pca_spec"] = pca_spec
-    return ready_feature_net(cfg, net, device, recipe), meta, recipe
-
-
-def public_pca(images: torch.Tensor, k: int) -> dict:
-    """The mean image and the top-k principal components (D x k, float32) of public images, and the
-    median distance between two images' coordinates on them (the random features' bandwidth)."""
-    x = images.reshape(len(images), -1).double()
-    mean = x.mean(0)
-    _, vecs = torch.linalg.eigh(torch.cov((x - mean).T))
-    basis = vecs.flip(1)[:, : min(k, x.shape[1])]
-    coords = (x - mean) @ basis
-    half = len(coords) // 2
-    bandwidth = (coords[:half] - coords[half : 2 * half]).norm(dim=1).median()
-    return {"mean": mean.float(), "basis": basis.float().contiguous(), "bandwidth": bandwidth.float().reshape(1)}
-
-
-def rff_params(cfg: RunConfig, components: int, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random Fourier features of a Gaussian kernel of this bandwidth on the principal coordinates:
-    frequencies N(0, 1 / bandwidth^2) and phases U(0, 2 pi), from the run seed (public)."""
-    gen = generator_for(cfg.seed, "rff")
-    freqs = torch.randn(components, cfg.loss.rff, generator=gen) / bandwidth
-    return freqs, 2 * torch.pi * torch.rand(cfg.loss.rff, generator=gen)
+    return ready_feature_net(cfg, net, device), meta, recipe
 
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
@@ -409,7 +382,7 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
             load_shipped_public_net(recipe["shipped"], net)
         else:
             net.load_state_dict(cached_only("features", recipe["cache_spec"], PUBLIC_NET))
-    return ready_feature_net(cfg, net, device, recipe)
+    return ready_feature_net(cfg, net, device)
 
 
 def cached_only(name: str, spec: dict, what: str) -> dict:
@@ -423,20 +396,10 @@ def cached_only(name: str, spec: dict, what: str) -> dict:
     return cached_state_dict(name, spec, missing, lambda *_: None)[0]
 
 
-def ready_feature_net(cfg: RunConfig, net, device: str = "cpu", recipe: dict | None = None):
-    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only); the
-    public principal components (loss.pca) come from this machine's cache entry the recipe names."""
-    from prismfl.errors import PrismError
+def ready_feature_net(cfg: RunConfig, net, device: str = "cpu"):
+    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only)."""
     from prismfl.loss.features import SmallCNN, freeze
 
     if isinstance(net, SmallCNN):
-        net.class_probs, net.covariance, net.pool = cfg.loss.class_term, cfg.loss.covariance, cfg.loss.pool
-        if cfg.loss.pca:
-            pca = cached_only("pca", (recipe or {})["pca_spec"], "the public principal components")
-            net.pca = (pca["mean"].to(device), pca["basis"].to(device))
-            if cfg.loss.rff:
-                if "bandwidth" not in pca:
-                    raise PrismError("the cached principal components predate loss.rff; delete the cache entry")
-                freqs, phases = rff_params(cfg, pca["basis"].shape[1], float(pca["bandwidth"][0]))
-                net.rff = (freqs.to(device), phases.to(device))
+        net.class_probs, net.pool = cfg.loss.class_term, cfg.loss.pool
     return freeze(net).to(device)
