@@ -41,7 +41,7 @@ def test_parse_override():
         ("train.rounds=0", "train.rounds must be an integer in [1, 1000000], got 0"),
         ("data.resize=30", "data.resize must be"),
         ("loss.features=vgg19bn", "needs loss.vgg_weights"),
-        ("train.upload_sampling=strata", "did you mean 'stratified'"),
+        ("train.broadcast=quantised", "did you mean 'quantized'"),
         ("train=3", "'train' must be a table"),
     ],
 )

@@ -111,16 +111,11 @@ class TrainConfig:
     broadcast: str = "delta"
     broadcast_levels: int = 4  # the quantized broadcast's levels, evenly spaced in logit space
     server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
-    # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
-    upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
+    # (like mada, ignored by the baselines: a config serves --method fedavg as it is)
     # prism: the global scores of round 0 trained for this many steps on the public hold-out (the images the
     # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed.
     # Ignored by the baselines, as server_momentum is
     warm_start: int = 0
-    # the warm start's Adam lr over its steps: "constant" (train.lr) or "cosine" (from train.lr down to
-    # train.lr_floor x lr in its last 100 steps, like lr_schedule across rounds)
-    warm_start_schedule: str = "constant"
-    final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
     eval_every: int = 0  # record a quick domain FID (1,000 samples) every this many rounds (0: never)
@@ -282,10 +277,7 @@ class RunConfig:
             raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
                               "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
                               "train.client_fraction, or set train.broadcast = 'quantized'")  # fmt: skip
-        _one_of("train.final_mask", self.train.final_mask)
-        _one_of("train.upload_sampling", self.train.upload_sampling)
         _one_of("train.lr_schedule", self.train.lr_schedule)
-        _one_of("train.warm_start_schedule", self.train.warm_start_schedule)
         _one_of("faults.attack", self.faults.attack)
         _one_of("robust.rule", self.robust.rule)
         if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
@@ -413,10 +405,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.method": METHODS,
         "train.upload_coder": ("auto", "range", "calibrated", "packed"),
         "train.broadcast": ("delta", "float32", "quantized"),
-        "train.final_mask": ("mode", "sample"),
-        "train.upload_sampling": ("independent", "stratified"),
         "train.lr_schedule": ("constant", "cosine"),
-        "train.warm_start_schedule": ("constant", "cosine"),
         "faults.attack": ATTACKS,
         "robust.rule": ROBUST_RULES,
         "privacy.pool_classes": ("own", "all"),

@@ -16,7 +16,6 @@ import torch
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
-from prismfl.fl.aggregate import stratified_uniforms
 from prismfl.loss.matching import ConditionalMatching, FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
@@ -214,15 +213,6 @@ def select_clients(cfg: RunConfig, round_: int) -> list[int]:
         return list(range(k))
     rng = np.random.default_rng(derived_seed(cfg.seed, "select", round_))
     return sorted(rng.choice(k, size=m, replace=False).tolist())
-
-
-def upload_uniforms(cfg: RunConfig, round_: int, k: int, n: int) -> torch.Tensor | None:
-    """Client k's uniforms for its upload mask when the round's clients draw from shared strata
-    (`train.upload_sampling = "stratified"`); None: an independent draw from its own stream."""
-    chosen = select_clients(cfg, round_)
-    if cfg.train.upload_sampling != "stratified" or k not in chosen:
-        return None
-    return stratified_uniforms(n, chosen.index(k), len(chosen), generator_for(cfg.seed, "strata", round_))
 
 
 PUBLIC_EPOCHS = 10
