@@ -172,13 +172,13 @@ def _class_stats():
 
 
 def test_conditional_loss_weights_each_held_class_by_its_share_on_the_pooled_layer_scale():
-    loss = ConditionalMatching(_class_stats(), "layer", "variance")
+    loss = ConditionalMatching(_class_stats(), "variance")
     assert loss.classes == [0, 2] and loss.shares == {0: 0.25, 2: 0.75}
     pooled = pooled_stats(_class_stats(), loss.shares)
     # mixture by hand: mean 0.25 [1, 2] + 0.75 [3, -1] = [2.5, -0.25]; E[f^2] = 0.25 [1.5, 4.5] + 0.75 [11, 2]
     assert torch.allclose(pooled.mean[0], torch.tensor([2.5, -0.25]))
     assert torch.allclose(pooled.var[0], torch.tensor([8.625 - 6.25, 2.625 - 0.0625]))
-    scale = layer_weights(pooled, "layer", "variance")
+    scale = layer_weights(pooled, "variance")
     # stacked: one (classes, 1) column per statistic (the mean's, then the variance's)
     assert [w.shape for w in loss.weights] == [(2, 1), (2, 1)]
     assert torch.cat(loss.weights).flatten().tolist() == pytest.approx(
@@ -191,7 +191,7 @@ def test_conditional_loss_weights_each_held_class_by_its_share_on_the_pooled_lay
 
 
 def test_conditional_loss_is_zero_with_zero_gradient_at_the_targets():
-    loss = ConditionalMatching(_class_stats(), "none", "variance")
+    loss = ConditionalMatching(_class_stats(), "variance")
     # class 0's group: mean [1, 2], unbiased variance 0.5; class 2's: mean [3, -1], variances [2, 1]
     g0 = torch.tensor([[1.5, 2.5], [0.5, 1.5]])
     g2 = torch.tensor([[3 + 1.0, -1 + 1 / 2**0.5], [3 - 1.0, -1 - 1 / 2**0.5]])
@@ -493,16 +493,16 @@ def test_means_only_loss_matches_means_and_weighs_layers_by_their_public_scale()
     from prismfl.loss.matching import MeanVarMatching
 
     stats = FeatureStats([torch.tensor([1.0, 2.0]), torch.tensor([0.5])], [torch.zeros(2), torch.zeros(1)], 10)
-    loss = MeanVarMatching(stats, "layer", "mean", scales=[2.0, 0.5])
+    loss = MeanVarMatching(stats, "mean", scales=[2.0, 0.5])
     assert len(loss.targets) == 2 and [float(w) for w in loss.weights] == pytest.approx([0.25, 4.0])
     fake = [torch.tensor([[1.0, 2.0], [1.0, 2.0]], requires_grad=True), torch.tensor([[0.0], [1.0]])]
     surrogate, value = loss(fake)
     assert value == pytest.approx(0.0)  # the means agree; the spread of the second layer is not matched
 
 
-@pytest.mark.parametrize("moment", ["variance", "second", "mean"])
+@pytest.mark.parametrize("moment", ["variance", "mean"])
 def test_conditional_fake_statistics_are_each_groups_own(moment):
-    loss = ConditionalMatching(_class_stats(), "none", moment)
+    loss = ConditionalMatching(_class_stats(), moment)
     gen = torch.Generator().manual_seed(3)
     fake = [torch.randn(8, 2, generator=gen)]
     labels = torch.tensor([0, 2, 2, 0, 2, 0, 2, 2])  # groups of 3 and 5
@@ -510,8 +510,7 @@ def test_conditional_fake_statistics_are_each_groups_own(moment):
     groups = [fake[0][labels == c] for c in (0, 2)]  # stacked: one (classes, D) tensor per statistic
     want = [torch.stack([f.mean(0) for f in groups])]
     if moment != "mean":
-        extra = {"variance": lambda f: f.var(0, unbiased=True), "second": lambda f: (f * f).mean(0)}[moment]
-        want.append(torch.stack([extra(f) for f in groups]))
+        want.append(torch.stack([f.var(0, unbiased=True) for f in groups]))
     assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
 
 
@@ -541,8 +540,6 @@ def test_conditional_config_needs_two_images_of_every_class_per_batch():
 
     with pytest.raises(ConfigError, match="train.batch_size >= 20"):
         load_config(SMOKE, ["model.conditional=true", "train.batch_size=16"])
-    with pytest.raises(ConfigError, match="releases no variances"):
-        load_config(SMOKE, ['loss.moment="mean"', 'loss.normalize="dim"', "privacy.epsilon=1.0"])
 
 
 def test_a_client_with_no_class_above_the_noise_is_a_clear_error():
@@ -588,12 +585,12 @@ def test_resume_accepts_a_checkpoint_written_before_the_new_config_keys(tmp_path
         rundir.check(tmp_path, load_config(SMOKE, ["train.rounds=9"]), resume=True, transport="simulator")
 
 
-@pytest.mark.parametrize("moment", ["variance", "second", "mean"])
+@pytest.mark.parametrize("moment", ["variance", "mean"])
 def test_conditional_loss_value_and_gradient_are_the_share_weighted_sum_of_per_class_losses(moment):
     """The stacked loss against its definition written out class by class: L = sum_c share_c * 1/2 sum_j
     scale_j ||target_jc - stat_jc(fake of class c)||^2, its gradient by autograd on that sum."""
-    loss = ConditionalMatching(_class_stats(), "layer", moment)
-    scale = layer_weights(pooled_stats(_class_stats(), loss.shares), "layer", moment)
+    loss = ConditionalMatching(_class_stats(), moment)
+    scale = layer_weights(pooled_stats(_class_stats(), loss.shares), moment)
     gen = torch.Generator().manual_seed(5)
     fake = torch.randn(8, 2, generator=gen)
     labels = torch.tensor([0, 2, 2, 0, 2, 0, 2, 2])
@@ -604,7 +601,7 @@ def test_conditional_loss_value_and_gradient_are_the_share_weighted_sum_of_per_c
     want = 0.0
     for c in (0, 2):
         f = b[labels == c]
-        stats = [f.mean(0)] + {"variance": [f.var(0, unbiased=True)], "second": [(f * f).mean(0)], "mean": []}[moment]
+        stats = [f.mean(0)] + {"variance": [f.var(0, unbiased=True)], "mean": []}[moment]
         targets = _class_stats().of_class(c).targets(moment)
         want = want + loss.shares[c] * 0.5 * sum(w * ((t - s) ** 2).sum() for w, t, s in zip(scale, targets, stats))
     want.backward()

@@ -18,33 +18,34 @@ def test_feature_stats_exact():
 
 def test_mean_var_loss_value_and_gradient_hand_computed():
     real = FeatureStats([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 4.0])], 10)
-    loss = MeanVarMatching(real, normalize="none", moment="variance")
+    loss = MeanVarMatching(real, moment="variance")
     fake = torch.tensor([[0.0, 0.0], [2.0, 2.0]], requires_grad=True)
-    # fake mean [1, 1], fake var [1, 1]: L = 1/2 (0^2 + 1^2) + 1/2 (0^2 + 3^2) = 5
+    # the layer's weights: 1 / (1 + 4) for the mean gap, 1 / (1^2 + 4^2) for the variance gap
+    # fake mean [1, 1], fake var [1, 1]: L = 1/2 (0^2 + 1^2) / 5 + 1/2 (0^2 + 3^2) / 17
     surrogate, value = loss([fake])
-    assert value == pytest.approx(5.0)
+    assert value == pytest.approx(0.5 / 5 + 4.5 / 17)
     surrogate.backward()
-    # dL/dfake_ij = (mu~_j - mu_j)/B + (var~_j - var_j) * 2 (x_ij - mu~_j)/B with B = 2
-    expected = torch.tensor([[0.0 + 0.0, 0.5 + (-3.0) * (-1.0)], [0.0 + 0.0, 0.5 + (-3.0) * 1.0]])
+    # dL/dfake_ij = (mu~_j - mu_j)/B / 5 + (var~_j - var_j) * 2 (x_ij - mu~_j)/B / 17 with B = 2
+    expected = torch.tensor([[0.0, 0.5 / 5 + (-3.0) * (-1.0) / 17], [0.0, 0.5 / 5 + (-3.0) * 1.0 / 17]])
     assert fake.grad.flatten().tolist() == pytest.approx(expected.flatten().tolist())
 
 
 def test_layer_normalisation_weights():
     real = FeatureStats([torch.zeros(2), torch.zeros(3)], [torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0, 4.0])], 5)
-    w = layer_weights(real, "layer", "variance")
+    w = layer_weights(real, "variance")
     assert [float(x) for x in w] == pytest.approx([1 / 4, 1 / 8, 1 / 10, 1 / 24])
 
 
-def test_second_moment_targets():
+def test_an_unknown_moment_is_refused():
     real = FeatureStats([torch.tensor([2.0])], [torch.tensor([1.0])], 5)
-    assert MeanVarMatching(real, "none", "second").targets[1].tolist() == [5.0]
+    assert MeanVarMatching(real, "variance").targets[1].tolist() == [1.0]
     with pytest.raises(ValueError, match="unknown moment"):
-        MeanVarMatching(real, "none", "third")
+        MeanVarMatching(real, "second")
 
 
 def test_ema_tracker_smooths_and_persists():
     real = FeatureStats([torch.tensor([0.0])], [torch.tensor([0.0])], 1)
-    loss = MeanVarMatching(real, "none", "variance", tracker="ema", tracker_beta=0.5)
+    loss = MeanVarMatching(real, "variance", tracker="ema", tracker_beta=0.5)
     tracker = TrackerState()
     loss([torch.tensor([[2.0], [2.0]])], tracker)  # gaps: mean -2, var 0 -> tracker starts at the gap
     assert tracker.vectors[0].tolist() == [-2.0]

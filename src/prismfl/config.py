@@ -63,10 +63,7 @@ class LossConfig:
     # loss.feature_data), "vgg19bn" (ImageNet weights from loss.vgg_weights, a file you have)
     features: str = "public"
     feature_width: int = 16  # the small CNN's base channels ("random" and "public")
-    # "layer": each layer's gaps relative to its real statistics' size; "dim": each feature by its own variance;
-    # "none": raw squared gaps (GFMN's)
-    normalize: str = "layer"
-    moment: str = "variance"  # match Var[f] (GFMN) or the raw second moment E[f^2] ("second")
+    moment: str = "variance"  # match Var[f] (GFMN), or only the means ("mean")
     tracker: str = "ema"  # smooth the gaps over steps: "ema", "adam" (GFMN/the authors') or "none"
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
@@ -75,10 +72,10 @@ class LossConfig:
     # of the clients' own distribution (a privileged setting: compare with --method public), or a dataset of
     # another distribution that no client holds, all of its training split ("mnist" for FashionMNIST clients)
     feature_data: str = "holdout"
-    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before),
-    # "one-cycle" (15 epochs of one-cycle AdamW) or "augmented" (30 such epochs of mirrored, shifted images)
+    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before) or
+    # "augmented" (30 epochs of one-cycle AdamW on mirrored, shifted images)
     feature_training: str = "plain"
-    feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10, 15 or 30)
+    feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10 or 30)
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
     # conditional: each step's batch holds this many of a client's classes (or class modes) drawn at random,
@@ -160,7 +157,7 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
-FEATURE_TRAINING = ("plain", "one-cycle", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
+FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 
@@ -258,7 +255,6 @@ class RunConfig:
                               "images are partition.public_holdout's, set loss.feature_data = 'holdout'")  # fmt: skip
         if self.loss.feature_data != "holdout" and self.loss.features != "public":
             raise ConfigError("loss.feature_data names the public feature net's data: set loss.features = 'public'")
-        _one_of("loss.normalize", self.loss.normalize)
         _one_of("loss.moment", self.loss.moment)
         _one_of("loss.tracker", self.loss.tracker)
         _one_of("loss.feature_training", self.loss.feature_training)
@@ -308,8 +304,6 @@ class RunConfig:
                 if not per_step else
                 f"loss.codes_per_step = {per_step} needs train.batch_size >= {2 * per_step}"
             )  # fmt: skip
-        if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
-            raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
         if self.model.conditional and self.train.method not in ("prism", "central", "public", "local"):
             raise ConfigError(f"model.conditional is implemented for the prism, local, central and public methods, not "
                               f"{self.train.method!r}")  # fmt: skip
@@ -386,7 +380,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from prismfl.data.partition import SCHEMES
     from prismfl.data.sources import DATASETS
     from prismfl.loss.features import FEATURE_NETS
-    from prismfl.loss.matching import MOMENTS, NORMALIZATIONS, TRACKERS
+    from prismfl.loss.matching import MOMENTS, TRACKERS
     from prismfl.model.generators import ARCHITECTURES
     from prismfl.model.masked import ESTIMATORS
 
@@ -397,7 +391,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.estimator": ESTIMATORS,
         "loss.features": FEATURE_NETS,
         "loss.feature_data": ("holdout", *DATASETS),
-        "loss.normalize": NORMALIZATIONS,
         "loss.moment": MOMENTS,
         "loss.tracker": TRACKERS,
         "loss.feature_training": FEATURE_TRAINING,

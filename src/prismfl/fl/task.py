@@ -193,10 +193,10 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
     if privacy and loss.moment == "mean":  # no variances released: each layer weighed by its public clip bound
         options["scales"] = privacy["clip"]
     if not cfg.model.conditional:
-        return MeanVarMatching(stats, loss.normalize, loss.moment, **options).to(device)
+        return MeanVarMatching(stats, loss.moment, **options).to(device)
     from prismfl.privacy import min_count
 
-    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count(privacy),
+    return ConditionalMatching(stats, loss.moment, min_count=min_count(privacy),
                                codes_per_step=loss.codes_per_step, **options).to(device)  # fmt: skip
 
 
@@ -254,16 +254,14 @@ def load_shipped_public_net(key, net) -> dict:
 
 def feature_training(cfg: RunConfig) -> dict:
     """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
-    epochs of Adam at 1e-3; "one-cycle", 15 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05);
-    "augmented", 30 such epochs on batches shifted by up to 2 pixels and, where the dataset allows it,
-    mirrored (docs/quality.md: each recipe's test accuracy and what it does to the samples);
-    loss.feature_epochs, when set, replaces the recipe's number of epochs."""
+    epochs of Adam at 1e-3; "augmented", 30 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05) on
+    batches shifted by up to 2 pixels and, where the dataset allows it, mirrored (docs/quality.md: each
+    recipe's test accuracy and what it does to the samples); loss.feature_epochs, when set, replaces the
+    recipe's number of epochs."""
     recipe = cfg.loss.feature_training
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}
     if recipe == "plain":
         args = {"epochs": PUBLIC_EPOCHS}
-    elif recipe == "one-cycle":
-        args = {"epochs": 15, **one_cycle}
     else:
         data = cfg.data.dataset if cfg.loss.feature_data == "holdout" else cfg.loss.feature_data
         args = {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(data).mirror}
