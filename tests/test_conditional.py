@@ -576,6 +576,25 @@ def test_resume_accepts_a_checkpoint_written_before_the_new_config_keys(tmp_path
         rundir.check(tmp_path, load_config(SMOKE, ["train.rounds=9"]), resume=True, transport="simulator")
 
 
+def test_resume_accepts_a_checkpoint_that_holds_retired_keys_at_their_kept_values(tmp_path, monkeypatch):
+    from prismfl import rundir, safestate
+    from prismfl.config import RETIRED, load_config
+
+    cfg = load_config(SMOKE)
+    old = cfg.to_dict()
+    for key, kept in RETIRED.items():  # a checkpoint written before the keys were retired records them all
+        section, name = key.split(".")
+        old[section][name] = kept
+    (tmp_path / rundir.CHECKPOINT).write_bytes(b"x")
+    monkeypatch.setattr(rundir, "load_checkpoint", lambda out: {"config": old, "transport": "simulator"})
+    monkeypatch.setattr(rundir, "check_progress", lambda state, cfg: None)  # (the rest of the checkpoint)
+    assert rundir.check(tmp_path, cfg, resume=True, transport="simulator")["config"] is old
+    assert old["train"]["final_mask"] == "mode"  # (read, not changed)
+    old["train"]["final_mask"] = "sample"  # what this prismfl can no longer run
+    with pytest.raises(safestate.StateError, match="train.final_mask = 'sample' was retired"):
+        rundir.check(tmp_path, cfg, resume=True, transport="simulator")
+
+
 @pytest.mark.parametrize("moment", ["variance", "mean"])
 def test_conditional_loss_value_and_gradient_are_the_share_weighted_sum_of_per_class_losses(moment):
     """The stacked loss against its definition written out class by class: L = sum_c share_c * 1/2 sum_j

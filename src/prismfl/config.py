@@ -540,3 +540,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 def config_from_dict(table: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, table).validate()
+
+
+# Keys measured and not adopted, then removed, each with the value whose behaviour stayed. A checkpoint
+# written before they went records them; it resumes when each holds that value (rundir.checkpoint_config).
+RETIRED = {"loss.normalize": "layer", "loss.covariance": False, "loss.pca": 0, "loss.rff": 0,
+           "train.upload_sampling": "independent", "train.warm_start_schedule": "constant",
+           "train.final_mask": "mode"}  # fmt: skip
+
+
+def without_retired(table: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config table without the RETIRED keys that hold the value whose behaviour stayed; a
+    ConfigError naming a retired key set to anything else (this prismfl cannot run that any more)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for key, kept in RETIRED.items():
+        section, name = key.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        value = node.pop(name)
+        if value != kept or type(value) is not type(kept):
+            raise ConfigError(f"{key} = {value!r} was retired (measured, not adopted): this prismfl only runs "
+                              f"what {key} = {kept!r} did")  # fmt: skip
+    return out
