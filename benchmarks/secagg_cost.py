@@ -22,8 +22,8 @@ import torch
 from prismfl import secagg
 
 # words of the release vector (sums, squares, counts) of the demo's conditional configurations: per class,
-# 6,267 pooled features (49 + 2 x 1,568 + 2 x 1,024 + 2 x 512 + 10) and 1,325 more with loss.pca = 50
-# (the squares are sent as zeros with loss.moment = "mean")
+# 6,267 pooled features (49 + 2 x 1,568 + 2 x 1,024 + 2 x 512 + 10) and 1,325 more with 50 principal
+# components (what the retired loss.pca = 50 added; the squares are sent as zeros with loss.moment = "mean")
 SIZES = {"pool 4 (10 classes)": 10 * 2 * 6_267 + 10, "pool 4, pca 50 (10 classes)": 10 * 2 * 7_592 + 10}
 
 

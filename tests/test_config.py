@@ -41,7 +41,7 @@ def test_parse_override():
         ("train.rounds=0", "train.rounds must be an integer in [1, 1000000], got 0"),
         ("data.resize=30", "data.resize must be"),
         ("loss.features=vgg19bn", "needs loss.vgg_weights"),
-        ("train.upload_sampling=strata", "did you mean 'stratified'"),
+        ("train.broadcast=quantised", "did you mean 'quantized'"),
         ("train=3", "'train' must be a table"),
     ],
 )
@@ -69,11 +69,10 @@ def test_shipped_configs_load():
         load_config(p)
 
 
-def test_class_and_covariance_terms_need_a_small_cnn_feature_net():
-    for term in ("class_term", "covariance"):
-        with pytest.raises(ConfigError, match="need the public or random feature net"):
-            load_config(None, ["loss.features=vgg19bn", "loss.vgg_weights=w.pth", f"loss.{term}=true"])
-    assert load_config(None, ["loss.class_term=true", "loss.covariance=true"]).loss.class_term
+def test_the_class_term_needs_a_small_cnn_feature_net():
+    with pytest.raises(ConfigError, match="needs the public or random feature net"):
+        load_config(None, ["loss.features=vgg19bn", "loss.vgg_weights=w.pth", "loss.class_term=true"])
+    assert load_config(None, ["loss.class_term=true"]).loss.class_term
 
 
 def _numeric_keys() -> list[tuple[str, str]]:

@@ -39,8 +39,6 @@ def test_augment_draws_from_its_generator_only():
 def test_the_recipes():
     assert task.feature_training(load_config(SMOKE, [])) == {"epochs": 10}  # the plain recipe as it always was
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}
-    short = load_config(SMOKE, ['loss.feature_training="one-cycle"'])
-    assert task.feature_training(short) == {"epochs": 15, **one_cycle}
     fashion = task.feature_training(load_config(SMOKE, ['loss.feature_training="augmented"']))
     assert fashion == {"epochs": 30, **one_cycle, "shift": 2, "mirror": True}
     digits = load_config(SMOKE, ['loss.feature_training="augmented"', 'data.dataset="mnist"'])

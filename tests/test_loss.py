@@ -18,33 +18,34 @@ def test_feature_stats_exact():
 
 def test_mean_var_loss_value_and_gradient_hand_computed():
     real = FeatureStats([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 4.0])], 10)
-    loss = MeanVarMatching(real, normalize="none", moment="variance")
+    loss = MeanVarMatching(real, moment="variance")
     fake = torch.tensor([[0.0, 0.0], [2.0, 2.0]], requires_grad=True)
-    # fake mean [1, 1], fake var [1, 1]: L = 1/2 (0^2 + 1^2) + 1/2 (0^2 + 3^2) = 5
+    # the layer's weights: 1 / (1 + 4) for the mean gap, 1 / (1^2 + 4^2) for the variance gap
+    # fake mean [1, 1], fake var [1, 1]: L = 1/2 (0^2 + 1^2) / 5 + 1/2 (0^2 + 3^2) / 17
     surrogate, value = loss([fake])
-    assert value == pytest.approx(5.0)
+    assert value == pytest.approx(0.5 / 5 + 4.5 / 17)
     surrogate.backward()
-    # dL/dfake_ij = (mu~_j - mu_j)/B + (var~_j - var_j) * 2 (x_ij - mu~_j)/B with B = 2
-    expected = torch.tensor([[0.0 + 0.0, 0.5 + (-3.0) * (-1.0)], [0.0 + 0.0, 0.5 + (-3.0) * 1.0]])
+    # dL/dfake_ij = (mu~_j - mu_j)/B / 5 + (var~_j - var_j) * 2 (x_ij - mu~_j)/B / 17 with B = 2
+    expected = torch.tensor([[0.0, 0.5 / 5 + (-3.0) * (-1.0) / 17], [0.0, 0.5 / 5 + (-3.0) * 1.0 / 17]])
     assert fake.grad.flatten().tolist() == pytest.approx(expected.flatten().tolist())
 
 
 def test_layer_normalisation_weights():
     real = FeatureStats([torch.zeros(2), torch.zeros(3)], [torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0, 4.0])], 5)
-    w = layer_weights(real, "layer", "variance")
+    w = layer_weights(real, "variance")
     assert [float(x) for x in w] == pytest.approx([1 / 4, 1 / 8, 1 / 10, 1 / 24])
 
 
-def test_second_moment_targets():
+def test_an_unknown_moment_is_refused():
     real = FeatureStats([torch.tensor([2.0])], [torch.tensor([1.0])], 5)
-    assert MeanVarMatching(real, "none", "second").targets[1].tolist() == [5.0]
+    assert MeanVarMatching(real, "variance").targets[1].tolist() == [1.0]
     with pytest.raises(ValueError, match="unknown moment"):
-        MeanVarMatching(real, "none", "third")
+        MeanVarMatching(real, "second")
 
 
 def test_ema_tracker_smooths_and_persists():
     real = FeatureStats([torch.tensor([0.0])], [torch.tensor([0.0])], 1)
-    loss = MeanVarMatching(real, "none", "variance", tracker="ema", tracker_beta=0.5)
+    loss = MeanVarMatching(real, "variance", tracker="ema", tracker_beta=0.5)
     tracker = TrackerState()
     loss([torch.tensor([[2.0], [2.0]])], tracker)  # gaps: mean -2, var 0 -> tracker starts at the gap
     assert tracker.vectors[0].tolist() == [-2.0]
@@ -105,87 +106,13 @@ def test_cache_rebuilds_on_checksum_mismatch(tmp_path, monkeypatch):
     assert len(calls) == 2 and "checksum" in logs[0]
 
 
-def test_small_cnn_class_and_covariance_layers():
+def test_small_cnn_class_layer():
     net = features.random_cnn(1, 4, seed=0)
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plain = net.extract(x)
-    net.class_probs, net.covariance = True, True
+    net.class_probs = True
     more = net.extract(x)
-    assert len(more) == len(plain) + 2 and all(torch.equal(a, b) for a, b in zip(plain, more))
+    assert len(more) == len(plain) + 1 and all(torch.equal(a, b) for a, b in zip(plain, more))
     pooled = net.features(x).mean(dim=(2, 3))  # (5, 16): the last stage's pooled features
-    probs, products = more[-2], more[-1]
+    probs = more[-1]
     assert torch.allclose(probs, net.classifier(pooled).softmax(1)) and torch.allclose(probs.sum(1), torch.ones(5))
-    assert products.shape == (5, 16 * 17 // 2)
-    assert torch.allclose(products[:, 0], pooled[:, 0] ** 2)
-    assert torch.allclose(products[:, 1], pooled[:, 0] * pooled[:, 1])
-    assert torch.allclose(products[:, 16], pooled[:, 1] ** 2)  # row 1 of the upper triangle starts at (1, 1)
-
-
-def test_public_pca_finds_the_principal_axes():
-    from prismfl.fl.task import public_pca
-
-    gen = torch.Generator().manual_seed(0)
-    # 4 pixels: variance 9 along (1, 1, 0, 0)/sqrt(2), 1 along (0, 0, 1, 0), 0.01 elsewhere, mean 0.5
-    a = 3 * torch.randn(2000, generator=gen)
-    b = torch.randn(2000, generator=gen)
-    x = 0.5 + torch.stack([a / 2**0.5, a / 2**0.5, b, 0.1 * torch.randn(2000, generator=gen)], 1)
-    pca = public_pca(x.reshape(2000, 1, 2, 2), 2)
-    assert torch.allclose(pca["mean"], torch.full((4,), 0.5), atol=0.1)
-    first, second = pca["basis"][:, 0], pca["basis"][:, 1]
-    assert abs(float(first @ torch.tensor([1, 1, 0, 0.0]) / 2**0.5)) > 0.999
-    assert abs(float(second[2])) > 0.999
-    assert torch.allclose(pca["basis"].T @ pca["basis"], torch.eye(2), atol=1e-5)
-
-
-def test_small_cnn_pca_layers_are_coordinates_and_their_products():
-    net = features.random_cnn(1, 4, seed=0)
-    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    plain = net.extract(x)
-    mean = torch.full((784,), 0.1)
-    basis = torch.linalg.qr(torch.randn(784, 3, generator=torch.Generator().manual_seed(1)))[0]
-    net.pca = (mean, basis)
-    more = net.extract(x)
-    assert len(more) == len(plain) + 2 and all(torch.equal(a, b) for a, b in zip(plain, more))
-    coords = (x.flatten(1) - 0.1) @ basis
-    assert torch.allclose(more[-2], coords, atol=1e-6)
-    assert more[-1].shape == (5, 6)  # upper triangle of 3 x 3, diagonal included
-    assert torch.allclose(more[-1][:, 1], coords[:, 0] * coords[:, 1], atol=1e-6)
-
-
-def test_loss_pca_needs_the_public_feature_net():
-    from pathlib import Path
-
-    from prismfl.config import load_config
-
-    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-    with pytest.raises(ConfigError, match="public"):
-        load_config(smoke, ["loss.pca=10"])
-    with pytest.raises(ConfigError, match="0..256"):
-        load_config(smoke, ['loss.features="public"', "loss.pca=300"])
-
-
-def test_small_cnn_random_fourier_features_of_the_pca_coordinates():
-    """The rff layer is sqrt(2/D) cos(c W + b): each image's vector has norm about 1, and the mean
-    of k(x, y) = phi(x) . phi(y) approaches the Gaussian kernel exp(-||c_x - c_y||^2 / (2 bandwidth^2))."""
-    from pathlib import Path
-
-    from prismfl.config import load_config
-    from prismfl.fl.task import rff_params
-
-    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-    cfg = load_config(smoke, ['loss.features="public"', "loss.pca=3", "loss.rff=20000"])
-    freqs, phases = rff_params(cfg, 3, 2.0)
-    assert torch.equal(freqs, rff_params(cfg, 3, 2.0)[0])  # from the run seed
-    net = features.random_cnn(1, 4, seed=0)
-    basis = torch.linalg.qr(torch.randn(784, 3, generator=torch.Generator().manual_seed(1)))[0]
-    net.pca, net.rff = (torch.zeros(784), basis), (freqs, phases)
-    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = net.extract(x)
-    assert len(out) == len(features.random_cnn(1, 4, seed=0).extract(x)) + 3 and out[-1].shape == (2, 20000)
-    coords = x.flatten(1) @ basis
-    assert torch.allclose(out[-1], (2 / 20000) ** 0.5 * torch.cos(coords @ freqs + phases))
-    kernel = float(out[-1][0] @ out[-1][1])
-    want = float(torch.exp(-((coords[0] - coords[1]) ** 2).sum() / (2 * 2.0**2)))
-    assert abs(kernel - want) < 0.03
-    with pytest.raises(ConfigError, match="loss.pca > 0"):
-        load_config(smoke, ['loss.features="public"', "loss.rff=10"])

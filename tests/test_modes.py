@@ -252,8 +252,8 @@ def test_codes_per_step_weighs_the_drawn_codes_so_the_expected_gradient_is_the_f
     from prismfl.loss.matching import ConditionalMatching
 
     groups = _groups()
-    full = _grads(ConditionalMatching(_three_codes(), "none"), groups, [0, 1, 2])
-    subset = ConditionalMatching(_three_codes(), "none", codes_per_step=2)
+    full = _grads(ConditionalMatching(_three_codes()), groups, [0, 1, 2])
+    subset = ConditionalMatching(_three_codes(), codes_per_step=2)
     mean = {c: torch.zeros(3, 2) for c in range(3)}
     for pair in ([0, 1], [0, 2], [1, 2]):
         for c, g in _grads(subset, groups, pair).items():
@@ -269,7 +269,7 @@ def test_codes_per_step_moves_only_the_drawn_codes_trackers_each_starting_at_its
     from prismfl import safestate
     from prismfl.loss.matching import ConditionalMatching, TrackerState
 
-    loss = ConditionalMatching(_three_codes(), "none", tracker="ema", tracker_beta=0.9, codes_per_step=2)
+    loss = ConditionalMatching(_three_codes(), tracker="ema", tracker_beta=0.9, codes_per_step=2)
     groups, tracker = _groups(), TrackerState()
     mean = lambda c, x=1.0: (x * groups[c]).mean(0)  # noqa: E731 - a generated group's mean
     loss([torch.cat([groups[0], groups[2]])], tracker, torch.tensor([0, 2]).repeat_interleave(3))

@@ -63,10 +63,7 @@ class LossConfig:
     # loss.feature_data), "vgg19bn" (ImageNet weights from loss.vgg_weights, a file you have)
     features: str = "public"
     feature_width: int = 16  # the small CNN's base channels ("random" and "public")
-    # "layer": each layer's gaps relative to its real statistics' size; "dim": each feature by its own variance;
-    # "none": raw squared gaps (GFMN's)
-    normalize: str = "layer"
-    moment: str = "variance"  # match Var[f] (GFMN) or the raw second moment E[f^2] ("second")
+    moment: str = "variance"  # match Var[f] (GFMN), or only the means ("mean")
     tracker: str = "ema"  # smooth the gaps over steps: "ema", "adam" (GFMN/the authors') or "none"
     tracker_beta: float = 0.9  # for "ema"
     tracker_lr: float = 1e-5  # for "adam" (the authors' value)
@@ -75,15 +72,12 @@ class LossConfig:
     # of the clients' own distribution (a privileged setting: compare with --method public), or a dataset of
     # another distribution that no client holds, all of its training split ("mnist" for FashionMNIST clients)
     feature_data: str = "holdout"
-    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before),
-    # "one-cycle" (15 epochs of one-cycle AdamW) or "augmented" (30 such epochs of mirrored, shifted images)
+    # how the public feature net learns from the public images: "plain" (10 epochs of Adam, as before) or
+    # "augmented" (30 epochs of one-cycle AdamW on mirrored, shifted images)
     feature_training: str = "plain"
-    feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10, 15 or 30)
+    feature_epochs: int = 0  # the public feature net's epochs; 0: its recipe's own (10 or 30)
     class_term: bool = False  # also match the public net's class probabilities (holds the class shares)
-    covariance: bool = False  # also match the second moments of the public net's pooled last-layer features
     pool: int = 1  # average-pool every spatial feature map (and the pixels) by this factor before its statistics
-    pca: int = 0  # also match the mean and covariance of the images' top-k public principal components (0: off)
-    rff: int = 0  # and the mean of this many random Fourier features of those components: an MMD (0: off)
     # conditional: each step's batch holds this many of a client's classes (or class modes) drawn at random,
     # their terms weighed up to keep the gradient unbiased (0: every class at every step)
     codes_per_step: int = 0
@@ -114,16 +108,11 @@ class TrainConfig:
     broadcast: str = "delta"
     broadcast_levels: int = 4  # the quantized broadcast's levels, evenly spaced in logit space
     server_momentum: float = 0.0  # prism: heavy-ball momentum of the server's logit update (FedAvgM); 0: off
-    # (like mada and upload_sampling, ignored by the baselines: a config serves --method fedavg as it is)
-    upload_sampling: str = "independent"  # "stratified": a round's clients draw their masks from shared strata
+    # (like mada, ignored by the baselines: a config serves --method fedavg as it is)
     # prism: the global scores of round 0 trained for this many steps on the public hold-out (the images the
     # public feature net learns from, which no client holds); 0: the paper's N(0, 1) scores from the seed.
     # Ignored by the baselines, as server_momentum is
     warm_start: int = 0
-    # the warm start's Adam lr over its steps: "constant" (train.lr) or "cosine" (from train.lr down to
-    # train.lr_floor x lr in its last 100 steps, like lr_schedule across rounds)
-    warm_start_schedule: str = "constant"
-    final_mask: str = "mode"  # exported mask: "mode" keeps weights with p > 1/2; "sample" draws one Bernoulli mask
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     sample_every: int = 5  # write a sample grid every this many rounds (0: only at the end)
     eval_every: int = 0  # record a quick domain FID (1,000 samples) every this many rounds (0: never)
@@ -168,7 +157,7 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
-FEATURE_TRAINING = ("plain", "one-cycle", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
+FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 
@@ -192,8 +181,6 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "loss.tracker_lr": (0, 100, "(]"),
     "loss.feature_epochs": (0, 1000, "[]"),  # 0: the recipe's own
     "loss.pool": (1, 8, "[]"),
-    "loss.pca": (0, 256, "[]"),
-    "loss.rff": (0, 65_536, "[]"),
     "loss.codes_per_step": (0, 64_000, "[]"),  # 0: every class; at most classes x modes (1,000 x 64)
     "train.rounds": (1, 10**6, "[]"),
     "train.local_steps": (1, 10**7, "[]"),
@@ -268,19 +255,13 @@ class RunConfig:
                               "images are partition.public_holdout's, set loss.feature_data = 'holdout'")  # fmt: skip
         if self.loss.feature_data != "holdout" and self.loss.features != "public":
             raise ConfigError("loss.feature_data names the public feature net's data: set loss.features = 'public'")
-        _one_of("loss.normalize", self.loss.normalize)
         _one_of("loss.moment", self.loss.moment)
         _one_of("loss.tracker", self.loss.tracker)
-        if self.loss.pca and not self.public_images():
-            raise ConfigError("loss.pca takes its principal components from the public hold-out: needs loss.features "
-                              "= 'public'")  # fmt: skip
-        if self.loss.rff and not self.loss.pca:
-            raise ConfigError("loss.rff takes random features of the public principal components: set loss.pca > 0")
         _one_of("loss.feature_training", self.loss.feature_training)
         if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
             raise ConfigError("loss.pool needs the public or random feature net")
-        if (self.loss.class_term or self.loss.covariance) and self.loss.features not in ("public", "random"):
-            raise ConfigError("loss.class_term and loss.covariance need the public or random feature net")
+        if self.loss.class_term and self.loss.features not in ("public", "random"):
+            raise ConfigError("loss.class_term needs the public or random feature net")
         _one_of("train.device", self.train.device)
         if self.train.method == "prism-nomada":
             raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
@@ -292,10 +273,7 @@ class RunConfig:
             raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
                               "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
                               "train.client_fraction, or set train.broadcast = 'quantized'")  # fmt: skip
-        _one_of("train.final_mask", self.train.final_mask)
-        _one_of("train.upload_sampling", self.train.upload_sampling)
         _one_of("train.lr_schedule", self.train.lr_schedule)
-        _one_of("train.warm_start_schedule", self.train.warm_start_schedule)
         _one_of("faults.attack", self.faults.attack)
         _one_of("robust.rule", self.robust.rule)
         if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
@@ -326,8 +304,6 @@ class RunConfig:
                 if not per_step else
                 f"loss.codes_per_step = {per_step} needs train.batch_size >= {2 * per_step}"
             )  # fmt: skip
-        if self.loss.moment == "mean" and self.loss.normalize == "dim" and not math.isinf(self.privacy.epsilon):
-            raise ConfigError("loss.moment = 'mean' under privacy releases no variances: use loss.normalize = 'layer'")
         if self.model.conditional and self.train.method not in ("prism", "central", "public", "local"):
             raise ConfigError(f"model.conditional is implemented for the prism, local, central and public methods, not "
                               f"{self.train.method!r}")  # fmt: skip
@@ -404,7 +380,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from prismfl.data.partition import SCHEMES
     from prismfl.data.sources import DATASETS
     from prismfl.loss.features import FEATURE_NETS
-    from prismfl.loss.matching import MOMENTS, NORMALIZATIONS, TRACKERS
+    from prismfl.loss.matching import MOMENTS, TRACKERS
     from prismfl.model.generators import ARCHITECTURES
     from prismfl.model.masked import ESTIMATORS
 
@@ -415,7 +391,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.estimator": ESTIMATORS,
         "loss.features": FEATURE_NETS,
         "loss.feature_data": ("holdout", *DATASETS),
-        "loss.normalize": NORMALIZATIONS,
         "loss.moment": MOMENTS,
         "loss.tracker": TRACKERS,
         "loss.feature_training": FEATURE_TRAINING,
@@ -423,10 +398,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.method": METHODS,
         "train.upload_coder": ("auto", "range", "calibrated", "packed"),
         "train.broadcast": ("delta", "float32", "quantized"),
-        "train.final_mask": ("mode", "sample"),
-        "train.upload_sampling": ("independent", "stratified"),
         "train.lr_schedule": ("constant", "cosine"),
-        "train.warm_start_schedule": ("constant", "cosine"),
         "faults.attack": ATTACKS,
         "robust.rule": ROBUST_RULES,
         "privacy.pool_classes": ("own", "all"),
@@ -568,3 +540,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 def config_from_dict(table: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, table).validate()
+
+
+# Keys measured and not adopted, then removed, each with the value whose behaviour stayed. A checkpoint
+# written before they went records them; it resumes when each holds that value (rundir.checkpoint_config).
+RETIRED = {"loss.normalize": "layer", "loss.covariance": False, "loss.pca": 0, "loss.rff": 0,
+           "train.upload_sampling": "independent", "train.warm_start_schedule": "constant",
+           "train.final_mask": "mode"}  # fmt: skip
+
+
+def without_retired(table: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config table without the RETIRED keys that hold the value whose behaviour stayed; a
+    ConfigError naming a retired key set to anything else (this prismfl cannot run that any more)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for key, kept in RETIRED.items():
+        section, name = key.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        value = node.pop(name)
+        if value != kept or type(value) is not type(kept):
+            raise ConfigError(f"{key} = {value!r} was retired (measured, not adopted): this prismfl only runs "
+                              f"what {key} = {kept!r} did")  # fmt: skip
+    return out

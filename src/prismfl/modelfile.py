@@ -181,15 +181,12 @@ def per_class_labels(num_classes: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.Tensor | None = None, batch: int = 500,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.Tensor | None = None,
+                    batch: int = 500) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """n images in [-1, 1] and, for a conditional generator, their classes: `labels` when given (then n
     is len(labels)), else drawn from the model's class shares. The same seed, the same images and labels.
     With modes, the generator is given condition codes: drawn from the codes' shares (the classes returned
-    are code // modes), or for given classes, each image's mode drawn from its class's mode shares.
-    `temperature` scales the noise z (the same draws; 0: each code's one image, > 1: more spread)."""
-    if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and 0 <= temperature <= 100):
-        raise ValueError(f"the sampling temperature must be a number in [0, 100], got {temperature!r}")
+    are code // modes), or for given classes, each image's mode drawn from its class's mode shares."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
     conditional = getattr(net, "num_classes", 0) > 0
@@ -209,7 +206,7 @@ def sample_labelled(net: torch.nn.Module, n: int, seed: int = 0, labels: torch.T
     device = next(net.buffers()).device
     out = []
     for start in range(0, n, batch):
-        z = (temperature * torch.randn(min(batch, n - start), net.z_dim, generator=gen)).to(device)
+        z = torch.randn(min(batch, n - start), net.z_dim, generator=gen).to(device)
         y = None if codes is None else codes[start : start + len(z)].to(device)
         out.append((net(z) if y is None else net(z, y)).cpu())
     return (torch.cat(out) if out else torch.empty(0)), labels

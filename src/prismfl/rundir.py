@@ -161,10 +161,10 @@ def checked(tree, what: str = "the checkpoint") -> dict:
 
 
 def checkpoint_config(state: dict) -> RunConfig:
-    from prismfl.config import config_from_dict
+    from prismfl.config import config_from_dict, without_retired
 
-    try:
-        return config_from_dict(state["config"])
+    try:  # (a checkpoint written before keys were retired holds them: at their kept values, it resumes)
+        return config_from_dict(without_retired(state["config"]))
     except PrismError as exc:
         raise safestate.StateError(f"the checkpoint's configuration is not valid: {exc}") from None
 

@@ -50,7 +50,7 @@ def run_report(run_dir: Path) -> Path:
         + f"), {t['rounds']} rounds x "
         f"{t['local_steps']} local steps, batch {t['batch_size']}, {t['client_fraction']:.0%} of clients per round, "
         f"MADA {'on' if t['method'] == 'prism' and t['mada'] else 'off'}",
-        f"- loss: {cfg['loss']['features']} features, '{cfg['loss']['normalize']}' normalisation, "
+        f"- loss: {cfg['loss']['features']} features, "
         f"'{cfg['loss']['moment']}' matching, tracker {cfg['loss']['tracker']}"
         + (f", {cfg['loss']['codes_per_step']} codes a step" if cfg["loss"].get("codes_per_step") else ""),
         f"- wall time of the rounds: {sum(r['seconds'] for r in records):.0f} s",

@@ -58,21 +58,6 @@ def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.rand(scores.shape, generator=generator, device=scores.device) < torch.sigmoid(scores)
 
 
-def stratified_uniforms(n: int, slot: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """The uniforms of client `slot` (of a round's k clients, who share `generator`) for its mask draw.
-
-    u = ((slot + r) mod k + U) / k per weight, with r in {0..k-1} and U in [0, 1) shared by the k
-    clients. Alone, each client's u is uniform on [0, 1), so its mask (u < p) is an exact
-    Bernoulli(p) draw; together, the k clients' u fall in k different strata of [0, 1), so when
-    their probabilities agree the count of ones is floor(kp) or ceil(kp), not Binomial(k, p).
-    """
-    if not 0 <= slot < k:
-        raise ValueError(f"slot {slot} is not one of {k} clients")
-    r = torch.randint(0, k, (n,), generator=generator)
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return ((((r + slot) % k).double() + u) / k).float().clamp_max(1.0 - 2.0**-24)
-
-
 def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of positions where two binary masks differ (each weight counted once)."""
     if a.shape != b.shape:

@@ -82,10 +82,8 @@ def local_train(
     state: ClientState,
     cfg: LocalConfig,
     generator: torch.Generator,
-    uniforms: torch.Tensor | None = None,
 ) -> LocalResult:
-    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask
-    (from `uniforms` when given: the round's shared strata, fl.aggregate.stratified_uniforms).
+    """Start from the global scores, take `cfg.steps` Adam steps on the matching loss, sample a mask.
 
     For a dense model (the FedAvg baseline) the same loop trains float weights and returns them.
     """
@@ -118,9 +116,8 @@ def local_train(
     scores = masked.get_trainable(model)
     if masked.is_dense(model):
         return LocalResult(mask=None, loss=total / cfg.steps, start_loss=first, scores=scores)
-    if uniforms is None:
-        uniforms = torch.rand(scores.shape, generator=generator, device=device)
-    mask = uniforms.to(device) < torch.sigmoid(scores)
+    uniforms = torch.rand(scores.shape, generator=generator, device=device)
+    mask = uniforms < torch.sigmoid(scores)
     return LocalResult(mask=mask, loss=total / cfg.steps, start_loss=first, scores=scores)
 
 
@@ -362,10 +359,8 @@ def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, 
     train = ctx.cfg.train
     lr = round_lr(train.lr if lr is None else lr, round_, train.rounds, train.lr_schedule, train.lr_floor)
     gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
-    uniforms = task.upload_uniforms(ctx.cfg, round_, client.k, ctx.num_weights)
     return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
-                       state=client.state, cfg=ctx.local_config(steps, lr), generator=gen,
-                       uniforms=uniforms)  # fmt: skip
+                       state=client.state, cfg=ctx.local_config(steps, lr), generator=gen)  # fmt: skip
 
 
 def exact_stats(ctx: ClientContext, images: torch.Tensor, labels: torch.Tensor | None,
@@ -379,7 +374,7 @@ WARM_CHUNK = 100  # steps between the warm start's progress updates
 
 def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = None) -> tuple[bytes, dict]:
     """Round-0 global scores (train.warm_start): the seed's N(0, 1) scores, then `steps` Adam steps (at
-    train.lr, or on train.warm_start_schedule) of the run's matching loss against the exact statistics of
+    train.lr) of the run's matching loss against the exact statistics of
     the public hold-out (no client holds them: no privacy cost) or, without one, against `pooled`, the
     federation's pooled statistics (the sum of the clients' releases: with privacy, post-processing of
     them); every draw from the run's "warm-start" stream. Computed once, at the server (on Flower, a public
@@ -400,15 +395,13 @@ def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = Non
     scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)
     state, gen = ClientState(), task.generator_for(cfg.seed, "warm-start", device=ctx.device)
     value, t0 = float("nan"), time.perf_counter()
-    chunks = -(-steps // WARM_CHUNK)
     what = f"{len(idx):,} public images" if source == "public" else f"the clients' pooled statistics ({stats.count:,})"
     bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {what}", unit="x100 steps")
     for done in bar:
         chunk = done // WARM_CHUNK + 1
-        # train.warm_start_schedule: one learning rate per chunk of 100 steps, as round_lr gives one per round
-        lr = round_lr(cfg.train.lr, chunk, chunks, cfg.train.warm_start_schedule, cfg.train.lr_floor)
         result = local_train(ctx.model, scores, loss, ctx.extract, state=state,
-                             cfg=ctx.local_config(min(WARM_CHUNK, steps - done), lr), generator=gen)  # fmt: skip
+                             cfg=ctx.local_config(min(WARM_CHUNK, steps - done), cfg.train.lr),
+                             generator=gen)  # fmt: skip
         scores, value = result.scores, result.loss
         bar.set_postfix(loss=f"{value:.4f}")
         if chunk % 5 == 0:  # a line every 500 steps where no bar is drawn (logs, CI)

@@ -16,7 +16,6 @@ import torch
 from prismfl.config import RunConfig
 from prismfl.data.partition import class_table, partition
 from prismfl.data.sources import Split, dataset_info, load_split, to_float
-from prismfl.fl.aggregate import stratified_uniforms
 from prismfl.loss.matching import ConditionalMatching, FeatureStats, MeanVarMatching
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
@@ -194,10 +193,10 @@ def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
     if privacy and loss.moment == "mean":  # no variances released: each layer weighed by its public clip bound
         options["scales"] = privacy["clip"]
     if not cfg.model.conditional:
-        return MeanVarMatching(stats, loss.normalize, loss.moment, **options).to(device)
+        return MeanVarMatching(stats, loss.moment, **options).to(device)
     from prismfl.privacy import min_count
 
-    return ConditionalMatching(stats, loss.normalize, loss.moment, min_count=min_count(privacy),
+    return ConditionalMatching(stats, loss.moment, min_count=min_count(privacy),
                                codes_per_step=loss.codes_per_step, **options).to(device)  # fmt: skip
 
 
@@ -214,15 +213,6 @@ def select_clients(cfg: RunConfig, round_: int) -> list[int]:
         return list(range(k))
     rng = np.random.default_rng(derived_seed(cfg.seed, "select", round_))
     return sorted(rng.choice(k, size=m, replace=False).tolist())
-
-
-def upload_uniforms(cfg: RunConfig, round_: int, k: int, n: int) -> torch.Tensor | None:
-    """Client k's uniforms for its upload mask when the round's clients draw from shared strata
-    (`train.upload_sampling = "stratified"`); None: an independent draw from its own stream."""
-    chosen = select_clients(cfg, round_)
-    if cfg.train.upload_sampling != "stratified" or k not in chosen:
-        return None
-    return stratified_uniforms(n, chosen.index(k), len(chosen), generator_for(cfg.seed, "strata", round_))
 
 
 PUBLIC_EPOCHS = 10
@@ -264,16 +254,14 @@ def load_shipped_public_net(key, net) -> dict:
 
 def feature_training(cfg: RunConfig) -> dict:
     """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
-    epochs of Adam at 1e-3; "one-cycle", 15 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05);
-    "augmented", 30 such epochs on batches shifted by up to 2 pixels and, where the dataset allows it,
-    mirrored (docs/quality.md: each recipe's test accuracy and what it does to the samples);
-    loss.feature_epochs, when set, replaces the recipe's number of epochs."""
+    epochs of Adam at 1e-3; "augmented", 30 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05) on
+    batches shifted by up to 2 pixels and, where the dataset allows it, mirrored (docs/quality.md: each
+    recipe's test accuracy and what it does to the samples); loss.feature_epochs, when set, replaces the
+    recipe's number of epochs."""
     recipe = cfg.loss.feature_training
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}
     if recipe == "plain":
         args = {"epochs": PUBLIC_EPOCHS}
-    elif recipe == "one-cycle":
-        args = {"epochs": 15, **one_cycle}
     else:
         data = cfg.data.dataset if cfg.loss.feature_data == "holdout" else cfg.loss.feature_data
         args = {"epochs": 30, **one_cycle, "shift": 2, "mirror": dataset_info(data).mirror}
@@ -363,34 +351,7 @@ def build_feature_net(cfg: RunConfig, fed: Federation, device: str = "cpu", log=
             net.load_state_dict(state)
             meta = {"kind": "public", "trained_on": what, "sha256": meta["sha256"]}
         recipe["cache_spec"] = spec
-        if cfg.loss.pca:
-            pca_spec = {"kind": "public-pca", "version": 2, "dataset": cfg.data.dataset, "source": fed.train.source,
-                        "resize": cfg.data.resize, "holdout_sha256": holdout, "components": cfg.loss.pca}  # fmt: skip
-            cached_state_dict("pca", pca_spec, lambda: (public_pca(fed.images(fed.public_idx), cfg.loss.pca),
-                                                        {"images": len(fed.public_idx)}), log)  # fmt: skip
-            recipe["pca_spec"] = pca_spec
-    return ready_feature_net(cfg, net, device, recipe), meta, recipe
-
-
-def public_pca(images: torch.Tensor, k: int) -> dict:
-    """The mean image and the top-k principal components (D x k, float32) of public images, and the
-    median distance between two images' coordinates on them (the random features' bandwidth)."""
-    x = images.reshape(len(images), -1).double()
-    mean = x.mean(0)
-    _, vecs = torch.linalg.eigh(torch.cov((x - mean).T))
-    basis = vecs.flip(1)[:, : min(k, x.shape[1])]
-    coords = (x - mean) @ basis
-    half = len(coords) // 2
-    bandwidth = (coords[:half] - coords[half : 2 * half]).norm(dim=1).median()
-    return {"mean": mean.float(), "basis": basis.float().contiguous(), "bandwidth": bandwidth.float().reshape(1)}
-
-
-def rff_params(cfg: RunConfig, components: int, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random Fourier features of a Gaussian kernel of this bandwidth on the principal coordinates:
-    frequencies N(0, 1 / bandwidth^2) and phases U(0, 2 pi), from the run seed (public)."""
-    gen = generator_for(cfg.seed, "rff")
-    freqs = torch.randn(components, cfg.loss.rff, generator=gen) / bandwidth
-    return freqs, 2 * torch.pi * torch.rand(cfg.loss.rff, generator=gen)
+    return ready_feature_net(cfg, net, device), meta, recipe
 
 
 def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
@@ -409,7 +370,7 @@ def feature_net_from_recipe(cfg: RunConfig, recipe: dict, device: str = "cpu"):
             load_shipped_public_net(recipe["shipped"], net)
         else:
             net.load_state_dict(cached_only("features", recipe["cache_spec"], PUBLIC_NET))
-    return ready_feature_net(cfg, net, device, recipe)
+    return ready_feature_net(cfg, net, device)
 
 
 def cached_only(name: str, spec: dict, what: str) -> dict:
@@ -423,20 +384,10 @@ def cached_only(name: str, spec: dict, what: str) -> dict:
     return cached_state_dict(name, spec, missing, lambda *_: None)[0]
 
 
-def ready_feature_net(cfg: RunConfig, net, device: str = "cpu", recipe: dict | None = None):
-    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only); the
-    public principal components (loss.pca) come from this machine's cache entry the recipe names."""
-    from prismfl.errors import PrismError
+def ready_feature_net(cfg: RunConfig, net, device: str = "cpu"):
+    """Frozen, on `device`, with the optional feature layers the config asks for (SmallCNN only)."""
     from prismfl.loss.features import SmallCNN, freeze
 
     if isinstance(net, SmallCNN):
-        net.class_probs, net.covariance, net.pool = cfg.loss.class_term, cfg.loss.covariance, cfg.loss.pool
-        if cfg.loss.pca:
-            pca = cached_only("pca", (recipe or {})["pca_spec"], "the public principal components")
-            net.pca = (pca["mean"].to(device), pca["basis"].to(device))
-            if cfg.loss.rff:
-                if "bandwidth" not in pca:
-                    raise PrismError("the cached principal components predate loss.rff; delete the cache entry")
-                freqs, phases = rff_params(cfg, pca["basis"].shape[1], float(pca["bandwidth"][0]))
-                net.rff = (freqs.to(device), phases.to(device))
+        net.class_probs, net.pool = cfg.loss.class_term, cfg.loss.pool
     return freeze(net).to(device)

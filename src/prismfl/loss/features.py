@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -24,15 +23,7 @@ class SmallCNN(nn.Module):
     def __init__(self, channels: int = 1, width: int = 16, num_classes: int = 10):
         super().__init__()
         self.class_probs = False  # loss.class_term: the head's class probabilities are one more feature layer
-        self.covariance = False  # loss.covariance: products of the pooled last-layer features, another layer
         self.pool = 1  # loss.pool: spatial maps are average-pooled by this factor before they are features
-        # loss.pca: (mean image, D x k basis) of the public images' top principal components; the image's
-        # coordinates on them and their pairwise products are two more layers (a class's mean and covariance
-        # in that subspace: what the pca-gaussian reference fits)
-        self.pca: tuple[torch.Tensor, torch.Tensor] | None = None
-        # loss.rff: (k x D frequencies, D phases) of random Fourier features of those coordinates: the mean of
-        # sqrt(2/D) cos(c W + b) is a Gaussian kernel's mean embedding, so matching it is an MMD (DP-MERF's)
-        self.rff: tuple[torch.Tensor, torch.Tensor] | None = None
         ws = [width, 2 * width, 4 * width]
         layers, cin = [], channels
         for w in ws:
@@ -52,26 +43,13 @@ class SmallCNN(nn.Module):
         return x.flatten(1)
 
     def extract(self, x) -> list[torch.Tensor]:
-        image = x
         out = [self._flat(x)]  # pixels are features too: they anchor brightness and layout
         for layer in self.features:
             x = layer(x)
             if isinstance(layer, nn.ReLU):
                 out.append(self._flat(x))
-        pooled = x.mean(dim=(2, 3))
         if self.class_probs:  # their mean is the batch's class shares: matching it holds every class
-            out.append(self.classifier(pooled).softmax(1))
-        if self.covariance:  # their mean is the pooled features' second-moment matrix: an FID-like match
-            i, j = torch.triu_indices(pooled.shape[1], pooled.shape[1], device=pooled.device)
-            out.append(pooled[:, i] * pooled[:, j])
-        if self.pca is not None:
-            mean, basis = self.pca
-            coords = (image.flatten(1) - mean) @ basis
-            i, j = torch.triu_indices(basis.shape[1], basis.shape[1], device=coords.device)
-            out += [coords, coords[:, i] * coords[:, j]]
-            if self.rff is not None:
-                freqs, phases = self.rff
-                out.append(math.sqrt(2.0 / len(phases)) * torch.cos(coords @ freqs + phases))
+            out.append(self.classifier(x.mean(dim=(2, 3))).softmax(1))
         return out
 
 

@@ -17,8 +17,7 @@ import torch
 
 from prismfl import schema
 
-NORMALIZATIONS = ("none", "layer", "dim")
-MOMENTS = ("second", "variance", "mean")  # "mean": match the means only (DP-MERF's choice at small epsilon)
+MOMENTS = ("variance", "mean")  # "mean": match the means only (DP-MERF's choice at small epsilon)
 
 
 @dataclass
@@ -94,7 +93,7 @@ class FeatureStats:
     def targets(self, moment: str = "variance") -> list[torch.Tensor]:
         if moment == "mean":
             return [*self.mean]
-        return [*self.mean, *(self.second if moment == "second" else self.var)]
+        return [*self.mean, *self.var]
 
 
 @torch.no_grad()
@@ -256,44 +255,34 @@ class TrackerState:
         return tracker
 
 
-def layer_weights(real: FeatureStats, normalize: str, moment: str = "variance",
-                  scales: list[float] | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """Weight of each matched statistic, so that no layer drowns the others.
-
-    'none': GFMN's raw squared error. 'layer': each layer's error relative to the size of its
-    real statistics (sum of variances for the mean gap, of squared variances for the variance
-    gap), so every layer weighs about the same; or, given `scales` (a typical feature norm per layer
-    from public data: the clip bounds of a private release), relative to scale^2 and scale^4.
-    'dim': each feature standardised by its own real variance. Moment "mean": the mean gaps' only.
+def layer_weights(
+    real: FeatureStats, moment: str = "variance", scales: list[float] | None = None
+) -> list[torch.Tensor]:
+    """Weight of each matched statistic, so that no layer drowns the others: each layer's error relative
+    to the size of its real statistics (sum of variances for the mean gap, of squared variances for the
+    variance gap), so every layer weighs about the same; or, given `scales` (a typical feature norm per
+    layer from public data: the clip bounds of a private release), relative to scale^2 and scale^4.
+    Moment "mean": the mean gaps' only.
     """
     if moment == "mean":
-        return layer_weights(real, normalize, "variance", scales)[: len(real.mean)]
-    if normalize == "none":
-        return [torch.ones(()) for _ in real.targets()]
-    if normalize == "layer" and scales is not None:
+        return layer_weights(real, "variance", scales)[: len(real.mean)]
+    if scales is not None:
         return [torch.tensor(1.0 / s**2) for s in scales] + [torch.tensor(1.0 / s**4) for s in scales]
-    if normalize == "layer":
-        seconds = real.second if moment == "second" else real.var
-        return [1.0 / v.sum().clamp_min(1e-12) for v in real.var] + [
-            1.0 / s.pow(2).sum().clamp_min(1e-12) for s in seconds
-        ]
-    if normalize == "dim":
-        floors = [v + 1e-3 * v.mean().clamp_min(1e-12) for v in real.var]
-        return [1.0 / f for f in floors] + [1.0 / f.pow(2) for f in floors]
-    raise ValueError(f"unknown normalization {normalize!r}; expected one of {NORMALIZATIONS}")
+    return [1.0 / v.sum().clamp_min(1e-12) for v in real.var] + [
+        1.0 / v.pow(2).sum().clamp_min(1e-12) for v in real.var
+    ]
 
 
 def moments(fake: list[torch.Tensor], moment: str, unbiased: bool = False) -> list[torch.Tensor]:
-    """Per-layer batch means, then second moments or variances (unbiased: times b / (b - 1)); "mean": means."""
+    """Per-layer batch means, then variances (unbiased: times b / (b - 1)); "mean": the means only."""
     mean = [f.mean(0) for f in fake]
     if moment == "mean":
         return mean
     second = [(f * f).mean(0) for f in fake]
-    if moment == "variance":  # E[x^2] - E[x]^2: one pass, several times faster than torch.var
-        b = fake[0].shape[0]
-        scale = b / (b - 1) if unbiased else 1.0
-        second = [(s - m * m) * scale for s, m in zip(second, mean)]
-    return mean + second
+    # E[x^2] - E[x]^2: one pass, several times faster than torch.var
+    b = fake[0].shape[0]
+    scale = b / (b - 1) if unbiased else 1.0
+    return mean + [(s - m * m) * scale for s, m in zip(second, mean)]
 
 
 class MeanVarMatching:
@@ -302,7 +291,6 @@ class MeanVarMatching:
     def __init__(
         self,
         real: FeatureStats,
-        normalize: str = "layer",
         moment: str = "variance",
         *,
         tracker: str = "none",
@@ -319,7 +307,7 @@ class MeanVarMatching:
         self.tracker = tracker
         self.tracker_beta = tracker_beta
         self.targets = real.targets(moment)
-        self.weights = layer_weights(real, normalize, moment, scales)
+        self.weights = layer_weights(real, moment, scales)
         self.tracker_lr = tracker_lr
         self.tracker_betas = tracker_betas
 
@@ -398,7 +386,7 @@ class ConditionalMatching(MeanVarMatching):
     classes instead of k. Each class's tracker then moves only on the steps that draw it, and starts at
     its first gap."""
 
-    def __init__(self, real: FeatureStats, normalize: str = "layer", moment: str = "variance", *,
+    def __init__(self, real: FeatureStats, moment: str = "variance", *,
                  min_count: float = 1.0, codes_per_step: int = 0, **options):  # fmt: skip
         if real.class_counts is None:
             raise ValueError("per-class matching needs per-class statistics")
@@ -406,12 +394,12 @@ class ConditionalMatching(MeanVarMatching):
         self.classes = [c for c in range(len(counts)) if float(counts[c]) >= min_count]
         if not self.classes:
             raise ValueError(f"no class has at least {min_count:g} images: nothing to match")
-        super().__init__(real.of_class(self.classes[0]), normalize, moment, **options)
+        super().__init__(real.of_class(self.classes[0]), moment, **options)
         total = float(counts[self.classes].sum())
         self.shares = {c: float(counts[c]) / total for c in self.classes}
         # every class's statistics are weighed by the scale of the layer over all the client's images
         # (a class's own variances can be tiny, e.g. of the class probabilities, and would blow up)
-        scale = layer_weights(pooled_stats(real, self.shares), normalize, moment, options.get("scales"))
+        scale = layer_weights(pooled_stats(real, self.shares), moment, options.get("scales"))
         held = self._held = torch.tensor(self.classes)
         self._position = {c: i for i, c in enumerate(self.classes)}
         self.targets = [t[held].clone() for t in real.targets(moment)]  # (classes, D) per statistic
@@ -463,9 +451,8 @@ class ConditionalMatching(MeanVarMatching):
         if self.moment == "mean":
             return means
         seconds = [member @ (f * f) / n for f in fake]
-        if self.moment == "variance":  # unbiased within each class's small group
-            seconds = [(s - m * m) * (n / (n - 1)) for s, m in zip(seconds, means)]
-        return means + seconds
+        # variances, unbiased within each class's small group
+        return means + [(s - m * m) * (n / (n - 1)) for s, m in zip(seconds, means)]
 
     def __call__(self, fake: list[torch.Tensor], tracker: TrackerState | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip

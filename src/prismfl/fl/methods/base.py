@@ -23,7 +23,7 @@ import torch
 from prismfl import modelfile, schema
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
-from prismfl.fl import aggregate, task, wire
+from prismfl.fl import task, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, exact_stats
 from prismfl.loss.matching import FeatureStats
 from prismfl.modelfile import PrismModel
@@ -231,13 +231,8 @@ def class_shares(shares: torch.Tensor, path: str) -> None:
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:
     """The exported mask model of the state's scores: the most likely mask (keep a weight where its
-    probability > 1/2; docs/quality.md), or one Bernoulli draw from the run seed
-    (`train.final_mask = "sample"`, as the paper's models); with the class shares of a conditional model."""
-    scores = state["scores"]
-    if cfg.train.final_mask == "mode":
-        mask = scores.cpu() > 0
-    else:
-        mask = aggregate.sample_mask(scores.cpu(), task.generator_for(cfg.seed, "final-mask"))
+    probability > 1/2; docs/quality.md); with the class shares of a conditional model."""
+    mask = state["scores"].cpu() > 0
     full = {"dataset": cfg.data.dataset, "rounds": rounds, "clients": cfg.partition.num_clients,
             "partition": cfg.partition.scheme, **info}  # fmt: skip
     shares = state["class_shares"].tolist() if spec.num_classes else None
