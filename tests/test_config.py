@@ -131,3 +131,15 @@ def test_config_text_is_bounded_in_size_and_depth(tmp_path):
         load_config(deep)
     with pytest.raises(ConfigError, match=r"seed must be int, got list \[\[\["):
         load_config(None, ["seed=" + "[" * 16 + "]" * 16])
+
+
+def test_a_config_file_of_an_older_prismfl_loads_where_its_retired_keys_hold_the_kept_values(tmp_path):
+    """Every shipped config used to say loss.normalize = "layer": such a file still loads (as the same run);
+    a retired key at another value is refused in one line that says so."""
+    path = tmp_path / "old.toml"
+    path.write_text('[loss]\nnormalize = "layer"\ncovariance = false\n[train]\nfinal_mask = "mode"\nrounds = 2\n')
+    cfg = load_config(path)
+    assert cfg.train.rounds == 2 and cfg == load_config(None, ["train.rounds=2"])
+    path.write_text('[loss]\nnormalize = "dim"\n')
+    with pytest.raises(ConfigError, match="loss.normalize = 'dim' was retired"):
+        load_config(path)

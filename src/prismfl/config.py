@@ -535,15 +535,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         _check_depth(table, f"config file {path}")
     for item in overrides:
         merge(table, *parse_override(item))
-    return _build(RunConfig, table).validate()
+    return _build(RunConfig, without_retired(table)).validate()  # (a config of an older prismfl still loads)
 
 
 def config_from_dict(table: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, table).validate()
 
 
-# Keys measured and not adopted, then removed, each with the value whose behaviour stayed. A checkpoint
-# written before they went records them; it resumes when each holds that value (rundir.checkpoint_config).
+# Keys measured and not adopted, then removed, each with the value whose behaviour stayed. A checkpoint or
+# a config file written before they went may hold them; it loads when each holds that value.
 RETIRED = {"loss.normalize": "layer", "loss.covariance": False, "loss.pca": 0, "loss.rff": 0,
            "train.upload_sampling": "independent", "train.warm_start_schedule": "constant",
            "train.final_mask": "mode"}  # fmt: skip
