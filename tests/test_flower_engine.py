@@ -1,7 +1,7 @@
 """Flower for real (slow; `make test-flower`): the simulation engine, and a deployment of a SuperLink
 and SuperNodes as separate processes on loopback ports, insecure and with TLS, with faults.
 
-Every process these tests start is ended by prismfl.flower.loopback, which finds it (and everything
+Every process these tests start is ended by tests/loopback.py, which finds it (and everything
 it started) by a tag in its environment, even when a test fails.
 """
 
@@ -23,10 +23,10 @@ import torch
 pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]")
 
 from conftest import full_state_bytes, needs_fmnist
+from loopback import TAG, Loopback, kill_tagged, tagged_pids
 from prismfl import modelfile, rundir
 from prismfl.config import load_config
 from prismfl.fl import engine, simulate, wire
-from prismfl.flower.loopback import TAG, Loopback, kill_tagged, tagged_pids
 from test_flower_apps import SMOKE, strip
 
 ROOT = Path(__file__).resolve().parents[1]

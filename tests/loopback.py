@@ -1,6 +1,7 @@
 """A whole Flower deployment on one machine: a SuperLink and N SuperNodes on 127.0.0.1, as child
-processes, with `flwr run` against them. For the integration tests, the timing benchmark and a
-first try of a deployment; on several machines run the same commands by hand (docs/deploy.md).
+processes, with `flwr run` against them. For the integration tests (tests/test_flower_engine.py) and
+the timing benchmark (benchmarks/flower_round_time.py, which imports it from here); on several
+machines run the same commands by hand (docs/deploy.md). Not part of the installed package.
 
 Every process it starts, and everything those start (Flower's SuperExec, ServerApp and ClientApp
 processes, some in sessions of their own), carries a tag in its environment; `stop()` finds them

@@ -1,6 +1,6 @@
 """Round time on Flower against the in-process simulator, in one invocation, on one machine.
 
-    python -m prismfl.flower.benchmark --clients 10 --rounds 3 --out runs/flower-bench
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/flower_round_time.py --clients 10 --rounds 3 --out runs/flower-bench
 
 Runs configs/smoke.toml with --clients clients and --rounds rounds (no sample grids) three times, one
 after the other, with the same seed: `prismfl train` (one process), `flwr run` on Flower's simulation
@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from prismfl import rundir
-from prismfl.flower.loopback import Loopback
-
-ROOT = Path(__file__).resolve().parents[3]  # the repository (the Flower app's directory)
+ROOT = Path(__file__).resolve().parents[1]  # the repository (the Flower app's directory)
 SMOKE = ROOT / "configs" / "smoke.toml"
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback deployment is the Flower tests' harness, tests/loopback.py
+
+from loopback import Loopback  # noqa: E402
+from prismfl import rundir  # noqa: E402
 
 
 def round_seconds(run: Path) -> list[float]:
