@@ -1,20 +1,23 @@
 """Hostile and broken inputs: every case is one clear line and exit code 2, never a traceback, never
 an allocation the input asked for, never code run from a file."""
 
+import dataclasses
 import hashlib
 import json
+import math
 import struct
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import needs_fmnist
-from prismfl import modelfile
-from prismfl.config import load_config
+from prismfl import config, modelfile
+from prismfl.config import RunConfig, load_config
 from prismfl.errors import ConfigError, DataError, ModelFileError
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
@@ -98,29 +101,223 @@ def test_fuzz_model_files_load_or_raise_model_file_error(edits, cut, reseal):
     assert model.mask.numel() == masked.num_maskable(build_generator(model.spec))
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.text(max_size=200))
-def test_fuzz_config_text_loads_or_raises_config_error(tmp_path_factory, text):
-    path = tmp_path_factory.mktemp("cfg") / "c.toml"
-    path.write_text(text)
+# ---- the config fuzz: what each input must do, worked out from the input alone
+
+UNSPECIFIED = object()  # an input whose outcome the oracle leaves open: it loads, or a ConfigError
+
+
+def toml_value(value) -> str:
+    """`value` as a TOML value that reads back as exactly `value`: a bool as true/false, a str as a basic string
+    with quotes, backslashes and control characters escaped, a number as Python writes it (inf, nan, 1e+16)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + "".join(f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 32 or ord(c) == 127 else c
+                             for c in value) + '"'  # fmt: skip
+    return repr(value)
+
+
+def declared_type(key: str) -> type:
+    """The Python type (int, float, str or bool) a dotted config key's dataclass field declares."""
+    *sections, name = key.split(".")
+    node = RunConfig()
+    for section in sections:
+        node = getattr(node, section)
+    field = next(f for f in dataclasses.fields(node) if f.name == name)
+    return {"int": int, "float": float, "str": str, "bool": bool}[field.type]
+
+
+def nesting(value) -> int:
+    """How deep the deepest value inside a TOML table or array lies (its own items: 1)."""
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else []
+    return max((1 + nesting(v) for v in items), default=0)
+
+
+def config_file_outcome(data: bytes):
+    """What load_config must do with a config file of these bytes: None (it loads, to the defaults), the part
+    of its ConfigError's message that names the reason, or UNSPECIFIED. In order, as load_config checks:
+    bytes that are not UTF-8: "not UTF-8"; text that tomllib (the TOML reference here) refuses: "not valid
+    TOML"; tables nested deeper than config.MAX_DEPTH: "nested more than"; a config.RETIRED key holding
+    another value than the kept one: "was retired". Then the table's entries in file order (retired keys at
+    their kept value are dropped): a name that is no RunConfig field, at the top or in a section: "unknown
+    config key"; a section that is not a table: "must be a table"; a known key at another value or type than
+    its default: UNSPECIFIED from there on (whether it loads is the range tests' matter). A file of known keys
+    at their defaults only (or none: empty, comments) loads, to RunConfig()."""
     try:
-        load_config(path)
-    except ConfigError:
-        pass
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return "is not valid TOML"
+    if nesting(table) > config.MAX_DEPTH:
+        return "nested more than"
+    for key, kept in config.RETIRED.items():
+        section, name = key.split(".")
+        node = table.get(section)
+        if isinstance(node, dict) and name in node and (node[name] != kept or type(node[name]) is not type(kept)):
+            return "was retired"
+    defaults = RunConfig()
+    for name, value in table.items():
+        if name not in {f.name for f in dataclasses.fields(defaults)}:
+            return "unknown config key"
+        default = getattr(defaults, name)
+        if not dataclasses.is_dataclass(default):
+            if value != default or type(value) is not type(default):
+                return UNSPECIFIED
+            continue
+        if not isinstance(value, dict):
+            return "must be a table"
+        for sub, v in value.items():
+            if f"{name}.{sub}" in config.RETIRED:
+                continue  # at its kept value (else refused above): dropped before the table is read
+            if sub not in {f.name for f in dataclasses.fields(default)}:
+                return "unknown config key"
+            if v != getattr(default, sub) or type(v) is not type(getattr(default, sub)):
+                return UNSPECIFIED
+    return None
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
+
+
+def _known_entries() -> list[tuple[str, str, object]]:
+    """(section, name, default) of every config key ("" : the top level)."""
+    out = [("", "seed", RunConfig().seed)]
+    for section in _sections():
+        node = getattr(RunConfig(), section)
+        out += [(section, f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    return out
+
+
+def _other(kept):
+    return (not kept) if isinstance(kept, bool) else kept + 1 if isinstance(kept, int) else kept + "-other"
+
+
+_NAMES = {name for _, name, _ in _known_entries()} | set(_sections()) | {k.split(".")[1] for k in config.RETIRED}
+UNKNOWN_NAME = st.from_regex(r"[a-z_]{1,8}", fullmatch=True).filter(lambda n: n not in _NAMES)
+UNKNOWN_VALUE = st.integers(-5, 5) | st.booleans() | st.text("ab", max_size=3)
+CONFIG_ENTRY = st.one_of(
+    st.sampled_from(_known_entries()),  # a known key at its default
+    st.sampled_from(sorted(config.RETIRED.items())).flatmap(  # a retired key, at its kept value or another
+        lambda kv: st.sampled_from([kv[1], _other(kv[1])]).map(lambda v: (*kv[0].split("."), v))
+    ),
+    st.tuples(st.sampled_from(["", *_sections()]) | UNKNOWN_NAME, UNKNOWN_NAME, UNKNOWN_VALUE),  # an unknown key
+)
+
+
+@st.composite
+def config_documents(draw) -> bytes:
+    """TOML text of known keys at their defaults, retired keys and unknown keys, the top-level keys first."""
+    entries = draw(st.lists(CONFIG_ENTRY, max_size=6, unique_by=lambda e: e[:2]))
+    lines = [f"{name} = {toml_value(v)}" for section, name, v in entries if not section]
+    for section in dict.fromkeys(e[0] for e in entries if e[0]):
+        lines += [f"[{section}]", *(f"{name} = {toml_value(v)}" for s, name, v in entries if s == section)]
+    return "\n".join(lines).encode()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=200).map(str.encode), st.binary(max_size=200), config_documents()))
+def test_fuzz_config_files_load_or_are_refused_for_the_reason_their_bytes_give(tmp_path_factory, data):
+    """Random text (mostly not TOML), random bytes (mostly not UTF-8) and TOML documents of known, retired
+    and unknown keys: each loads or is refused as config_file_outcome (its docstring: the oracle) says."""
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_bytes(data)
+    expected = config_file_outcome(data)
+    event("unspecified" if expected is UNSPECIFIED else "loads" if expected is None else expected)
+    if expected is UNSPECIFIED:
+        try:
+            load_config(path)
+        except ConfigError:
+            pass
+    elif expected is None:
+        assert load_config(path) == RunConfig(), data
+    else:
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+        assert expected in str(refused.value), (data, expected, str(refused.value))
 
 
 KEYS = ["seed", "train.lr", "train.batch_size", "model.z_dim", "model.width", "loss.feature_width", "train.rounds",
-        "partition.num_clients", "faults.dropout", "privacy.epsilon"]  # fmt: skip
-VALUES = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=5), st.booleans())
+        "partition.num_clients", "faults.dropout", "privacy.epsilon", "train.mada", "faults.attack",
+        "train.upload_coder", "train.lr_schedule"]  # fmt: skip
+ANY_VALUE = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=5), st.booleans())
+EPSILON_EXACT = 1e100  # the accountant calibrates every finite epsilon up to here (it gives up near 1e155)
+
+
+def values_for(key: str):
+    """Any value, or one the key's declaration makes likely to load: within its range (or on and just past
+    its bounds, and partition.num_clients' 256 of set_outcome), one of its choices, a bool."""
+    kind = declared_type(key)
+    if key in config.RANGES:
+        low, high, _ = config.RANGES[key]
+        if kind is int:
+            edges = [low - 1, low, high, high + 1] + ([256, 257] if key == "partition.num_clients" else [])
+            return ANY_VALUE | st.integers(low, high) | st.sampled_from(edges)
+        edges = [math.nextafter(b, d) for b in (low, high) for d in (-math.inf, math.inf)]
+        return ANY_VALUE | st.floats(low, high) | st.sampled_from([float(low), float(high), *edges])
+    return ANY_VALUE | (st.sampled_from(config.choices()[key]) if kind is str else st.booleans())
+
+
+def set_outcome(key: str, value) -> tuple[str, str | None]:
+    """What load_config(smoke.toml, ["key=value"]) must do: ("loads", None), the key then holding the value,
+    or (why, the start of its ConfigError's message). The value must have the key's declared type (an int for
+    a float key is read as that float): else ("type", "<key> must be <type>"); lie in the key's config.RANGES
+    range (a NaN lies in none): else ("range", "<key> must be"); and be one of config.choices() for a string
+    key: else ("choice", "<key> = <value> is not one of"). smoke.toml's other keys add one cross-key rule for
+    these keys: a PRISM round with the delta broadcast aggregates at most 256 uploads, and smoke.toml chooses
+    every client each round, so more than 256 partition.num_clients is refused ("<n> clients a round").
+    Nothing else refuses these keys there: the largest generator they ask for (model.z_dim or model.width
+    4096 on smoke.toml's mlp) stays under the weight limit (the test below), and a finite privacy.epsilon
+    above EPSILON_EXACT, where the accountant's numerics give up, is not generated."""
+    kind = declared_type(key)
+    if kind is float and type(value) is int:
+        value = float(value)  # (the integers drawn stay far below 2**1000, where float() would overflow)
+    if type(value) is not kind:
+        return "type", f"{key} must be {kind.__name__}"
+    if key in config.RANGES:
+        low, high, brackets = config.RANGES[key]
+        above = low < value if brackets[0] == "(" else low <= value
+        below = value < high if brackets[1] == ")" else value <= high
+        if not (above and below):
+            return "range", f"{key} must be"
+    if key in config.choices() and value not in config.choices()[key]:
+        return "choice", f"{key} = {value!r} is not one of"
+    if key == "partition.num_clients" and value > 256:
+        return "256 uploads a round", f"{value} clients a round"
+    return "loads", None
+
+
+def test_the_largest_generator_the_value_fuzz_asks_for_stays_under_the_weight_limit():
+    from prismfl.model.generators import MAX_WEIGHTS, count_weights
+
+    spec = load_config(SMOKE).arch_spec()
+    for name in ("z_dim", "width"):
+        largest = dataclasses.replace(spec, **{name: config.RANGES[f"model.{name}"][1]})
+        assert count_weights(largest) <= MAX_WEIGHTS, largest
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(KEYS), VALUES)
-def test_fuzz_config_values_load_or_raise_config_error(key, value):
-    try:
-        load_config(SMOKE, [f"{key}={json.dumps(value) if isinstance(value, str) else value}"])
-    except ConfigError:
-        pass
+@given(st.sampled_from(KEYS).flatmap(lambda key: st.tuples(st.just(key), values_for(key))))
+@example(("partition.num_clients", 256))  # the cross-key rule's edge, every run
+@example(("partition.num_clients", 257))
+def test_fuzz_config_values_load_exactly_when_typed_in_range_and_allowed(key_value):
+    """`--set key=value` on smoke.toml loads or is refused as set_outcome (its docstring: the oracle) says."""
+    key, value = key_value
+    assume(not (key == "privacy.epsilon" and isinstance(value, float) and EPSILON_EXACT < value < math.inf))
+    why, expected = set_outcome(key, value)
+    event(why)
+    item = f"{key}={toml_value(value)}"
+    if expected is None:
+        cfg = load_config(SMOKE, [item])
+        section, _, name = key.rpartition(".")
+        assert getattr(getattr(cfg, section) if section else cfg, name) == value, item
+    else:
+        with pytest.raises(ConfigError) as refused:
+            load_config(SMOKE, [item])
+        assert str(refused.value).startswith(expected), (item, expected, str(refused.value))
 
 
 @pytest.mark.parametrize(
