@@ -1,7 +1,7 @@
 """How good a classifier is the loss's public feature net under each `loss.feature_training` recipe?
 
 Trains the public feature net of a config on its public hold-out (the images no client holds) with
-each recipe, exactly as `prismfl train` does (fl.task.feature_training), and reports its accuracy on
+each recipe, exactly as `prismfl train` does (loss/feature_nets.py feature_training), and reports its accuracy on
 the real test set, which the net never sees otherwise. Nothing is cached.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/feature_net.py [--config C] [--recipes plain,augmented]
@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from prismfl.config import FEATURE_TRAINING, load_config
+from prismfl.data import federation
 from prismfl.data.sources import load_split, to_float
-from prismfl.fl import task
+from prismfl.loss import feature_nets
 from prismfl.supervised import predict
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/benchmarks/quality/feature-net.json")
     a = p.parse_args()
     base = load_config(a.config)
-    fed = task.prepare_federation(base)
+    fed = federation.prepare_federation(base)
     if not len(fed.public_idx):
         raise SystemExit(f"{a.config}: no public hold-out (loss.features must be \"public\" and "
                          "partition.public_holdout > 0)")  # fmt: skip
@@ -40,9 +41,10 @@ def main() -> None:
     rows = []
     for recipe in a.recipes.split(","):
         cfg = load_config(a.config, [f'loss.feature_training="{recipe}"'])
-        args = task.feature_training(cfg)
+        args = feature_nets.feature_training(cfg)
         t0 = time.perf_counter()
-        net = task.train_public_net(cfg, *task.public_feature_data(cfg, fed)[:2], desc=f"public feature net ({recipe})")
+        images, labels = feature_nets.public_feature_data(cfg, fed)[:2]
+        net = feature_nets.train_public_net(cfg, images, labels, desc=f"public feature net ({recipe})")
         seconds = time.perf_counter() - t0
         accuracy = float((predict(net, test_images).argmax(1) == test_labels).float().mean())
         rows.append({"recipe": recipe, **args, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1)})

@@ -192,9 +192,7 @@ def config_target(tmp: Path):
     def check(data: bytes) -> str:
         (tmp / "c.toml").write_bytes(data)
         cfg = load_config(tmp / "c.toml")
-        from prismfl.fl.task import arch_spec
-
-        arch_spec(cfg).validate()
+        cfg.arch_spec().validate()
         return "ok"
 
     return seeds, check, lambda d: d, ConfigError
@@ -289,13 +287,13 @@ def setup_reply_target(_tmp: Path):
 def broadcast_target(_tmp: Path):
     """A round's broadcast delta as a client of a 3-clients-a-round MADA run applies it (prism.Rules),
     its framing valid (CRC recomputed); or a full state with hostile values."""
-    from prismfl.fl import task
     from prismfl.fl.methods.prism import Rules, apply_broadcast
+    from prismfl.seeds import generator_for
 
     rules = Rules(max_m=3, smoothing=0.01, mada=True, seed=0)
     masks = [aggregate.sample_mask(SCORES, torch.Generator().manual_seed(s)) for s in range(3)]
     counts = aggregate.count_masks(masks)
-    lam = aggregate.mada_lambda(SCORES, aggregate.aggregate_scores(counts, 3, 0.01), task.generator_for(0, "mada", 2))
+    lam = aggregate.mada_lambda(SCORES, aggregate.aggregate_scores(counts, 3, 0.01), generator_for(0, "mada", 2))
     # (the fuzzer's honest lambda below is recomputed for the counts it sends; `lam` is the usual choice)
 
     def generate(rng: random.Random):
@@ -322,7 +320,7 @@ def broadcast_target(_tmp: Path):
         if not (1 <= m <= 3 and same(smoothing, 0.01)):
             return ("delta", data), False
         # the lambda an honest server sends with these counts (MADA's definition, METHOD.md)
-        honest = aggregate.mada_lambda(SCORES, aggregate.aggregate_scores(c, m, 0.01), task.generator_for(0, "mada", 2))
+        honest = aggregate.mada_lambda(SCORES, aggregate.aggregate_scores(c, m, 0.01), generator_for(0, "mada", 2))
         return ("delta", data), same(lam_, honest)
 
     def check(item) -> str:

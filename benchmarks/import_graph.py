@@ -41,7 +41,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         else:
             continue
         for target in targets:
-            while target and target not in known:  # `import prismfl.fl.task` -> the module itself
+            while target and target not in known:  # `import prismfl.fl.wire` -> the module itself
                 target = target.rpartition(".")[0]
             if target and target != name and target.split(".")[0] == PACKAGE:
                 out.add(target)

@@ -19,11 +19,13 @@ from datetime import date
 import torch
 
 from prismfl.config import load_config
-from prismfl.fl import aggregate, task
-from prismfl.fl.client import ClientState, LocalConfig, local_train
+from prismfl.fl import aggregate
+from prismfl.fl.client import ClientState, LocalConfig, client_loss, local_train
+from prismfl.loss import feature_nets
 from prismfl.loss.features import SmallCNN
 from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
+from prismfl.model.build import build_model, initial_scores
 
 ARCHS = {
     "mlp-512 (demo default), 28x28": ["model.arch=mlp", "model.width=512", "model.z_dim=64"],
@@ -72,14 +74,14 @@ def step_setup(overrides: list[str], batch: int, conditional: bool = False) -> d
     first = [*BEFORE_MODES] if conditional else [*BEFORE_MODES, "model.conditional=false"]
     cfg = load_config("configs/fmnist-public.toml", [*first, f"train.batch_size={batch}", *overrides])
     size = cfg.data.resize or 28
-    net = task.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
+    net = feature_nets.ready_feature_net(cfg, SmallCNN(1, cfg.loss.feature_width))
     images = torch.rand(512, 1, size, size) * 2 - 1
     codes = cfg.arch_spec().codes
     labels = torch.arange(len(images)) % codes if codes else None
     stats = feature_stats(net.extract, images, labels=labels, num_classes=codes)
-    model = task.build_model(cfg)
-    return {"model": model, "extract": net.extract, "loss": task.client_loss(cfg, stats), "state": ClientState(),
-            "scores": task.initial_scores(cfg, masked.num_maskable(model)), "batch": cfg.train.batch_size}  # fmt: skip
+    model = build_model(cfg)
+    return {"model": model, "extract": net.extract, "loss": client_loss(cfg, stats), "state": ClientState(),
+            "scores": initial_scores(cfg, masked.num_maskable(model)), "batch": cfg.train.batch_size}  # fmt: skip
 
 
 def time_local_steps(s: dict, steps: int, gen: torch.Generator) -> float:

@@ -52,14 +52,15 @@ def full_state_bytes(run_dir: Path, round_: int) -> int:
     rebuilt from round 0's scores (the seed's; no warm start) and the deltas the checkpoint keeps:
     what a client whose replica is unknown downloads in round `round_` + 1."""
     from prismfl import rundir
-    from prismfl.fl import task, wire
+    from prismfl.fl import wire
     from prismfl.fl.methods.prism import catch_up
+    from prismfl.model.build import initial_scores
 
     state = rundir.load_checkpoint(run_dir)
     cfg, server = rundir.checkpoint_config(state), state["server"]
     n, beta = server["num_weights"], cfg.train.server_momentum
     assert not cfg.train.warm_start and all(r in server["deltas"] for r in range(1, round_ + 1))
-    scores = task.initial_scores(cfg, n)
+    scores = initial_scores(cfg, n)
     replica = torch.cat([scores, torch.zeros(n)]) if beta else scores
     deltas = [server["deltas"][r].numpy().tobytes() for r in range(1, round_ + 1)]
     held, replica = catch_up(replica, 0, deltas, num_weights=n, table_hash=server["table_hash"], beta=beta)

@@ -76,7 +76,7 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     """The reference that reads no private data: one pooled client holding the public images, which no
     client holds; a config with privacy or without a hold-out is refused."""
     from prismfl.config import ConfigError
-    from prismfl.fl import task
+    from prismfl.data import federation
     from prismfl.fl.methods.registry import build
 
     public = ['train.method="public"', 'loss.features="public"', "train.rounds=1", "train.sample_every=0"]
@@ -85,7 +85,7 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     (pooled,) = rundir.load_checkpoint(out)["clients"]["clients"]
     assert pooled["k"] == 0 and pooled["stats"]["count"] == 500  # smoke.toml's partition.public_holdout
     assert modelfile.load(out / rundir.MODEL).info["method"] == "public"
-    fed = task.prepare_federation(cfg)
+    fed = federation.prepare_federation(cfg)
     ctx = type("Ctx", (), {"fed": fed})()
     idx = build(cfg).client_indices(ctx, 0)
     assert len(idx) == 500 and set(idx.tolist()) == set(fed.public_idx.tolist())

@@ -298,11 +298,11 @@ def conditional_run(tmp_path_factory):
 def test_conditional_run_stores_the_clients_class_shares(conditional_run):
     from prismfl import rundir
     from prismfl.config import load_config
-    from prismfl.fl import task
+    from prismfl.data import federation
 
     model = modelfile.load(conditional_run / "model.prism")
     cfg = load_config(SMOKE, ["model.conditional=true", 'model.arch="mlp-up"'])
-    table = task.prepare_federation(cfg).table
+    table = federation.prepare_federation(cfg).table
     assert model.spec.num_classes == 10
     assert model.class_shares == pytest.approx((table.sum(0) / table.sum()).tolist())
     state = rundir.load_checkpoint(conditional_run)
@@ -397,12 +397,13 @@ def test_pooled_features_are_block_means_of_the_maps():
 def test_private_conditional_run_releases_noisy_class_counts(tmp_path):
     from prismfl import rundir
     from prismfl.config import load_config
-    from prismfl.fl import simulate, task
+    from prismfl.data import federation
+    from prismfl.fl import simulate
 
     cfg = load_config(SMOKE, ["model.conditional=true", "privacy.epsilon=8.0", "train.rounds=1"])
     simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
     state = rundir.load_checkpoint(tmp_path / "dp")
-    exact = task.prepare_federation(cfg).table
+    exact = federation.prepare_federation(cfg).table
     released = torch.stack([c["stats"]["class_counts"] for c in state["clients"]["clients"]])
     assert released.shape == exact.shape and not torch.equal(released, torch.from_numpy(exact).double())
     assert float((released - torch.from_numpy(exact)).abs().max()) < 6 * 12  # noise std z sqrt(2L + 1), L = 7
@@ -417,12 +418,13 @@ def test_private_unconditional_run_shows_only_noisy_totals(tmp_path):
     """An unconditional release holds one noisy count: partition.txt shows it per client, and neither
     the exact class counts nor the exact totals (issue 13: they were sent exactly at set-up)."""
     from prismfl.config import load_config
-    from prismfl.fl import simulate, task
+    from prismfl.data import federation
+    from prismfl.fl import simulate
     from prismfl.fl.client import NOISY_TOTAL
 
     cfg = load_config(SMOKE, ["privacy.epsilon=8.0", "train.rounds=1"])
     simulate.train(cfg, tmp_path / "dp", log=lambda *_: None)
-    exact = task.prepare_federation(cfg).table
+    exact = federation.prepare_federation(cfg).table
     lines = (tmp_path / "dp" / "partition.txt").read_text().splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("client"))
     assert NOISY_TOTAL.split()[0] in lines[head] and "T-shirt" not in lines[head]

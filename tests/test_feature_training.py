@@ -7,7 +7,8 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl.config import ConfigError, load_config
-from prismfl.fl import task
+from prismfl.data import federation
+from prismfl.loss import feature_nets
 from prismfl.loss.features import SmallCNN
 from prismfl.supervised import augment, train_classifier
 
@@ -37,15 +38,15 @@ def test_augment_draws_from_its_generator_only():
 
 
 def test_the_recipes():
-    assert task.feature_training(load_config(SMOKE, [])) == {"epochs": 10}  # the plain recipe as it always was
+    assert feature_nets.feature_training(load_config(SMOKE, [])) == {"epochs": 10}  # the plain recipe as it always was
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}
-    fashion = task.feature_training(load_config(SMOKE, ['loss.feature_training="augmented"']))
+    fashion = feature_nets.feature_training(load_config(SMOKE, ['loss.feature_training="augmented"']))
     assert fashion == {"epochs": 30, **one_cycle, "shift": 2, "mirror": True}
     digits = load_config(SMOKE, ['loss.feature_training="augmented"', 'data.dataset="mnist"'])
-    assert task.feature_training(digits)["mirror"] is False  # a mirrored 2 is not a 2
+    assert feature_nets.feature_training(digits)["mirror"] is False  # a mirrored 2 is not a 2
     shorter = load_config(SMOKE, ['loss.feature_training="augmented"', "loss.feature_epochs=12"])
-    assert task.feature_training(shorter) == {**fashion, "epochs": 12}
-    assert task.feature_training(load_config(SMOKE, ["loss.feature_epochs=3"])) == {"epochs": 3}
+    assert feature_nets.feature_training(shorter) == {**fashion, "epochs": 12}
+    assert feature_nets.feature_training(load_config(SMOKE, ["loss.feature_epochs=3"])) == {"epochs": 3}
 
 
 def test_a_bad_recipe_is_refused():
@@ -77,11 +78,11 @@ def test_the_public_net_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
     global generator is left as it was."""
     monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path))
     cfg = load_config(SMOKE, ['loss.features="public"', "partition.public_holdout=200"])
-    fed = task.prepare_federation(cfg)
+    fed = federation.prepare_federation(cfg)
 
     def weights(run_cfg, global_seed):
         torch.manual_seed(global_seed)
-        net = task.train_public_net(run_cfg, *task.public_feature_data(run_cfg, fed)[:2])
+        net = feature_nets.train_public_net(run_cfg, *feature_nets.public_feature_data(run_cfg, fed)[:2])
         assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(global_seed)))
         return torch.cat([p.detach().flatten() for p in net.parameters()])
 
@@ -89,5 +90,5 @@ def test_the_public_net_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
     assert torch.equal(a, weights(cfg, 2))
     assert not torch.equal(a, weights(load_config(SMOKE, ['loss.features="public"', "partition.public_holdout=200",
                                                           "seed=1"]), 1))  # fmt: skip
-    _, _, recipe = task.build_feature_net(cfg, fed, log=lambda *_: None)
-    assert recipe["cache_spec"]["version"] == task.PUBLIC_NET_VERSION == 2
+    _, _, recipe = feature_nets.build_feature_net(cfg, fed, log=lambda *_: None)
+    assert recipe["cache_spec"]["version"] == feature_nets.PUBLIC_NET_VERSION == 2

@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from conftest import full_state_bytes, needs_fmnist
 from prismfl import modelfile, rundir
 from prismfl.config import load_config
+from prismfl.data import federation
 from prismfl.errors import ConfigError, PrismError
-from prismfl.fl import engine, simulate, task, wire
+from prismfl.fl import engine, simulate, wire
 from prismfl.flower import settings
 from prismfl.flower.client_app import make_client_app
 from prismfl.flower.payload import from_array, to_array
@@ -221,8 +222,8 @@ def test_the_demo_setting_without_public_images_on_flower_matches_the_simulator_
     cfg = load_config(SMOKE, demo.split())
     assert cfg.public_images() == 0
     sim_out, sim_states = simulate_with_states(cfg, tmp_path / "sim")
-    read, real = [], task.Federation.moments
-    monkeypatch.setattr(task.Federation, "moments", lambda fed, k: read.append(k) or real(fed, k))
+    read, real = [], federation.Federation.moments
+    monkeypatch.setattr(federation.Federation, "moments", lambda fed, k: read.append(k) or real(fed, k))
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": demo}, grid)
     assert sorted(read) == [0, 1, 2]  # each node its own partition's moments, once; nobody all of them
@@ -234,7 +235,7 @@ def test_the_demo_setting_without_public_images_on_flower_matches_the_simulator_
     # sums (per class it holds, a 196 x 197 / 2 float64 triangle of outer products and more) and statistics
     # up, the modes down
     traffic = modelfile.load(sim_out / "model.prism").info["setup_traffic"]
-    held = int((task.prepare_federation(cfg).table > 0).sum())
+    held = int((federation.prepare_federation(cfg).table > 0).sum())
     assert traffic["up"] > held * 196 * 197 // 2 * 8 and traffic["down"] > 3 * (2 * 10 * 784 * 8)
     assert "Set-up, before round 1" in (tmp_path / "fl" / "report.md").read_text()
 
@@ -508,11 +509,11 @@ def test_node_config_maps_onto_the_client_config():
 def test_training_messages_load_no_data(tmp_path, monkeypatch):
     """The setup message loads the data once per process; training messages need none (a Flower
     deployment starts a fresh ClientApp process per message)."""
-    from prismfl.fl import task
+    from prismfl.data import federation
     from prismfl.flower import client_app
 
-    loads, real = [], task.prepare_federation
-    monkeypatch.setattr(task, "prepare_federation", lambda cfg: loads.append(cfg.seed) or real(cfg))
+    loads, real = [], federation.prepare_federation
+    monkeypatch.setattr(federation, "prepare_federation", lambda cfg: loads.append(cfg.seed) or real(cfg))
     client_app.run_context.cache_clear()
     client_app.train_context.cache_clear()
     run_federation(LocalGrid(make_client_app(), nodes_for(3)), server({"out-dir": str(tmp_path / "r")}))

@@ -354,13 +354,14 @@ def with_m(data: bytes, m: int) -> bytes:
 
 
 def test_a_client_refuses_a_delta_its_run_could_not_have_sent():
-    from prismfl.fl import aggregate, task
+    from prismfl.fl import aggregate
+    from prismfl.seeds import generator_for
 
     old = torch.randn(500, generator=torch.Generator().manual_seed(0))
     masks = [torch.rand(500, generator=torch.Generator().manual_seed(s)) < 0.5 for s in (1, 2, 3)]
     rules = Rules(max_m=3, smoothing=0.01, mada=True, seed=0)
     proposal = aggregate.aggregate_scores(aggregate.count_masks(masks), 3, 0.01)
-    lam = aggregate.mada_lambda(old, proposal, task.generator_for(0, "mada", 1))
+    lam = aggregate.mada_lambda(old, proposal, generator_for(0, "mada", 1))
     honest = apply_broadcast(old, delta_of(old, masks, lam=lam), round_=1, table_hash=5, rules=rules)
     assert torch.equal(honest, aggregate.blend(old, proposal, lam))
     forged = {

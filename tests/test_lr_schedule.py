@@ -10,11 +10,12 @@ from conftest import needs_fmnist
 from prismfl import rundir
 from prismfl.config import ConfigError, load_config
 from prismfl.fl import client as fl_client
-from prismfl.fl import simulate, task
-from prismfl.fl.client import ClientState, LocalConfig, local_train, round_lr
+from prismfl.fl import simulate
+from prismfl.fl.client import ClientState, LocalConfig, client_loss, local_train, round_lr
 from prismfl.loss.features import random_cnn
 from prismfl.loss.matching import feature_stats
 from prismfl.model import masked
+from prismfl.model.build import build_model
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 
@@ -43,9 +44,9 @@ def test_bad_schedules_are_refused(override, message):
 def test_a_saved_optimizer_state_does_not_bring_back_its_old_learning_rate():
     """Adam's state_dict carries the lr it ran with; the client's next round must run at its own."""
     cfg = load_config(SMOKE, [])
-    model, net = task.build_model(cfg), random_cnn(1, 4, seed=0)
+    model, net = build_model(cfg), random_cnn(1, 4, seed=0)
     real = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    loss, state = task.client_loss(cfg, feature_stats(net.extract, real)), ClientState()
+    loss, state = client_loss(cfg, feature_stats(net.extract, real)), ClientState()
     start = torch.zeros(masked.num_maskable(model))
     for lr in (0.1, 0.01):
         local_train(model, start, loss, net.extract, state=state, cfg=LocalConfig(2, 8, lr),

@@ -159,10 +159,11 @@ def test_config_refuses_modes_without_a_conditional_model_or_a_big_enough_batch(
 @needs_fmnist
 def test_a_run_with_modes_trains_on_codes_and_samples_by_class(tmp_path, run_cli):
     from prismfl.config import load_config
-    from prismfl.fl import simulate, task
+    from prismfl.data import federation
+    from prismfl.fl import simulate
 
     cfg = load_config(SMOKE, MODES)
-    fed = task.prepare_federation(cfg)
+    fed = federation.prepare_federation(cfg)
     codes = fed.labels(np.arange(len(fed.train.labels)))
     assert torch.equal(codes // 2, torch.from_numpy(fed.train.labels.astype(np.int64)))
     assert len(set(codes[fed.public_idx].tolist())) == 20  # every class's public images fill both its modes

@@ -16,10 +16,12 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl.config import ConfigError, load_config
+from prismfl.data import federation
 from prismfl.data import modes as modes_mod
 from prismfl.data.sources import Split
-from prismfl.fl import simulate, task
+from prismfl.fl import simulate
 from prismfl.fl.client import moments_message, moments_of_message, statistics_message, statistics_of_message
+from prismfl.loss import feature_nets
 from prismfl.loss.matching import FeatureStats, combine_stats, feature_stats
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -102,14 +104,14 @@ def _read_indices(n: int) -> set[int]:
 def test_a_run_without_public_images_reads_only_the_clients_partitions(monkeypatch, holdout):
     """The federation's training split records what is read; with holdout 0 only indices in some client's partition
     are (statistics, modes, warm start); the control with a hold-out shows that the recording sees more."""
-    prepared = task.prepare_federation
+    prepared = federation.prepare_federation
 
     def recording_federation(cfg):
         fed = prepared(cfg)
         fed.train = Split(fed.train.images.view(Recording), fed.train.labels, fed.train.source)
         return fed
 
-    monkeypatch.setattr(task, "prepare_federation", recording_federation)
+    monkeypatch.setattr(federation, "prepare_federation", recording_federation)
     Recording.reads = []
     features = "public" if holdout else "random"
     cfg = load_config(SMOKE, [f"partition.public_holdout={holdout}", f'loss.features="{features}"',
@@ -190,11 +192,11 @@ def test_a_public_feature_net_of_another_distribution(tmp_path):
     split; the run records that, and reads no FashionMNIST image outside the clients' partitions."""
     cfg = load_config(SMOKE, ['loss.features="public"', 'loss.feature_data="mnist"', "partition.public_holdout=0",
                               "loss.feature_epochs=1"])  # fmt: skip
-    fed = task.prepare_federation(cfg)
-    net, meta, recipe = task.build_feature_net(cfg, fed, log=lambda *_: None)
+    fed = federation.prepare_federation(cfg)
+    net, meta, recipe = feature_nets.build_feature_net(cfg, fed, log=lambda *_: None)
     assert "4,000 images of mnist" in meta["trained_on"] and recipe["classes"] == 10
     assert len(fed.public_idx) == 0
-    again = task.feature_net_from_recipe(cfg, recipe)  # a Flower message's process: from the cache alone
+    again = feature_nets.feature_net_from_recipe(cfg, recipe)  # a Flower message's process: from the cache alone
     x = fed.images(fed.parts[0][:4])
     assert all(torch.equal(a, b) for a, b in zip(net.extract(x), again.extract(x)))
 
@@ -219,10 +221,10 @@ def test_the_set_up_traffic_of_a_run_without_public_images_is_counted(tmp_path):
     state = rundir.load_checkpoint(out)["clients"]["clients"]
     stats = sum((4 + 2) * int((c["stats"]["class_counts"] != 0).sum()) * sum(m.shape[1] for m in c["stats"]["mean"])
                 for c in state)  # fmt: skip
-    held = (task.prepare_federation(cfg).table > 0).sum(1)
+    held = (federation.prepare_federation(cfg).table > 0).sum(1)
     moments = 8 * sum(10 + n * (196 + 196 * 197 // 2) for n in held)
     assert stats + moments < traffic["up"] < stats + moments + 3 * 2 * 4096
-    fitted = task.prepare_federation(cfg).modes
+    fitted = federation.prepare_federation(cfg).modes
     assert traffic["down"] == 3 * len(simulate.modes_message(fitted))
     assert 8 * 10 * 784 * 2 * 3 < traffic["down"]  # the means and bases of 10 classes, to 3 clients
     report = (out / "report.md").read_text()

@@ -240,11 +240,10 @@ def test_cli_evaluate_with_inception_weights(smoke_run, tmp_path, run_cli):
 
 def test_final_mask_is_the_mode():
     from prismfl.fl.methods.base import masked_final_model
-    from prismfl.fl.task import arch_spec
 
     cfg = load_config(SMOKE)
     scores = torch.tensor([-3.0, -0.1, 0.0, 0.1, 3.0] * 200)
-    final = masked_final_model(cfg, arch_spec(cfg), {"scores": scores}, 1, {}).mask
+    final = masked_final_model(cfg, cfg.arch_spec(), {"scores": scores}, 1, {}).mask
     assert torch.equal(final, scores > 0)  # p > 1/2 exactly; p = 1/2 dropped
 
 

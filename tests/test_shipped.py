@@ -10,12 +10,13 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl.config import load_config
+from prismfl.data import federation
 from prismfl.errors import PrismError
-from prismfl.fl import task
+from prismfl.loss import feature_nets
 from prismfl.shipped import WEIGHTS, Shipped, WeightsError
 
 DEMO = "configs/fmnist-public.toml"  # the privileged setting: its public net ships
-((KEY, NET),) = task.SHIPPED_PUBLIC_NETS.items()
+((KEY, NET),) = feature_nets.SHIPPED_PUBLIC_NETS.items()
 
 
 def _no_training(message):
@@ -30,14 +31,14 @@ def test_the_key_names_the_data_and_recipe_not_where_the_data_was_read_from():
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.rand(8, 1, 28, 28, generator=gen), np.arange(8) % 10
     spec = {"kind": "public-cnn", "width": 32, "seed": 0, "source": "IDX files in /usr/share/datasets/fashion-mnist"}
-    key = task.shipped_key(spec, images, labels)
-    assert key == task.shipped_key({**spec, "source": "IDX files in /home/me/data"}, images, labels)
+    key = feature_nets.shipped_key(spec, images, labels)
+    assert key == feature_nets.shipped_key({**spec, "source": "IDX files in /home/me/data"}, images, labels)
     other = images.clone()
     other[0, 0, 0, 0] += 1e-6  # one pixel, one float step away
-    assert key != task.shipped_key(spec, other, labels)
-    assert key != task.shipped_key(spec, images, labels[::-1].copy())
-    assert key != task.shipped_key({**spec, "seed": 1}, images, labels)
-    assert key != task.shipped_key({**spec, "width": 64}, images, labels)
+    assert key != feature_nets.shipped_key(spec, other, labels)
+    assert key != feature_nets.shipped_key(spec, images, labels[::-1].copy())
+    assert key != feature_nets.shipped_key({**spec, "seed": 1}, images, labels)
+    assert key != feature_nets.shipped_key({**spec, "width": 64}, images, labels)
 
 
 @needs_fmnist
@@ -47,11 +48,11 @@ def test_the_demo_loads_the_shipped_net_without_training_or_caching_it(tmp_path,
 
     monkeypatch.setenv("PRISMFL_CACHE", str(tmp_path))
     cfg = load_config(DEMO, [])
-    fed = task.prepare_federation(cfg)
-    net, meta, recipe = task.build_feature_net(cfg, fed, log=_no_training)
+    fed = federation.prepare_federation(cfg)
+    net, meta, recipe = feature_nets.build_feature_net(cfg, fed, log=_no_training)
     assert recipe["shipped"] == KEY and meta["sha256"] == NET.sha256 and NET.file in meta["weights"]
     assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
-    again = task.feature_net_from_recipe(cfg, recipe)  # what a Flower ClientApp process rebuilds
+    again = feature_nets.feature_net_from_recipe(cfg, recipe)  # what a Flower ClientApp process rebuilds
     x = fed.images(fed.public_idx[:16])
     assert all(torch.equal(a, b) for a, b in zip(net.extract(x), again.extract(x)))
     # it is a trained classifier: the FashionMNIST test set, though it learnt from 5,000 public images
@@ -69,13 +70,13 @@ def test_the_demo_loads_the_shipped_net_without_training_or_caching_it(tmp_path,
 @needs_fmnist
 def test_a_damaged_shipped_net_or_an_unknown_one_is_a_clear_error(monkeypatch):
     cfg = load_config(DEMO, [])
-    fed = task.prepare_federation(cfg)
-    _, _, recipe = task.build_feature_net(cfg, fed, log=_no_training)
-    monkeypatch.setitem(task.SHIPPED_PUBLIC_NETS, KEY, Shipped(NET.file, "0" * 64))
+    fed = federation.prepare_federation(cfg)
+    _, _, recipe = feature_nets.build_feature_net(cfg, fed, log=_no_training)
+    monkeypatch.setitem(feature_nets.SHIPPED_PUBLIC_NETS, KEY, Shipped(NET.file, "0" * 64))
     with pytest.raises(WeightsError, match="the public feature net .* fails its sha256 check"):
-        task.build_feature_net(cfg, fed, log=_no_training)
+        feature_nets.build_feature_net(cfg, fed, log=_no_training)
     with pytest.raises(PrismError, match="'feedfacefeedface' does not ship with this prismfl"):
-        task.feature_net_from_recipe(cfg, {**recipe, "shipped": "feedfacefeedface"})
+        feature_nets.feature_net_from_recipe(cfg, {**recipe, "shipped": "feedfacefeedface"})
 
 
 @needs_fmnist
@@ -96,16 +97,16 @@ def test_a_run_does_not_resume_with_another_feature_net_than_it_started_with(tmp
     with pytest.raises(KeyboardInterrupt):
         engine.run(cfg, out, simulate.InProcess(cfg), on_round=stop, log=lambda *_: None)
     started = rundir.load_checkpoint(out)["model_info"]["feature_net"]["sha256"]
-    real = task.build_feature_net
+    real = feature_nets.build_feature_net
 
     def retrained(*args, **kwargs):
         net, meta, recipe = real(*args, **kwargs)
         return net, {**meta, "sha256": "f" * 64}, recipe
 
-    monkeypatch.setattr(task, "build_feature_net", retrained)
+    monkeypatch.setattr(feature_nets, "build_feature_net", retrained)
     with pytest.raises(PrismError, match=f"started with another feature net \\(sha256 {started[:12]}, now ffffff"):
         simulate.train(cfg, out, resume=True, log=lambda *_: None)
     assert rundir.load_checkpoint(out)["round"] == 1
-    monkeypatch.setattr(task, "build_feature_net", real)
+    monkeypatch.setattr(feature_nets, "build_feature_net", real)
     simulate.train(cfg, out, resume=True, log=lambda *_: None)  # the same net: it resumes
     assert rundir.load_checkpoint(out)["round"] == 2

@@ -16,9 +16,10 @@ from prismfl import rundir
 from prismfl.config import ConfigError, load_config
 from prismfl.errors import PrismError
 from prismfl.fl import client as fl_client
-from prismfl.fl import engine, simulate, task, wire
-from prismfl.fl.client import ClientState, client_context, exact_stats, local_train, warm_start
+from prismfl.fl import engine, simulate, wire
+from prismfl.fl.client import ClientState, client_context, client_loss, exact_stats, local_train, warm_start
 from prismfl.fl.methods.registry import build
+from prismfl.model.build import initial_scores
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 WARM = ['loss.features="public"', "train.warm_start=30", "train.rounds=2", "train.sample_every=0"]
@@ -62,7 +63,7 @@ def test_the_baselines_ignore_it_as_they_ignore_the_server_momentum(tmp_path, mo
 
 def public_loss(ctx, scores: torch.Tensor) -> float:
     """The run's matching loss against the public images' statistics, at `scores`, over 20 fixed batches."""
-    loss = task.client_loss(ctx.cfg, exact_stats(ctx, ctx.fed.images(ctx.fed.public_idx), None, 0))
+    loss = client_loss(ctx.cfg, exact_stats(ctx, ctx.fed.images(ctx.fed.public_idx), None, 0))
     result = local_train(ctx.model, scores, loss, ctx.extract, state=ClientState(),
                          cfg=ctx.local_config(20, lr=1e-12), generator=torch.Generator().manual_seed(7))  # fmt: skip
     return result.loss
@@ -78,7 +79,7 @@ def test_the_run_starts_from_the_warm_start_and_sends_it_as_a_full_state(tmp_pat
     assert message == warm_start(ctx, 30)[0]  # deterministic in the seed
     assert info["steps"] == 30 and info["images"] == 500
     held, scores = wire.decode_state(message, num_weights=n, table_hash=ctx.table_hash)
-    start = task.initial_scores(cfg, n)
+    start = initial_scores(cfg, n)
     assert held == 0 and not torch.equal(scores, start)
     assert public_loss(ctx, scores) < 0.9 * public_loss(ctx, start)  # 30 steps on the public images pay
 

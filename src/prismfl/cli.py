@@ -83,11 +83,12 @@ def features(
 ):
     """Build (or check) the loss's feature network for a config and say what it was trained on."""
     from prismfl.config import load_config
-    from prismfl.fl import task
+    from prismfl.data.federation import prepare_federation
+    from prismfl.loss.feature_nets import build_feature_net
 
     cfg = load_config(config, set_)
-    fed = task.prepare_federation(cfg)
-    _, meta, _ = task.build_feature_net(cfg, fed)
+    fed = prepare_federation(cfg)
+    _, meta, _ = build_feature_net(cfg, fed)
     typer.echo(json.dumps(meta, indent=1))
 
 
@@ -180,9 +181,8 @@ def info(source: Annotated[Path, typer.Argument(help="run directory, .prism mode
 
     if source.suffix == ".toml":
         from prismfl.config import load_config
-        from prismfl.fl.task import arch_spec
 
-        spec, meta = arch_spec(load_config(source)), {}
+        spec, meta = load_config(source).arch_spec(), {}
     else:
         model = _load_model(source)
         spec, meta = model.spec, model.info

@@ -157,7 +157,7 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
-FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: fl.task.feature_training
+FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: loss.feature_nets.feature_training
 ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
 ROBUST_RULES = ("none", "distance", "trimmed")
 

@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prismfl.data.federation import Federation
 from prismfl.errors import ConfigError
 from prismfl.loss.matching import FeatureStats, feature_sums, stats_from_sums
+from prismfl.model import masked
+from prismfl.model.build import build_model, initial_scores
+from prismfl.seeds import generator_for
 
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
@@ -134,6 +138,22 @@ def clip_bounds(extract, reference: torch.Tensor, multiplier: float) -> list[flo
     """C_l = multiplier x median L2 norm of layer l's features on reference images that are not private."""
     feats = extract(reference)
     return [multiplier * float(f.double().norm(dim=1).median()) for f in feats]
+
+
+def privacy_clip(cfg, fed: Federation, extract, device: str = "cpu") -> list[float]:
+    """Per-layer clip bounds of run `cfg` (a RunConfig) from images that are not private: the public
+    hold-out when there is one, otherwise samples of the untrained generator (which depend on the seed alone)."""
+    if len(fed.public_idx):
+        reference = fed.images(fed.public_idx[:1000])
+    else:
+        model = build_model(cfg)
+        masked.configure(model, rng=generator_for(cfg.seed, "clip-reference"))
+        masked.set_scores(model, initial_scores(cfg, masked.num_maskable(model)))
+        z = torch.randn(1000, model.z_dim, generator=generator_for(cfg.seed, "clip-z"))
+        with torch.no_grad():  # a conditional generator: every class in turn
+            codes = getattr(model, "codes", 0)
+            reference = model(z) if not codes else model(z, torch.arange(1000) % codes)
+    return clip_bounds(lambda x: extract(x.to(device)), reference.to(device), cfg.privacy.clip)
 
 
 @torch.no_grad()

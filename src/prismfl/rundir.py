@@ -173,7 +173,7 @@ def check_progress(state: dict, cfg: RunConfig) -> None:
     """What a resumed run takes from a checkpoint besides the method's and the clients' states: its round,
     every round's record and the model's info; a StateError (one line, naming the field) for anything
     that is not what a run of `cfg` writes. Before anything is written to the run directory."""
-    from prismfl.fl.task import select_clients
+    from prismfl.fl.selection import select_clients
 
     rnd = state["round"]
     if not 1 <= rnd <= cfg.train.rounds:

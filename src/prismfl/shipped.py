@@ -1,6 +1,6 @@
 """Network weights that ship with prismfl (src/prismfl/weights/, safetensors, each pinned by its sha256):
 FashionMNIST's evaluation classifier (eval/classifier.py) and the demo's public feature net
-(fl/task.py). Training either is seeded but not bit-reproducible across machines and thread counts,
+(loss/feature_nets.py). Training either is seeded but not bit-reproducible across machines and thread counts,
 so shipping them makes every machine score and train with the same nets, and saves the time to train
 them. Loading never runs code (safetensors, not pickles) and fails with a one-line WeightsError.
 """

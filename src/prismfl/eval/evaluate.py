@@ -222,17 +222,18 @@ def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = 
                                for k, r in enumerate(per_client)]}  # fmt: skip
     if not ensemble:
         return {"method": method, **evaluate_file(source / rundir.MODEL, n, seed, root, inception, synthetic)}
-    from prismfl.fl import aggregate, task
+    from prismfl.fl import aggregate
+    from prismfl.seeds import generator_for
 
     scores = state["server"].get("scores")
     if scores is None:
         raise PrismError(f"--ensemble needs one set of global probabilities; a {method} run has none")
-    spec, batches = task.arch_spec(cfg), []
+    spec, batches = cfg.arch_spec(), []
     if spec.num_classes:
         raise PrismError("--ensemble is for unconditional models; evaluate a conditional run's model file")
     gen = torch.Generator().manual_seed(seed)
     for i, start in enumerate(range(0, n, 500)):
-        mask = aggregate.sample_mask(scores, task.generator_for(seed, "ensemble", i))
+        mask = aggregate.sample_mask(scores, generator_for(seed, "ensemble", i))
         net = modelfile.materialize(modelfile.PrismModel(spec, mask))
         z = torch.randn(min(500, n - start), net.z_dim, generator=gen)
         with torch.no_grad():

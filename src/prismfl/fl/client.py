@@ -18,13 +18,17 @@ from torch import nn
 
 from prismfl import safestate, schema
 from prismfl.config import RunConfig
+from prismfl.data import federation
+from prismfl.data.federation import Federation
 from prismfl.errors import PrismError
-from prismfl.fl import task, wire
-from prismfl.fl.task import Federation
-from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState, feature_stats
+from prismfl.fl import wire
+from prismfl.loss import feature_nets
+from prismfl.loss.matching import ConditionalMatching, FeatureStats, MeanVarMatching, TrackerState, feature_stats
 from prismfl.model import masked
+from prismfl.model.build import initial_scores
 from prismfl.progress import bar as progress_bar
 from prismfl.progress import line as progress_line
+from prismfl.seeds import generator_for
 
 
 @dataclass
@@ -134,7 +138,7 @@ class ClientContext:
     fed: Federation | None  # None: a context that only trains (its statistics were computed before)
     extract: object  # images -> list of feature tensors
     feature_meta: dict
-    feature_recipe: dict  # how to rebuild the feature net without the data (task.feature_net_from_recipe)
+    feature_recipe: dict  # how to rebuild the feature net without the data (feature_nets.feature_net_from_recipe)
     model: nn.Module
     num_weights: int
     table_hash: int
@@ -145,7 +149,9 @@ class ClientContext:
     def privacy_clip(self) -> list[float]:
         """Per-layer clip bounds of the private release, computed once from non-private images."""
         if self._clip is None:
-            self._clip = task.privacy_clip(self.cfg, self.fed, self.extract, self.device)
+            from prismfl.privacy import privacy_clip
+
+            self._clip = privacy_clip(self.cfg, self.fed, self.extract, self.device)
         return self._clip
 
     def shrink_target(self) -> dict | None:
@@ -157,7 +163,7 @@ class ClientContext:
         if self._shrink_target is None:
             from prismfl.privacy import public_target
 
-            idx, classes = self.fed.public_idx, task.arch_spec(self.cfg).codes
+            idx, classes = self.fed.public_idx, self.cfg.arch_spec().codes
             self._shrink_target = public_target(lambda x: self.extract(x.to(self.device)), self.fed.images(idx),
                                                 self.privacy_clip(), labels=self.fed.labels(idx) if classes else None,
                                                 num_classes=classes)  # fmt: skip
@@ -170,18 +176,34 @@ class ClientContext:
 def client_context(cfg: RunConfig, build_model, device: str, log=print) -> ClientContext:
     """Load the data, build (or fetch from the cache) the feature net, then the model with
     `build_model(device)`; bad data fails here, before anything is written."""
-    fed = task.prepare_federation(cfg)
-    net, meta, recipe = task.build_feature_net(cfg, fed, device, log)
+    fed = federation.prepare_federation(cfg)
+    net, meta, recipe = feature_nets.build_feature_net(cfg, fed, device, log)
     model = build_model(device)
-    return ClientContext(cfg, device, fed, net.extract, meta, recipe, model, *task.model_layout(model))
+    return ClientContext(cfg, device, fed, net.extract, meta, recipe, model, *wire.model_layout(model))
 
 
 def training_context(cfg: RunConfig, build_model, device: str, recipe: dict) -> ClientContext:
     """A context for local training only, without loading any data: what a process that handles one
     round's message needs (a Flower deployment starts a ClientApp process per message)."""
-    net = task.feature_net_from_recipe(cfg, recipe, device)
+    net = feature_nets.feature_net_from_recipe(cfg, recipe, device)
     model = build_model(device)
-    return ClientContext(cfg, device, None, net.extract, {}, recipe, model, *task.model_layout(model))
+    return ClientContext(cfg, device, None, net.extract, {}, recipe, model, *wire.model_layout(model))
+
+
+def client_loss(cfg: RunConfig, stats: FeatureStats, device: str = "cpu",
+                privacy: dict | None = None) -> MeanVarMatching:  # fmt: skip
+    """The client's matching loss; per class for a conditional model, over the classes it holds: with
+    privacy, those whose noisy count is above three noise deviations (post-processing of the release)."""
+    loss = cfg.loss
+    options = {"tracker": loss.tracker, "tracker_beta": loss.tracker_beta, "tracker_lr": loss.tracker_lr}
+    if privacy and loss.moment == "mean":  # no variances released: each layer weighed by its public clip bound
+        options["scales"] = privacy["clip"]
+    if not cfg.model.conditional:
+        return MeanVarMatching(stats, loss.moment, **options).to(device)
+    from prismfl.privacy import min_count
+
+    return ConditionalMatching(stats, loss.moment, min_count=min_count(privacy),
+                               codes_per_step=loss.codes_per_step, **options).to(device)  # fmt: skip
 
 
 @dataclass
@@ -224,7 +246,7 @@ class ClientRuntime:
             raise PrismError(f"client {self.k} holds no data for method {cfg.train.method!r}")
         if self._loss is None:
             try:
-                self._loss = task.client_loss(cfg, self.stats, device, self.privacy)
+                self._loss = client_loss(cfg, self.stats, device, self.privacy)
             except ValueError as exc:  # e.g. no class of a conditional client above the privacy noise
                 raise PrismError(f"client {self.k}: {exc}") from None
         return self._loss
@@ -258,7 +280,7 @@ class ClientRuntime:
         features = expect.features
         before = None if expect.round is None else expect.round - 1
         return schema.Table(
-            {"k": expect.client, "stats": FeatureStats.schema(features, task.arch_spec(cfg).codes),
+            {"k": expect.client, "stats": FeatureStats.schema(features, cfg.arch_spec().codes),
              "privacy": summary_schema(cfg, None if features is None else len(features)),
              "state": ClientState.schema(expect.params), "held_round": expect.rounds(before),
              **(fields or {"replica": tensor, "own": tensor})},
@@ -297,7 +319,7 @@ def tracker_schema(cfg: RunConfig, stats: FeatureStats, privacy: dict | None, pa
     """What a client's trackers may hold (TrackerState.schema) for the loss of `stats` in a run of `cfg`: of
     the shapes of its statistics; a conditional loss's trackers of an older layout start afresh."""
     try:
-        loss = task.client_loss(cfg, stats, "cpu", privacy)
+        loss = client_loss(cfg, stats, "cpu", privacy)
     except ValueError as exc:  # e.g. no class above the noise: what ClientRuntime.loss refuses
         schema.fail(path, "statistics this run's loss can match", got=f"statistics it refuses ({exc})")
     return TrackerState.schema(cfg.loss.tracker, [tuple(t.shape) for t in loss.targets], redraws=loss.redraws,
@@ -358,7 +380,7 @@ def train_round(ctx: ClientContext, client: ClientRuntime, start: torch.Tensor, 
     train.lr_schedule); every random draw comes from the (seed, round, client) stream."""
     train = ctx.cfg.train
     lr = round_lr(train.lr if lr is None else lr, round_, train.rounds, train.lr_schedule, train.lr_floor)
-    gen = task.generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
+    gen = generator_for(ctx.cfg.seed, "client", round_, client.k, device=ctx.device)
     return local_train(ctx.model, start.to(ctx.device), client.loss(ctx.cfg, ctx.device), ctx.extract,
                        state=client.state, cfg=ctx.local_config(steps, lr), generator=gen)  # fmt: skip
 
@@ -383,7 +405,7 @@ def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = Non
     done (for the model's info)."""
     cfg = ctx.cfg
     idx = ctx.fed.public_idx if ctx.fed is not None else ()  # (a server's context holds no data)
-    classes = task.arch_spec(cfg).codes
+    classes = cfg.arch_spec().codes
     if len(idx):
         labels = ctx.fed.labels(idx) if classes else None
         stats, source = exact_stats(ctx, ctx.fed.images(idx), labels, classes), "public"
@@ -391,9 +413,9 @@ def warm_start(ctx: ClientContext, steps: int, pooled: FeatureStats | None = Non
         stats, source = pooled, "pooled"
     else:
         raise PrismError("train.warm_start needs the public hold-out or the clients' pooled statistics")
-    loss = task.client_loss(cfg, stats, ctx.device)
-    scores = task.initial_scores(cfg, ctx.num_weights).to(ctx.device)
-    state, gen = ClientState(), task.generator_for(cfg.seed, "warm-start", device=ctx.device)
+    loss = client_loss(cfg, stats, ctx.device)
+    scores = initial_scores(cfg, ctx.num_weights).to(ctx.device)
+    state, gen = ClientState(), generator_for(cfg.seed, "warm-start", device=ctx.device)
     value, t0 = float("nan"), time.perf_counter()
     what = f"{len(idx):,} public images" if source == "public" else f"the clients' pooled statistics ({stats.count:,})"
     bar = progress_bar(range(0, steps, WARM_CHUNK), desc=f"warm start on {what}", unit="x100 steps")

@@ -355,11 +355,10 @@ def reject_duplicates(uploads: dict[int, tuple[bytes, object]]) -> list[dict]:
 
 def run_model(run_dir: Path):
     """The mask model of a run directory's latest checkpoint (the bytes the run exported at the end)."""
-    from prismfl.fl.task import arch_spec
     from prismfl.model.generators import count_weights
 
     state = rundir.load_checkpoint(run_dir)
     cfg = rundir.checkpoint_config(state)
     method = methods.build(cfg)
-    method.check_state(state["server"], count_weights(arch_spec(cfg)))
+    method.check_state(state["server"], count_weights(cfg.arch_spec()))
     return method.final_model(state["server"], state["round"], state["model_info"])

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from prismfl.config import RunConfig
-from prismfl.fl import task, wire
+from prismfl.fl import wire
+from prismfl.seeds import derived_seed, generator_for
 
 
 def draw(cfg: RunConfig, rnd: int, clients: list[int]) -> dict[int, str]:
     """Which of the round's clients are hostile, drop out or straggle: {client: "byzantine" | "dropout" |
     "straggler"}; the others are absent."""
     f = cfg.faults
-    rng = np.random.default_rng(task.derived_seed(cfg.seed, "faults", rnd))
+    rng = np.random.default_rng(derived_seed(cfg.seed, "faults", rnd))
     hostile = set(rng.choice(clients, size=round(f.byzantine * len(clients)), replace=False).tolist()) \
         if f.byzantine else set()  # fmt: skip
     fate = {}
@@ -55,8 +56,8 @@ def forge(cfg: RunConfig, *, honest: bytes, replica: torch.Tensor | None, rnd: i
         replica = replica[:num_weights]  # the scores (with server momentum the velocity follows them)
     if attack == "replay":
         return earlier if earlier is not None else honest
-    gen = task.generator_for(cfg.seed, "attack", rnd, k)
-    shared = task.generator_for(cfg.seed, "attack", rnd, "collude")
+    gen = generator_for(cfg.seed, "attack", rnd, k)
+    shared = generator_for(cfg.seed, "attack", rnd, "collude")
     if wire.parse(honest, table_hash=table_hash, num_weights=num_weights).kind == wire.KIND_UPLOAD:
         mask = wire.decode_upload(honest, replica, round_=rnd, table_hash=table_hash, client=k)
         n = mask.numel()

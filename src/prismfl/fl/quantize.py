@@ -20,7 +20,8 @@ import struct
 import numpy as np
 import torch
 
-from prismfl.fl import aggregate, task, wire
+from prismfl.fl import aggregate, wire
+from prismfl.seeds import generator_for
 
 MIN_LEVELS, MAX_LEVELS = 2, 256
 _LEVELS = struct.Struct("<I")  # a quantized payload starts with L, then L u32 counts, then the coded indices
@@ -57,7 +58,7 @@ def dequantize(indices: torch.Tensor, count: int, smoothing: float) -> torch.Ten
 
 def round_indices(scores: torch.Tensor, count: int, smoothing: float, seed: int, round_: int) -> torch.Tensor:
     """The quantization the server broadcasts before `round_` (one per round, seeded by the run)."""
-    return quantize(scores, count, smoothing, task.generator_for(seed, "downlink", round_))
+    return quantize(scores, count, smoothing, generator_for(seed, "downlink", round_))
 
 
 def encode(indices: torch.Tensor, count: int, *, round_: int, table_hash: int) -> bytes:

@@ -17,7 +17,8 @@ import torch
 
 from prismfl import schema
 from prismfl.config import RunConfig
-from prismfl.fl import faults, task
+from prismfl.device import resolve_device
+from prismfl.fl import faults
 from prismfl.fl.client import (
     ClientContext,
     ClientRuntime,
@@ -32,6 +33,7 @@ from prismfl.fl.client import (
 )
 from prismfl.fl.engine import Setup, run
 from prismfl.fl.methods.base import Downlink, Method, Upload
+from prismfl.fl.selection import select_clients
 from prismfl.loss.matching import combine_stats
 from prismfl.model import masked
 from prismfl.progress import bar as progress_bar
@@ -52,7 +54,7 @@ class InProcess:
     def setup(self, method: Method, checkpoint: dict | None, log) -> Setup:
         cfg = self.cfg
         self.method = method
-        self.ctx = ctx = client_context(cfg, method.build_model, task.resolve_device(cfg.train.device), log)
+        self.ctx = ctx = client_context(cfg, method.build_model, resolve_device(cfg.train.device), log)
         if checkpoint is None:  # each client computes (and, with privacy on, privatises) its statistics once
             for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics"):
                 if method.holds_data(k):
@@ -222,7 +224,7 @@ def trained_rounds(cfg: RunConfig, holders: list[int], last: int) -> dict[int, l
     holds all the data (central)."""
     rounds = {k: [] for k in holders}
     for r in range(1, last + 1):
-        for k in holders if len(holders) == 1 else task.select_clients(cfg, r):
+        for k in holders if len(holders) == 1 else select_clients(cfg, r):
             if k in rounds:
                 rounds[k].append(r)
     return rounds

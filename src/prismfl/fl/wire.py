@@ -52,6 +52,7 @@ import torch
 
 from prismfl.bits import pack_mask, unpack_mask
 from prismfl.errors import PrismError
+from prismfl.model import masked
 
 MAGIC = b"PRFL"
 VERSION = 2
@@ -118,6 +119,11 @@ class UnexpectedMessage(WireError):
 def layer_table_hash(table: list[tuple[str, tuple[int, ...]]]) -> int:
     blob = json.dumps([[name, list(shape)] for name, shape in table], separators=(",", ":")).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+
+
+def model_layout(model: torch.nn.Module) -> tuple[int, int]:
+    """(maskable weights N, layer-table hash): what server and clients check they agree on."""
+    return masked.num_maskable(model), layer_table_hash(masked.layer_table(model))
 
 
 @dataclass(frozen=True)

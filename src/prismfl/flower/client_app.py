@@ -26,8 +26,8 @@ from flwr.clientapp import ClientApp
 
 from prismfl import safestate
 from prismfl.config import config_from_dict
+from prismfl.device import resolve_device
 from prismfl.errors import PrismError
-from prismfl.fl import task
 from prismfl.fl.client import (
     ClientRuntime,
     client_context,
@@ -55,7 +55,7 @@ def run_context(cfg_json: str):
     process (Ray actors of the simulation engine serve many nodes and messages)."""
     cfg = config_from_dict(json.loads(cfg_json))
     method = methods.build(cfg)
-    return method, client_context(cfg, method.build_model, task.resolve_device(cfg.train.device), log)
+    return method, client_context(cfg, method.build_model, resolve_device(cfg.train.device), log)
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,7 +65,7 @@ def train_context(cfg_json: str, recipe_json: str):
     its saved state and the feature net comes back from the recipe setup recorded."""
     cfg = config_from_dict(json.loads(cfg_json))
     method = methods.build(cfg)
-    device = task.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     return method, training_context(cfg, method.build_model, device, json.loads(recipe_json))
 
 

@@ -29,8 +29,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from prismfl import safestate
 from prismfl.data.sources import dataset_info
+from prismfl.device import resolve_device
 from prismfl.errors import PrismError
-from prismfl.fl import engine, task
+from prismfl.fl import engine, wire
 from prismfl.fl.client import class_table_of, modes_message
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
@@ -254,7 +255,7 @@ def server_warm_start(cfg, method, infos: dict[int, replies.SetupReply]) -> tupl
 
     info = dataset_info(cfg.data.dataset)
     recipe = {"kind": "random", "channels": info.channels, "classes": len(info.class_names)}
-    ctx = training_context(cfg, method.build_model, task.resolve_device(cfg.train.device), recipe)
+    ctx = training_context(cfg, method.build_model, resolve_device(cfg.train.device), recipe)
     pooled = combine_stats([infos[pid].statistics for pid in sorted(infos)])
     return warm_start(ctx, cfg.train.warm_start, pooled)
 
@@ -297,7 +298,7 @@ class GridTransport:
         if checkpoint is not None and not math.isinf(cfg.privacy.epsilon):
             raise PrismError("resuming a private Flower run would make every client release its statistics again "
                              "(spending epsilon twice); start a new run")  # fmt: skip
-        n, table_hash = task.model_layout(method.build_model())
+        n, table_hash = wire.model_layout(method.build_model())
         self.node_of, infos, _, traffic = setup_clients(self.grid, self.s, method, n, table_hash,
                                                warm=checkpoint is None and method.warm_starts)  # fmt: skip
         zero = infos.get(0)

@@ -23,9 +23,10 @@ import torch
 from prismfl import modelfile, schema
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
-from prismfl.fl import task, wire
+from prismfl.fl import wire
 from prismfl.fl.client import ClientContext, ClientRuntime, exact_stats
 from prismfl.loss.matching import FeatureStats
+from prismfl.model.build import build_model
 from prismfl.modelfile import PrismModel
 
 
@@ -81,12 +82,12 @@ class Method:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.spec = task.arch_spec(cfg)
+        self.spec = cfg.arch_spec()
 
     # ---- both sides
 
     def build_model(self, device: str = "cpu") -> torch.nn.Module:
-        return task.build_model(self.cfg, device)
+        return build_model(self.cfg, device)
 
     # ---- client side
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prismfl.fl import aggregate, task
+from prismfl.fl import aggregate
 from prismfl.fl.client import ClientContext
 from prismfl.fl.methods.base import Downlink, Outcome, Plan, masked_final_model
 from prismfl.fl.methods.local import OwnScores
+from prismfl.fl.selection import select_clients
+from prismfl.model.build import initial_scores
 
 
 class Central(OwnScores):
@@ -26,10 +28,10 @@ class Central(OwnScores):
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         return {"num_weights": num_weights, "table_hash": table_hash,
-                "scores": task.initial_scores(self.cfg, num_weights)}  # fmt: skip
+                "scores": initial_scores(self.cfg, num_weights)}  # fmt: skip
 
     def plan(self, state: dict, rnd: int) -> Plan:
-        chosen = task.select_clients(self.cfg, rnd)
+        chosen = select_clients(self.cfg, rnd)
         return Plan(chosen, {0: Downlink(rnd, [], self.cfg.train.local_steps * len(chosen))}, 0)
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from prismfl import modelfile
-from prismfl.fl import task, wire
+from prismfl.fl import wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload
+from prismfl.fl.selection import select_clients
 from prismfl.model import masked
+from prismfl.model.build import build_model
 
 
 class FedAvg(Method):
@@ -23,7 +25,7 @@ class FedAvg(Method):
     STATE = {"weights": "weights"}
 
     def build_model(self, device: str = "cpu") -> torch.nn.Module:
-        return masked.make_dense(task.build_model(self.cfg, device), self.cfg.seed)
+        return masked.make_dense(build_model(self.cfg, device), self.cfg.seed)
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         (data,) = down.messages
@@ -39,7 +41,7 @@ class FedAvg(Method):
         return {"num_weights": num_weights, "table_hash": table_hash, "weights": weights}
 
     def plan(self, state: dict, rnd: int) -> Plan:
-        chosen = task.select_clients(self.cfg, rnd)
+        chosen = select_clients(self.cfg, rnd)
         full = wire.encode_state(state["weights"], round_=rnd - 1, table_hash=state["table_hash"])
         downlinks = {k: Downlink(rnd, [full], self.cfg.train.local_steps) for k in chosen}
         return Plan(chosen, downlinks, len(full) * len(chosen))

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from prismfl import modelfile, schema
-from prismfl.fl import aggregate, task
+from prismfl.fl import aggregate
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model
+from prismfl.fl.selection import select_clients
+from prismfl.model.build import initial_scores
 
 
 class OwnScores(Method):
@@ -25,7 +27,7 @@ class OwnScores(Method):
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         if client.stats is not None:
-            client.own = task.initial_scores(self.cfg, ctx.num_weights)
+            client.own = initial_scores(self.cfg, ctx.num_weights)
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
         t0 = time.perf_counter()
@@ -49,12 +51,12 @@ class Local(OwnScores):
     own_class_shares = True  # a conditional client's model draws the classes (and modes) it holds
 
     def init_state(self, num_weights: int, table_hash: int) -> dict:
-        scores = task.initial_scores(self.cfg, num_weights)
+        scores = initial_scores(self.cfg, num_weights)
         return {"num_weights": num_weights, "table_hash": table_hash,
                 "params": [scores.clone() for _ in range(self.cfg.partition.num_clients)]}  # fmt: skip
 
     def plan(self, state: dict, rnd: int) -> Plan:
-        chosen = task.select_clients(self.cfg, rnd)
+        chosen = select_clients(self.cfg, rnd)
         return Plan(chosen, {k: Downlink(rnd, [], self.cfg.train.local_steps) for k in chosen}, 0)
 
     def aggregate(self, state: dict, rnd: int, uploads: dict[int, tuple[bytes, torch.Tensor]],

@@ -27,10 +27,13 @@ import torch
 
 from prismfl import schema
 from prismfl.errors import PrismError
-from prismfl.fl import aggregate, quantize, task, wire
+from prismfl.fl import aggregate, quantize, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model, scores_crc
+from prismfl.fl.selection import clients_per_round, select_clients
+from prismfl.model.build import initial_scores
 from prismfl.modelfile import PrismModel
+from prismfl.seeds import generator_for
 
 
 def catch_up_rounds(last_synced: int, current: int, delta_sizes: dict[int, int], state_size: int) -> list[int] | None:
@@ -68,7 +71,7 @@ class Rules:
             if d.lam is not None:
                 raise wire.UnexpectedMessage(f"broadcast delta carries lambda = {d.lam!r} in a run without MADA")
             return
-        expected = aggregate.mada_lambda(scores, proposal, task.generator_for(self.seed, "mada", round_))
+        expected = aggregate.mada_lambda(scores, proposal, generator_for(self.seed, "mada", round_))
         if d.lam is None or struct.pack("<d", d.lam) != struct.pack("<d", expected):
             raise wire.UnexpectedMessage(f"broadcast delta carries lambda = {d.lam!r}; the state and the run seed "
                                          f"give {expected!r}")  # fmt: skip
@@ -152,13 +155,13 @@ class Prism(Method):
 
     def rules(self) -> Rules:
         """What this run's broadcast deltas must carry (a client refuses any other)."""
-        return Rules(task.clients_per_round(self.cfg), self.cfg.train.smoothing + 0.0, self.mada, self.cfg.seed)
+        return Rules(clients_per_round(self.cfg), self.cfg.train.smoothing + 0.0, self.mada, self.cfg.seed)
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         if self.levels:  # every round brings its whole (quantized) state: nothing to keep before the first
             client.held_round, client.replica = 0, None
             return
-        scores = task.initial_scores(self.cfg, ctx.num_weights)
+        scores = initial_scores(self.cfg, ctx.num_weights)
         client.held_round, client.replica = 0, torch.cat([scores, torch.zeros_like(scores)]) if self.beta else scores
 
     def client_round(self, ctx: ClientContext, client: ClientRuntime, down: Downlink) -> Upload:
@@ -207,7 +210,7 @@ class Prism(Method):
     def init_state(self, num_weights: int, table_hash: int) -> dict:
         k = self.cfg.partition.num_clients
         return {"num_weights": num_weights, "table_hash": table_hash,
-                "scores": task.initial_scores(self.cfg, num_weights),
+                "scores": initial_scores(self.cfg, num_weights),
                 "synced": [0] * k,  # the round whose global scores each client holds (None: unknown)
                 "delta_sizes": {}, "deltas": {},
                 # train.server_momentum: the server's velocity (the clients' replicas hold it too)
@@ -246,7 +249,7 @@ class Prism(Method):
         return Plan(chosen, {k: Downlink(rnd, [message], steps, crc) for k in chosen}, len(message) * len(chosen))
 
     def plan(self, state: dict, rnd: int) -> Plan:
-        chosen = task.select_clients(self.cfg, rnd)
+        chosen = select_clients(self.cfg, rnd)
         if self.levels:
             return self._plan_quantized(state, rnd, chosen)
         scores, th = state["scores"], state["table_hash"]
@@ -287,7 +290,7 @@ class Prism(Method):
         if trim:
             counts, m = aggregate.trim_counts(counts, m, trim)
         proposal = aggregate.aggregate_scores(counts, m, smoothing)
-        lam = aggregate.mada_lambda(old, proposal, task.generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
+        lam = aggregate.mada_lambda(old, proposal, generator_for(self.cfg.seed, "mada", rnd)) if self.mada \
             else None  # fmt: skip
         if self.beta:
             step = 1.0 if lam is None else lam
