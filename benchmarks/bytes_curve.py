@@ -66,8 +66,9 @@ def main() -> None:
         print(run.name, " ".join(f"FID<={t}: {'never' if b is None else f'{b / scale:.1f} {unit}'}" for t, b in
                                  targets.items()))  # fmt: skip
     if a.x != "seconds":
-        what = "uploaded" if a.x == "bytes" else "uploaded and downloaded, set-up included"
-        ax.set(xscale="log", xlabel=f"MB {what} by all clients (cumulative)", title=f"quality per {what} byte")
+        what = "uploaded" if a.x == "bytes" else "uploaded and downloaded"
+        more = ", set-up included" if a.x == "total" else ""
+        ax.set(xscale="log", xlabel=f"MB {what} by all clients (cumulative{more})", title=f"quality per {what} byte")
     else:
         what = "set-up, warm start and rounds" if a.offset else "rounds"
         ax.set(xlabel=f"minutes of {what} (cumulative wall time)", title="quality against training time")
