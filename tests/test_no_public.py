@@ -294,7 +294,7 @@ def _tampered(blob: bytes, **changes) -> bytes:
                 "var": [torch.zeros(3, 17).half(), torch.zeros(3, 3).half()],
             },
             "more than 114",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_a_bad_statistics_message_is_refused_before_it_is_expanded(change, says, monkeypatch):

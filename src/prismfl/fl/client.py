@@ -474,15 +474,12 @@ def statistics_of_message(blob: bytes, codes: int) -> FeatureStats:
     """The FeatureStats a statistics_message carries, for a run of `codes` codes per class (0: not
     conditional), checked before anything is expanded: a StateError (or ValueError) for bytes that are
     not such a message, the FeatureStats schema's checks after."""
+    layers = "a list of {} tensors{}, one per feature layer"
     fields = {
-        "mean": schema.List(
-            schema.Tensor(torch.float32, None), min_len=1, what="a list of float32 tensors, one per feature layer"
-        ),  # fmt: skip
+        "mean": schema.List(schema.Tensor(torch.float32, None), min_len=1, what=layers.format("float32", "")),
         "var": schema.List(
-            schema.Tensor(torch.float16, None, lo=0.0),
-            min_len=1,
-            what="a list of float16 tensors >= 0, one per feature layer",
-        ),  # fmt: skip
+            schema.Tensor(torch.float16, None, lo=0.0), min_len=1, what=layers.format("float16", " >= 0")
+        ),
         "var_scale": schema.Tensor(torch.float32, (None,), lo=2.0**-149),
         "count": schema.Int(0, 2**53, what="an image count (an int >= 0)"),
     }

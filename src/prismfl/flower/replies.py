@@ -199,9 +199,10 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
     return reply
 
 
-def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[int, dict]:
+def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[int, dict, int]:
     """A node's answer to the moments message (model.modes without public images): (its partition, its
-    moment sums as float64 arrays, fl/client.py moments_of_message); a NodeError for the first bad field."""
+    moment sums as float64 arrays (fl/client.py moments_of_message), their size on the wire (the payload));
+    a NodeError for the first bad field."""
     from prismfl.fl.client import moments_of_message
 
     try:
@@ -210,7 +211,7 @@ def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[i
         raise NodeError(f"the moments reply has no partition-id ({type(exc).__name__})") from None
     blob = payload(content, "moments", STATE, "moment sums")
     try:
-        return pid, moments_of_message(blob, num_classes, d)
+        return pid, moments_of_message(blob, num_classes, d), len(blob)
     except (safestate.StateError, ValueError) as exc:
         raise NodeError(f"moment sums: {exc}") from None
 

@@ -146,8 +146,9 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
     sizes: dict[int, int] = {}
 
     def parse(node: int, reply: Message) -> tuple[int, dict]:
-        sizes[node] = len(replies.payload(reply.content, "moments", STATE, "moment sums"))
-        return replies.moments_reply(reply.content, clients=cfg.partition.num_clients, num_classes=num_classes, d=d)
+        pid, sums, sizes[node] = replies.moments_reply(reply.content, clients=cfg.partition.num_clients,
+                                                       num_classes=num_classes, d=d)  # fmt: skip
+        return pid, sums
 
     kept, dropped = claimed_replies(got, nodes, s.reply_timeout, "moments message", "compute its moment sums", parse)
     if not kept:
@@ -185,7 +186,7 @@ def setup_clients(
     if needs_modes(cfg):  # one exchange before set-up: the modes the clients' statistics are per
         modes, partition_of, dropped, traffic = gather_modes(grid, s, nodes)
         nodes = [node for node in nodes if node in partition_of]
-    pooled = warm and pooled_warm_start(cfg)  # the server trains it on the sum of the clients' statistics
+    pooled = warm and pooled_warm_start(cfg, method)  # the server trains it on the sum of the clients' statistics
     steps = cfg.train.warm_start if warm and not pooled else 0  # partition 0 trains it on the public hold-out
     request = RecordDict({"prismfl": ConfigRecord({"config": json.dumps(cfg.to_dict()), "warm-start": steps,
                                                    "send-statistics": int(pooled)})})  # fmt: skip
@@ -241,10 +242,10 @@ def setup_clients(
     return node_of, infos, dropped, traffic
 
 
-def pooled_warm_start(cfg) -> bool:
-    """A new run's train.warm_start without public images: trained at the server on the clients' pooled
-    statistics (as the simulator does), which each node sends in its setup reply."""
-    return bool(cfg.train.warm_start) and cfg.train.method == "prism" and not cfg.public_images()
+def pooled_warm_start(cfg, method) -> bool:
+    """train.warm_start without public images, for a method that warm-starts: trained at the server on the
+    clients' pooled statistics (as the simulator does), which each node sends in its setup reply."""
+    return bool(cfg.train.warm_start) and method.warm_starts and not cfg.public_images()
 
 
 def server_warm_start(cfg, method, infos: dict[int, replies.SetupReply]) -> tuple[bytes, dict]:
@@ -310,7 +311,7 @@ class GridTransport:
                 raise PrismError(f"{len(infos)} SuperNodes left after set-up, fewer than min-replies = "
                                  f"{self.s.min_replies}")  # fmt: skip
         warm, warm_info = (zero.warm_start, zero.warm_info) if zero is not None else (None, None)
-        if checkpoint is None and method.warm_starts and pooled_warm_start(cfg):
+        if checkpoint is None and pooled_warm_start(cfg, method):
             warm, warm_info = server_warm_start(cfg, method, infos)
         k = cfg.partition.num_clients
         self.absent = {pid for pid in range(k) if pid not in infos}
