@@ -22,10 +22,9 @@ from prismfl import config
 HEADER = """# Configuration reference
 
 Every key of a run configuration: a TOML file (`prismfl train --config FILE`), each key also settable with
-`--set section.key=value` (strings in quotes: `--set 'train.broadcast="delta"'`). A run directory's
-`config.toml` is the resolved configuration, every key included. Numbers outside their range, unknown keys
-and values not among the allowed ones are refused with one line before anything runs; the relations between
-keys (which settings need which) are checked too, each with its own message.
+`--set section.key=value`. A run directory's `config.toml` is the resolved configuration, every key
+included. Unknown keys, values out of range or not allowed, and settings that need others are refused with
+one line before anything runs.
 
 Generated from `src/prismfl/config.py` by `python -m prismfl.configref docs/config.md`; a test fails when
 this file and the code differ. Which shipped config to start from: [configs.md](configs.md).
