@@ -38,3 +38,12 @@ def test_comments_above_and_beside_a_field_are_its_description():
 
     notes = configref.field_notes(Example)
     assert notes == {"a": "beside a", "b": "above b, line 1 line 2", "c": ""}
+
+
+def test_the_methods_column_names_real_keys_and_methods():
+    from prismfl.config import METHODS
+
+    keys = configref.keys()
+    for key, methods in configref.METHODS_OF.items():
+        assert key in keys, f"configref.METHODS_OF names {key}, which is no config key"
+        assert methods and set(methods) <= set(METHODS), f"{key}: {methods} are not all methods"

@@ -1,6 +1,7 @@
 """docs/config.md, the reference of every run-config key, generated from config.py: each dataclass field's
 type and default, the comments written beside it, its range (config.RANGES) and its allowed values
-(config.choices). A test keeps the file equal to what this writes, so a key cannot be added undocumented.
+(config.choices), and which methods honour it (METHODS_OF). A test keeps the file equal to what this writes,
+so a key cannot be added undocumented.
 
 Write it: .venv/bin/python -m prismfl.configref docs/config.md
 """
@@ -21,14 +22,46 @@ from prismfl import config
 HEADER = """# Configuration reference
 
 Every key of a run configuration: a TOML file (`prismfl train --config FILE`), each key also settable with
-`--set section.key=value` (strings in quotes: `--set 'train.broadcast="delta"'`). A run directory's
-`config.toml` is the resolved configuration, every key included. Numbers outside their range, unknown keys
-and values not among the allowed ones are refused with one line before anything runs; the relations between
-keys (which settings need which) are checked too, each with its own message.
+`--set section.key=value`. A run directory's `config.toml` is the resolved configuration, every key
+included. Unknown keys, values out of range or not allowed, and settings that need others are refused with
+one line before anything runs.
 
 Generated from `src/prismfl/config.py` by `python -m prismfl.configref docs/config.md`; a test fails when
-this file and the code differ. The shipped configs (`configs/*.toml`) say in their headers what each is for.
+this file and the code differ. Which shipped config to start from: [configs.md](configs.md).
+
+The column "methods" says which values of `train.method` use a key; the other methods ignore it, or refuse
+a value other than the default with one line (for example `model.conditional` with `fedavg`).
 """
+
+ALL_METHODS = "all"
+MASKED = ("prism", "local", "central", "public")  # the methods that train keep-probabilities (not fedavg)
+# Which methods honour a key (train.method); a key not listed here is honoured by every method. Kept by
+# hand from the methods (fl/methods/) and the checks in config.py: a test checks that every key and method
+# named here exists.
+METHODS_OF: dict[str, tuple[str, ...]] = {
+    "model.estimator": MASKED,
+    "model.conditional": MASKED,
+    "model.modes": MASKED,
+    "loss.codes_per_step": MASKED,
+    "train.lr": MASKED,
+    "train.dense_lr": ("fedavg",),
+    "train.mada": ("prism",),
+    "train.smoothing": ("prism",),
+    "train.upload_coder": ("prism",),
+    "train.broadcast": ("prism",),
+    "train.broadcast_levels": ("prism",),
+    "train.server_momentum": ("prism",),
+    "train.warm_start": ("prism",),
+    **{
+        f"privacy.{k}": ("prism", "fedavg", "local", "central")  # `public` reads no private data
+        for k in ("epsilon", "delta", "clip", "pool", "pool_classes", "shrink", "shrink_to")
+    },
+    "privacy.secagg": ("prism",),
+    "privacy.colluders": ("prism",),
+    "robust.rule": ("prism", "fedavg"),  # the methods that aggregate their clients' uploads
+    "robust.tolerance": ("prism", "fedavg"),
+    "robust.trim": ("prism",),
+}
 
 
 def field_notes(cls) -> dict[str, str]:
@@ -111,14 +144,17 @@ def markdown() -> str:
         title = f"[{name}]" if name else "top level"
         doc = " ".join((cls.__doc__ or "").split()) if name else ""
         doc = "" if doc.startswith(f"{cls.__name__}(") else doc  # (a dataclass's generated signature)
-        parts += [f"## {title}", "", *([doc, ""] if doc else []),
-                  "| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]  # fmt: skip
+        head = "| key | type | default | allowed | methods | what it does |"
+        parts += [f"## {title}", "", *([doc, ""] if doc else []), head, "|---|---|---|---|---|---|"]
         for f in fields:
             key = f"{name}.{f.name}" if name else f.name
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             values = ", ".join(f'"{v}"' for v in allowed[key]) if key in allowed else _range(key)
             note = notes.get(f.name, "")
-            parts.append(f"| `{key}` | {_cell(kind)} | `{_show(_default(f))}` | {_cell(values)} | {_cell(note)} |")
+            methods = ", ".join(METHODS_OF.get(key, (ALL_METHODS,)))
+            parts.append(
+                f"| `{key}` | {_cell(kind)} | `{_show(_default(f))}` | {_cell(values)} | {methods} | {_cell(note)} |"
+            )
         parts.append("")
     return "\n".join(parts)
 
