@@ -168,16 +168,7 @@ def test_the_warm_start_trains_on_the_pooled_statistics(monkeypatch):
         (['loss.feature_data="mnist"'], "set loss.features = 'public'"),
         (['loss.feature_data="imagenet"', 'loss.features="public"'], "loss.feature_data"),
         (['loss.features="public"', "partition.public_holdout=0"], "loss.feature_data = 'mnist'"),
-        (
-            [
-                "partition.public_holdout=0",
-                "model.conditional=true",
-                "model.modes=2",
-                "privacy.epsilon=4",
-                "train.batch_size=40",
-            ],
-            "not released under privacy.epsilon",
-        ),
+        (["privacy.epsilon=4", "privacy.split=1"], r"privacy.split must be a finite number in \(0, 1\), got 1"),
     ],
 )
 def test_bad_public_data_settings_are_refused_with_one_line(overrides, says):

@@ -136,6 +136,9 @@ class PrivacyConfig:
     # what shrink pulls toward: "layer" (each layer's average) or "public" (the public hold-out's own
     # clipped statistics, per class: public data, so still post-processing)
     shrink_to: str = "layer"
+    # the share of epsilon's budget (of 1/z^2) the class modes' moment sums get where model.modes > 1 without
+    # public images; the feature statistics get the rest (prismfl/accounting.py)
+    split: float = 0.2
 
 
 @dataclass
@@ -198,6 +201,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "privacy.epsilon": (0, math.inf, "(]"),  # inf: no privacy
     "privacy.delta": (0, 1, "()"),
     "privacy.clip": (0, 1000, "(]"),  # x the median feature norm
+    "privacy.split": (0, 1, "()"),  # the modes' share of the privacy budget
     "privacy.pool": (0, 1, "[]"),
     "privacy.colluders": (0, 65_534, "[]"),  # and fewer than partition.num_clients
     "faults.dropout": (0, 1, "[)"),
@@ -314,10 +318,6 @@ class RunConfig:
         if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
             raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
                               "leave privacy.epsilon unset")  # fmt: skip
-        if self.model.modes > 1 and not self.public_images() and not math.isinf(self.privacy.epsilon):
-            raise ConfigError("without public images the modes come from the clients' moment sums, which are not "
-                              "released under privacy.epsilon yet: set model.modes = 1 (and loss.codes_per_step "
-                              "<= 10) or give a public hold-out")  # fmt: skip
         # (prism only: the baselines ignore it, as they ignore the server momentum)
         if self.train.warm_start and self.train.method == "prism" and not self.public_images() and self.privacy.secagg:
             raise ConfigError("train.warm_start without public images trains on the clients' pooled statistics, "
@@ -347,6 +347,10 @@ class RunConfig:
     def check_pool(self) -> None:
         p = self.privacy
         _one_of("privacy.pool_classes", p.pool_classes)
+        if not 0 < p.split < 1:
+            raise ConfigError(
+                f"privacy.split must be in (0, 1) (the modes' share of the privacy budget), got {p.split}"
+            )
         if p.pool > 0 and math.isinf(p.epsilon):
             raise ConfigError("privacy.pool shares the clients' statistics with the server: only private releases "
                               "may leave a client (set privacy.epsilon)")  # fmt: skip

@@ -18,7 +18,6 @@ the seed could otherwise regenerate and subtract it.
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 import sys
@@ -27,44 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prismfl.accounting import budget, noise_multiplier, spent_epsilon
 from prismfl.data.federation import Federation
 from prismfl.errors import ConfigError
 from prismfl.loss.matching import FeatureStats, feature_sums, stats_from_sums
 from prismfl.model import masked
 from prismfl.model.build import build_model, initial_scores
 from prismfl.seeds import generator_for
-
-
-def noise_multiplier(epsilon: float, delta: float) -> float:
-    """The smallest z such that the Gaussian mechanism with sensitivity 1 and noise std z is
-    (epsilon, delta)-DP for one release: dp-accounting's analytic calibration (Balle & Wang 2018),
-    exact for a single Gaussian release."""
-    if not epsilon > 0:
-        raise ConfigError(f"privacy.epsilon must be > 0 (or inf for no privacy), got {epsilon}")
-    if not 0 < delta < 1:
-        raise ConfigError(f"privacy.delta must be in (0, 1), got {delta}")
-    if math.isinf(epsilon):
-        return 0.0
-    import dp_accounting
-
-    try:
-        with np.errstate(all="ignore"):  # extreme (epsilon, delta) overflow inside the search; z is checked below
-            z = float(dp_accounting.get_sigma_gaussian(epsilon, delta))
-    except Exception as exc:  # noqa: BLE001 - the accountant's failures all mean "cannot meet this"
-        raise ConfigError(f"no Gaussian noise meets epsilon={epsilon}, delta={delta}: {exc}") from None
-    if not math.isfinite(z) or z <= 0:
-        raise ConfigError(f"no Gaussian noise meets epsilon={epsilon}, delta={delta}")
-    return z
-
-
-def spent_epsilon(z: float, delta: float) -> float:
-    """Epsilon of one Gaussian release with noise multiplier z at `delta`."""
-    if z == 0:
-        return math.inf
-    import dp_accounting
-
-    with np.errstate(all="ignore"):  # as in noise_multiplier: the accountant's own log-space edge cases
-        return float(dp_accounting.get_epsilon_gaussian(z, delta))
 
 
 @dataclass
@@ -86,18 +54,13 @@ class PrivateRelease:
                 "clip": self.clip}  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
-def calibration(epsilon: float, delta: float) -> tuple[float, float]:
-    """(noise multiplier, epsilon spent) of one release calibrated for (epsilon, delta)."""
-    z = noise_multiplier(epsilon, delta)
-    return z, spent_epsilon(z, delta)
-
-
 def summary_schema(cfg, layers: int | None = None):
     """What a client keeps of its release (`PrivateRelease.summary`, with `Private.release`'s secure
     aggregation fields) in a run of `cfg` whose feature net has `layers` layers: null without privacy;
-    the guarantee as calibrated for cfg's (epsilon, delta), the sensitivity of that many layers and a
-    positive clip bound per layer (what the run's records and model file state, and what the loss uses)."""
+    the guarantee as budgeted for cfg's (epsilon, delta) (accounting.budget: epsilon is every release's
+    composition, noise_multiplier the statistics' own, moments_noise_multiplier the modes' moment sums'),
+    the sensitivity of that many layers and a positive clip bound per layer (what the run's records and
+    model file state, and what the loss uses)."""
     from prismfl import schema
 
     p = cfg.privacy
@@ -107,16 +70,20 @@ def summary_schema(cfg, layers: int | None = None):
     fields = {"epsilon": positive, "delta": schema.Const(p.delta, what=f"{p.delta:g} (privacy.delta)"),
               "noise_multiplier": positive, "sensitivity": positive, "noise_std": positive,
               "clip": schema.List(positive, layers, what="a positive clip bound per feature layer")}  # fmt: skip
+    plan = budget(cfg)
+    if "moments" in plan.noise:
+        fields["moments_noise_multiplier"] = positive
     if p.secagg:
         fields.update(secagg=schema.Const(True), colluders=schema.Const(p.colluders), client_noise_std=positive)
     table = schema.Table(fields, what="a private release's parameters (a table)")
 
     def calibrated(summary: dict, path: str) -> None:
-        z, spent = calibration(p.epsilon, p.delta)
         second = cfg.loss.moment != "mean"
-        want = {"noise_multiplier": z, "epsilon": spent,
+        want = {"noise_multiplier": plan.z("statistics"), "epsilon": plan.epsilon,
                 "sensitivity": math.sqrt((2 if second else 1) * len(summary["clip"]) + 1)}  # fmt: skip
         want["noise_std"] = want["noise_multiplier"] * want["sensitivity"]
+        if "moments" in plan.noise:
+            want["moments_noise_multiplier"] = plan.z("moments")
         if p.secagg:
             want["client_noise_std"] = want["noise_std"] / math.sqrt(cfg.partition.num_clients - p.colluders)
         for key, value in want.items():
@@ -173,6 +140,7 @@ def private_feature_stats(
     noise_share: float = 1.0,
     shrink: bool = False,
     target: dict | None = None,
+    noise: float | None = None,
 ) -> PrivateRelease:
     """Release a client's feature statistics with (epsilon, delta)-DP (module docstring).
 
@@ -189,8 +157,11 @@ def private_feature_stats(
 
     `noise_share < 1` (distributed noise, secagg.py): the client adds only that fraction of the noise's
     standard deviation; its release is then NOT (epsilon, delta)-DP alone, only the secure sum of all
-    clients' releases is. Its `stats` must not be used; `shared` goes to secure aggregation."""
-    z = noise_multiplier(epsilon, delta)
+    clients' releases is. Its `stats` must not be used; `shared` goes to secure aggregation.
+
+    `noise`: the noise multiplier the run's budget gives this release (accounting.budget) where the run
+    makes several; by default the one release that meets (epsilon, delta) alone."""
+    z = noise_multiplier(epsilon, delta) if noise is None else noise
     n_layers = len(clip)
     sensitivity = math.sqrt((2 if second else 1) * n_layers + 1)
     if z * sensitivity >= len(images):
@@ -231,6 +202,33 @@ def private_feature_stats(
         shared = shrink_sums(shared, z * sensitivity, clip, min_count=count_floor(z * sensitivity), target=target)
     stats = stats_from_sums(shared["sums"], shared["squares"], n)
     return PrivateRelease(stats, spent_epsilon(z, delta), delta, z, sensitivity, clip, warnings, shared)
+
+
+MOMENTS_CLIP = 0.5  # the pooled images' L2 clip bound in the moments' release, times the largest norm (sqrt(d))
+
+
+def private_moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, noise: float, *,
+                        scale: float = 1.0, generator: np.random.Generator | None = None) -> dict:  # fmt: skip
+    """A client's moment sums for the class modes (data/modes.py moment_sums) as a Gaussian release of
+    noise multiplier `noise` (accounting.budget's "moments").
+
+    Each pooled image x (d values in [0, 1]) is clipped to ||x|| <= C = MOMENTS_CLIP sqrt(d); one image
+    adds 1 to its class's count, x to its sums and x x^T to its outer products, whose lower triangle (what
+    is released; the upper one mirrors it) has Frobenius norm <= ||x||^2 <= C^2. In units of (1, C, C^2)
+    the three blocks move by at most 1 each: L2 sensitivity sqrt(3). Every class is released, held or not
+    (which classes a client holds is private too), with noise of std noise sqrt(3) in those units, drawn
+    from the operating system's entropy unless a `generator` is given (tests)."""
+    from prismfl.data.modes import moment_sums, pooled_pixels
+
+    d = pooled_pixels(images[:1], scale).shape[1]
+    clip = MOMENTS_CLIP * math.sqrt(d)
+    sums = moment_sums(images, labels, num_classes, scale, clip=clip)
+    rng = generator if generator is not None else np.random.default_rng(secrets.randbits(128))
+    std = noise * math.sqrt(3)
+    lower = np.tril(rng.standard_normal(sums["outer"].shape))
+    return {"counts": sums["counts"] + std * rng.standard_normal(num_classes),
+            "sums": sums["sums"] + std * clip * rng.standard_normal(sums["sums"].shape),
+            "outer": sums["outer"] + std * clip**2 * (lower + np.tril(lower, -1).swapaxes(1, 2))}  # fmt: skip
 
 
 def min_count(privacy: dict | None) -> float:
@@ -442,16 +440,19 @@ class Private:
                 labels: torch.Tensor | None = None) -> tuple[FeatureStats | None, dict, object]:  # fmt: skip
         """(statistics, parameters, shared): with privacy.pool, `shared` is the release's noisy sums;
         with privacy.secagg, the client's side of secure aggregation, and no statistics of its own."""
-        p = ctx.cfg.privacy
+        p, plan = ctx.cfg.privacy, budget(ctx.cfg)
         share = 1 / math.sqrt(ctx.cfg.partition.num_clients - p.colluders) if p.secagg else 1.0
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
-                                        p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.codes,
+                                        p.epsilon, p.delta, noise=plan.z("statistics"),
+                                        labels=labels, num_classes=self.inner.spec.codes,
                                         class_names=ctx.fed.condition_names if ctx.fed is not None else None,
                                         second=ctx.cfg.loss.moment != "mean", noise_share=share,
                                         shrink=p.shrink, target=None if p.secagg else ctx.shrink_target())  # fmt: skip
         for warning in release.warnings:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
-        summary = release.summary()
+        summary = {**release.summary(), "epsilon": plan.epsilon}  # the run's guarantee: every release composed
+        if "moments" in plan.noise:
+            summary["moments_noise_multiplier"] = plan.z("moments")
         if p.secagg:
             from prismfl.secagg import SecAggClient
 

@@ -111,12 +111,16 @@ def pooled_pixels(images: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return x.reshape(n, -1)
 
 
-def moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, scale: float = 1.0) -> dict:
+def moment_sums(images: np.ndarray, labels: np.ndarray, num_classes: int, scale: float = 1.0,
+                clip: float | None = None) -> dict:  # fmt: skip
     """What a client releases for the federation's modes: per class its image count, the sum of its pooled
     images (classes, d) and of their outer products (classes, d, d), float64. Summed over clients, they
     are the federation's per-class means and covariances at that resolution. Each outer product is exactly
-    symmetric (its lower triangle mirrored: what eigh reads), so its lower triangle is all a client sends."""
+    symmetric (its lower triangle mirrored: what eigh reads), so its lower triangle is all a client sends.
+    `clip`: each pooled image scaled down to L2 norm <= clip first (a private release's sensitivity)."""
     x, labels = pooled_pixels(images, scale), np.asarray(labels, dtype=np.int64)
+    if clip is not None:
+        x = x * np.minimum(1.0, clip / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
     d = x.shape[1]
     sums = {"counts": np.zeros(num_classes), "sums": np.zeros((num_classes, d)), "outer": np.zeros((num_classes, d, d))}
     for c in range(num_classes):
@@ -132,10 +136,14 @@ def sum_moments(parts: list[dict]) -> dict:
     return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
-def check_moments(sums, num_classes: int, d: int) -> dict:
+NOISY_LIMIT = 2.0**40  # the largest magnitude a private release's noisy moment sums may hold
+
+
+def check_moments(sums, num_classes: int, d: int, private: bool = False) -> dict:
     """A client's moment_sums as it came over the network: counts (classes,) of whole numbers, sums
     (classes, d) and outer products (classes, d, d), float64, each class's within what that many images
-    in [0, 1] can add up to; a ValueError otherwise."""
+    in [0, 1] can add up to; with `private` (a Gaussian release: any sign, any fraction) finite and within
+    +-NOISY_LIMIT. A ValueError otherwise."""
     if not isinstance(sums, dict) or sorted(sums) != ["counts", "outer", "sums"]:
         raise ValueError("moment sums must be a table of counts, sums and outer")
     shapes = {"counts": (num_classes,), "sums": (num_classes, d), "outer": (num_classes, d, d)}
@@ -146,6 +154,10 @@ def check_moments(sums, num_classes: int, d: int) -> dict:
             raise ValueError(f"moment {key} must be float64 of shape {shape}")
         out[key] = value
     counts = out["counts"]
+    if private:
+        if not all(np.isfinite(v).all() and np.abs(v).max(initial=0) <= NOISY_LIMIT for v in out.values()):
+            raise ValueError(f"noisy moment sums must be finite and within +-{NOISY_LIMIT:g}")
+        return out
     if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts <= 2**40).all()
             and (counts == np.round(counts)).all()):  # fmt: skip
         raise ValueError("moment counts must be whole numbers of images")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prismfl import safestate, schema
+from prismfl.accounting import budget
 from prismfl.config import RunConfig
 from prismfl.data import federation
 from prismfl.data.federation import Federation
@@ -523,9 +524,32 @@ def moments_message(sums: dict) -> bytes:
     return safestate.to_bytes({key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in tree.items()})
 
 
-def moments_of_message(blob: bytes, num_classes: int, d: int) -> dict:
+def released_moments(cfg: RunConfig, fed, k: int) -> dict:
+    """What client k sends for the federation's modes (model.modes without public images): its exact
+    moment sums (data/modes.py), or under privacy their Gaussian release (privacy.private_moment_sums, at
+    the noise the run's budget gives the moments)."""
+    from prismfl.privacy import private_moment_sums
+
+    plan = budget(cfg)
+    if plan is None:
+        return fed.moments(k)
+    idx = fed.parts[k]
+    return private_moment_sums(fed.train.images[idx], fed.train.labels[idx], fed.num_classes, plan.z("moments"),
+                               scale=1 / 255)  # fmt: skip
+
+
+def federation_modes(cfg: RunConfig, released: list[dict], shape: tuple[int, int, int]):
+    """The modes the server fits on the clients' released moment sums (of images of `shape`), added up
+    in client order."""
+    from prismfl.data.modes import principal_modes, sum_moments
+
+    return principal_modes(sum_moments(released), cfg.model.modes, shape)
+
+
+def moments_of_message(blob: bytes, num_classes: int, d: int, private: bool = False) -> dict:
     """The moment sums a moments_message carries, as moment_sums wrote them, checked (data/modes.py
-    check_moments); a StateError or ValueError for bytes that are not such a message."""
+    check_moments; `private`: a noisy release); a StateError or ValueError for bytes that are not such a
+    message."""
     from prismfl.data.modes import check_moments
 
     tree = safestate.from_bytes(blob, "moment sums")
@@ -547,7 +571,7 @@ def moments_of_message(blob: bytes, num_classes: int, d: int) -> dict:
     block[:, low[0], low[1]] = tree["outer"].numpy()
     block[:, low[1], low[0]] = tree["outer"].numpy()
     outer[present] = block
-    return check_moments({"counts": counts.copy(), "sums": sums, "outer": outer}, num_classes, d)
+    return check_moments({"counts": counts.copy(), "sums": sums, "outer": outer}, num_classes, d, private)
 
 
 def modes_message(modes) -> bytes:

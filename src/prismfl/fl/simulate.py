@@ -18,14 +18,17 @@ import torch
 from prismfl import schema
 from prismfl.config import RunConfig
 from prismfl.device import resolve_device
+from prismfl.errors import PrismError
 from prismfl.fl import faults
 from prismfl.fl.client import (
     ClientContext,
     ClientRuntime,
     class_table_of,
     client_context,
+    federation_modes,
     modes_message,
     moments_message,
+    released_moments,
     reported_counts,
     statistics_message,
     statistics_of_message,
@@ -55,6 +58,14 @@ class InProcess:
         cfg = self.cfg
         self.method = method
         self.ctx = ctx = client_context(cfg, method.build_model, resolve_device(cfg.train.device), log)
+        moments = cfg.model.modes > 1 and not len(ctx.fed.public_idx)  # the modes from the clients' moment sums
+        private = not math.isinf(cfg.privacy.epsilon)
+        if moments and checkpoint is not None and private:
+            raise PrismError("a private run whose modes come from the clients' moment sums cannot resume: they were "
+                             "released once, with noise that cannot be drawn again; start a new run")  # fmt: skip
+        released = [released_moments(cfg, ctx.fed, k) for k in range(cfg.partition.num_clients)] if moments else []
+        if moments:  # before any client computes its images' codes
+            ctx.fed.given_modes = federation_modes(cfg, released, ctx.fed.train.images.shape[1:])
         if checkpoint is None:  # each client computes (and, with privacy on, privatises) its statistics once
             for k in progress_bar(range(cfg.partition.num_clients), desc="client statistics"):
                 if method.holds_data(k):
@@ -64,7 +75,7 @@ class InProcess:
         else:  # never recomputed: a private release is made once, and its noise is not reproducible
             self.clients, self.sent = restore(checkpoint, method, expect_of(method, ctx, checkpoint["round"]))
         first = next(iter(self.clients.values())).privacy
-        private, rows, counts = not math.isinf(cfg.privacy.epsilon), [], {}
+        rows, counts = [], {}
         for k in range(cfg.partition.num_clients):
             client = self.clients.get(k, ClientRuntime(k, None))
             row, reported = reported_counts(client, ctx.fed.table[k], private)
@@ -85,8 +96,8 @@ class InProcess:
                 pooled = combine_stats([statistics_of_message(b, method.spec.codes) for b in sent])
                 traffic["up"] += sum(len(b) for b in sent)
             warm, warm_info = warm_start(ctx, cfg.train.warm_start, pooled)
-        if checkpoint is None and cfg.model.modes > 1 and not len(ctx.fed.public_idx):
-            traffic["up"] += sum(len(moments_message(ctx.fed.moments(k))) for k in range(cfg.partition.num_clients))
+        if checkpoint is None and moments:
+            traffic["up"] += sum(len(moments_message(sums)) for sums in released)
             traffic["down"] += len(modes_message(ctx.fed.modes)) * cfg.partition.num_clients
         target = ctx.shrink_target() if cfg.privacy.secagg and checkpoint is None else None  # the server shrinks
         return Setup(

@@ -32,6 +32,7 @@ from prismfl.fl.client import (
     ClientRuntime,
     client_context,
     moments_message,
+    released_moments,
     reported_counts,
     statistics_message,
     training_context,
@@ -80,7 +81,7 @@ def moments(message: Message, context: Context) -> Message:
     node = node_settings(dict(context.node_config))
     cfg = client_config(json.loads(message.content["prismfl"]["config"]), node)
     _, ctx = run_context(json.dumps(cfg.to_dict(), sort_keys=True))
-    blob = moments_message(ctx.fed.moments(node.partition_id))
+    blob = moments_message(released_moments(cfg, ctx.fed, node.partition_id))
     content = RecordDict({"prismfl": ConfigRecord({"partition-id": node.partition_id}),
                           "moments": ArrayRecord({"000": to_array(blob, STATE)})})  # fmt: skip
     return Message(content, reply_to=message)

@@ -199,7 +199,7 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
     return reply
 
 
-def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[int, dict, int]:
+def moments_reply(content, *, clients: int, num_classes: int, d: int, private: bool = False) -> tuple[int, dict, int]:
     """A node's answer to the moments message (model.modes without public images): (its partition, its
     moment sums as float64 arrays (fl/client.py moments_of_message), their size on the wire (the payload));
     a NodeError for the first bad field."""
@@ -211,7 +211,7 @@ def moments_reply(content, *, clients: int, num_classes: int, d: int) -> tuple[i
         raise NodeError(f"the moments reply has no partition-id ({type(exc).__name__})") from None
     blob = payload(content, "moments", STATE, "moment sums")
     try:
-        return pid, moments_of_message(blob, num_classes, d), len(blob)
+        return pid, moments_of_message(blob, num_classes, d, private), len(blob)
     except (safestate.StateError, ValueError) as exc:
         raise NodeError(f"moment sums: {exc}") from None
 

@@ -32,7 +32,7 @@ from prismfl.data.sources import dataset_info
 from prismfl.device import resolve_device
 from prismfl.errors import PrismError
 from prismfl.fl import engine, wire
-from prismfl.fl.client import class_table_of, modes_message
+from prismfl.fl.client import class_table_of, federation_modes, modes_message
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
 from prismfl.flower import replies
@@ -133,7 +133,7 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
     as the simulator does) and fit the modes (principal_modes). Returns the modes as a state blob for the
     setup message, {node: partition} of the nodes kept, {node: why} of those dropped (as at set-up), and
     the bytes of the kept nodes' sums and of the modes sent back ({"up", "down"})."""
-    from prismfl.data.modes import MODE_POOL, principal_modes, sum_moments
+    from prismfl.data.modes import MODE_POOL
 
     cfg = s.cfg
     info = dataset_info(cfg.data.dataset)
@@ -147,14 +147,15 @@ def gather_modes(grid: Grid, s: ServerSettings, nodes: list[int]) -> tuple[bytes
 
     def parse(node: int, reply: Message) -> tuple[int, dict]:
         pid, sums, sizes[node] = replies.moments_reply(reply.content, clients=cfg.partition.num_clients,
-                                                       num_classes=num_classes, d=d)  # fmt: skip
+                                                       num_classes=num_classes, d=d,
+                                                       private=not math.isinf(cfg.privacy.epsilon))  # fmt: skip
         return pid, sums
 
     kept, dropped = claimed_replies(got, nodes, s.reply_timeout, "moments message", "compute its moment sums", parse)
     if not kept:
         raise PrismError("no SuperNode sent usable moment sums for the modes: " + "; ".join(
             f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
-    modes = principal_modes(sum_moments([kept[pid][1] for pid in sorted(kept)]), cfg.model.modes, shape)
+    modes = federation_modes(cfg, [kept[pid][1] for pid in sorted(kept)], shape)
     blob = modes_message(modes)
     traffic = {"up": sum(sizes[node] for node, _ in kept.values()), "down": len(blob) * len(kept)}
     return blob, {node: pid for pid, (node, _) in kept.items()}, dropped, traffic
