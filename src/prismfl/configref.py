@@ -54,7 +54,7 @@ METHODS_OF: dict[str, tuple[str, ...]] = {
     "train.warm_start": ("prism",),
     **{
         f"privacy.{k}": ("prism", "fedavg", "local", "central")  # `public` reads no private data
-        for k in ("epsilon", "delta", "clip", "pool", "pool_classes", "shrink", "shrink_to")
+        for k in ("epsilon", "delta", "clip", "pool", "pool_classes", "shrink", "shrink_to", "split")
     },
     "privacy.secagg": ("prism",),
     "privacy.colluders": ("prism",),
