@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from prismfl.config import METHODS, show_number
+from prismfl.capabilities import METHODS
+from prismfl.configcheck import show_number
 from prismfl.errors import PrismError
 
 app = typer.Typer(

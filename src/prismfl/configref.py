@@ -1,6 +1,6 @@
 """docs/config.md, the reference of every run-config key, generated from config.py: each dataclass field's
-type and default, the comments written beside it, its range (config.RANGES) and its allowed values
-(config.choices). A test keeps the file equal to what this writes, so a key cannot be added undocumented.
+type and default, the comments written beside it, its range (configcheck.RANGES) and its allowed values
+(configcheck.choices). A test keeps the file equal to what this writes, so a key cannot be added undocumented.
 
 Write it: .venv/bin/python -m prismfl.configref docs/config.md
 """
@@ -16,7 +16,7 @@ import textwrap
 import tokenize
 from pathlib import Path
 
-from prismfl import config
+from prismfl import config, configcheck
 
 HEADER = """# Configuration reference
 
@@ -73,9 +73,9 @@ def _show(value) -> str:
 
 
 def _range(key: str) -> str:
-    if key not in config.RANGES:
+    if key not in configcheck.RANGES:
         return ""
-    lo, hi, brackets = config.RANGES[key]
+    lo, hi, brackets = configcheck.RANGES[key]
     show = lambda x: "inf" if isinstance(x, float) and math.isinf(x) else f"{x:,}" if isinstance(x, int) else f"{x:g}"  # noqa: E731
     return f"{brackets[0]}{show(lo)}, {show(hi)}{brackets[1]}"
 
@@ -98,7 +98,7 @@ def keys(cfg=None) -> list[str]:
 
 
 def markdown() -> str:
-    allowed = config.choices()
+    allowed = configcheck.choices()
     parts = [HEADER]
     top = [f for f in dataclasses.fields(config.RunConfig) if not dataclasses.is_dataclass(_default(f))]
     sections = [("", config.RunConfig, top)] + [

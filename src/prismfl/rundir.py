@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prismfl import safestate, schema
+from prismfl.capabilities import METHODS
 from prismfl.config import RunConfig
 from prismfl.errors import PrismError
 from prismfl.files import MAX_CHECKPOINT_BYTES, atomic_write_bytes, read_capped
@@ -28,7 +29,6 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # prismfl < 0.2: a pickle, never read (it c
 MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: a few hundred bytes a round
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
-MODEL = "model.prism"
 CHECKPOINT_FORMAT = "prismfl-checkpoint"
 CHECKPOINT_VERSION = 2
 
@@ -73,7 +73,7 @@ class RoundRecord:
         client = schema.Expect(num_clients=cfg.partition.num_clients).client
         count, share = schema.Int(0), schema.Num(0)
         private = not math.isinf(cfg.privacy.epsilon)
-        mada = cfg.train.method == "prism" and cfg.train.mada
+        mada = METHODS[cfg.train.method].mada and cfg.train.mada
         record = schema.Table(
             {"round": schema.Const(rnd, what=f"round {rnd} (the records are rounds 1, 2, ... in order)"),
              "loss": schema.Num(0, finite=False), "start_loss": schema.Num(0, finite=False),
