@@ -194,7 +194,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from prismfl.data.partition import SCHEMES
     from prismfl.data.sources import DATASETS
     from prismfl.loss.features import FEATURE_NETS
-    from prismfl.loss.matching import MOMENTS, TRACKERS
+    from prismfl.loss.matching import MOMENTS
+    from prismfl.loss.trackers import TRACKERS
     from prismfl.model.generators import ARCHITECTURES
     from prismfl.model.masked import ESTIMATORS
 

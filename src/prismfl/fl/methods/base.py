@@ -23,6 +23,7 @@ import torch
 from prismfl import modelfile, schema
 from prismfl.capabilities import Capabilities
 from prismfl.config import RunConfig
+from prismfl.describe import describe
 from prismfl.errors import PrismError
 from prismfl.fl import wire
 from prismfl.fl.client import ClientContext, ClientRuntime, exact_stats
@@ -238,7 +239,7 @@ def class_shares(shares: torch.Tensor, path: str) -> None:
     try:
         modelfile.check_class_shares(shares.tolist(), len(shares))
     except ValueError as exc:
-        schema.fail(path, "class shares (finite, >= 0, summing to 1)", got=f"{schema.describe(shares)}: {exc}")
+        schema.fail(path, "class shares (finite, >= 0, summing to 1)", got=f"{describe(shares)}: {exc}")
 
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:
