@@ -44,16 +44,15 @@ class Capabilities:
         return "{k}" in self.model
 
 
-_OWN = dict(communicates=False, conditional=True)  # local, central, public: nothing travels
 METHODS: dict[str, Capabilities] = {
     c.name: c
     for c in (
         Capabilities("prism", MASK_MODEL, robust_rules=("distance", "trimmed"), conditional=True, secagg=True,
                      warm_start=True, mada=True, delta_uploads=256),
         Capabilities("fedavg", DENSE_MODEL, robust_rules=("distance",)),
-        Capabilities("local", CLIENT_MODELS, **_OWN),
-        Capabilities("central", MASK_MODEL, **_OWN),
-        Capabilities("public", MASK_MODEL, public_only=True, **_OWN),
+        Capabilities("local", CLIENT_MODELS, communicates=False, conditional=True),
+        Capabilities("central", MASK_MODEL, communicates=False, conditional=True),
+        Capabilities("public", MASK_MODEL, communicates=False, conditional=True, public_only=True),
     )
 }  # fmt: skip
 
