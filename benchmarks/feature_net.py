@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from prismfl.config import FEATURE_TRAINING, load_config
+from prismfl.config import load_config
+from prismfl.configcheck import FEATURE_TRAINING
 from prismfl.data import federation
 from prismfl.data.sources import load_split, to_float
 from prismfl.loss import feature_nets

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the loopback deployment is the Flower
 
 from loopback import Loopback  # noqa: E402
 from prismfl import rundir  # noqa: E402
+from prismfl.capabilities import MASK_MODEL  # noqa: E402
 
 
 def round_seconds(run: Path) -> list[float]:
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
     if result.status != "finished:completed":
         raise SystemExit(f"deployment run {result.status}:\n{result.log[-3000:]}")
 
-    model = (out / "simulator" / rundir.MODEL).read_bytes()
-    same = all((out / name / rundir.MODEL).read_bytes() == model for name in ("simulation-engine", "deployment"))
+    model = (out / "simulator" / MASK_MODEL).read_bytes()
+    same = all((out / name / MASK_MODEL).read_bytes() == model for name in ("simulation-engine", "deployment"))
     rows, base = [], None
     for name in ("simulator", "simulation-engine", "deployment"):
         secs = round_seconds(out / name)

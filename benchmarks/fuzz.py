@@ -32,7 +32,7 @@ import torch
 from prismfl import modelfile, rundir, safestate
 from prismfl.config import RunConfig, load_config
 from prismfl.errors import ConfigError, ModelFileError
-from prismfl.fl import aggregate, quantize, wire
+from prismfl.fl import aggregate, quantize, rangecode, wire
 from prismfl.model import masked
 from prismfl.model.generators import ArchSpec, build_generator
 
@@ -312,7 +312,7 @@ def broadcast_target(_tmp: Path):
         c = counts.clone() if m == 3 else torch.randint(0, max(m, 1) + 1, (N,), dtype=torch.int32, generator=other)
         payload = wire._DELTA_PREFIX.pack(m, lam_, smoothing)
         try:
-            payload += wire._binomial_payload(c.numpy(), max(m, 1), wire._probabilities(SCORES))
+            payload += rangecode.encode_binomial(c.numpy(), max(m, 1), rangecode.probabilities(SCORES))
         except Exception:  # noqa: BLE001 - counts the coder cannot take: send them as raw words
             payload += rng.randbytes(64)
         data = wire.Message(wire.KIND_DELTA, wire.CODER_BINOMIAL, 2, wire.SERVER, TABLE, N, payload).to_bytes()

@@ -45,6 +45,7 @@ def slug(name: str) -> str:
 
 def run_cell(name: str, overrides: list[str], root: Path, samples: int) -> dict:
     from prismfl import modelfile, rundir
+    from prismfl.capabilities import MASK_MODEL
     from prismfl.config import load_config
     from prismfl.eval.evaluate import score_images
     from prismfl.fl import simulate
@@ -56,7 +57,7 @@ def run_cell(name: str, overrides: list[str], root: Path, samples: int) -> dict:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fmnist-public.toml", [*BASE, *overrides])
     resume = (out / rundir.CHECKPOINT).exists()
     simulate.train(cfg, out, resume=resume, log=lambda *_: None)
-    images = modelfile.sample(modelfile.materialize(modelfile.load(out / rundir.MODEL)), samples)
+    images = modelfile.sample(modelfile.materialize(modelfile.load(out / MASK_MODEL)), samples)
     s = score_images(images, cfg.data.dataset, n_real=samples)
     records = rundir.read_metrics(out)
     result = {

@@ -7,6 +7,7 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl import modelfile, rundir
+from prismfl.capabilities import DENSE_MODEL, MASK_MODEL
 from prismfl.config import load_config
 from prismfl.fl import simulate, wire
 
@@ -27,7 +28,7 @@ def test_fedavg_sends_float32_weights_and_saves_a_dense_model(tmp_path):
         assert r["upload_bytes"] == len(r["clients"]) * (wire.HEADER.size + 4 * n)
         assert r["download_bytes"] == r["upload_bytes"] and r["lambda"] is None
         assert r["bits_per_param"] > 32  # the header on top of 32 bits per weight
-    net, meta = modelfile.load_dense(out / modelfile.DENSE_MODEL)
+    net, meta = modelfile.load_dense(out / DENSE_MODEL)
     assert meta["method"] == "fedavg" and meta["dataset"] == "fashion-mnist"
     assert modelfile.sample(net, 4).shape == (4, 1, 28, 28)
     assert (out / "report.md").is_file() and (out / "samples.png").is_file()
@@ -69,7 +70,7 @@ def test_central_takes_as_many_steps_as_the_federation(tmp_path):
     state = rundir.load_checkpoint(out)
     (pooled,) = state["clients"]["clients"]  # one pooled client, holding every client's images
     assert pooled["k"] == 0 and pooled["stats"]["count"] == 3000
-    assert modelfile.load(out / rundir.MODEL).info["method"] == "central"
+    assert modelfile.load(out / MASK_MODEL).info["method"] == "central"
 
 
 def test_public_trains_on_the_public_hold_out_only(tmp_path):
@@ -84,7 +85,7 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     out = simulate.train(cfg, tmp_path / "public", **QUIET)
     (pooled,) = rundir.load_checkpoint(out)["clients"]["clients"]
     assert pooled["k"] == 0 and pooled["stats"]["count"] == 500  # smoke.toml's partition.public_holdout
-    assert modelfile.load(out / rundir.MODEL).info["method"] == "public"
+    assert modelfile.load(out / MASK_MODEL).info["method"] == "public"
     fed = federation.prepare_federation(cfg)
     ctx = type("Ctx", (), {"fed": fed})()
     idx = build(cfg).client_indices(ctx, 0)
@@ -92,7 +93,9 @@ def test_public_trains_on_the_public_hold_out_only(tmp_path):
     assert not set(idx.tolist()) & set(int(i) for part in fed.parts for i in part)
     with pytest.raises(ConfigError, match="nothing to make private"):
         load_config(SMOKE, [*public, "privacy.epsilon=1.0"])
-    with pytest.raises(ConfigError, match="loss.features = 'public' and partition.public_holdout > 0"):
+    with pytest.raises(
+        ConfigError, match="loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0"
+    ):  # (the loss's rule, checked before the method's)
         load_config(SMOKE, [*public, "partition.public_holdout=0"])
     with pytest.raises(ConfigError, match="loss.features = 'public' and partition.public_holdout > 0"):
         load_config(SMOKE, ['train.method="public"'])  # the random feature net: no hold-out

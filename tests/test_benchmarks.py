@@ -76,13 +76,14 @@ def test_the_curve_sums_bytes_total_traffic_or_seconds_from_its_offset(tmp_path)
     import torch
 
     from prismfl import modelfile
+    from prismfl.capabilities import MASK_MODEL
     from prismfl.model import masked
     from prismfl.model.generators import ArchSpec, build_generator
 
     spec = ArchSpec("mlp", 4, 8, 1, 28, weight_seed=3)
     mask = torch.ones(masked.num_maskable(build_generator(spec)), dtype=torch.bool)
     info = {"dataset": "fashion-mnist", "setup_traffic": {"up": 5000, "down": 700}}
-    (tmp_path / rundir.MODEL).write_bytes(modelfile.to_bytes(modelfile.PrismModel(spec, mask, info)))
+    (tmp_path / MASK_MODEL).write_bytes(modelfile.to_bytes(modelfile.PrismModel(spec, mask, info)))
     assert bytes_curve.curve(tmp_path, "total") == [(2, 40.0, 5700 + 330), (4, 35.0, 5700 + 1100)]
     assert bytes_curve.curve(tmp_path) == [(2, 40.0, 30), (4, 35.0, 100)]  # the uploads alone: rounds only
 

@@ -76,13 +76,13 @@ def test_the_class_term_needs_a_small_cnn_feature_net():
 
 
 def _numeric_keys() -> list[tuple[str, str]]:
-    from prismfl.config import numeric_values
+    from prismfl.configcheck import numeric_values
 
     return [(key, kind) for key, kind, _ in numeric_values(RunConfig())]
 
 
 def test_every_numeric_key_has_one_range():
-    from prismfl.config import RANGES
+    from prismfl.configcheck import RANGES
     from prismfl.model.generators import MAX_MODES, MAX_WIDTH, MAX_Z_DIM
 
     assert sorted(key for key, _ in _numeric_keys()) == sorted(RANGES)

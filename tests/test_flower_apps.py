@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from conftest import full_state_bytes, needs_fmnist
 from prismfl import modelfile, rundir
+from prismfl.capabilities import DENSE_MODEL
 from prismfl.config import load_config
 from prismfl.data import federation
 from prismfl.errors import ConfigError, PrismError
@@ -184,7 +185,7 @@ def test_fedavg_on_flower_matches_the_simulator_bit_for_bit(tmp_path):
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": fedavg}, grid)
     assert len(per_round) == 2 and all(torch.equal(a["weights"], b["weights"]) for a, b in zip(per_round, sim_states))
     assert strip(rundir.read_metrics(tmp_path / "fl")) == strip(rundir.read_metrics(sim_out))
-    assert (tmp_path / "fl" / modelfile.DENSE_MODEL).read_bytes() == (sim_out / modelfile.DENSE_MODEL).read_bytes()
+    assert (tmp_path / "fl" / DENSE_MODEL).read_bytes() == (sim_out / DENSE_MODEL).read_bytes()
     ups, downs = bytes_on_the_wire(grid)
     assert [ups["round-1"], downs["round-1"]] == [
         rundir.read_metrics(sim_out)[0][k] for k in ("upload_bytes", "download_bytes")

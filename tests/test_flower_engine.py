@@ -25,6 +25,7 @@ pytest.importorskip("flwr", reason="Flower is the optional extra prismfl[flower]
 from conftest import full_state_bytes, needs_fmnist
 from loopback import TAG, Loopback, kill_tagged, tagged_pids
 from prismfl import modelfile, rundir
+from prismfl.capabilities import METHODS
 from prismfl.config import load_config
 from prismfl.fl import engine, simulate, wire
 from test_flower_apps import SMOKE, strip
@@ -108,7 +109,7 @@ def test_simulation_engine_matches_the_simulator_bit_for_bit(method, tmp_path_fa
     for rnd, expected in enumerate(sim_states, start=1):
         assert torch.equal(torch.load(tmp_path / f"state-{rnd}.pt"), expected), f"round {rnd}"
     assert strip(rundir.read_metrics(out)) == strip(rundir.read_metrics(sim_out))
-    model = "model.prism" if method == "prism" else modelfile.DENSE_MODEL
+    model = METHODS[method].model
     for name in [model, "partition.txt", "config.toml"]:
         assert (out / name).read_bytes() == (sim_out / name).read_bytes(), name
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import needs_fmnist
-from prismfl import config, modelfile
+from prismfl import config, configcheck, modelfile
 from prismfl.config import RunConfig, load_config
 from prismfl.errors import ConfigError, DataError, ModelFileError
 from prismfl.model import masked
@@ -251,21 +251,21 @@ def values_for(key: str):
     """Any value, or one the key's declaration makes likely to load: within its range (or on and just past
     its bounds, and partition.num_clients' 256 of set_outcome), one of its choices, a bool."""
     kind = declared_type(key)
-    if key in config.RANGES:
-        low, high, _ = config.RANGES[key]
+    if key in configcheck.RANGES:
+        low, high, _ = configcheck.RANGES[key]
         if kind is int:
             edges = [low - 1, low, high, high + 1] + ([256, 257] if key == "partition.num_clients" else [])
             return ANY_VALUE | st.integers(low, high) | st.sampled_from(edges)
         edges = [math.nextafter(b, d) for b in (low, high) for d in (-math.inf, math.inf)]
         return ANY_VALUE | st.floats(low, high) | st.sampled_from([float(low), float(high), *edges])
-    return ANY_VALUE | (st.sampled_from(config.choices()[key]) if kind is str else st.booleans())
+    return ANY_VALUE | (st.sampled_from(configcheck.choices()[key]) if kind is str else st.booleans())
 
 
 def set_outcome(key: str, value) -> tuple[str, str | None]:
     """What load_config(smoke.toml, ["key=value"]) must do: ("loads", None), the key then holding the value,
     or (why, the start of its ConfigError's message). The value must have the key's declared type (an int for
-    a float key is read as that float): else ("type", "<key> must be <type>"); lie in the key's config.RANGES
-    range (a NaN lies in none): else ("range", "<key> must be"); and be one of config.choices() for a string
+    a float key is read as that float): else ("type", "<key> must be <type>"); lie in the key's configcheck.RANGES
+    range (a NaN lies in none): else ("range", "<key> must be"); and be one of configcheck.choices() for a string
     key: else ("choice", "<key> = <value> is not one of"). smoke.toml's other keys add one cross-key rule for
     these keys: a PRISM round with the delta broadcast aggregates at most 256 uploads, and smoke.toml chooses
     every client each round, so more than 256 partition.num_clients is refused ("<n> clients a round").
@@ -277,13 +277,13 @@ def set_outcome(key: str, value) -> tuple[str, str | None]:
         value = float(value)  # (the integers drawn stay far below 2**1000, where float() would overflow)
     if type(value) is not kind:
         return "type", f"{key} must be {kind.__name__}"
-    if key in config.RANGES:
-        low, high, brackets = config.RANGES[key]
+    if key in configcheck.RANGES:
+        low, high, brackets = configcheck.RANGES[key]
         above = low < value if brackets[0] == "(" else low <= value
         below = value < high if brackets[1] == ")" else value <= high
         if not (above and below):
             return "range", f"{key} must be"
-    if key in config.choices() and value not in config.choices()[key]:
+    if key in configcheck.choices() and value not in configcheck.choices()[key]:
         return "choice", f"{key} = {value!r} is not one of"
     if key == "partition.num_clients" and value > 256:
         return "256 uploads a round", f"{value} clients a round"
@@ -295,7 +295,7 @@ def test_the_largest_generator_the_value_fuzz_asks_for_stays_under_the_weight_li
 
     spec = load_config(SMOKE).arch_spec()
     for name in ("z_dim", "width"):
-        largest = dataclasses.replace(spec, **{name: config.RANGES[f"model.{name}"][1]})
+        largest = dataclasses.replace(spec, **{name: configcheck.RANGES[f"model.{name}"][1]})
         assert count_weights(largest) <= MAX_WEIGHTS, largest
 
 

@@ -4,7 +4,8 @@ import torch
 from prismfl.cache import cached_state_dict
 from prismfl.errors import ConfigError, ModelFileError
 from prismfl.loss import features
-from prismfl.loss.matching import FeatureStats, MeanVarMatching, TrackerState, feature_stats, layer_weights
+from prismfl.loss.matching import FeatureStats, MeanVarMatching, feature_stats, layer_weights
+from prismfl.loss.trackers import TrackerState
 
 
 def test_feature_stats_exact():

@@ -268,7 +268,8 @@ def test_codes_per_step_weighs_the_drawn_codes_so_the_expected_gradient_is_the_f
 
 def test_codes_per_step_moves_only_the_drawn_codes_trackers_each_starting_at_its_first_gap():
     from prismfl import safestate
-    from prismfl.loss.matching import ConditionalMatching, TrackerState
+    from prismfl.loss.matching import ConditionalMatching
+    from prismfl.loss.trackers import TrackerState
 
     loss = ConditionalMatching(_three_codes(), tracker="ema", tracker_beta=0.9, codes_per_step=2)
     groups, tracker = _groups(), TrackerState()

@@ -9,6 +9,7 @@ import torch
 
 from conftest import needs_fmnist
 from prismfl import rundir
+from prismfl.capabilities import MASK_MODEL
 from prismfl.config import ConfigError, load_config
 from prismfl.errors import PrismError
 from prismfl.fl import aggregate, simulate, wire
@@ -79,7 +80,7 @@ def test_a_momentum_run_keeps_its_velocity_and_resumes_bit_for_bit(tmp_path, mon
 
     # the clients rebuild scores and velocity from the deltas: the same run as with full float32 states
     full = simulate.train(load_config(SMOKE, [*MOMENTUM, 'train.broadcast="float32"']), tmp_path / "full", **quiet)
-    assert (full / rundir.MODEL).read_bytes() == (whole / rundir.MODEL).read_bytes()
+    assert (full / MASK_MODEL).read_bytes() == (whole / MASK_MODEL).read_bytes()
     assert torch.equal(rundir.load_checkpoint(full)["server"]["velocity"], b["velocity"])
     downs = [r["download_bytes"] for r in rundir.read_metrics(whole)]
     assert 0 < downs[1] < [r["download_bytes"] for r in rundir.read_metrics(full)][1] / 4

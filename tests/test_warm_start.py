@@ -33,13 +33,7 @@ QUIET = {"log": lambda *_: None}
         (["train.warm_start=20000000"], "got 20000000"),
         # without public images the warm start trains on the clients' pooled statistics, which secagg hides
         (
-            [
-                "train.warm_start=10",
-                "privacy.epsilon=1",
-                "privacy.pool=1",
-                "privacy.secagg=true",
-                'privacy.pool_classes="all"',
-            ],
+            ["train.warm_start=10", "privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true"],
             "privacy.secagg hides",
         ),
         (['loss.features="public"', "train.warm_start=10", "partition.public_holdout=0"], "public_holdout > 0"),

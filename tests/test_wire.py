@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prismfl.fl import aggregate, wire
+from prismfl.fl import aggregate, rangecode, wire
 
 TABLE = wire.layer_table_hash([("fc1", (4, 8)), ("fc2", (8, 8))])
 
@@ -376,8 +376,8 @@ def test_fuzz_resealed_mutations_are_refused_or_canonical(kind, edits, cut, tail
 
 
 def _planes_payload(data: bytes) -> tuple[np.ndarray, bytes]:
-    payload = data[wire.HEADER.size :]
-    return np.frombuffer(payload[: wire.PLANE_TABLE], dtype="<u4").reshape(4, 256), payload[wire.PLANE_TABLE :]
+    payload, table = data[wire.HEADER.size :], rangecode.PLANE_TABLE
+    return np.frombuffer(payload[:table], dtype="<u4").reshape(4, 256), payload[table:]
 
 
 @pytest.mark.parametrize("values", [
@@ -440,7 +440,7 @@ def test_hostile_coded_states_are_refused():
         (table.tobytes() + stream, wire.UnexpectedMessage, "do not count 5000"),
         (counts.tobytes() + stream + b"\0\0\0\0", wire.LengthMismatch, "stray or altered"),  # a stray word
         (counts.tobytes() + bytes([stream[0] ^ 0x40]) + stream[1:], wire.WireError, None),  # an altered word
-        (counts.tobytes() + bytes(4 * n - wire.PLANE_TABLE), wire.UnexpectedMessage, "no smaller than"),
+        (counts.tobytes() + bytes(4 * n - rangecode.PLANE_TABLE), wire.UnexpectedMessage, "no smaller than"),
     ]
     for payload, error, says in cases:
         with pytest.raises(error, match=says):
@@ -454,7 +454,7 @@ def test_hostile_coded_states_are_refused():
     nan = np.full(n, CLAMP, np.float32)
     nan[3] = np.nan
     with pytest.raises(wire.UnexpectedMessage, match="not finite"):
-        wire.decode_state(_planes_message(wire._planes_encode(nan), n), num_weights=n, table_hash=TABLE)
+        wire.decode_state(_planes_message(rangecode.encode_planes(nan), n), num_weights=n, table_hash=TABLE)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -469,8 +469,8 @@ def test_fuzz_coded_state_streams_never_crash(edits, cut_words, keep_table):
     payload = bytearray(counts.tobytes() + stream[: len(stream) - 4 * cut_words])
     for pos, value in edits:
         at = pos % len(payload)
-        if keep_table and at < wire.PLANE_TABLE:
-            at = wire.PLANE_TABLE + at % (len(payload) - wire.PLANE_TABLE)
+        if keep_table and at < rangecode.PLANE_TABLE:
+            at = rangecode.PLANE_TABLE + at % (len(payload) - rangecode.PLANE_TABLE)
         payload[at] = value
     data = _planes_message(bytes(payload), n)
     try:

@@ -1,20 +1,18 @@
-"""Typed run configuration: TOML in, validated dataclasses out, errors that say what to fix."""
+"""Typed run configuration: TOML in, validated dataclasses out (the rules they must meet: configcheck.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prismfl import configcheck
+from prismfl.configcheck import show_number
 from prismfl.errors import ConfigError
-
-BASELINES = ("fedavg", "local", "central", "public")  # fl/methods/: the baselines in PRISM's harness
-METHODS = ("prism", *BASELINES)  # fl/methods/__init__.py registers each
 
 
 @dataclass
@@ -160,58 +158,6 @@ class RobustConfig:
     tolerance: float = 3.0  # "distance": how many robust deviations above the typical distance count as outliers
 
 
-FEATURE_TRAINING = ("plain", "augmented")  # loss.feature_training; the recipes: loss.feature_nets.feature_training
-ATTACKS = ("ones", "zeros", "invert", "random", "collude", "replay")
-ROBUST_RULES = ("none", "distance", "trimmed")
-
-# Every numeric key's range, checked before anything else in RunConfig.validate: (low, high, brackets), the
-# brackets as the message writes them, "[" and "]" including the bound, "(" and ")" excluding it. A NaN is in
-# no range, and an infinity only in privacy.epsilon's (inf: no privacy). The upper bounds of sizes and counts
-# are prismfl's limits; the other relations between keys are checked after, in validate.
-RANGES: dict[str, tuple[float, float, str]] = {
-    "seed": (0, 2**63, "[)"),
-    "data.resize": (0, 32, "[]"),  # and 0 (native), 28 or 32
-    "data.subset": (0, 10**8, "[]"),
-    "partition.num_clients": (1, 65_535, "[]"),
-    "partition.shards_per_client": (1, 10**6, "[]"),
-    "partition.alpha": (1e-3, 1e6, "[]"),  # below 0.001 every class already goes to one client
-    "partition.public_holdout": (0, 10**8, "[]"),
-    "model.z_dim": (1, 4096, "[]"),  # model.generators.MAX_Z_DIM
-    "model.width": (1, 4096, "[]"),  # MAX_WIDTH
-    "model.modes": (1, 64, "[]"),  # MAX_MODES
-    "loss.feature_width": (1, 1024, "[]"),
-    "loss.tracker_beta": (0, 1, "[)"),
-    "loss.tracker_lr": (0, 100, "(]"),
-    "loss.feature_epochs": (0, 1000, "[]"),  # 0: the recipe's own
-    "loss.pool": (1, 8, "[]"),
-    "loss.codes_per_step": (0, 64_000, "[]"),  # 0: every class; at most classes x modes (1,000 x 64)
-    "train.rounds": (1, 10**6, "[]"),
-    "train.local_steps": (1, 10**7, "[]"),
-    "train.broadcast_levels": (2, 256, "[]"),
-    "train.batch_size": (1, 65_536, "[]"),
-    "train.lr": (0, 100, "(]"),
-    "train.dense_lr": (0, 100, "(]"),
-    "train.lr_floor": (0, 1, "(]"),
-    "train.client_fraction": (0, 1, "(]"),
-    "train.smoothing": (0, 0.5, "[)"),
-    "train.server_momentum": (0, 1, "[)"),
-    "train.warm_start": (0, 10**7, "[]"),  # 0: no warm start
-    "train.sample_every": (0, 10**6, "[]"),  # 0: only at the end
-    "train.eval_every": (0, 10**6, "[]"),  # 0: never
-    "privacy.epsilon": (0, math.inf, "(]"),  # inf: no privacy
-    "privacy.delta": (0, 1, "()"),
-    "privacy.clip": (0, 1000, "(]"),  # x the median feature norm
-    "privacy.split": (0, 1, "()"),  # the modes' share of the privacy budget
-    "privacy.pool": (0, 1, "[]"),
-    "privacy.colluders": (0, 65_534, "[]"),  # and fewer than partition.num_clients
-    "faults.dropout": (0, 1, "[)"),
-    "faults.straggler": (0, 1, "[)"),
-    "faults.byzantine": (0, 1, "[)"),
-    "robust.trim": (0, 0.5, "[)"),
-    "robust.tolerance": (0, 1000, "(]"),
-}
-
-
 @dataclass
 class RunConfig:
     seed: int = 0  # every random draw of the run (generator weights, partition, masks) derives from it
@@ -246,203 +192,10 @@ class RunConfig:
                         modes=self.model.modes if classes else 1)  # fmt: skip
 
     def validate(self) -> RunConfig:
-        for key, kind, value in numeric_values(self):
-            check_range(key, kind, value, *RANGES[key])
-        _one_of("data.dataset", self.data.dataset)
-        _one_of("partition.scheme", self.partition.scheme)
-        _one_of("model.arch", self.model.arch)
-        _one_of("model.estimator", self.model.estimator)
-        _one_of("loss.features", self.loss.features)
-        _one_of("loss.feature_data", self.loss.feature_data)
-        if self.loss.feature_data == self.data.dataset:
-            raise ConfigError(f"loss.feature_data = {self.loss.feature_data!r} is the clients' own dataset: its public "
-                              "images are partition.public_holdout's, set loss.feature_data = 'holdout'")  # fmt: skip
-        if self.loss.feature_data != "holdout" and self.loss.features != "public":
-            raise ConfigError("loss.feature_data names the public feature net's data: set loss.features = 'public'")
-        _one_of("loss.moment", self.loss.moment)
-        _one_of("loss.tracker", self.loss.tracker)
-        _one_of("loss.feature_training", self.loss.feature_training)
-        if self.loss.pool > 1 and self.loss.features not in ("public", "random"):
-            raise ConfigError("loss.pool needs the public or random feature net")
-        if self.loss.class_term and self.loss.features not in ("public", "random"):
-            raise ConfigError("loss.class_term needs the public or random feature net")
-        _one_of("train.device", self.train.device)
-        if self.train.method == "prism-nomada":
-            raise ConfigError("train.method = 'prism-nomada' is now train.method = 'prism' with train.mada = false")
-        _one_of("train.method", self.train.method)
-        _one_of("train.upload_coder", self.train.upload_coder)
-        _one_of("train.broadcast", self.train.broadcast)
-        per_round = max(1, round(self.train.client_fraction * self.partition.num_clients))
-        if self.train.method == "prism" and self.train.broadcast == "delta" and per_round > 256:
-            raise ConfigError(f"{per_round} clients a round: a PRISM round aggregates at most 256 uploads "
-                              "(what its broadcast delta holds, fl/wire.py MAX_DELTA_M); lower "
-                              "train.client_fraction, or set train.broadcast = 'quantized'")  # fmt: skip
-        _one_of("train.lr_schedule", self.train.lr_schedule)
-        _one_of("faults.attack", self.faults.attack)
-        _one_of("robust.rule", self.robust.rule)
-        if self.robust.rule != "none" and self.train.method in ("local", "central", "public"):
-            raise ConfigError(f"robust.rule needs a method whose clients' uploads are aggregated, not "
-                              f"{self.train.method!r}")  # fmt: skip
-        if self.robust.rule == "trimmed" and self.train.method != "prism":
-            raise ConfigError("robust.rule = 'trimmed' trims mask counts: it needs train.method = 'prism'")
-        if self.model.modes != 1 and not self.model.conditional:
-            raise ConfigError("model.modes splits the classes of a class-conditional generator: set "
-                              "model.conditional = true, or leave model.modes at 1")  # fmt: skip
-        try:
-            self.arch_spec().validate()
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from None
-        codes, per_step = self.arch_spec().codes, self.loss.codes_per_step
-        if per_step and not (codes and 1 <= per_step <= codes):
-            raise ConfigError("loss.codes_per_step draws classes for a class-conditional generator: an integer in "
-                              f"1..{codes or 'classes'} (0: every class at every step), got {per_step}")  # fmt: skip
-        if per_step and self.loss.tracker == "adam":
-            raise ConfigError("loss.codes_per_step needs loss.tracker = 'ema' or 'none'")
-        if codes and self.train.batch_size < 2 * (per_step or codes):
-            modes = self.model.modes
-            what = "model.conditional" + (f" with {modes} modes" if modes > 1 else "")
-            raise ConfigError(
-                f"{what} needs train.batch_size >= {2 * codes} (two generated images of every class"
-                + (" mode" if modes > 1 else "") + " a client may hold), or loss.codes_per_step <= "
-                f"{self.train.batch_size // 2} (that many drawn at random each step)"
-                if not per_step else
-                f"loss.codes_per_step = {per_step} needs train.batch_size >= {2 * per_step}"
-            )  # fmt: skip
-        if self.model.conditional and self.train.method not in ("prism", "central", "public", "local"):
-            raise ConfigError(f"model.conditional is implemented for the prism, local, central and public methods, not "
-                              f"{self.train.method!r}")  # fmt: skip
-        needs_holdout = "trains on the public hold-out, which exists with loss.features = 'public' and " \
-            "partition.public_holdout > 0"  # fmt: skip
-        if self.train.method == "public" and not self.public_images():
-            raise ConfigError(f"train.method = 'public' {needs_holdout}")
-        if self.train.method == "public" and not math.isinf(self.privacy.epsilon):
-            raise ConfigError("train.method = 'public' reads no client's data, so there is nothing to make private: "
-                              "leave privacy.epsilon unset")  # fmt: skip
-        # (prism only: the baselines ignore it, as they ignore the server momentum)
-        if self.train.warm_start and self.train.method == "prism" and not self.public_images() and self.privacy.secagg:
-            raise ConfigError("train.warm_start without public images trains on the clients' pooled statistics, "
-                              "which privacy.secagg hides from everyone until the rounds start: set "
-                              "train.warm_start = 0 or give a public hold-out")  # fmt: skip
-        self.check_pool()
-        if self.privacy.epsilon != float("inf"):
-            from prismfl.privacy import noise_multiplier
-
-            noise_multiplier(
-                self.privacy.epsilon, self.privacy.delta
-            )  # a request the accountant cannot meet fails here
-        if self.data.resize not in (0, 28, 32):
-            raise ConfigError(f"data.resize must be 0 (native), 28 or 32, got {self.data.resize}")
-        if self.loss.features == "vgg19bn" and not self.loss.vgg_weights:
-            raise ConfigError(
-                "loss.features = 'vgg19bn' needs loss.vgg_weights: the path of torchvision's vgg19_bn state_dict"
-            )
-        if self.loss.features == "public" and self.loss.feature_data == "holdout" and not self.public_images():
-            raise ConfigError(
-                "loss.features = 'public' trains on held-out public images: set partition.public_holdout > 0, "
-                "or name a public dataset of another distribution (loss.feature_data = 'mnist'), or use "
-                "loss.features = 'random'"
-            )
+        """This config, or a ConfigError in one line naming what to fix (configcheck: ranges, choices, the
+        relations between keys, what the method supports)."""
+        configcheck.validate(self)
         return self
-
-    def check_pool(self) -> None:
-        p = self.privacy
-        _one_of("privacy.pool_classes", p.pool_classes)
-        if not 0 < p.split < 1:
-            raise ConfigError(
-                f"privacy.split must be in (0, 1) (the modes' share of the privacy budget), got {p.split}"
-            )
-        if p.pool > 0 and math.isinf(p.epsilon):
-            raise ConfigError("privacy.pool shares the clients' statistics with the server: only private releases "
-                              "may leave a client (set privacy.epsilon)")  # fmt: skip
-        if p.pool_classes == "all" and not (p.pool > 0 and self.model.conditional):
-            raise ConfigError("privacy.pool_classes = 'all' is for conditional models with privacy.pool > 0")
-        if p.shrink and math.isinf(p.epsilon):
-            raise ConfigError("privacy.shrink pulls noisy statistics toward their layer averages: set privacy.epsilon")
-        _one_of("privacy.shrink_to", p.shrink_to)
-        if p.shrink_to == "public" and not p.shrink:
-            raise ConfigError("privacy.shrink_to says where privacy.shrink pulls the statistics: "
-                              "set privacy.shrink = true")  # fmt: skip
-        if p.shrink_to == "public" and not self.public_images():
-            raise ConfigError("privacy.shrink_to = 'public' pulls toward the public hold-out's statistics: it needs "
-                              "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
-        if not p.secagg:
-            if p.colluders:
-                raise ConfigError("privacy.colluders is for privacy.secagg = true")
-            return
-        if p.pool != 1 or (self.model.conditional and p.pool_classes != "all"):
-            raise ConfigError("privacy.secagg: no client's own statistics are private on their own, so every client "
-                              "trains against the secure sum alone: set privacy.pool = 1"
-                              + (" and privacy.pool_classes = 'all'" if self.model.conditional else ""))  # fmt: skip
-        if self.train.method != "prism":
-            raise ConfigError(f"privacy.secagg is implemented for the prism method, not {self.train.method!r}")
-        if not 0 <= p.colluders < self.partition.num_clients:
-            raise ConfigError(f"privacy.colluders must be in [0, {self.partition.num_clients - 1}], got {p.colluders}")
-
-
-def choices() -> dict[str, tuple[str, ...]]:
-    """Every string key's allowed values: what validate checks, and what docs/config.md lists."""
-    from prismfl.data.partition import SCHEMES
-    from prismfl.data.sources import DATASETS
-    from prismfl.loss.features import FEATURE_NETS
-    from prismfl.loss.matching import MOMENTS, TRACKERS
-    from prismfl.model.generators import ARCHITECTURES
-    from prismfl.model.masked import ESTIMATORS
-
-    return {
-        "data.dataset": tuple(DATASETS),
-        "partition.scheme": SCHEMES,
-        "model.arch": ARCHITECTURES,
-        "model.estimator": ESTIMATORS,
-        "loss.features": FEATURE_NETS,
-        "loss.feature_data": ("holdout", *DATASETS),
-        "loss.moment": MOMENTS,
-        "loss.tracker": TRACKERS,
-        "loss.feature_training": FEATURE_TRAINING,
-        "train.device": ("cpu", "cuda", "auto"),
-        "train.method": METHODS,
-        "train.upload_coder": ("auto", "range", "calibrated", "packed"),
-        "train.broadcast": ("delta", "float32", "quantized"),
-        "train.lr_schedule": ("constant", "cosine"),
-        "faults.attack": ATTACKS,
-        "robust.rule": ROBUST_RULES,
-        "privacy.pool_classes": ("own", "all"),
-        "privacy.shrink_to": ("layer", "public"),
-    }
-
-
-def _one_of(key: str, value: str) -> None:
-    allowed = choices()[key]
-    if value not in allowed:
-        hint = difflib.get_close_matches(value, allowed, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
-
-
-def numeric_values(node, prefix: str = ""):
-    """(key, "int" or "float", value) of every numeric key of a config (a bool is not one), nested keys dotted."""
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from numeric_values(value, f"{prefix}{f.name}.")
-        elif f.type in ("int", "float"):
-            yield f"{prefix}{f.name}", f.type, value
-
-
-def check_range(key: str, kind: str, value: float, low: float, high: float, brackets: str) -> None:
-    """A ConfigError naming `key` unless `value` lies in the range (a NaN lies in none); see RANGES."""
-    above = value > low if brackets[0] == "(" else value >= low
-    below = value < high if brackets[1] == ")" else value <= high
-    if not (above and below):
-        what = "an integer" if kind == "int" else "a number" if math.isinf(high) else "a finite number"
-        bounds = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
-        raise ConfigError(f"{key} must be {what} in {brackets[0]}{bounds}{brackets[1]}, got {show_number(value)}")
-
-
-def show_number(value: float) -> str:
-    """A value for a one-line message: as written, a huge integer by its length."""
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return f"a number of {len(str(abs(value))):,} digits"
-    return repr(value)
 
 
 # ---------------------------------------------------------------- building from TOML and --set

@@ -1,7 +1,7 @@
 """docs/config.md, the reference of every run-config key, generated from config.py: each dataclass field's
-type and default, the comments written beside it, its range (config.RANGES) and its allowed values
-(config.choices), and which methods honour it (METHODS_OF). A test keeps the file equal to what this writes,
-so a key cannot be added undocumented.
+type and default, the comments written beside it, its range (configcheck.RANGES) and its allowed values
+(configcheck.choices), and which methods honour it (METHODS_OF). A test keeps the file equal to what this
+writes, so a key cannot be added undocumented.
 
 Write it: .venv/bin/python -m prismfl.configref docs/config.md
 """
@@ -17,7 +17,7 @@ import textwrap
 import tokenize
 from pathlib import Path
 
-from prismfl import config
+from prismfl import config, configcheck
 
 HEADER = """# Configuration reference
 
@@ -106,9 +106,9 @@ def _show(value) -> str:
 
 
 def _range(key: str) -> str:
-    if key not in config.RANGES:
+    if key not in configcheck.RANGES:
         return ""
-    lo, hi, brackets = config.RANGES[key]
+    lo, hi, brackets = configcheck.RANGES[key]
     show = lambda x: "inf" if isinstance(x, float) and math.isinf(x) else f"{x:,}" if isinstance(x, int) else f"{x:g}"  # noqa: E731
     return f"{brackets[0]}{show(lo)}, {show(hi)}{brackets[1]}"
 
@@ -131,7 +131,7 @@ def keys(cfg=None) -> list[str]:
 
 
 def markdown() -> str:
-    allowed = config.choices()
+    allowed = configcheck.choices()
     parts = [HEADER]
     top = [f for f in dataclasses.fields(config.RunConfig) if not dataclasses.is_dataclass(_default(f))]
     sections = [("", config.RunConfig, top)] + [

@@ -221,7 +221,6 @@ def mode_shares(net: torch.nn.Module) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the dense (FedAvg) model file
 
-DENSE_MODEL = "model.pt"
 DENSE_KEY = "prismfl-dense"
 # the largest dense model file: safetensors' u64 header length, its JSON header, MAX_WEIGHTS float32 weights
 MAX_DENSE_BYTES = 8 + MAX_HEADER_BYTES + 4 * MAX_WEIGHTS

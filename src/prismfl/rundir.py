@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prismfl import safestate, schema
+from prismfl.capabilities import METHODS
 from prismfl.config import RunConfig
+from prismfl.describe import describe, shown
 from prismfl.errors import PrismError
 from prismfl.files import MAX_CHECKPOINT_BYTES, atomic_write_bytes, read_capped
 
@@ -28,7 +30,6 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # prismfl < 0.2: a pickle, never read (it c
 MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: a few hundred bytes a round
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
-MODEL = "model.prism"
 CHECKPOINT_FORMAT = "prismfl-checkpoint"
 CHECKPOINT_VERSION = 2
 
@@ -73,7 +74,7 @@ class RoundRecord:
         client = schema.Expect(num_clients=cfg.partition.num_clients).client
         count, share = schema.Int(0), schema.Num(0)
         private = not math.isinf(cfg.privacy.epsilon)
-        mada = cfg.train.method == "prism" and cfg.train.mada
+        mada = METHODS[cfg.train.method].mada and cfg.train.mada
         record = schema.Table(
             {"round": schema.Const(rnd, what=f"round {rnd} (the records are rounds 1, 2, ... in order)"),
              "loss": schema.Num(0, finite=False), "start_loss": schema.Num(0, finite=False),
@@ -147,8 +148,8 @@ def checked(tree, what: str = "the checkpoint") -> dict:
     resume, rundir.check_progress, Method.check_state and the transport's restore (fl.simulate.restore)."""
     schema.check(schema.Table({"format": schema.Str(), "version": schema.Int()}, what="a checkpoint (a table)"), tree)
     if tree["format"] != CHECKPOINT_FORMAT or tree["version"] != CHECKPOINT_VERSION:
-        raise safestate.StateError(f"{what} is a {schema.shown(tree['format'])} version "
-                                   f"{schema.describe(tree['version'])}; this prismfl reads {CHECKPOINT_FORMAT} "
+        raise safestate.StateError(f"{what} is a {shown(tree['format'])} version "
+                                   f"{describe(tree['version'])}; this prismfl reads {CHECKPOINT_FORMAT} "
                                    f"version {CHECKPOINT_VERSION}")  # fmt: skip
     table = schema.Table({}, what="a table")
     schema.check(schema.Table({"round": schema.Int(1, what="a round (an int >= 1)"), "config": table,
@@ -219,7 +220,7 @@ def resumable(state: dict, cfg: RunConfig, transport: str, out: Path) -> dict:
     if checkpoint_config(state).to_dict() != cfg.to_dict():  # keys added since are at their defaults
         raise PrismError(f"--resume: the configuration differs from the one {out} was started with")
     if state["transport"] != transport:
-        raise PrismError(f"{out} was trained by the {schema.shown(state['transport'])}; resume it there")
+        raise PrismError(f"{out} was trained by the {shown(state['transport'])}; resume it there")
     check_progress(state, cfg)
     return state
 

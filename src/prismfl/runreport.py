@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from prismfl import rundir
+from prismfl.capabilities import MASK_MODEL
 from prismfl.config import MAX_CONFIG_BYTES
 from prismfl.files import MAX_RECORD_BYTES, atomic_write_bytes, read_capped
 from prismfl.plots import PAPER_BITS_PER_WEIGHT, PAPER_MB_PER_ROUND
@@ -24,7 +25,7 @@ def _num_weights(records: list[dict]) -> int:
 
 def setup_traffic(run_dir: Path) -> dict | None:
     """The set-up's payload bytes a run's model file records ({"up", "down"}), None where there were none."""
-    model = run_dir / rundir.MODEL
+    model = run_dir / MASK_MODEL
     if not model.exists():
         return None
     from prismfl import modelfile
@@ -101,7 +102,7 @@ def run_report(run_dir: Path) -> Path:
                   f"{len(lost)} uploads did not arrive or were refused by the wire checks, and the robust rule "
                   f"'{rule}' left out {len(rejected)} more, over {len(records)} rounds (each listed in "
                   "metrics.jsonl under `failures` and `rejected`).", ""]  # fmt: skip
-    model = run_dir / rundir.MODEL
+    model = run_dir / MASK_MODEL
     if model.exists():
         from prismfl import modelfile
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from prismfl import safestate
+from prismfl.describe import MISSING, describe, describe_const, dtype_name, range_text, shape_text, short
 from prismfl.safestate import StateError
-
-MISSING = object()  # a field the tree lacks
 
 
 class Mismatch(Exception):
@@ -58,58 +57,12 @@ def join(path: str, key) -> str:
     return f"{path}[{short(repr(key))}]"
 
 
-def short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(name: str) -> str:
-    """A name read from a file, fit for one line of an error: as it is if short and printable, else its repr."""
-    return name if name.isprintable() and len(name) <= 60 else short(repr(name), 60)
-
-
-def describe(x) -> str:
-    """A value as an error line shows it: short, one line."""
-    if x is MISSING:
-        return "nothing (the field is missing)"
-    if x is None:
-        return "null"
-    if isinstance(x, bool):
-        return "true" if x else "false"
-    if isinstance(x, int):
-        return str(x) if abs(x) < 2**100 else f"an int of {x.bit_length()} bits"
-    if isinstance(x, float):
-        return repr(x)
-    if isinstance(x, str):
-        return f"the string {short(repr(x))}"
-    if isinstance(x, list):
-        return f"a list of {len(x)} item{'s' * (len(x) != 1)}"
-    if isinstance(x, dict):
-        return "a table" if all(isinstance(k, str) for k in x) else "a table with integer keys"
-    if isinstance(x, torch.Tensor):
-        return f"a {dtype_name(x.dtype)} tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def is_int(x) -> bool:
     return type(x) is int
 
 
 def is_number(x) -> bool:
     return type(x) in (int, float)
-
-
-def _range(lo, hi) -> str:
-    if lo is not None and hi is not None:
-        return f" in {lo}..{hi}"
-    if lo is not None:
-        return f" >= {lo}"
-    if hi is not None:
-        return f" <= {hi}"
-    return ""
 
 
 class Node:
@@ -131,7 +84,7 @@ class Int(Node):
 
     def __init__(self, lo: int | None = None, hi: int | None = None, what: str | None = None):
         self.lo, self.hi = lo, hi
-        self.expected = what or f"an int{_range(lo, hi)}"
+        self.expected = what or f"an int{range_text(lo, hi)}"
 
     def ok(self, x) -> bool:
         return is_int(x) and (self.lo is None or x >= self.lo) and (self.hi is None or x <= self.hi)
@@ -143,7 +96,7 @@ class Num(Node):
     def __init__(self, lo: float | None = None, hi: float | None = None, *, finite: bool = True,
                  above: bool = False, what: str | None = None):  # fmt: skip
         self.lo, self.hi, self.finite, self.above = lo, hi, finite, above
-        bound = f" > {lo}" if above and hi is None else _range(lo, hi)
+        bound = f" > {lo}" if above and hi is None else range_text(lo, hi)
         self.expected = what or f"a {'finite ' if finite else ''}number{bound}"
 
     def ok(self, x) -> bool:
@@ -163,13 +116,6 @@ class Str(Node):
 
     def ok(self, x) -> bool:
         return isinstance(x, str) and len(x) <= self.max_len and (self.choices is None or x in self.choices)
-
-
-class Bool(Node):
-    expected = "true or false"
-
-    def ok(self, x) -> bool:
-        return isinstance(x, bool)
 
 
 class Null(Node):
@@ -199,14 +145,6 @@ class Const(Node):
 
     def ok(self, x) -> bool:
         return json_equal(x, self.value)
-
-
-def describe_const(value) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(describe_const(v) for v in value) + "]"
-    if isinstance(value, str):
-        return repr(value)
-    return describe(value)
 
 
 class Either(Node):
@@ -357,11 +295,6 @@ class Tensor(Node):
     def _shape_ok(self, shape) -> bool:
         return self.shape is None or (len(shape) == len(self.shape) and
                                       all(w is None or w == s for w, s in zip(self.shape, shape)))  # fmt: skip
-
-
-def shape_text(shape: tuple) -> str:
-    parts = ["any" if s is None else str(s) for s in shape]
-    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
 class Json(Node):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from prismfl import modelfile
+from prismfl.capabilities import METHODS
 from prismfl.data.sources import dataset_info, load_split, to_float
 from prismfl.errors import PrismError
 from prismfl.eval.classifier import PROTOCOL, domain_classifier
@@ -208,11 +209,9 @@ def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = 
         raise PrismError(f"{source} is not a prismfl run directory (no {rundir.CHECKPOINT})")
     state = rundir.load_checkpoint(source)
     cfg = rundir.checkpoint_config(state)
-    method = cfg.train.method
-    if method == "fedavg":
-        return {"method": method, **evaluate_file(source / modelfile.DENSE_MODEL, n, seed, root, inception)}
-    if method == "local":  # every client's own model, each judged alone; the best one is the headline
-        paths = sorted((source / "models").glob("client-*.prism"), key=lambda p: int(p.stem.split("-")[1]))
+    method, caps = cfg.train.method, METHODS[cfg.train.method]  # caps.model: where the method wrote its model
+    if caps.per_client():  # every client's own model, each judged alone; the best one is the headline
+        paths = [source / caps.model.format(k=k) for k in range(cfg.partition.num_clients)]
         per_client = [evaluate_file(p, n, seed, root, inception, synthetic=0) for p in paths]
         best = int(np.argmin([r["domain_fid"] for r in per_client]))
         headline = evaluate_file(paths[best], n, seed, root, inception, synthetic) if synthetic else per_client[best]
@@ -221,7 +220,7 @@ def evaluate(source: Path, *, n: int = 10000, seed: int = 0, root: str | None = 
                 "per_client": [{"client": k, "domain_fid": r["domain_fid"], "class_kl": r.get("class_kl")}
                                for k, r in enumerate(per_client)]}  # fmt: skip
     if not ensemble:
-        return {"method": method, **evaluate_file(source / rundir.MODEL, n, seed, root, inception, synthetic)}
+        return {"method": method, **evaluate_file(source / caps.model, n, seed, root, inception, synthetic)}
     from prismfl.fl import aggregate
     from prismfl.seeds import generator_for
 

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 import torch
 
-from prismfl.fl import aggregate, wire
+from prismfl.fl import aggregate, rangecode, wire
 from prismfl.seeds import generator_for
 
 MIN_LEVELS, MAX_LEVELS = 2, 256
@@ -72,7 +72,7 @@ def encode(indices: torch.Tensor, count: int, *, round_: int, table_hash: int) -
     hist = np.bincount(values, minlength=count)
     enc = constriction.stream.queue.RangeEncoder()
     if values.size:
-        enc.encode(values, wire.categorical(hist))
+        enc.encode(values, rangecode.categorical(hist))
     payload = _LEVELS.pack(count) + hist.astype("<u4").tobytes() + enc.get_compressed().tobytes()
     return wire.Message(wire.KIND_STATE, wire.CODER_QUANTIZED, round_, wire.SERVER, table_hash, values.size,
                         payload).to_bytes()  # fmt: skip
@@ -99,7 +99,9 @@ def decode(data: bytes, *, num_weights: int, table_hash: int, count: int, round_
     def run() -> np.ndarray:
         if not num_weights:
             return np.zeros(0, np.int32)
-        return np.asarray(constriction.stream.queue.RangeDecoder(words).decode(wire.categorical(hist), num_weights))
+        return np.asarray(
+            constriction.stream.queue.RangeDecoder(words).decode(rangecode.categorical(hist), num_weights)
+        )
 
     values = wire.coder_call("quantized payload", run)
     indices = torch.from_numpy(values.astype(np.uint8))

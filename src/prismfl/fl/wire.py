@@ -35,7 +35,7 @@ payload is larger than a float32 state), the reserved byte, the kind, coder, rou
 expects, and the ranges of m, lambda and the smoothing; a decoded payload must re-encode to the very
 bytes received (the format is canonical, so trailing or altered bytes are refused), and float32
 values must be finite. Whatever goes wrong, including a panic inside the entropy coder, is a
-WireError.
+WireError. The range coders themselves are fl/rangecode.py.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import torch
 
 from prismfl.bits import pack_mask, unpack_mask
 from prismfl.errors import PrismError
+from prismfl.fl import rangecode
 from prismfl.model import masked
 
 MAGIC = b"PRFL"
@@ -70,7 +71,6 @@ CODERS = {CODER_PACKED: "packed", CODER_BERNOULLI: "range-bernoulli", CODER_BINO
           CODER_QUANTIZED: "range-quantized"}  # fmt: skip
 UPLOAD_CODERS = ("auto", "range", "calibrated", "packed")
 STATE_CODERS = ("float32", "auto")  # auto: range-coded byte planes where smaller than float32
-PLANE_TABLE = 4 * 256 * 4  # a planes payload starts with 4 x 256 u32 counts
 CALIBRATION_BINS = 64  # a calibrated upload carries P(kept | global probability in bin b) for 64 bins
 _DELTA_PREFIX = struct.Struct("<Hdd")  # m, lambda (NaN: no MADA), smoothing
 _NO_LAMBDA = struct.pack("<d", float("nan"))  # the one NaN that means "no MADA"
@@ -207,31 +207,14 @@ def coder_call(what: str, call):
         raise ChecksumMismatch(f"{what} does not decode: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
-# ---------------------------------------------------------------- coders
-
-
-def _probabilities(scores: torch.Tensor) -> np.ndarray:
-    """sigmoid(scores) in float64, computed identically on both sides from the same float32 scores."""
-    return torch.sigmoid(scores.detach().to("cpu", torch.float64)).numpy()
-
-
-def _bernoulli_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
-    import constriction
-
-    enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(bits.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), p)
-    return enc.get_compressed().tobytes()
+# ---------------------------------------------------------------- payloads (range coding: fl/rangecode.py)
 
 
 def _bernoulli_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
-    import constriction
-
     if len(payload) % 4:
         raise LengthMismatch("range-coded payload is not a whole number of 32-bit words")
-    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    bits = coder_call("range-coded payload", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
-        constriction.stream.model.Bernoulli(perfect=False), p)))  # fmt: skip
-    if _bernoulli_encode(bits, p) != payload:  # canonical: trailing or altered words are refused
+    bits = coder_call("range-coded payload", lambda: rangecode.decode_bernoulli(payload, p))
+    if rangecode.encode_bernoulli(bits, p) != payload:  # canonical: trailing or altered words are refused
         raise LengthMismatch("range-coded payload is not what its mask encodes to (stray or altered bytes)")
     return bits
 
@@ -253,7 +236,7 @@ def _calibrated_encode(bits: np.ndarray, p: np.ndarray) -> bytes:
     ones = np.bincount(b, weights=bits, minlength=CALIBRATION_BINS)
     total = np.bincount(b, minlength=CALIBRATION_BINS)
     q = np.clip(np.round((ones + 0.5) / (total + 1.0) * 65535), 1, 65534).astype("<u2")
-    return q.tobytes() + _bernoulli_encode(bits, _calibration_table(q)[b])
+    return q.tobytes() + rangecode.encode_bernoulli(bits, _calibration_table(q)[b])
 
 
 def _calibrated_decode(payload: bytes, p: np.ndarray) -> np.ndarray:
@@ -278,9 +261,9 @@ def encode_upload(mask: torch.Tensor, global_scores: torch.Tensor, *, round_: in
     n = mask.numel()
     candidates = {CODER_PACKED: pack_mask(mask)} if coder in ("auto", "packed") else {}
     if coder != "packed":
-        bits, p = mask.cpu().numpy().reshape(-1), _probabilities(global_scores)
+        bits, p = mask.cpu().numpy().reshape(-1), rangecode.probabilities(global_scores)
         if coder in ("auto", "range"):
-            candidates[CODER_BERNOULLI] = _bernoulli_encode(bits, p)
+            candidates[CODER_BERNOULLI] = rangecode.encode_bernoulli(bits, p)
         if coder in ("auto", "calibrated"):
             candidates[CODER_CALIBRATED] = _calibrated_encode(bits, p)
     best = min(candidates, key=lambda c: len(candidates[c]))
@@ -300,15 +283,7 @@ def decode_upload(data: bytes, global_scores: torch.Tensor, *, round_: int, tabl
         except ValueError as exc:
             raise LengthMismatch(str(exc)) from None
     decode = _bernoulli_decode if msg.coder == CODER_BERNOULLI else _calibrated_decode
-    return torch.from_numpy(decode(msg.payload, _probabilities(global_scores)).astype(bool))
-
-
-def _binomial_payload(counts: np.ndarray, m: int, p: np.ndarray) -> bytes:
-    import constriction
-
-    enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(counts.astype(np.int32), constriction.stream.model.Binomial(), np.full(len(counts), m, np.int32), p)
-    return enc.get_compressed().tobytes()
+    return torch.from_numpy(decode(msg.payload, rangecode.probabilities(global_scores)).astype(bool))
 
 
 def encode_delta(counts: torch.Tensor, m: int, lam: float | None, smoothing: float, global_scores: torch.Tensor,
@@ -319,7 +294,7 @@ def encode_delta(counts: torch.Tensor, m: int, lam: float | None, smoothing: flo
         raise ValueError(f"a broadcast delta aggregates 1 to {MAX_DELTA_M} uploads, not {m}")
     # (+ 0.0 writes a -0.0 as 0.0: the one byte pattern a receiver accepts)
     prefix = _DELTA_PREFIX.pack(m, float("nan") if lam is None else lam + 0.0, smoothing + 0.0)
-    payload = prefix + _binomial_payload(counts.cpu().numpy(), m, _probabilities(global_scores))
+    payload = prefix + rangecode.encode_binomial(counts.cpu().numpy(), m, rangecode.probabilities(global_scores))
     return Message(KIND_DELTA, CODER_BINOMIAL, round_, SERVER, table_hash, n, payload).to_bytes()
 
 
@@ -338,8 +313,6 @@ def _negative_zero(x: float) -> bool:
 
 def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table_hash: int,
                  max_m: int = MAX_DELTA_M) -> Delta:  # fmt: skip
-    import constriction
-
     n = global_scores.numel()
     msg = parse(data, table_hash=table_hash, num_weights=n)
     expect(msg, kind=KIND_DELTA, coders=(CODER_BINOMIAL,), round_=round_, client=SERVER)
@@ -353,58 +326,27 @@ def decode_delta(data: bytes, global_scores: torch.Tensor, *, round_: int, table
         raise UnexpectedMessage(f"broadcast delta carries lambda = {lam}, outside [0, 1] (and not 'no MADA')")
     if not 0.0 <= smoothing < 0.5 or _negative_zero(smoothing):
         raise UnexpectedMessage(f"broadcast delta carries smoothing = {smoothing}, outside [0, 0.5)")
-    p = _probabilities(global_scores)
+    p = rangecode.probabilities(global_scores)
     if not np.isfinite(p).all():
         raise UnexpectedMessage("the global scores this delta applies to are not finite")
-    words = np.frombuffer(msg.payload[_DELTA_PREFIX.size :], dtype="<u4").astype(np.uint32)
-    counts = coder_call("broadcast delta", lambda: np.asarray(constriction.stream.queue.RangeDecoder(words).decode(
-        constriction.stream.model.Binomial(), np.full(n, m, np.int32), p), dtype=np.int32))  # fmt: skip
-    if _binomial_payload(counts, m, p) != msg.payload[_DELTA_PREFIX.size :]:
+    coded = msg.payload[_DELTA_PREFIX.size :]
+    counts = coder_call("broadcast delta", lambda: rangecode.decode_binomial(coded, m, p))
+    if rangecode.encode_binomial(counts, m, p) != coded:
         raise LengthMismatch("broadcast delta is not what its counts encode to (stray or altered bytes)")
     return Delta(torch.from_numpy(counts), m, None if np.isnan(lam) else lam, smoothing)
 
 
-def _planes_encode(values: np.ndarray) -> bytes:
-    """Float32 values -> their byte planes' histograms (4 x 256 u32) + the planes range-coded against them."""
-    import constriction
-
-    planes = values.astype("<f4").view(np.uint8).reshape(-1, 4)
-    counts = np.stack([np.bincount(planes[:, j], minlength=256) for j in range(4)])
-    enc = constriction.stream.queue.RangeEncoder()
-    for j in range(4):
-        enc.encode(planes[:, j].astype(np.int32), categorical(counts[j]))
-    return counts.astype("<u4").tobytes() + enc.get_compressed().tobytes()
-
-
-def categorical(counts: np.ndarray):
-    """constriction's categorical model of symbols 0..len(counts)-1 in proportion to `counts` (leaky: a
-    symbol that never occurs still has a little probability)."""
-    import constriction
-
-    return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-
-
 def _planes_decode(payload: bytes, n: int) -> np.ndarray:
-    """Inverse of _planes_encode; the histograms must sum to n, and the payload must re-encode exactly."""
-    import constriction
-
-    if len(payload) < PLANE_TABLE or (len(payload) - PLANE_TABLE) % 4:
+    """Inverse of rangecode.encode_planes; the histograms must sum to n, and the payload must re-encode exactly."""
+    if len(payload) < rangecode.PLANE_TABLE or (len(payload) - rangecode.PLANE_TABLE) % 4:
         raise LengthMismatch("byte-plane payload is shorter than its histograms or not whole 32-bit words")
     if len(payload) >= 4 * n:  # the encoder sends raw float32 then
         raise UnexpectedMessage("a byte-plane state no smaller than the raw float32 values")
-    counts = np.frombuffer(payload[:PLANE_TABLE], dtype="<u4").reshape(4, 256).astype(np.int64)
+    counts = np.frombuffer(payload[: rangecode.PLANE_TABLE], dtype="<u4").reshape(4, 256).astype(np.int64)
     if (counts.sum(axis=1) != n).any():
         raise UnexpectedMessage(f"byte-plane histograms do not count {n} values each")
-    words = np.frombuffer(payload[PLANE_TABLE:], dtype="<u4").astype(np.uint32)
-
-    def decode() -> np.ndarray:
-        dec, planes = constriction.stream.queue.RangeDecoder(words), np.empty((n, 4), np.uint8)
-        for j in range(4):
-            planes[:, j] = dec.decode(categorical(counts[j]), n)
-        return planes.reshape(-1).view("<f4")
-
-    values = coder_call("byte-plane payload", decode)
-    if _planes_encode(values) != payload:  # canonical: the histograms are the values' own, no stray words
+    values = coder_call("byte-plane payload", lambda: rangecode.decode_planes(payload, n))
+    if rangecode.encode_planes(values) != payload:  # canonical: the histograms are the values' own, no stray words
         raise LengthMismatch("byte-plane payload is not what its values encode to (stray or altered bytes)")
     return values
 
@@ -418,8 +360,8 @@ def encode_state(values: torch.Tensor, *, round_: int, table_hash: int, client: 
         raise ValueError(f"unknown state coder {coder!r}; expected one of {STATE_CODERS}")
     raw = values.detach().cpu().to(torch.float32).numpy().astype("<f4").reshape(-1)
     best, payload = CODER_FLOAT32, raw.tobytes()
-    if coder == "auto" and len(payload) > PLANE_TABLE:
-        planes = _planes_encode(raw)
+    if coder == "auto" and len(payload) > rangecode.PLANE_TABLE:
+        planes = rangecode.encode_planes(raw)
         if len(planes) < len(payload):
             best, payload = CODER_PLANES, planes
     return Message(KIND_STATE, best, round_, client, table_hash, raw.size, payload).to_bytes()

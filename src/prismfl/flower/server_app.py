@@ -2,7 +2,7 @@
 
 What a round computes (client choice, aggregation, MADA, the records) is prismfl's own code: the
 method (fl.methods) and the one round loop (fl.engine). This module is the engine's transport: it
-only sends and collects messages, with a timeout on every wait. The run directory is the same as
+only sends and collects messages (flower/messaging.py), with a timeout on every wait. The run directory is the same as
 the in-process simulator's, and with the same seed and config so is every round, bit for bit.
 
 Faults: a client whose reply is an error, does not come within the reply timeout, or does not
@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,91 +34,11 @@ from prismfl.fl.client import class_table_of, federation_modes, modes_message
 from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
 from prismfl.flower import replies
+from prismfl.flower.messaging import claimed_replies, exchange, reply_error, wait_for_nodes
 from prismfl.flower.payload import SECAGG, STATE, WIRE, downlink_tag, from_array, to_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
-from prismfl.safestate import StateError
 
 log = logging.getLogger("flwr").info
-POLL_SECONDS = 0.2
-
-
-@dataclass
-class Exchange:
-    """Replies to one batch of messages, by destination node; nodes that never answered are absent."""
-
-    replies: dict[int, Message]
-    unsent: list[int]
-
-
-def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float, group: str) -> Exchange:
-    """Send one message per node and collect the replies until all came or `timeout` seconds passed."""
-    nodes = list(contents)
-    messages = [Message(contents[n], dst_node_id=n, message_type=message_type, ttl=timeout + 5, group_id=group)
-                for n in nodes]  # fmt: skip
-    ids = list(grid.push_messages(messages))
-    pending = {mid: node for mid, node in zip(ids, nodes) if mid}
-    unsent = [node for mid, node in zip(ids, nodes) if not mid]
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
-        if pending:
-            time.sleep(POLL_SECONDS)
-    return Exchange(replies, unsent)
-
-
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise PrismError(
-                f"{len(nodes)} of the {count} SuperNodes this run needs (partition.num_clients) connected within "
-                f"{timeout:g} s; start one flower-supernode per client or raise the run config 'connect-timeout'"
-            )
-        time.sleep(POLL_SECONDS)
-
-
-def _error(reply: Message) -> str:
-    """A node's error reply in one bounded line (it is recorded in metrics.jsonl and the checkpoint)."""
-    reason = " ".join(str(reply.error.reason).split())
-    return f"error {reply.error.code}: {reason[:1000]}{'...' if len(reason) > 1000 else ''}"
-
-
-def claimed_replies(got: Exchange, nodes: list[int], timeout: float, message: str, failed: str,
-                    parse) -> tuple[dict[int, tuple[int, object]], dict[str, str]]:  # fmt: skip
-    """Each node's reply through `parse(node, reply) -> (partition, value)`, which raises a NodeError (or a
-    StateError) for a reply an honest node of this run does not send. Returns {partition: (node, value)}
-    and {node: why} for the nodes dropped: no answer within `timeout`, an error reply (`failed`: what it
-    failed to do), a reply `parse` refused or could not read, or a partition two nodes claim (neither can
-    be told from the other)."""
-    claims: dict[int, list[tuple[int, object]]] = {}
-    dropped: dict[str, str] = {}
-    for node in nodes:
-        reply = got.replies.get(node)
-        try:
-            if reply is None:
-                raise replies.NodeError(f"no answer to the {message} within {timeout:g} s")
-            if reply.has_error():
-                raise replies.NodeError(f"it failed to {failed}: {_error(reply)}")
-            pid, value = parse(node, reply)
-        except (replies.NodeError, StateError) as exc:
-            dropped[str(node)] = str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a check missed a case: still one node's reply, never the run
-            dropped[str(node)] = f"its reply could not be read ({type(exc).__name__}: {str(exc)[:200]})"
-            continue
-        claims.setdefault(pid, []).append((node, value))
-    for pid, claimed in sorted(claims.items()):
-        if len(claimed) > 1:
-            for node, _ in claimed:
-                dropped[str(node)] = f"SuperNodes {', '.join(str(nd) for nd, _ in claimed)} all claim partition {pid}"
-    return {pid: claimed[0] for pid, claimed in claims.items() if len(claimed) == 1}, dropped
 
 
 def needs_modes(cfg) -> bool:
@@ -367,7 +285,7 @@ class GridTransport:
         for k, node in list(self.node_of.items()):
             reply = got.replies.get(node)
             if reply is None or reply.has_error():  # it cannot train against the pooled targets: drop it
-                why = "no reply" if reply is None else _error(reply)
+                why = "no reply" if reply is None else reply_error(reply)
                 lost.append(f"client {k} (SuperNode {node}) did not take the pooled statistics: {why}")
                 log(f"{lost[-1]}; dropped")
                 del self.node_of[k]
@@ -400,7 +318,7 @@ class GridTransport:
                 why = "message not accepted by the SuperLink" if node in got.unsent \
                     else f"no reply within {self.s.reply_timeout:g} s"  # fmt: skip
             elif reply.has_error():
-                why = _error(reply)
+                why = reply_error(reply)
             else:
                 try:
                     data = replies.payload(reply.content, "upload", WIRE, "upload")

@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from prismfl.capabilities import METHODS
 from prismfl.config import RunConfig, config_from_dict, load_config
 from prismfl.errors import ConfigError
 
@@ -107,7 +108,7 @@ def server_settings(run_config: dict) -> ServerSettings:
     if cfg.faults != type(cfg.faults)():
         raise ConfigError("[faults] are injected by the in-process simulator only; on Flower the faults are real "
                           "(remove the [faults] settings)")  # fmt: skip
-    if not cfg.public_images() and cfg.train.warm_start and cfg.train.method == "prism" and \
+    if not cfg.public_images() and cfg.train.warm_start and METHODS[cfg.train.method].warm_start and \
             cfg.loss.features != "random":  # fmt: skip
         raise ConfigError("on Flower, a warm start without public images is trained at the server, which builds "
                           "the loss's feature net from the seed: it needs loss.features = 'random'")  # fmt: skip

@@ -2,7 +2,7 @@
 
 `MeanVarMatching` is GFMN's loss (METHOD.md §3): match the per-dimension mean and variance of the
 generated batch's features to the client's real ones. Optional trackers (GFMN's "moving average"
-networks) let the generator follow Adam-smoothed estimates of the gaps instead of one batch's.
+networks, loss/trackers.py) let the generator follow smoothed estimates of the gaps instead of one batch's.
 
 A loss is built from the client's `FeatureStats` and called on the generated batch's features;
 it returns a surrogate to backpropagate and the loss value to log. Another MMD kernel fits the
@@ -11,11 +11,12 @@ same shape: anything with `__call__(fake_features, tracker) -> (surrogate, value
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from prismfl import schema
+from prismfl.loss.trackers import TRACKERS, TrackerState
 
 MOMENTS = ("variance", "mean")  # "mean": match the means only (DP-MERF's choice at small epsilon)
 
@@ -170,91 +171,6 @@ def feature_stats(extract, images: torch.Tensor, batch: int = 500, labels: torch
     return stats_from_sums(sums, squares, torch.bincount(labels.long(), minlength=num_classes).double())
 
 
-TRACKERS = ("none", "ema", "adam")
-
-
-@dataclass
-class TrackerState:
-    """Trackers of the per-statistic gaps (GFMN's "moving averages"); persist per client across rounds.
-
-    'ema': v <- beta v + (1 - beta) gap, started at the first gap. 'adam': GFMN's form, v fitted to
-    the gap by Adam on 1/2 ||v - gap||^2 (the optimizer is built lazily and kept here).
-    """
-
-    vectors: list[torch.Tensor] = field(default_factory=list)
-    optimizer: torch.optim.Optimizer | None = None
-    # per-class trackers that move only when their class is drawn (loss.codes_per_step): which have started
-    started: torch.Tensor | None = None
-
-    def state_dict(self) -> dict:
-        opt = self.optimizer.state_dict() if self.optimizer is not None else None
-        state = {"vectors": [v.detach().clone() for v in self.vectors], "optimizer": opt}
-        if self.started is not None:
-            state["started"] = self.started.clone()
-        return state
-
-    @staticmethod
-    def schema(kind: str | None = None, targets: list[tuple[int, ...]] | None = None, *, redraws: bool = False,
-               legacy: bool = False, lr: float | None = None, betas=(0.5, 0.999)) -> schema.Node:  # fmt: skip
-        """What state_dict writes for a loss whose tracker is `kind` ("none", "ema", "adam"; None: not known)
-        and whose statistics have the shapes `targets` (MeanVarMatching.targets): no vectors (not started
-        yet) or one per statistic of its shape; an Adam state over them for "adam" (at `lr`, `betas`);
-        the drawn rows' `started` flags for a loss that draws classes at every step (`redraws`).
-        `legacy`: vectors of another layout are allowed, without flags (ConditionalMatching starts them afresh)."""
-        vectors = schema.List(schema.Tensor(torch.float32, None), what="a list of float32 tensors")
-        table = schema.Table({"vectors": vectors, "optimizer": schema.Opt(schema.Table({}, what="an Adam state"))},
-                             optional={"started": schema.Tensor(torch.bool, (None,))},
-                             what="a tracker state (a table)")  # fmt: skip
-
-        def fits(state: dict, path: str) -> None:
-            vs, opt = state["vectors"], state["optimizer"]
-            shapes = [tuple(v.shape) for v in vs]
-            at = lambda key: schema.join(path, key)  # noqa: E731
-            if kind == "none" and (vs or opt is not None or "started" in state):
-                schema.fail(at("vectors"), "no trackers (loss.tracker = 'none')", vs)
-            layout = targets is None or not vs or shapes == [tuple(t) for t in targets]
-            if not layout and not (legacy and "started" not in state):
-                want = f"[] or {len(targets)} tensors of the statistics' shapes ({', '.join(map(str, targets[:3]))}...)"
-                schema.fail(at("vectors"), want, got=f"{len(vs)} tensors of shapes "
-                            f"{', '.join(str(s) for s in shapes[:3])}{'...' if len(shapes) > 3 else ''}")  # fmt: skip
-            if opt is not None:
-                if kind not in (None, "adam") or not vs:
-                    schema.fail(at("optimizer"), "null (an Adam state only for loss.tracker = 'adam', once started)",
-                                got=schema.describe(opt))  # fmt: skip
-                rate = schema.Num(0, above=True) if lr is None else schema.Const(lr, what=f"{lr} (loss.tracker_lr)")
-                schema.adam(shapes, rate, schema.Const(list(betas)))(opt, at("optimizer"))
-            elif kind == "adam" and vs:
-                schema.fail(at("optimizer"), "the trackers' Adam state (loss.tracker = 'adam')", opt)
-            if "started" in state:
-                if kind is not None and not redraws:
-                    schema.fail(at("started"), "no flags (only for a loss that draws classes at every step)",
-                                state["started"])  # fmt: skip
-                rows = targets[0][0] if targets else None
-                schema.Tensor(torch.bool, (rows,))(state["started"], at("started"))
-                if not vs:
-                    schema.fail(at("started"), "no flags before the trackers start", state["started"])
-            elif redraws and vs and layout:
-                schema.fail(at("started"), "the flags of the classes whose trackers have started", schema.MISSING)
-
-        return schema.Each(table, fits)
-
-    @classmethod
-    def from_state_dict(cls, state: dict, lr: float = 1e-5, betas=(0.5, 0.999), *, expect: schema.Node | None = None,
-                        where: str = "tracker state", path: str = "") -> TrackerState:  # fmt: skip
-        """The inverse of state_dict, after a check against `expect` (TrackerState.schema; by default,
-        one that knows neither the loss nor its statistics; schema.ANY: the caller has checked it). A
-        StateError naming the field otherwise."""
-        if expect is not schema.ANY:
-            schema.check(expect or TrackerState.schema(lr=None, betas=betas), state, where, path)
-        started = state.get("started")
-        tracker = cls([v.clone() for v in state["vectors"]], started=None if started is None else started.clone())
-        if state["optimizer"] is not None:
-            tracker.vectors = [v.requires_grad_(True) for v in tracker.vectors]
-            tracker.optimizer = torch.optim.Adam(tracker.vectors, lr=lr, betas=betas)
-            tracker.optimizer.load_state_dict(state["optimizer"])
-        return tracker
-
-
 def layer_weights(
     real: FeatureStats, moment: str = "variance", scales: list[float] | None = None
 ) -> list[torch.Tensor]:
@@ -333,7 +249,9 @@ class MeanVarMatching:
 
     def _tracking(self, tracker: TrackerState | None):
         """gaps -> the directions to follow: the gaps themselves, or the trackers moved by them."""
-        return None if tracker is None or self.tracker == "none" else lambda gaps: self._track(gaps, tracker)
+        if tracker is None or self.tracker == "none":
+            return None
+        return lambda gaps: tracker.follow(gaps, self.tracker, self.tracker_beta, self.tracker_lr, self.tracker_betas)
 
     def _match(self, fake_stats, targets, weights, track) -> tuple[torch.Tensor, float]:
         gaps = [r - f.detach() for r, f in zip(targets, fake_stats)]
@@ -342,22 +260,6 @@ class MeanVarMatching:
         # the gradient of -(w * dir . fake) is w * (fake - real) when dir is the exact gap
         surrogate = -sum((w * d * f).sum() for w, d, f in zip(weights, directions, fake_stats))
         return surrogate, value
-
-    def _track(self, gaps: list[torch.Tensor], tracker: TrackerState) -> list[torch.Tensor]:
-        if self.tracker == "ema":
-            if not tracker.vectors:
-                tracker.vectors = [g.clone() for g in gaps]
-            else:
-                for v, g in zip(tracker.vectors, gaps):
-                    v.mul_(self.tracker_beta).add_(g, alpha=1.0 - self.tracker_beta)
-            return tracker.vectors
-        if tracker.optimizer is None:
-            tracker.vectors = [torch.zeros_like(g).requires_grad_(True) for g in gaps]
-            tracker.optimizer = torch.optim.Adam(tracker.vectors, lr=self.tracker_lr, betas=self.tracker_betas)
-        for v, g in zip(tracker.vectors, gaps):
-            v.grad = v.detach() - g  # gradient of 1/2 ||v - gap||^2
-        tracker.optimizer.step()
-        return [v.detach() for v in tracker.vectors]
 
 
 def pooled_stats(real: FeatureStats, shares: dict[int, float]) -> FeatureStats:
@@ -473,18 +375,5 @@ class ConditionalMatching(MeanVarMatching):
         if track is not None:
             if self.tracker != "ema":
                 raise ValueError("a subset of the classes at every step needs the 'ema' tracker or none")
-            track = lambda gaps: self._track_rows(gaps, tracker, rows)  # noqa: E731
+            track = lambda gaps: tracker.follow_rows(gaps, rows, self.tracker_beta, self.targets)  # noqa: E731
         return self._match(fake_stats, targets, weights, track)
-
-    def _track_rows(self, gaps: list[torch.Tensor], tracker: TrackerState, rows: torch.Tensor) -> list[torch.Tensor]:
-        """The EMA trackers of the drawn classes' rows only; a class's first draw starts its tracker at the gap."""
-        if not tracker.vectors:
-            tracker.vectors = [torch.zeros_like(t) for t in self.targets]
-            tracker.started = torch.zeros(len(self.classes), dtype=torch.bool, device=self.targets[0].device)
-        started, beta, directions = tracker.started[rows][:, None], self.tracker_beta, []
-        for v, g in zip(tracker.vectors, gaps):
-            moved = torch.where(started, beta * v[rows] + (1.0 - beta) * g, g)
-            v[rows] = moved
-            directions.append(moved)
-        tracker.started[rows] = True
-        return directions

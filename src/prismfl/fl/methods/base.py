@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from prismfl import modelfile, schema
+from prismfl.capabilities import Capabilities
 from prismfl.config import RunConfig
+from prismfl.describe import describe
 from prismfl.errors import PrismError
 from prismfl.fl import wire
 from prismfl.fl.client import ClientContext, ClientRuntime, exact_stats
@@ -77,8 +79,21 @@ def scores_crc(values: torch.Tensor) -> int:
 class Method:
     """Defaults shared by the masked methods; each method overrides what differs."""
 
-    name = ""
-    communicates = True  # False: nothing the method needs travels (local, central)
+    caps: Capabilities  # what it supports and where it writes its model (prismfl/capabilities.py METHODS)
+
+    @property
+    def name(self) -> str:
+        return self.caps.name
+
+    @property
+    def communicates(self) -> bool:
+        """False: nothing the method needs travels (local, central, public)."""
+        return self.caps.communicates
+
+    @property
+    def warm_starts(self) -> bool:
+        """train.warm_start applies (prism); the baselines ignore it."""
+        return self.caps.warm_start
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -173,7 +188,6 @@ class Method:
         trackers, as a checkpoint holds it: `replica` (held in the checkpoint's `replicas`) and `own`."""
         return {"replica": schema.Null(), "own": schema.Null()}
 
-    warm_starts = False  # True: train.warm_start applies (prism); the baselines ignore it
     own_class_shares = False  # True: a conditional model per client, each with its own class shares (local)
 
     def warm_start(self, state: dict, message: bytes) -> None:
@@ -203,10 +217,8 @@ class Method:
 
     def export(self, state: dict, out: Path, rounds: int, info: dict) -> str:
         """Write the run's model file(s); return what was written, for the log."""
-        from prismfl import rundir
-
-        size = modelfile.save(self.final_model(state, rounds, info), out / rundir.MODEL)
-        return f"{out / rundir.MODEL} ({size:,} bytes)"
+        size = modelfile.save(self.final_model(state, rounds, info), out / self.caps.model)
+        return f"{out / self.caps.model} ({size:,} bytes)"
 
     # ---- helpers for the methods whose uploads are float32 states (fedavg, local, central)
 
@@ -227,7 +239,7 @@ def class_shares(shares: torch.Tensor, path: str) -> None:
     try:
         modelfile.check_class_shares(shares.tolist(), len(shares))
     except ValueError as exc:
-        schema.fail(path, "class shares (finite, >= 0, summing to 1)", got=f"{schema.describe(shares)}: {exc}")
+        schema.fail(path, "class shares (finite, >= 0, summing to 1)", got=f"{describe(shares)}: {exc}")
 
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:

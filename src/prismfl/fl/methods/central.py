@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from prismfl.capabilities import METHODS
 from prismfl.fl import aggregate
 from prismfl.fl.client import ClientContext
 from prismfl.fl.methods.base import Downlink, Outcome, Plan, masked_final_model
@@ -17,7 +18,7 @@ from prismfl.model.build import initial_scores
 
 
 class Central(OwnScores):
-    name = "central"
+    caps = METHODS["central"]
     STATE = {"scores": "weights"}
 
     def holds_data(self, k: int) -> bool:
@@ -48,7 +49,7 @@ class PublicOnly(Central):
     the public feature net learns from, which no client holds) instead of the clients' pooled data.
     A federated or private model is worth its privacy cost only where it beats this."""
 
-    name = "public"
+    caps = METHODS["public"]
 
     def client_indices(self, ctx: ClientContext, k: int):
         return np.sort(ctx.fed.public_idx)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from prismfl import modelfile
+from prismfl.capabilities import METHODS
 from prismfl.fl import wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload
@@ -21,7 +22,7 @@ from prismfl.model.build import build_model
 
 
 class FedAvg(Method):
-    name = "fedavg"
+    caps = METHODS["fedavg"]
     STATE = {"weights": "weights"}
 
     def build_model(self, device: str = "cpu") -> torch.nn.Module:
@@ -74,5 +75,5 @@ class FedAvg(Method):
         return [self._net(state)]
 
     def export(self, state: dict, out: Path, rounds: int, info: dict) -> str:
-        size = modelfile.save_dense(out / modelfile.DENSE_MODEL, self.spec, state["weights"], self.cfg.data.dataset)
-        return f"{out / modelfile.DENSE_MODEL} ({size:,} bytes)"
+        size = modelfile.save_dense(out / self.caps.model, self.spec, state["weights"], self.cfg.data.dataset)
+        return f"{out / self.caps.model} ({size:,} bytes)"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from prismfl import modelfile, schema
+from prismfl.capabilities import METHODS
 from prismfl.fl import aggregate
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
 from prismfl.fl.methods.base import Downlink, Method, Outcome, Plan, Upload, masked_final_model
@@ -22,8 +23,6 @@ from prismfl.model.build import initial_scores
 
 class OwnScores(Method):
     """A method whose clients train scores of their own and report them (local, central)."""
-
-    communicates = False
 
     def init_client(self, ctx: ClientContext, client: ClientRuntime) -> None:
         if client.stats is not None:
@@ -46,7 +45,7 @@ class OwnScores(Method):
 
 
 class Local(OwnScores):
-    name = "local"
+    caps = METHODS["local"]
     STATE = {"params": "weights list"}
     own_class_shares = True  # a conditional client's model draws the classes (and modes) it holds
 
@@ -82,5 +81,5 @@ class Local(OwnScores):
 
     def export(self, state: dict, out: Path, rounds: int, info: dict) -> str:
         for k, model in enumerate(self._models(state, rounds, info)):
-            modelfile.save(model, out / "models" / f"client-{k}.prism")
-        return f"{len(state['params'])} models in {out / 'models'}"
+            modelfile.save(model, out / self.caps.model.format(k=k))
+        return f"{len(state['params'])} models in {(out / self.caps.model).parent}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from prismfl import schema
+from prismfl.capabilities import METHODS
 from prismfl.errors import PrismError
 from prismfl.fl import aggregate, quantize, wire
 from prismfl.fl.client import ClientContext, ClientRuntime, train_round
@@ -139,8 +140,7 @@ def catch_up(replica: torch.Tensor, held: int, messages: list[bytes], *, num_wei
 
 
 class Prism(Method):
-    name = "prism"
-    warm_starts = True
+    caps = METHODS["prism"]
     STATE = {"scores": "weights"}
 
     def __init__(self, cfg, mada: bool | None = None):
