@@ -41,7 +41,7 @@ def test_comments_above_and_beside_a_field_are_its_description():
 
 
 def test_the_methods_column_names_real_keys_and_methods():
-    from prismfl.config import METHODS
+    from prismfl.capabilities import METHODS
 
     keys = configref.keys()
     for key, methods in configref.METHODS_OF.items():
