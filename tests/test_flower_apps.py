@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from conftest import full_state_bytes, needs_fmnist
-from prismfl import modelfile, rundir
+from prismfl import modelfile, rundir, secagg
 from prismfl.config import load_config
 from prismfl.data import federation
 from prismfl.errors import ConfigError, PrismError
@@ -323,9 +324,10 @@ def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp
 @needs_fmnist
 @pytest.mark.parametrize("shrink", ["", 'loss.features="public" privacy.shrink=true privacy.shrink_to="public"'])
 def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch, shrink):
-    """privacy.secagg: public keys in the set-up replies, masked vectors in query.secagg, the pooled
-    statistics in query.pool; the masks cancel exactly, so the rounds match the simulator's. No
-    message the server receives holds a client's plain vector. With privacy.shrink_to = "public",
+    """privacy.secagg: public keys in the set-up replies, the three stages of the secure sum in query.secagg
+    (shares, masked vectors, unmasking), the pooled statistics in query.pool; the masks cancel exactly,
+    so the rounds match the simulator's. No message the server receives holds a client's plain vector.
+    With privacy.shrink_to = "public",
     partition 0's set-up reply carries the public statistics the server shrinks the secure sum toward."""
     import prismfl.privacy
 
@@ -335,7 +337,9 @@ def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides}, grid)
     kinds = [m.metadata.message_type for m in grid.sent]
-    assert kinds.count("query.secagg") == 3 and kinds.count("query.pool") == 3
+    assert kinds.count("query.secagg") == 9 and kinds.count("query.pool") == 3
+    groups = [m.metadata.group_id for m in grid.sent if m.metadata.message_type == "query.secagg"]
+    assert groups == [f"secagg-{stage}" for stage in ("shares", "masked", "unmask") for _ in range(3)]
     assert not any("shared" in m.content for m in grid.received)
     targets = [m for m in grid.received if "shrink-target" in m.content]
     assert len(targets) == (1 if shrink else 0)
@@ -344,11 +348,52 @@ def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path
 
 
 @needs_fmnist
-def test_secure_aggregation_stops_when_a_client_does_not_send_its_masked_vector(tmp_path):
-    grid = LocalGrid(make_client_app(), nodes_for(3), silent=lambda node, group: node == 101 and group == "secagg")
+def test_secure_aggregation_on_flower_goes_on_when_30_percent_drop_after_the_key_exchange(tmp_path, monkeypatch):
+    """privacy.dropouts = 0.3 with 10 nodes: partitions 1, 4 and 7 send their shares, then nothing. The
+    server rebuilds their mask keys and the others' seeds from the shares the survivors hold, its sum
+    is exactly the 7 survivors' vectors, and the run goes on (the silent nodes train in the rounds)."""
+    from prismfl.secagg import SecAggClient, SecAggServer
+
+    words, sums = {}, []
+    real_answer, real_result = SecAggClient.answer, SecAggServer.result
+
+    def answer(self, my_id, stage, request):
+        words[my_id] = self.words
+        return real_answer(self, my_id, stage, request)
+
+    def result(self):
+        sums.append((real_result(self), list(self.survivors)))
+        return sums[-1][0]
+
+    monkeypatch.setattr(SecAggClient, "answer", answer)
+    monkeypatch.setattr(SecAggServer, "result", result)
+    nodes = nodes_for(10)
+    lost = {node for node, cfg in nodes.items() if cfg["partition-id"] in (1, 4, 7)}
+    grid = LocalGrid(make_client_app(), nodes, silent=lambda node, group: node in lost and group in
+                     ("secagg-masked", "secagg-unmask"))  # fmt: skip
+    overrides = ("partition.num_clients=10 privacy.epsilon=4 privacy.pool=1 privacy.secagg=true privacy.dropouts=0.3 "
+                 "train.rounds=1 train.sample_every=0")  # fmt: skip
+    run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5}))
+    summed, survivors = sums[0]
+    assert survivors == [0, 2, 3, 5, 6, 8, 9]
+    total = sum(words[k].view(np.int64).astype(object) for k in survivors)
+    assert secagg.encode(secagg.flatten(summed)[0]).view(np.int64).tolist() == list(total)
+    unmask = [m for m in grid.sent if m.metadata.group_id == "secagg-unmask"]
+    assert len(unmask) == 7 and all(m.content["prismfl"]["survivors"] == 7 for m in unmask)
+    assert rundir.read_metrics(tmp_path / "fl")[-1]["round"] == 1
+
+
+@needs_fmnist
+def test_secure_aggregation_stops_when_more_clients_drop_than_privacy_dropouts_allows(tmp_path):
+    """Without privacy.dropouts every client's noise share assumes all of them: one silent client stops
+    the run before any release, with a line that names it."""
+    silent = lambda node, group: node == 101 and group == "secagg-masked"  # noqa: E731 (partition 1)
+    grid = LocalGrid(make_client_app(), nodes_for(3), silent=silent)
     overrides = "privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=1"
-    with pytest.raises(PrismError, match=r"client\(s\) \[1\] sent no masked vector.*start the run again"):
-        run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides}))
+    with pytest.raises(PrismError, match=r"2 of 3 clients sent their masked vector, fewer than the 3 .*start it again "
+                                         r".*client 1: masked: no reply within 0.5 s"):  # fmt: skip
+        run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5}))
+    assert not any(m.metadata.group_id == "secagg-unmask" for m in grid.sent)
 
 
 @needs_fmnist

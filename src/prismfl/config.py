@@ -128,10 +128,14 @@ class PrivacyConfig:
     # pooling (docs/privacy.md): the clients' releases, already DP, summed by the server and sent back
     pool: float = 0.0  # weight of the pooled statistics in each client's targets (0: its own release only)
     pool_classes: str = "own"  # conditional: "own" classes the client holds; "all": every class, pooled ones too
-    # distributed noise (prismfl/secagg.py): each client adds 1/sqrt(K - colluders) of the noise and the
+    # distributed noise (prismfl/secagg.py): each client adds 1/sqrt(M - colluders) of the noise and the
     # server learns only the sum of the clients' vectors, by secure aggregation; needs pool = 1
     secagg: bool = False
     colluders: int = 0  # clients assumed to collude with the server: the guarantee holds against them too
+    # with secagg: the fraction of the K clients that may drop out of the secure sum (set-up to masked
+    # vector) and the sum still be unmasked; each client's noise share is sized for the M = K - floor(dropouts K)
+    # that must remain (0: every client must send its vector)
+    dropouts: float = 0.0
     shrink: bool = False  # James-Stein shrinkage of the released means and second moments (post-processing)
     # what shrink pulls toward: "layer" (each layer's average) or "public" (the public hold-out's own
     # clipped statistics, per class: public data, so still post-processing)
@@ -200,6 +204,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "privacy.clip": (0, 1000, "(]"),  # x the median feature norm
     "privacy.pool": (0, 1, "[]"),
     "privacy.colluders": (0, 65_534, "[]"),  # and fewer than partition.num_clients
+    "privacy.dropouts": (0, 0.5, "[]"),  # (up to half: each client's noise variance grows as 1 / (1 - dropouts))
     "faults.dropout": (0, 1, "[)"),
     "faults.straggler": (0, 1, "[)"),
     "faults.byzantine": (0, 1, "[)"),
@@ -362,8 +367,8 @@ class RunConfig:
             raise ConfigError("privacy.shrink_to = 'public' pulls toward the public hold-out's statistics: it needs "
                               "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
         if not p.secagg:
-            if p.colluders:
-                raise ConfigError("privacy.colluders is for privacy.secagg = true")
+            if p.colluders or p.dropouts:
+                raise ConfigError(f"privacy.{'colluders' if p.colluders else 'dropouts'} is for privacy.secagg = true")
             return
         if p.pool != 1 or (self.model.conditional and p.pool_classes != "all"):
             raise ConfigError("privacy.secagg: no client's own statistics are private on their own, so every client "
@@ -373,6 +378,14 @@ class RunConfig:
             raise ConfigError(f"privacy.secagg is implemented for the prism method, not {self.train.method!r}")
         if not 0 <= p.colluders < self.partition.num_clients:
             raise ConfigError(f"privacy.colluders must be in [0, {self.partition.num_clients - 1}], got {p.colluders}")
+        from prismfl.secagg import min_survivors
+
+        left = min_survivors(self.partition.num_clients, p.dropouts)
+        if p.colluders >= left:
+            raise ConfigError(f"privacy.dropouts = {p.dropouts:g} leaves M = {left} of the "
+                              f"{self.partition.num_clients} clients, not more than privacy.colluders = "
+                              f"{p.colluders}: each client's noise share, "
+                              "sigma / sqrt(M - colluders), needs M > colluders")  # fmt: skip
 
 
 def choices() -> dict[str, tuple[str, ...]]:

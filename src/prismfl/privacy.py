@@ -109,6 +109,10 @@ def summary_schema(cfg, layers: int | None = None):
               "clip": schema.List(positive, layers, what="a positive clip bound per feature layer")}  # fmt: skip
     if p.secagg:
         fields.update(secagg=schema.Const(True), colluders=schema.Const(p.colluders), client_noise_std=positive)
+        if p.dropouts:  # (absent without: a run without dropouts writes what it wrote before they existed)
+            from prismfl.secagg import min_survivors
+
+            fields["min_survivors"] = schema.Const(min_survivors(cfg.partition.num_clients, p.dropouts))
     table = schema.Table(fields, what="a private release's parameters (a table)")
 
     def calibrated(summary: dict, path: str) -> None:
@@ -118,7 +122,10 @@ def summary_schema(cfg, layers: int | None = None):
                 "sensitivity": math.sqrt((2 if second else 1) * len(summary["clip"]) + 1)}  # fmt: skip
         want["noise_std"] = want["noise_multiplier"] * want["sensitivity"]
         if p.secagg:
-            want["client_noise_std"] = want["noise_std"] / math.sqrt(cfg.partition.num_clients - p.colluders)
+            from prismfl.secagg import noise_share
+
+            want["client_noise_std"] = want["noise_std"] * noise_share(cfg.partition.num_clients, p.dropouts,
+                                                                       p.colluders)  # fmt: skip
         for key, value in want.items():
             if not math.isclose(summary[key], value, rel_tol=1e-6):
                 schema.fail(schema.join(path, key), f"{value:.6g} (the release of privacy.epsilon = {p.epsilon:g}, "
@@ -375,7 +382,7 @@ def check_target(target: dict, like: dict) -> None:
 
 
 def stats_of_sum(summed: dict, num_classes: int) -> FeatureStats:
-    """The statistics of summed noisy sums (pooled, or the secure sum of secagg.aggregate)."""
+    """The statistics of summed noisy sums (pooled, or the secure sum of secagg.SecAggServer)."""
     counts = summed["counts"].double()
     return stats_from_sums(summed["sums"], summed["squares"], counts if num_classes else float(counts.reshape(-1)[0]))
 
@@ -443,7 +450,13 @@ class Private:
         """(statistics, parameters, shared): with privacy.pool, `shared` is the release's noisy sums;
         with privacy.secagg, the client's side of secure aggregation, and no statistics of its own."""
         p = ctx.cfg.privacy
-        share = 1 / math.sqrt(ctx.cfg.partition.num_clients - p.colluders) if p.secagg else 1.0
+        if p.secagg:
+            from prismfl import secagg
+
+            share = secagg.noise_share(ctx.cfg.partition.num_clients, p.dropouts, p.colluders)
+            survivors = secagg.min_survivors(ctx.cfg.partition.num_clients, p.dropouts)
+        else:
+            share = 1.0
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, labels=labels, num_classes=self.inner.spec.codes,
                                         class_names=ctx.fed.condition_names if ctx.fed is not None else None,
@@ -453,8 +466,10 @@ class Private:
             print(f"prismfl: warning: {warning}", file=sys.stderr, flush=True)
         summary = release.summary()
         if p.secagg:
-            from prismfl.secagg import SecAggClient
-
             summary.update(secagg=True, colluders=p.colluders, client_noise_std=summary["noise_std"] * share)
-            return None, summary, SecAggClient.of_release(release.shared, release.clip)
+            if p.dropouts:
+                summary["min_survivors"] = survivors
+            client = secagg.SecAggClient.of_release(release.shared, release.clip, min_survivors=survivors,
+                                                    colluders=p.colluders)  # fmt: skip
+            return None, summary, client
         return release.stats, summary, release.shared if p.pool > 0 else None
