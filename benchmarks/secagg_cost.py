@@ -41,7 +41,8 @@ def measure(k: int, words: int, drop: bool, seed: int = 0) -> dict:
     m = secagg.min_survivors(k, DROPOUTS)
     clients = {i: secagg.SecAggClient(secagg.encode(torch.randn(words, generator=gen, dtype=torch.float64)), layout,
                                       min_survivors=m) for i in range(k)}  # fmt: skip
-    lost = set(random.Random(seed).sample(range(k), k - m)) if drop else set()
+    # who drops is drawn apart from the ring (the same generator for both would cluster them on it)
+    lost = set(random.Random(f"drop-{seed}").sample(range(k), k - m)) if drop else set()
     server = secagg.SecAggServer({i: c.public() for i, c in clients.items()}, layout, num_clients=k,
                                  dropouts=DROPOUTS, colluders=0, table_hash=0, rng=random.Random(seed))  # fmt: skip
     up = dict.fromkeys(clients, 2 * secagg.KEY_BYTES)  # the set-up's two public keys
@@ -88,12 +89,12 @@ def best(k: int, words: int, drop: bool, repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", default="10,50,200")
-    p.add_argument("--sizes", default=",".join(SIZES), help="which release vectors (names of SIZES)")
+    p.add_argument("--sizes", default=";".join(SIZES), help="which release vectors (names of SIZES, ';' between)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="")
     a = p.parse_args()
     rows = []
-    for name in a.sizes.split(","):
+    for name in a.sizes.split(";"):
         for k in map(int, a.clients.split(",")):
             for drop in (False, True):
                 rows.append({"release": name, **best(k, SIZES[name], drop, a.repeats)})
