@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -102,8 +103,8 @@ def main() -> None:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         command = f"benchmarks/secagg_cost.py --clients {a.clients} --sizes '{a.sizes}' --repeats {a.repeats}"
-        meta = {"command": command, "date": str(date.today()), "dropouts": DROPOUTS,
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}  # fmt: skip
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        meta = {"command": command, "date": str(date.today()), "dropouts": DROPOUTS, "machine": machine}
         Path(a.out).write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
 
 
