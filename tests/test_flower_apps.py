@@ -372,7 +372,7 @@ def test_secure_aggregation_on_flower_goes_on_when_30_percent_drop_after_the_key
     grid = LocalGrid(make_client_app(), nodes, silent=lambda node, group: node in lost and group in
                      ("secagg-masked", "secagg-unmask"))  # fmt: skip
     overrides = ("partition.num_clients=10 privacy.epsilon=4 privacy.pool=1 privacy.secagg=true privacy.dropouts=0.3 "
-                 "train.rounds=1 train.sample_every=0")  # fmt: skip
+                 "train.rounds=1 train.sample_every=0 train.local_steps=1")  # fmt: skip
     run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5}))
     summed, survivors = sums[0]
     assert survivors == [0, 2, 3, 5, 6, 8, 9]

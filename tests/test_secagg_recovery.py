@@ -245,7 +245,8 @@ def test_the_recovered_sums_noise_is_the_central_noise_whoever_drops():
 
 
 OVERRIDES = ["partition.num_clients=10", "privacy.epsilon=4", "privacy.pool=1", "privacy.secagg=true",
-             "privacy.dropouts=0.3", "faults.dropout=0.3", "train.rounds=1", "train.sample_every=0"]  # fmt: skip
+             "privacy.dropouts=0.3", "faults.dropout=0.3", "train.rounds=1", "train.sample_every=0",
+             "train.local_steps=1"]  # fmt: skip
 
 
 @needs_fmnist
@@ -281,6 +282,8 @@ def test_a_simulated_run_goes_on_when_30_percent_drop_out_of_the_secure_sum(tmp_
         assert f"secure aggregation: client {k} dropped out at masked: dropped out mid-round (simulated fault)" in logs
     assert any("secure aggregation: 7 of 10 clients summed (every other client each, 6 of 10 shares rebuild a "
                "secret, at least 7 needed)" in line for line in logs)  # fmt: skip
+    assert any("(each client adds std" in line and "against up to 0 colluding clients, with up to 3 of the 10 clients "
+               "dropping out)" in line for line in logs)  # fmt: skip
     assert rundir.read_metrics(out)[-1]["round"] == 1
     ckpt = rundir.load_checkpoint(out)
     pooled = privacy.stats_of_sum(summed, 0)

@@ -107,7 +107,9 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         log(f"privacy: the clients' summed statistics released once with epsilon={p['epsilon']:.3f}, "
             f"delta={p['delta']:g}, by secure aggregation with distributed noise (each client adds std "
             f"{p['client_noise_std']:.2f}, the sum carries >= {p['noise_std']:.2f}, against up to "
-            f"{p['colluders']} colluding clients)")  # fmt: skip
+            f"{p['colluders']} colluding clients"
+            + (f", with up to {cfg.partition.num_clients - p['min_survivors']} of the {cfg.partition.num_clients} "
+               "clients dropping out" if "min_survivors" in p else "") + ")")  # fmt: skip
     elif setup.privacy:
         p = setup.privacy
         log(f"privacy: each client's statistics released once with epsilon={p['epsilon']:.3f}, "
