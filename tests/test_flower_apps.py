@@ -349,11 +349,16 @@ def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path
 
 @needs_fmnist
 def test_secure_aggregation_on_flower_goes_on_when_30_percent_drop_after_the_key_exchange(tmp_path, monkeypatch):
-    """privacy.dropouts = 0.3 with 10 nodes: partitions 1, 4 and 7 send their shares, then nothing. The
+    """privacy.dropouts = 0.3 with 10 nodes: partitions 0, 2 and 8 send their shares, then nothing. The
     server rebuilds their mask keys and the others' seeds from the shares the survivors hold, its sum
-    is exactly the 7 survivors' vectors, and the run goes on (the silent nodes train in the rounds)."""
+    is exactly the 7 survivors' vectors, and the run goes on. The simulator with faults.dropout = 0.3
+    and seed 5 loses the same clients in the secure sum (and 0 and 9 in round 1, silent here too):
+    the same sum and the same scores, bit for bit (the noise made reproducible, as above)."""
+    import prismfl.privacy
+    from prismfl.fl import faults
     from prismfl.secagg import SecAggClient, SecAggServer
 
+    monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)
     words, sums = {}, []
     real_answer, real_result = SecAggClient.answer, SecAggServer.result
 
@@ -367,20 +372,28 @@ def test_secure_aggregation_on_flower_goes_on_when_30_percent_drop_after_the_key
 
     monkeypatch.setattr(SecAggClient, "answer", answer)
     monkeypatch.setattr(SecAggServer, "result", result)
+    overrides = ("seed=5 partition.num_clients=10 privacy.epsilon=4 privacy.pool=1 privacy.secagg=true "
+                 "privacy.dropouts=0.3 train.rounds=1 train.sample_every=0 train.local_steps=1")  # fmt: skip
+    cfg = load_config(SMOKE, [*overrides.split(), "faults.dropout=0.3"])
+    fate = {rnd: sorted(faults.draw(cfg, rnd, list(range(10)))) for rnd in (0, 1)}
+    assert fate == {0: [0, 2, 8], 1: [0, 9]}
+    _, sim_states = simulate_with_states(cfg, tmp_path / "sim")
     nodes = nodes_for(10)
-    lost = {node for node, cfg in nodes.items() if cfg["partition-id"] in (1, 4, 7)}
-    grid = LocalGrid(make_client_app(), nodes, silent=lambda node, group: node in lost and group in
-                     ("secagg-masked", "secagg-unmask"))  # fmt: skip
-    overrides = ("partition.num_clients=10 privacy.epsilon=4 privacy.pool=1 privacy.secagg=true privacy.dropouts=0.3 "
-                 "train.rounds=1 train.sample_every=0 train.local_steps=1")  # fmt: skip
-    run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5}))
-    summed, survivors = sums[0]
-    assert survivors == [0, 2, 3, 5, 6, 8, 9]
+    node = {c["partition-id"]: n for n, c in nodes.items()}
+    silent = {(node[k], f"secagg-{stage}") for k in fate[0] for stage in ("masked", "unmask")}
+    silent |= {(node[k], "round-1") for k in fate[1]}
+    grid = LocalGrid(make_client_app(), nodes, silent=lambda n, group: (n, group) in silent)
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5},
+                                   grid)  # fmt: skip
+    (sim_sum, sim_survivors), (summed, survivors) = sums
+    assert survivors == sim_survivors == [1, 3, 4, 5, 6, 7, 9]
     total = sum(words[k].view(np.int64).astype(object) for k in survivors)
     assert secagg.encode(secagg.flatten(summed)[0]).view(np.int64).tolist() == list(total)
+    assert torch.equal(secagg.flatten(summed)[0], secagg.flatten(sim_sum)[0])
     unmask = [m for m in grid.sent if m.metadata.group_id == "secagg-unmask"]
     assert len(unmask) == 7 and all(m.content["prismfl"]["survivors"] == 7 for m in unmask)
-    assert rundir.read_metrics(tmp_path / "fl")[-1]["round"] == 1
+    assert len(per_round) == len(sim_states) == 1 and torch.equal(per_round[0]["scores"], sim_states[0]["scores"])
+    assert [f["client"] for f in rundir.read_metrics(tmp_path / "fl")[-1]["failures"]] == [0, 9]
 
 
 @needs_fmnist
