@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from conftest import full_state_bytes, needs_fmnist
-from prismfl import modelfile, rundir
+from prismfl import modelfile, rundir, secagg
 from prismfl.capabilities import DENSE_MODEL
 from prismfl.config import load_config
 from prismfl.data import federation
@@ -324,9 +325,10 @@ def test_pooled_private_statistics_on_flower_match_the_simulator_bit_for_bit(tmp
 @needs_fmnist
 @pytest.mark.parametrize("shrink", ["", 'loss.features="public" privacy.shrink=true privacy.shrink_to="public"'])
 def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path, monkeypatch, shrink):
-    """privacy.secagg: public keys in the set-up replies, masked vectors in query.secagg, the pooled
-    statistics in query.pool; the masks cancel exactly, so the rounds match the simulator's. No
-    message the server receives holds a client's plain vector. With privacy.shrink_to = "public",
+    """privacy.secagg: public keys in the set-up replies, the three stages of the secure sum in query.secagg
+    (shares, masked vectors, unmasking), the pooled statistics in query.pool; the masks cancel exactly,
+    so the rounds match the simulator's. No message the server receives holds a client's plain vector.
+    With privacy.shrink_to = "public",
     partition 0's set-up reply carries the public statistics the server shrinks the secure sum toward."""
     import prismfl.privacy
 
@@ -336,7 +338,9 @@ def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path
     grid = LocalGrid(make_client_app(), nodes_for(3))
     per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides}, grid)
     kinds = [m.metadata.message_type for m in grid.sent]
-    assert kinds.count("query.secagg") == 3 and kinds.count("query.pool") == 3
+    assert kinds.count("query.secagg") == 9 and kinds.count("query.pool") == 3
+    groups = [m.metadata.group_id for m in grid.sent if m.metadata.message_type == "query.secagg"]
+    assert groups == [f"secagg-{stage}" for stage in ("shares", "masked", "unmask") for _ in range(3)]
     assert not any("shared" in m.content for m in grid.received)
     targets = [m for m in grid.received if "shrink-target" in m.content]
     assert len(targets) == (1 if shrink else 0)
@@ -345,11 +349,65 @@ def test_secure_aggregation_on_flower_matches_the_simulator_bit_for_bit(tmp_path
 
 
 @needs_fmnist
-def test_secure_aggregation_stops_when_a_client_does_not_send_its_masked_vector(tmp_path):
-    grid = LocalGrid(make_client_app(), nodes_for(3), silent=lambda node, group: node == 101 and group == "secagg")
+def test_secure_aggregation_on_flower_goes_on_when_30_percent_drop_after_the_key_exchange(tmp_path, monkeypatch):
+    """privacy.dropouts = 0.3 with 10 nodes: partitions 0, 2 and 8 send their shares, then nothing. The
+    server rebuilds their mask keys and the others' seeds from the shares the survivors hold, its sum
+    is exactly the 7 survivors' vectors, and the run goes on. The simulator with faults.dropout = 0.3
+    and seed 5 loses the same clients in the secure sum (and 0 and 9 in round 1, silent here too):
+    the same sum and the same scores, bit for bit (the noise made reproducible, as above)."""
+    import prismfl.privacy
+    from prismfl.fl import faults
+    from prismfl.secagg import SecAggClient, SecAggServer
+
+    monkeypatch.setattr(prismfl.privacy.secrets, "randbits", lambda bits: 12345)
+    words, sums = {}, []
+    real_answer, real_result = SecAggClient.answer, SecAggServer.result
+
+    def answer(self, my_id, stage, request):
+        words[my_id] = self.words
+        return real_answer(self, my_id, stage, request)
+
+    def result(self):
+        sums.append((real_result(self), list(self.survivors)))
+        return sums[-1][0]
+
+    monkeypatch.setattr(SecAggClient, "answer", answer)
+    monkeypatch.setattr(SecAggServer, "result", result)
+    overrides = ("seed=5 partition.num_clients=10 privacy.epsilon=4 privacy.pool=1 privacy.secagg=true "
+                 "privacy.dropouts=0.3 train.rounds=1 train.sample_every=0 train.local_steps=1")  # fmt: skip
+    cfg = load_config(SMOKE, [*overrides.split(), "faults.dropout=0.3"])
+    fate = {rnd: sorted(faults.draw(cfg, rnd, list(range(10)))) for rnd in (0, 1)}
+    assert fate == {0: [0, 2, 8], 1: [0, 9]}
+    _, sim_states = simulate_with_states(cfg, tmp_path / "sim")
+    nodes = nodes_for(10)
+    node = {c["partition-id"]: n for n, c in nodes.items()}
+    silent = {(node[k], f"secagg-{stage}") for k in fate[0] for stage in ("masked", "unmask")}
+    silent |= {(node[k], "round-1") for k in fate[1]}
+    grid = LocalGrid(make_client_app(), nodes, silent=lambda n, group: (n, group) in silent)
+    per_round = flower_with_states({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5},
+                                   grid)  # fmt: skip
+    (sim_sum, sim_survivors), (summed, survivors) = sums
+    assert survivors == sim_survivors == [1, 3, 4, 5, 6, 7, 9]
+    total = sum(words[k].view(np.int64).astype(object) for k in survivors)
+    assert secagg.encode(secagg.flatten(summed)[0]).view(np.int64).tolist() == list(total)
+    assert torch.equal(secagg.flatten(summed)[0], secagg.flatten(sim_sum)[0])
+    unmask = [m for m in grid.sent if m.metadata.group_id == "secagg-unmask"]
+    assert len(unmask) == 7 and all(m.content["prismfl"]["survivors"] == 7 for m in unmask)
+    assert len(per_round) == len(sim_states) == 1 and torch.equal(per_round[0]["scores"], sim_states[0]["scores"])
+    assert [f["client"] for f in rundir.read_metrics(tmp_path / "fl")[-1]["failures"]] == [0, 9]
+
+
+@needs_fmnist
+def test_secure_aggregation_stops_when_more_clients_drop_than_privacy_dropouts_allows(tmp_path):
+    """Without privacy.dropouts every client's noise share assumes all of them: one silent client stops
+    the run before any release, with a line that names it."""
+    silent = lambda node, group: node == 101 and group == "secagg-masked"  # noqa: E731 (partition 1)
+    grid = LocalGrid(make_client_app(), nodes_for(3), silent=silent)
     overrides = "privacy.epsilon=4 privacy.pool=1 privacy.secagg=true train.rounds=1"
-    with pytest.raises(PrismError, match=r"client\(s\) \[1\] sent no masked vector.*start the run again"):
-        run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides}))
+    with pytest.raises(PrismError, match=r"2 of 3 clients sent their masked vector, fewer than the 3 .*start it again "
+                                         r".*client 1: masked: no reply within 0.5 s"):  # fmt: skip
+        run_federation(grid, server({"out-dir": str(tmp_path / "fl"), "overrides": overrides, "reply-timeout": 0.5}))
+    assert not any(m.metadata.group_id == "secagg-unmask" for m in grid.sent)
 
 
 @needs_fmnist

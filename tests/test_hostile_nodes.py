@@ -269,15 +269,19 @@ def test_the_secure_aggregation_fields_of_a_setup_reply_are_checked():
 
     base = {"partition-id": 1, "num-weights": 10, "table-hash": f"{7:016x}", "class-counts": [], "source": "s",
             "model-info": '{"feature_net": {}, "privacy": null}', "link-key": b"k" * 32,
-            "secagg-public-key": b"p" * 32, "secagg-layout": "[[2], [2], [1]]", "secagg-clip": "[1.0]"}  # fmt: skip
+            "secagg-public-key": b"p" * 32, "secagg-share-key": b"q" * 32, "secagg-layout": "[[2], [2], [1]]",
+            "secagg-clip": "[1.0]"}  # fmt: skip
 
     def parse(**change):
         content = RecordDict({"prismfl": ConfigRecord({**base, **change})})
         return replies.setup_reply(content, clients=3, num_weights=10, table_hash=7, num_classes=10, codes=1,
                                    secagg=True, key_bytes=32)  # fmt: skip
 
-    assert parse().secagg == {"public_key": b"p" * 32, "layout": [[2], [2], [1]], "clip": [1.0]}
+    assert parse().secagg == {"public_key": b"p" * 32, "share_key": b"q" * 32, "layout": [[2], [2], [1]],
+                              "clip": [1.0]}  # fmt: skip
     for change, match in [({"secagg-public-key": 300_000_000}, "secagg-public-key must be 32 bytes"),
+                          ({"secagg-share-key": b"q" * 31}, "secagg-share-key must be 32 bytes"),
+                          ({"secagg-share-key": bytes(32)}, "share key is unusable"),
                           ({"secagg-layout": deep(3000)}, "nests deeper"),
                           ({"secagg-layout": "[[16384, 16384], [2], [1]]"}, "over the limit"),
                           ({"secagg-clip": "[-1]"}, "clip bounds"),

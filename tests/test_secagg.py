@@ -1,10 +1,12 @@
 """Secure aggregation with distributed noise (privacy.secagg, issue 13): the masks cancel exactly,
 a masked vector hides its client's, the distributed noise adds up to one central release's, hostile
-keys and messages are refused, and a run trains every client against the secure sum alone."""
+keys and messages are refused, and a run trains every client against the secure sum alone. The
+dropout recovery (issue 38) is tested in test_secagg_recovery.py."""
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from conftest import needs_fmnist
 from prismfl import secagg
 from prismfl.config import load_config
 from prismfl.errors import ConfigError
-from prismfl.secagg import SecAggClient, SecAggError
+from prismfl.secagg import SecAggClient, SecAggError, SecAggServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -29,17 +31,33 @@ def release(gen, rows=0, dims=(5, 3)):
             "counts": 50 * torch.rand(max(rows, 1), generator=gen, dtype=D)}  # fmt: skip
 
 
-def run_protocol(clients: dict[int, SecAggClient], context=b"run"):
-    keys = {k: c.public()["public_key"] for k, c in clients.items()}
-    masked = {k: c.masked(k, keys, context).tobytes() for k, c in clients.items()}
-    return masked, secagg.aggregate(masked, clients[min(clients)].layout)
+def clients_of(parts: dict, survivors: int | None = None) -> dict[int, SecAggClient]:
+    m = survivors or len(parts)
+    return {k: SecAggClient.of_release(p, min_survivors=m) for k, p in parts.items()}
+
+
+def run_protocol(clients: dict[int, SecAggClient], *, dropouts=0.0, colluders=0, change=None):
+    """The three stages over clients in this process: (server, {stage: {client: reply}}); `change(stage, k,
+    request)` may alter a request before client k answers it."""
+    server = SecAggServer({k: c.public() for k, c in clients.items()}, clients[min(clients)].layout,
+                          num_clients=len(clients), dropouts=dropouts, colluders=colluders, table_hash=7,
+                          rng=random.Random(0))  # fmt: skip
+    sent = {}
+    for stage in secagg.STAGES:
+        requests = server.requests(stage)
+        if change:
+            for k, r in requests.items():
+                change(stage, k, r)
+        sent[stage] = {k: clients[k].answer(k, stage, r) for k, r in requests.items()}
+        server.take(stage, sent[stage])
+    return server, sent
 
 
 def test_the_masks_cancel_and_the_sum_is_exact_in_fixed_point():
     gen = torch.Generator().manual_seed(0)
     parts = {k: release(gen, rows=3) for k in (0, 2, 5, 7)}  # ids need not be contiguous
-    clients = {k: SecAggClient.of_release(p) for k, p in parts.items()}
-    masked, total = run_protocol(clients)
+    server, _ = run_protocol(clients_of(parts))
+    total = server.result()
     for key in ("sums", "squares"):
         for i in range(2):
             want = sum(p[key][i] for p in parts.values())
@@ -47,30 +65,34 @@ def test_the_masks_cancel_and_the_sum_is_exact_in_fixed_point():
             assert float((total[key][i] - want).abs().max()) <= 4 * 2.0**-secagg.FRACTION_BITS  # one rounding each
     exact = sum(secagg.encode(secagg.flatten(p)[0]).view(np.int64).astype(object) for p in parts.values())
     assert total["counts"].tolist() == [float(v) / 2**secagg.FRACTION_BITS for v in exact[-3:]]
+    assert server.survivors == [0, 2, 5, 7] and server.dropped == {}
 
 
 def test_a_masked_vector_looks_nothing_like_its_clients_vector():
     gen = torch.Generator().manual_seed(1)
-    clients = {k: SecAggClient.of_release(release(gen, dims=(4000,))) for k in range(3)}
-    masked, _ = run_protocol(clients)
+    clients = clients_of({k: release(gen, dims=(4000,)) for k in range(3)})
+    _, sent = run_protocol(clients)
     for k, c in clients.items():
-        words = np.frombuffer(masked[k], dtype=np.uint64)
+        words = np.frombuffer(sent["masked"][k]["masked"], dtype=np.uint64)
         assert (words != c.words).mean() > 0.999
         top = (words >> np.uint64(63)).astype(float)  # the sign bit of the plain words is 0 or 1 by sign only
         assert abs(top.mean() - 0.5) < 0.05
-    # two clients alone: each masked vector is the other's negated mask away from the sum, never from its own
-    assert not np.array_equal(np.frombuffer(masked[0], dtype=np.uint64), clients[0].words)
 
 
 def test_masks_bind_the_run_context_and_the_participants():
+    """A client that masks for another run (another context) does not cancel: the sum is garbage."""
     gen = torch.Generator().manual_seed(2)
     parts = {k: release(gen) for k in range(3)}
-    clients = {k: SecAggClient.of_release(p) for k, p in parts.items()}
-    keys = {k: c.public()["public_key"] for k, c in clients.items()}
-    mixed = {k: c.masked(k, keys, b"run-a" if k else b"run-b").tobytes() for k, c in clients.items()}
-    total = secagg.aggregate(mixed, clients[0].layout)
+
+    def other_run(stage, k, request):
+        if stage == "masked" and k == 1:
+            request["context"] = secagg.context_of(8, [0, 1, 2])
+
+    server, _ = run_protocol(clients_of(parts), change=other_run)
     want = sum(p["sums"][0] for p in parts.values())
-    assert float((total["sums"][0] - want).abs().max()) > 1e3  # the masks did not cancel: garbage, not the sum
+    assert float((server.result()["sums"][0] - want).abs().max()) > 1e3
+    assert secagg.context_of(7, [0, 1, 2]) != secagg.context_of(7, [0, 1, 3]) != secagg.context_of(8, [0, 1, 3])
+    assert len(secagg.context_of(7, range(5000))) == secagg.CONTEXT_BYTES  # whatever the number of participants
 
 
 def test_the_distributed_noise_adds_up_to_one_central_release():
@@ -85,7 +107,7 @@ def test_the_distributed_noise_adds_up_to_one_central_release():
     shares = []
     for i in range(k):
         rel = private_feature_stats(extract, images, clip, 1.0, 1e-5, generator=torch.Generator().manual_seed(i),
-                                    noise_share=1 / math.sqrt(k))  # fmt: skip
+                                    noise_share=secagg.noise_share(k, 0.0, 0))  # fmt: skip
         shares.append(rel.shared["sums"][0] / clip[0] - exact)
     sigma = rel.noise_multiplier * rel.sensitivity
     assert float(shares[0].std()) == pytest.approx(sigma / 2, rel=0.05)
@@ -94,16 +116,32 @@ def test_the_distributed_noise_adds_up_to_one_central_release():
 
 def test_hostile_keys_layouts_and_messages_are_refused():
     gen = torch.Generator().manual_seed(3)
-    a, b = SecAggClient.of_release(release(gen)), SecAggClient.of_release(release(gen))
-    keys = {0: a.public()["public_key"], 1: b.public()["public_key"]}
-    with pytest.raises(SecAggError, match="does not hold its own key"):
-        a.masked(0, {0: keys[1], 1: keys[1]}, b"x")
-    with pytest.raises(SecAggError, match="not 32 bytes"):
-        a.masked(0, {0: keys[0], 1: b"short"}, b"x")
+    clients = clients_of({k: release(gen) for k in range(3)})
+    server = SecAggServer({k: c.public() for k, c in clients.items()}, clients[0].layout, num_clients=3,
+                          dropouts=0.0, colluders=0, table_hash=7, rng=random.Random(0))  # fmt: skip
+    shares = server.requests("shares")
+    a, keys = clients[0], shares[0]["share-keys"]
+    with pytest.raises(SecAggError, match="do not include it with its own key"):
+        a.answer(0, "shares", {**shares[0], "share-keys": [keys[1], keys[1], keys[2]]})
+    with pytest.raises(SecAggError, match=r"threshold must be an integer in \[1, 3\]"):
+        a.answer(0, "shares", {**shares[0], "threshold": 4})
     with pytest.raises(SecAggError, match="unusable"):
-        a.masked(0, {0: keys[0], 1: bytes(32)}, b"x")  # the all-zero point: a small-order key
-    with pytest.raises(SecAggError, match="not .* bytes"):
-        secagg.aggregate({0: a.masked(0, keys, b"x").tobytes(), 1: b"\0" * 8}, a.layout)
+        a.answer(0, "shares", {**shares[0], "share-keys": [keys[0], bytes(32), keys[2]]})  # a small-order key
+    with pytest.raises(SecAggError, match="increasing client ids"):
+        a.answer(0, "shares", {**shares[0], "holders": [0, 2, 1]})
+    with pytest.raises(SecAggError, match="lacks 'context'"):
+        a.answer(0, "shares", {k: v for k, v in shares[0].items() if k != "context"})
+    with pytest.raises(SecAggError, match="no secure-aggregation stage"):
+        a.answer(0, "sum", shares[0])
+    server.take("shares", {k: c.answer(k, "shares", shares[k]) for k, c in clients.items()})
+    masked = server.requests("masked")
+    pk = masked[0]["mask-keys"]
+    with pytest.raises(SecAggError, match="mask-keys must be 2 byte strings of 32 bytes"):
+        a.answer(0, "masked", {**masked[0], "mask-keys": [pk[0], b"short"]})
+    with pytest.raises(SecAggError, match="unusable"):
+        a.answer(0, "masked", {**masked[0], "mask-keys": [pk[0], bytes(32)]})
+    with pytest.raises(SecAggError, match="among its own peers"):
+        a.answer(0, "masked", {**masked[0], "peers": [0, 1], "mask-keys": [pk[0], pk[0]]})
     for layout in ([[5]], [[5], [5], [1], [2]], [[0], [0], [1]], [[1 << 40], [1], [1]], "[[5]]"):
         with pytest.raises(SecAggError):
             secagg.check_layout(layout)
@@ -113,16 +151,46 @@ def test_hostile_keys_layouts_and_messages_are_refused():
         secagg.encode(torch.tensor([float("nan")], dtype=D))
 
 
+def test_a_bad_reply_drops_its_client_not_the_sum():
+    """Every field of a reply is checked before use: a reply of the wrong type or size drops its client
+    (with the reason), as if it had dropped out, and never the secure sum (with dropouts allowed)."""
+    gen = torch.Generator().manual_seed(5)
+    parts = {k: release(gen) for k in range(6)}
+    clients = clients_of(parts, survivors=3)
+    server = SecAggServer({k: c.public() for k, c in clients.items()}, clients[0].layout, num_clients=6,
+                          dropouts=0.5, colluders=0, table_hash=7, rng=random.Random(0))  # fmt: skip
+    bad = {
+        "shares": {1: {"sealed": "x", "commitments": []}, 2: ["not a table"]},
+        "masked": {3: {"masked": b"\0" * 8}},
+    }
+    for stage in secagg.STAGES:
+        replies = {k: clients[k].answer(k, stage, r) for k, r in server.requests(stage).items()}
+        server.take(stage, {**replies, **bad.get(stage, {})})
+    assert server.dropped == {1: f"shares: sealed must be {server.plan.holders} byte strings of 148 bytes",
+                              2: "shares: the reply lacks 'sealed'",
+                              3: "masked: the masked vector must be 136 bytes"}  # fmt: skip
+    exact = sum(clients[k].words.view(np.int64).astype(object) for k in (0, 4, 5))
+    assert secagg.encode(secagg.flatten(server.result())[0]).view(np.int64).tolist() == list(exact)
+
+
 def test_a_client_state_round_trips_and_a_damaged_one_is_refused():
     from prismfl import safestate
 
     gen = torch.Generator().manual_seed(4)
-    a, b = SecAggClient.of_release(release(gen)), SecAggClient.of_release(release(gen))
-    keys = {0: a.public()["public_key"], 1: b.public()["public_key"]}
+    clients = clients_of({k: release(gen) for k in range(2)})
+    server = SecAggServer({k: c.public() for k, c in clients.items()}, clients[0].layout, num_clients=2,
+                          dropouts=0.0, colluders=0, table_hash=7, rng=random.Random(0))  # fmt: skip
+    a = clients[0]
     back = SecAggClient.from_tree(safestate.from_bytes(safestate.to_bytes(a.to_tree())))
-    assert np.array_equal(back.masked(0, keys, b"x"), a.masked(0, keys, b"x"))
+    request = server.requests("shares")[0]
+    assert back.answer(0, "shares", request) == a.answer(0, "shares", request)  # the same keys, seed and shares
+    assert (back.min_survivors, back.colluders, back.answered) == (2, 0, b"")
     tree = a.to_tree()
     tree["words"] = tree["words"][:-1]
+    with pytest.raises(SecAggError, match="not usable"):
+        SecAggClient.from_tree(tree)
+    tree = a.to_tree()
+    del tree["share_private"]  # a state from before the dropout recovery
     with pytest.raises(SecAggError, match="not usable"):
         SecAggClient.from_tree(tree)
 
@@ -136,7 +204,11 @@ def test_a_client_state_round_trips_and_a_damaged_one_is_refused():
           "train.batch_size=20"], "pool_classes = 'all'"),
         (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", 'train.method="fedavg"'], "prism"),
         (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.colluders=3"], r"\[0, 2\]"),
-        (["privacy.epsilon=1", "privacy.colluders=1"], "for privacy.secagg"),
+        (["privacy.epsilon=1", "privacy.colluders=1"], "colluders is for privacy.secagg"),
+        (["privacy.epsilon=1", "privacy.dropouts=0.3"], "dropouts is for privacy.secagg"),
+        (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.dropouts=0.6"], "privacy.dropouts"),
+        (["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.dropouts=0.5",
+          "privacy.colluders=2"], "leaves M = 2 of the 3 clients, not more than privacy.colluders = 2"),
         (["privacy.pool=1", "privacy.secagg=true"], "only private releases"),
     ],
 )  # fmt: skip
@@ -155,18 +227,18 @@ def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monke
     from prismfl.fl.client import NOT_REPORTED
 
     vectors, sums = [], []
-    real_of_release, real_aggregate = SecAggClient.of_release.__func__, secagg.aggregate
+    real_of_release, real_result = SecAggClient.of_release.__func__, SecAggServer.result
 
-    def of_release(cls, shared, clip=None):
+    def of_release(cls, shared, clip=None, **kw):
         vectors.append(shared)
-        return real_of_release(cls, shared, clip)
+        return real_of_release(cls, shared, clip, **kw)
 
-    def aggregate(masked, layout):
-        sums.append(real_aggregate(masked, layout))
+    def result(self):
+        sums.append(real_result(self))
         return sums[-1]
 
     monkeypatch.setattr(SecAggClient, "of_release", classmethod(of_release))
-    monkeypatch.setattr(secagg, "aggregate", aggregate)
+    monkeypatch.setattr(SecAggServer, "result", result)
     overrides = ["privacy.epsilon=2", "privacy.pool=1", "privacy.secagg=true", "privacy.colluders=1",
                  "train.rounds=1"]  # fmt: skip
     logs: list[str] = []
@@ -174,7 +246,8 @@ def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monke
     assert len(vectors) == 3 and len(sums) == 1
     want = sum(v["sums"][0] for v in vectors)
     assert float((sums[0]["sums"][0] - want).abs().max()) < 3 * 2.0**-secagg.FRACTION_BITS
-    assert any("secure aggregation: 3 clients" in line for line in logs)
+    assert any("secure aggregation: 3 of 3 clients summed (every other client each, 2 of 3 shares rebuild a "
+               "secret, at least 3 needed)" in line for line in logs)  # fmt: skip
     assert any("against up to 1 colluding clients" in line for line in logs)
     assert NOT_REPORTED in (out / "partition.txt").read_text()
     ckpt = rundir.load_checkpoint(out)
@@ -183,6 +256,7 @@ def test_a_secagg_run_trains_every_client_against_the_secure_sum(tmp_path, monke
         assert c["secagg"] is None
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(c["stats"]["mean"], pooled.mean))
         assert c["privacy"]["client_noise_std"] == pytest.approx(c["privacy"]["noise_std"] / math.sqrt(2))
+        assert "min_survivors" not in c["privacy"]  # without privacy.dropouts, what runs wrote before them
 
 
 def test_cli_privacy_prints_the_secure_sum_shares(run_cli):
@@ -267,7 +341,7 @@ def test_a_secagg_run_with_shrinkage(tmp_path):
     logs: list[str] = []
     overrides = ["privacy.epsilon=1", "privacy.pool=1", "privacy.secagg=true", "privacy.shrink=true", "train.rounds=1"]
     simulate.train(load_config(SMOKE, overrides), tmp_path / "run", log=logs.append)
-    assert any("secure aggregation: 3 clients" in line for line in logs)
+    assert any("secure aggregation: 3 of 3 clients summed" in line for line in logs)
     with pytest.raises(ConfigError, match="set privacy.epsilon"):
         load_config(SMOKE, ["privacy.shrink=true"])
 

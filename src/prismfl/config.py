@@ -126,10 +126,18 @@ class PrivacyConfig:
     # pooling (docs/privacy.md): the clients' releases, already DP, summed by the server and sent back
     pool: float = 0.0  # weight of the pooled statistics in each client's targets (0: its own release only)
     pool_classes: str = "own"  # conditional: "own" classes the client holds; "all": every class, pooled ones too
-    # distributed noise (prismfl/secagg.py): each client adds 1/sqrt(K - colluders) of the noise and the
+    # distributed noise (prismfl/secagg.py): each client adds 1/sqrt(M - colluders) of the noise and the
     # server learns only the sum of the clients' vectors, by secure aggregation; needs pool = 1
     secagg: bool = False
     colluders: int = 0  # clients assumed to collude with the server: the guarantee holds against them too
+    # with secagg: the fraction of the K clients that may drop out of the secure sum (set-up to masked
+    # vector) and the sum still be unmasked; each client's noise share is sized for the M = K - floor(dropouts K)
+    # that must remain (0: every client must send its vector)
+    dropouts: float = 0.0
+    # with secagg: the fraction of the K clients that may drop out of the secure sum (set-up to masked
+    # vector) and the sum still be unmasked; each client's noise share is sized for the M = K - floor(dropouts K)
+    # that must remain (0: every client must send its vector)
+    dropouts: float = 0.0
     shrink: bool = False  # James-Stein shrinkage of the released means and second moments (post-processing)
     # what shrink pulls toward: "layer" (each layer's average) or "public" (the public hold-out's own
     # clipped statistics, per class: public data, so still post-processing)

@@ -56,6 +56,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "privacy.split": (0, 1, "()"),  # the modes' share of the privacy budget
     "privacy.pool": (0, 1, "[]"),
     "privacy.colluders": (0, 65_534, "[]"),  # and fewer than partition.num_clients
+    "privacy.dropouts": (0, 0.5, "[]"),  # (up to half: each client's noise variance grows as 1 / (1 - dropouts))
     "faults.dropout": (0, 1, "[)"),
     "faults.straggler": (0, 1, "[)"),
     "faults.byzantine": (0, 1, "[)"),
@@ -164,14 +165,23 @@ def _privacy(cfg) -> None:
     if p.shrink_to == "public" and not cfg.public_images():
         raise ConfigError("privacy.shrink_to = 'public' pulls toward the public hold-out's statistics: it needs "
                           "loss.features = 'public' and partition.public_holdout > 0")  # fmt: skip
-    if p.colluders and not p.secagg:
-        raise ConfigError("privacy.colluders is for privacy.secagg = true")
+    if (p.colluders or p.dropouts) and not p.secagg:
+        raise ConfigError(f"privacy.{'colluders' if p.colluders else 'dropouts'} is for privacy.secagg = true")
     if p.secagg and (p.pool != 1 or (cfg.model.conditional and p.pool_classes != "all")):
         raise ConfigError("privacy.secagg: no client's own statistics are private on their own, so every client "
                           "trains against the secure sum alone: set privacy.pool = 1"
                           + (" and privacy.pool_classes = 'all'" if cfg.model.conditional else ""))  # fmt: skip
     if not 0 <= p.colluders < cfg.partition.num_clients:
         raise ConfigError(f"privacy.colluders must be in [0, {cfg.partition.num_clients - 1}], got {p.colluders}")
+    if p.secagg:
+        from prismfl.secagg import min_survivors
+
+        left = min_survivors(cfg.partition.num_clients, p.dropouts)
+        if p.colluders >= left:
+            raise ConfigError(f"privacy.dropouts = {p.dropouts:g} leaves M = {left} of the "
+                              f"{cfg.partition.num_clients} clients, not more than privacy.colluders = "
+                              f"{p.colluders}: each client's noise share, "
+                              "sigma / sqrt(M - colluders), needs M > colluders")  # fmt: skip
     if not math.isinf(p.epsilon):
         from prismfl.privacy import noise_multiplier
 

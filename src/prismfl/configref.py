@@ -58,6 +58,7 @@ METHODS_OF: dict[str, tuple[str, ...]] = {
     },
     "privacy.secagg": ("prism",),
     "privacy.colluders": ("prism",),
+    "privacy.dropouts": ("prism",),
     "robust.rule": ("prism", "fedavg"),  # the methods that aggregate their clients' uploads
     "robust.tolerance": ("prism", "fedavg"),
     "robust.trim": ("prism",),

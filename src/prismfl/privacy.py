@@ -75,6 +75,10 @@ def summary_schema(cfg, layers: int | None = None):
         fields["moments_noise_multiplier"] = positive
     if p.secagg:
         fields.update(secagg=schema.Const(True), colluders=schema.Const(p.colluders), client_noise_std=positive)
+        if p.dropouts:  # (absent without: a run without dropouts writes what it wrote before they existed)
+            from prismfl.secagg import min_survivors
+
+            fields["min_survivors"] = schema.Const(min_survivors(cfg.partition.num_clients, p.dropouts))
     table = schema.Table(fields, what="a private release's parameters (a table)")
 
     def calibrated(summary: dict, path: str) -> None:
@@ -85,7 +89,10 @@ def summary_schema(cfg, layers: int | None = None):
         if "moments" in plan.noise:
             want["moments_noise_multiplier"] = plan.z("moments")
         if p.secagg:
-            want["client_noise_std"] = want["noise_std"] / math.sqrt(cfg.partition.num_clients - p.colluders)
+            from prismfl.secagg import noise_share
+
+            want["client_noise_std"] = want["noise_std"] * noise_share(cfg.partition.num_clients, p.dropouts,
+                                                                       p.colluders)  # fmt: skip
         for key, value in want.items():
             if not math.isclose(summary[key], value, rel_tol=1e-6):
                 schema.fail(schema.join(path, key), f"{value:.6g} (the release of privacy.epsilon = {p.epsilon:g}, "
@@ -373,7 +380,7 @@ def check_target(target: dict, like: dict) -> None:
 
 
 def stats_of_sum(summed: dict, num_classes: int) -> FeatureStats:
-    """The statistics of summed noisy sums (pooled, or the secure sum of secagg.aggregate)."""
+    """The statistics of summed noisy sums (pooled, or the secure sum of secagg.SecAggServer)."""
     counts = summed["counts"].double()
     return stats_from_sums(summed["sums"], summed["squares"], counts if num_classes else float(counts.reshape(-1)[0]))
 
@@ -441,7 +448,13 @@ class Private:
         """(statistics, parameters, shared): with privacy.pool, `shared` is the release's noisy sums;
         with privacy.secagg, the client's side of secure aggregation, and no statistics of its own."""
         p, plan = ctx.cfg.privacy, budget(ctx.cfg)
-        share = 1 / math.sqrt(ctx.cfg.partition.num_clients - p.colluders) if p.secagg else 1.0
+        if p.secagg:
+            from prismfl import secagg
+
+            share = secagg.noise_share(ctx.cfg.partition.num_clients, p.dropouts, p.colluders)
+            survivors = secagg.min_survivors(ctx.cfg.partition.num_clients, p.dropouts)
+        else:
+            share = 1.0
         release = private_feature_stats(lambda x: ctx.extract(x.to(ctx.device)), images, ctx.privacy_clip(),
                                         p.epsilon, p.delta, noise=plan.z("statistics"),
                                         labels=labels, num_classes=self.inner.spec.codes,
@@ -454,8 +467,10 @@ class Private:
         if "moments" in plan.noise:
             summary["moments_noise_multiplier"] = plan.z("moments")
         if p.secagg:
-            from prismfl.secagg import SecAggClient
-
             summary.update(secagg=True, colluders=p.colluders, client_noise_std=summary["noise_std"] * share)
-            return None, summary, SecAggClient.of_release(release.shared, release.clip)
+            if p.dropouts:
+                summary["min_survivors"] = survivors
+            client = secagg.SecAggClient.of_release(release.shared, release.clip, min_survivors=survivors,
+                                                    colluders=p.colluders)  # fmt: skip
+            return None, summary, client
         return release.stats, summary, release.shared if p.pool > 0 else None

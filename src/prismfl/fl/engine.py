@@ -83,9 +83,10 @@ class Transport(Protocol):
         """Give every client the pooled statistics (privacy.pool): each mixes them into its targets."""
         ...
 
-    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
-        """Secure aggregation (privacy.secagg): send every client the participants' public keys; return
-        the masked vectors that came back, by client."""
+    def secagg_exchange(self, stage: str, requests: dict[int, dict]) -> tuple[dict[int, dict], dict[int, str]]:
+        """Secure aggregation (privacy.secagg): send each client its request of one stage of the secure sum
+        (secagg.SecAggServer.requests); return the replies that came back, by client, and why the others
+        sent none."""
         ...
 
 
@@ -106,7 +107,9 @@ def run(cfg: RunConfig, out: str | Path, transport: Transport, *, resume: bool =
         log(f"privacy: the clients' summed statistics released once with epsilon={p['epsilon']:.3f}, "
             f"delta={p['delta']:g}, by secure aggregation with distributed noise (each client adds std "
             f"{p['client_noise_std']:.2f}, the sum carries >= {p['noise_std']:.2f}, against up to "
-            f"{p['colluders']} colluding clients)")  # fmt: skip
+            f"{p['colluders']} colluding clients"
+            + (f", with up to {cfg.partition.num_clients - p['min_survivors']} of the {cfg.partition.num_clients} "
+               "clients dropping out" if "min_survivors" in p else "") + ")")  # fmt: skip
     elif setup.privacy:
         p = setup.privacy
         log(f"privacy: each client's statistics released once with epsilon={p['epsilon']:.3f}, "
@@ -279,8 +282,10 @@ def pool_statistics(cfg: RunConfig, method: Method, setup: Setup, transport: Tra
 
 
 def secure_sum(method: Method, setup: Setup, transport: Transport, log):
-    """Secure aggregation (prismfl/secagg.py): relay the public keys, collect the masked vectors, sum
-    them (the masks cancel) into the statistics of the noisy sum. Every client must answer."""
+    """Secure aggregation (prismfl/secagg.py): run the server's side of the secure sum over the transport
+    (shares, masked vectors, unmasking) and decode the sum of the vectors of the clients that took part to
+    the end into the statistics of the noisy sum. Clients may drop out, up to privacy.dropouts; with more
+    the run stops here, before any release."""
     import json
 
     from prismfl import privacy, secagg
@@ -293,19 +298,30 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
 
     t0 = time.perf_counter()
     layout = agreed("layout", "vector layouts")
-    keys = {k: s.get("public_key") for k, s in setup.shared.items()}
-    masked = transport.secagg_masked(keys, secagg.context_of(setup.table_hash, keys))
-    missing = sorted(set(keys) - set(masked))
-    if missing:
-        raise PrismError(f"secure aggregation: client(s) {missing} sent no masked vector, so the sum cannot be "
-                         "unmasked (no dropout recovery); start the run again")  # fmt: skip
-    summed = secagg.aggregate({k: masked[k] for k in keys}, layout)
+    c = method.cfg
+    server = None
+    try:
+        server = secagg.SecAggServer(setup.shared, layout, num_clients=c.partition.num_clients,
+                                     dropouts=c.privacy.dropouts, colluders=c.privacy.colluders,
+                                     table_hash=setup.table_hash)  # fmt: skip
+        for stage in secagg.STAGES:
+            replies, failures = transport.secagg_exchange(stage, server.requests(stage))
+            server.take(stage, replies, failures)
+        summed = server.result()
+    except secagg.SecAggError as exc:
+        lost = "; ".join(f"client {k}: {why}" for k, why in sorted(server.dropped.items())) if server else ""
+        raise PrismError(f"secure aggregation: {exc}; the run stops before any release: start it again (every "
+                         f"client then releases anew){f' ({lost})' if lost else ''}") from None  # fmt: skip
+    for k, why in sorted(server.dropped.items()):
+        log(f"secure aggregation: client {k} dropped out at {why}")
+    survivors = len(server.survivors)
     if method.cfg.privacy.shrink:
         clip = secagg.check_clip(agreed("clip", "clip bounds"))
         if len(clip) != len(summed["sums"]):
             raise PrismError(f"{len(clip)} clip bounds for {len(summed['sums'])} feature layers")
         p = setup.privacy
-        sigma = p["noise_std"] * (len(keys) / (len(keys) - p.get("colluders", 0))) ** 0.5
+        # the noise of the S vectors summed: S shares of sigma / sqrt(M - c) each
+        sigma = p["noise_std"] * (survivors / (server.plan.min_survivors - p.get("colluders", 0))) ** 0.5
         target = None
         if method.cfg.privacy.shrink_to == "public":
             if setup.shrink_target is None:
@@ -321,8 +337,12 @@ def secure_sum(method: Method, setup: Setup, transport: Transport, log):
         log(f"privacy: the secure sum shrunk toward {toward}; it keeps on average "
             f"{np.mean(kept['means'] or [0]):.0%} of its means' and {np.mean(kept['seconds'] or [0]):.0%} of its "
             "second moments' departure from there (James-Stein, post-processing)")  # fmt: skip
-    log(f"secure aggregation: {len(keys)} clients, {sum(len(v) for v in masked.values()):,} bytes of masked "
-        f"vectors, {32 * len(keys) * len(keys):,} bytes of relayed keys, {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    plan = server.plan
+    graph = "every other client" if plan.half_degree is None else f"{2 * plan.half_degree} neighbours"
+    log(f"secure aggregation: {survivors} of {len(server.ids)} clients summed ({graph} each, {plan.threshold} of "
+        f"{plan.holders} shares rebuild a secret, at least {plan.min_survivors} needed), "
+        f"{server.traffic['up']:,} bytes up, {server.traffic['down']:,} bytes down, "
+        f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     return privacy.stats_of_sum(summed, method.spec.codes)
 
 

@@ -12,6 +12,8 @@ in step) and then sends something else instead of its honest upload, always a we
   0.1 % of its bits flipped so that no two are byte-identical (floats: one shared noise vector,
   each with a little noise of its own)
 - replay: the upload it sent in an earlier round (its honest one when it has none yet)
+With privacy.secagg, the secure sum at set-up draws its dropouts as a round 0: a client that drops out
+or straggles there sends its shares, then nothing more (it fails after the key exchange).
 Every draw comes from the run seed, so a faulty run is as reproducible as a clean one.
 """
 

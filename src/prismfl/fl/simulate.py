@@ -121,8 +121,22 @@ class InProcess:
         for client in self.clients.values():
             client.take_pool(self.cfg, pooled)
 
-    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
-        return {k: self.clients[k].shared.masked(k, keys, context).tobytes() for k in keys}
+    def secagg_exchange(self, stage: str, requests: dict[int, dict]) -> tuple[dict[int, dict], dict[int, str]]:
+        """One stage of the secure sum; with faults.dropout, the clients that drop out (drawn as for a
+        round 0) send nothing from their masked vector on, after the key exchange."""
+        from prismfl.secagg import SecAggError
+
+        lost = faults.draw(self.cfg, 0, sorted(self.clients)) if stage != "shares" else {}
+        replies, failures = {}, {}
+        for k, request in requests.items():
+            if lost.get(k) in faults.LOST:
+                failures[k] = faults.LOST[lost[k]]
+                continue
+            try:
+                replies[k] = self.clients[k].shared.answer(k, stage, request)
+            except SecAggError as exc:  # what a node's error reply carries on Flower
+                failures[k] = str(exc)
+        return replies, failures
 
     def exchange(self, rnd: int, downlinks: dict[int, Downlink]) -> tuple[dict[int, Upload], list[dict]]:
         """Every client's round, then the faults of `cfg.faults` (fl/faults.py): lost uploads, hostile ones."""

@@ -3,7 +3,8 @@
 Two messages reach a client. "query" (once, at the start): the server's RunConfig in; the client
 computes its feature statistics (the only use of its images; privatised when privacy is on) and
 answers with what the run directory records about it (with privacy.pool, also its release's noisy
-sums; with privacy.secagg, its public key, then its masked vector in "query.secagg"; the pooled
+sums; with privacy.secagg, its two public keys, then its part of each stage of the secure sum in
+"query.secagg": its sealed shares, its masked vector, the shares it holds; the pooled
 statistics come back once in "query.pool"). "train" (each round it is chosen): the
 round's wire messages in (for PRISM, the broadcasts that bring its replica of the global scores up
 to date); one upload out. What a client keeps between messages (its statistics, Adam and tracker
@@ -139,10 +140,10 @@ def setup(message: Message, context: Context) -> Message:
     if k == 0 and int(message.content["prismfl"].get("warm-start", 0)):  # a fresh run's train.warm_start
         warm, warm_info = warm_start(ctx, cfg.train.warm_start)
         reply["warm-start-info"] = json.dumps(warm_info)
-    if cfg.privacy.secagg:  # its public key and vector layout; the vector itself goes masked, in query.secagg
+    if cfg.privacy.secagg:  # its public keys and vector layout; the vector itself goes masked, in query.secagg
         public = client.shared.public()
         reply["secagg-public-key"], reply["secagg-layout"] = public["public_key"], json.dumps(public["layout"])
-        reply["secagg-clip"] = json.dumps(public["clip"])
+        reply["secagg-share-key"], reply["secagg-clip"] = public["share_key"], json.dumps(public["clip"])
     content = RecordDict({"prismfl": ConfigRecord(reply)})
     if warm is not None:  # the round-0 scores trained on the public hold-out, a wire state message
         content["warm-start"] = ArrayRecord({"000": to_array(warm)})
@@ -184,17 +185,21 @@ def _restore(context: Context):
 
 
 def secagg(message: Message, context: Context) -> Message:
-    """privacy.secagg: the participants' public keys in; the client's vector plus its pairwise masks out."""
-    _, _, _, client = _restore(context)
+    """privacy.secagg: one stage of the secure sum (secagg.SecAggClient.answer): the server's request in,
+    the client's part out (its masked vector in an array record). After the unmask stage the client
+    saves what it answered, and answers no other unmask request."""
+    cfg_json, recipe_json, _, client = _restore(context)
     if not isinstance(client.shared, SecAggClient):
         raise PrismError(f"client {client.k} has no secure-aggregation state (set up without privacy.secagg?)")
-    request = message.content["prismfl"]
-    peers, keys = list(request["peers"]), list(request["keys"])
-    if len(peers) != len(keys) or len(set(peers)) != len(peers):
-        raise PrismError("the secure-aggregation request's peers and keys do not match")
-    masked = client.shared.masked(client.k, dict(zip(peers, keys)), bytes(request["context"]))
-    content = RecordDict({"masked": ArrayRecord({"000": to_array(masked.tobytes(), SECAGG)}),
-                          "prismfl": ConfigRecord({"partition-id": client.k})})  # fmt: skip
+    request = dict(message.content["prismfl"])
+    stage = request.pop("stage", None)
+    reply = client.shared.answer(client.k, stage, request)
+    if stage == "unmask":
+        _save(context, cfg_json, recipe_json, client, _link_key(context))
+    masked = reply.pop("masked", None)
+    content = RecordDict({"prismfl": ConfigRecord({"partition-id": client.k, **reply})})
+    if masked is not None:
+        content["masked"] = ArrayRecord({"000": to_array(masked, SECAGG)})
     return Message(content, reply_to=message)
 
 

@@ -119,7 +119,7 @@ class SetupReply:
     statistics_class_counts: list[float] | None = None
     warm_start: bytes | None = None  # partition 0 of a warm-started run: a wire state message (decoded later)
     warm_info: dict | None = None
-    secagg: dict | None = None  # privacy.secagg: public_key, layout, clip
+    secagg: dict | None = None  # privacy.secagg: public_key, share_key, layout, clip
     shrink_target: dict | None = None
     shared: dict | None = None  # privacy.pool: its release's noisy sums (a safestate tree)
     statistics: object | None = None  # a pooled warm start: its (released) feature statistics, a FeatureStats
@@ -176,9 +176,11 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
         reply.warm_start = payload(content, "warm-start", "prismfl/wire", "warm-start scores")
     if secagg:
         key = raw_bytes(info.get("secagg-public-key"), "secagg-public-key", key_bytes)
+        share_key = raw_bytes(info.get("secagg-share-key"), "secagg-share-key", key_bytes)
         layout = json_field(info.get("secagg-layout"), "secagg-layout")
         try:
             sa.check_public_key(key)  # (a small-order key would make every other client's masking fail)
+            sa.check_public_key(share_key, "a secure-aggregation share key")
             sa.check_layout(layout)
             clip = json_field(info.get("secagg-clip"), "secagg-clip")
             if not (isinstance(clip, list) and all(finite(c) for c in clip)):
@@ -186,7 +188,7 @@ def setup_reply(content, *, clients: int, num_weights: int, table_hash: int, num
             clip = sa.check_clip(clip)
         except sa.SecAggError as exc:
             raise NodeError(str(exc)) from None
-        reply.secagg = {"public_key": key, "layout": layout, "clip": clip}
+        reply.secagg = {"public_key": key, "share_key": share_key, "layout": layout, "clip": clip}
     if "shrink-target" in content:
         blob = payload(content, "shrink-target", STATE, "shrinkage target")
         reply.shrink_target = _tree(blob, "shrinkage target")

@@ -35,7 +35,7 @@ from prismfl.fl.engine import Setup
 from prismfl.fl.methods.base import Downlink, Upload
 from prismfl.flower import replies
 from prismfl.flower.messaging import claimed_replies, exchange, reply_error, wait_for_nodes
-from prismfl.flower.payload import SECAGG, STATE, WIRE, downlink_tag, from_array, to_array, wire_record
+from prismfl.flower.payload import SECAGG, STATE, WIRE, downlink_tag, to_array, wire_record
 from prismfl.flower.settings import ServerSettings, server_settings
 
 log = logging.getLogger("flwr").info
@@ -150,8 +150,10 @@ def setup_clients(
             del infos[pid]
     for node, why in dropped.items():
         log(f"SuperNode {node} dropped at set-up: {why}")
-    if cfg.privacy.secagg and dropped:  # each client's noise share assumes all k clients add theirs
-        raise PrismError(f"secure aggregation needs every client: {len(dropped)} SuperNode(s) dropped at set-up, "
+    need = secagg.min_survivors(k, cfg.privacy.dropouts)  # each client's noise share assumes that many add theirs
+    if cfg.privacy.secagg and len(node_of) < need:
+        who = "every client" if need == k else f"{need} of the {k} clients (privacy.dropouts)"
+        raise PrismError(f"secure aggregation needs {who}: {len(dropped)} SuperNode(s) dropped at set-up, "
                          "so the secure sum would carry less noise than privacy.epsilon states; "
                          + "; ".join(f"SuperNode {node}: {why}" for node, why in dropped.items()))  # fmt: skip
     if not node_of or len(node_of) < min(s.min_replies, k):
@@ -261,20 +263,29 @@ class GridTransport:
             setup_traffic=traffic,
         )
 
-    def secagg_masked(self, keys: dict[int, bytes], context: bytes) -> dict[int, bytes]:
-        request = RecordDict({"prismfl": ConfigRecord({"peers": list(keys), "keys": list(keys.values()),
-                                                       "context": context})})  # fmt: skip
-        got = exchange(self.grid, {self.node_of[k]: request for k in keys}, f"{MessageType.QUERY}.secagg",
-                       self.s.reply_timeout, "secagg")  # fmt: skip
-        masked = {}
-        for k in keys:
-            reply = got.replies.get(self.node_of[k])
-            if reply is not None and not reply.has_error():
+    def secagg_exchange(self, stage: str, requests: dict[int, dict]) -> tuple[dict[int, dict], dict[int, str]]:
+        """One stage of the secure sum: a "query.secagg" message per client with its request's fields (and
+        the stage) in a config record; the reply's fields back, the masked vector from an array record.
+        What the fields hold is secagg.SecAggServer.take's to check."""
+        contents = {self.node_of[k]: RecordDict({"prismfl": ConfigRecord({**request, "stage": stage})})
+                    for k, request in requests.items() if k in self.node_of}  # fmt: skip
+        got = exchange(self.grid, contents, f"{MessageType.QUERY}.secagg", self.s.reply_timeout, f"secagg-{stage}")
+        answers, failures = {}, {}
+        for k in requests:
+            reply = got.replies.get(self.node_of.get(k))
+            if reply is None:
+                failures[k] = f"no reply within {self.s.reply_timeout:g} s"
+            elif reply.has_error():
+                failures[k] = reply_error(reply)
+            else:
                 try:
-                    masked[k] = from_array(reply.content["masked"]["000"], SECAGG)
-                except (KeyError, ValueError, TypeError):
-                    pass  # a missing vector: the engine stops with the list of clients it lacks
-        return masked
+                    fields = dict(reply.content["prismfl"])
+                    if stage == "masked":
+                        fields["masked"] = replies.payload(reply.content, "masked", SECAGG, "masked vector")
+                    answers[k] = fields
+                except (KeyError, TypeError, ValueError, replies.NodeError) as exc:
+                    failures[k] = f"reply rejected: {type(exc).__name__}: {exc}"
+        return answers, failures
 
     def share_pool(self, pooled) -> None:
         data = to_array(safestate.to_bytes(pooled.to_tree()), STATE)
