@@ -2,7 +2,7 @@
 # Where the conditional demo's generator and loss top out when compute is not the limit: four runs of
 # configs/fmnist-noniid.toml side by side on one GPU for TRAIN_S seconds each, then each one's
 # evaluation on the central screens' protocol (5,000 samples, train on synthetic with 20,000 images).
-# Figures: docs/quality.md "The ceiling with compute to spare (a lent GPU)".
+# Figures: the commit history of docs/quality.md (removed from docs/ on 2026-12-07).
 #   central-b32     central (pooled private data), the demo's generator and batch: the screens' row
 #   central-b128    the same at batch 128
 #   central-b128-m3 batch 128, 3 modes a class, width 1024

@@ -3,7 +3,7 @@
 # spent on one: configs/fmnist-hour.toml and variants, each with the step budget it would get in an hour
 # on 2 idle CPU cores (from benchmarks/steps.py's interleaved timings), side by side for at most TRAIN_S
 # seconds; then each run's model file and metrics (NAME.tar), to be evaluated on the CPU machine.
-# Figures: docs/quality.md "One hour on a CPU". Reads .dev/ (benchmarks/gpu_setup.sh says what).
+# Figures (with public images): docs/results.md. Reads .dev/ (benchmarks/gpu_setup.sh says what).
 #   TRAIN_S=430 bash benchmarks/hour_gpu.sh
 #   ONLY="E G" TRAIN_S=330 bash benchmarks/hour_gpu.sh
 #   ONLY=G SEEDS="0 1 2" TRAIN_S=330 bash benchmarks/hour_gpu.sh   (one run a seed: G-s0, G-s1, G-s2)

@@ -34,7 +34,7 @@ ARCHS = {
 }
 
 
-# The demo's generator and loss before and after issue 12 (docs/quality.md), each setting explicit
+# The demo's generator and loss before and after issue 12, each setting explicit
 QUALITY = {
     "mlp, features 16": ["model.arch=mlp", "loss.feature_width=16", "loss.class_term=false"],
     "mlp, features 32 + class term": ["model.arch=mlp", "loss.feature_width=32", "loss.class_term=true"],

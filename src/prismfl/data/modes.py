@@ -1,7 +1,7 @@
 """Sub-class modes (model.modes, beyond the paper): every class split into K modes by k-means on public images.
 
 A class-conditional generator matched to one class's mean and variance draws that class's average
-garment with little variety (docs/quality.md: recall near 0.003). With modes, the generator's condition is
+garment with little variety (recall near 0.003). With modes, the generator's condition is
 (class, mode) and the clients match the statistics of each mode: a bag with a handle and a bag without one
 become two targets, so the generator must draw both. The modes are fitted on the public hold-out only (the
 images the public feature net learns from; no client's data, no privacy cost): per class, k-means on the

@@ -58,8 +58,8 @@ def load_shipped_public_net(key, net) -> dict:
 def feature_training(cfg) -> dict:
     """train_classifier's arguments for the public feature net (loss.feature_training): "plain", 10
     epochs of Adam at 1e-3; "augmented", 30 epochs of one-cycle AdamW (peak 3e-3, weight decay 0.05) on
-    batches shifted by up to 2 pixels and, where the dataset allows it, mirrored (docs/quality.md: each
-    recipe's test accuracy and what it does to the samples); loss.feature_epochs, when set, replaces the
+    batches shifted by up to 2 pixels and, where the dataset allows it, mirrored (the augmented recipe's
+    net is the better loss; its test accuracy is in its cache record); loss.feature_epochs, when set, replaces the
     recipe's number of epochs."""
     recipe = cfg.loss.feature_training
     one_cycle = {"lr": 3e-3, "weight_decay": 0.05, "one_cycle": True}

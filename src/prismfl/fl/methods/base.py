@@ -244,7 +244,7 @@ def class_shares(shares: torch.Tensor, path: str) -> None:
 
 def masked_final_model(cfg: RunConfig, spec, state: dict, rounds: int, info: dict) -> PrismModel:
     """The exported mask model of the state's scores: the most likely mask (keep a weight where its
-    probability > 1/2; docs/quality.md); with the class shares of a conditional model."""
+    probability > 1/2); with the class shares of a conditional model."""
     mask = state["scores"].cpu() > 0
     full = {"dataset": cfg.data.dataset, "rounds": rounds, "clients": cfg.partition.num_clients,
             "partition": cfg.partition.scheme, **info}  # fmt: skip
