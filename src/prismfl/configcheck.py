@@ -20,6 +20,7 @@ ROBUST_RULES = ("none", "distance", "trimmed")
 # brackets as the message writes them, "[" and "]" including the bound, "(" and ")" excluding it. A NaN is in
 # no range, and an infinity only in privacy.epsilon's (inf: no privacy). The upper bounds of sizes and counts
 # are prismfl's limits; the other relations between keys are checked after, in validate.
+MAX_EPSILON = 1000  # a finite privacy.epsilon above this guarantees nothing
 RANGES: dict[str, tuple[float, float, str]] = {
     "seed": (0, 2**63, "[)"),
     "data.resize": (0, 32, "[]"),  # and 0 (native), 28 or 32
@@ -50,7 +51,7 @@ RANGES: dict[str, tuple[float, float, str]] = {
     "train.warm_start": (0, 10**7, "[]"),  # 0: no warm start
     "train.sample_every": (0, 10**6, "[]"),  # 0: only at the end
     "train.eval_every": (0, 10**6, "[]"),  # 0: never
-    "privacy.epsilon": (0, math.inf, "(]"),  # inf: no privacy
+    "privacy.epsilon": (0, math.inf, "(]"),  # inf: no privacy; finite values at most MAX_EPSILON
     "privacy.delta": (0, 1, "()"),
     "privacy.clip": (0, 1000, "(]"),  # x the median feature norm
     "privacy.split": (0, 1, "()"),  # the modes' share of the privacy budget
@@ -182,6 +183,9 @@ def _privacy(cfg) -> None:
                               f"{cfg.partition.num_clients} clients, not more than privacy.colluders = "
                               f"{p.colluders}: each client's noise share, "
                               "sigma / sqrt(M - colluders), needs M > colluders")  # fmt: skip
+    if not math.isinf(p.epsilon) and p.epsilon > MAX_EPSILON:
+        raise ConfigError(f"privacy.epsilon must be at most {MAX_EPSILON:,} (or inf: no privacy), got "
+                          f"{show_number(p.epsilon)}")  # fmt: skip
     if not math.isinf(p.epsilon):
         from prismfl.privacy import noise_multiplier
 
